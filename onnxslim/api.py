@@ -1,0 +1,170 @@
+"""The Python API: `optimize` a model and `verify` one model against another."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .errors import UsageError, VerificationError
+from .instruments import DumpEach, VerifyEach
+from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
+from .model import load, same_file, save, to_graph, to_model
+from .report import OptimizeReport, summarize
+from .verify import FidelityBudget, VerificationReport, Verifier, load_inputs
+
+DEFAULT_PIPELINE = "default"
+VERIFY_EACH_FOLDER = "onnxslim-verify-each"
+
+
+def resolve_pipeline(
+    pipeline: str | Pipeline | None = None, passes: str | None = None, skip: Sequence[str] = ()
+) -> Pipeline:
+    """The pipeline to run: a preset name or pipeline text, replaced by `passes` if given, minus `skip`."""
+    if passes and pipeline is not None:
+        raise UsageError("give either a pipeline or a list of passes, not both")
+    if passes:
+        chosen = Pipeline.parse(passes)
+    elif isinstance(pipeline, Pipeline):
+        chosen = pipeline
+    elif pipeline is None or pipeline in preset_names():
+        chosen = Pipeline.preset(pipeline or DEFAULT_PIPELINE)
+    else:
+        chosen = Pipeline.parse(pipeline)
+    if skip:
+        chosen = chosen.without(list(skip))
+    chosen.validate()
+    return chosen
+
+
+def optimize(
+    model: str | os.PathLike | onnx.ModelProto,
+    *,
+    pipeline: str | Pipeline | None = None,
+    passes: str | None = None,
+    skip: Sequence[str] = (),
+    verify: bool = True,
+    inputs: str | os.PathLike | list[dict[str, np.ndarray]] | None = None,
+    verify_shapes: dict[str, list[int]] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    tolerance: float | None = None,
+    budget: FidelityBudget | None = None,
+    verify_each: bool = False,
+    dump_dir: str | os.PathLike | None = None,
+    pass_limit: int | None = None,
+    force: bool = False,
+    options: dict | None = None,
+    logger: logging.Logger | None = None,
+    return_report: bool = False,
+):
+    """Optimize `model` (a path or a ModelProto) and return the optimized ModelProto.
+
+    The pipeline is the `default` preset unless `pipeline` (a preset name or a pipeline text) or
+    `passes` says otherwise. The result is checked with onnx.checker and, unless verify=False,
+    against the original with onnxruntime; a result that fails raises VerificationError (with the
+    report attached) unless force=True. With return_report=True returns (model, OptimizeReport).
+    The input is never modified.
+    """
+    started = time.perf_counter()
+    source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+    original = load(model)
+    chosen = resolve_pipeline(pipeline, passes, skip)
+    report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
+    loaded = time.perf_counter()
+
+    feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
+    verifier = None
+    if verify or verify_each:
+        verifier = Verifier(
+            original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+        )
+    instruments = []
+    if verify_each:
+        instruments.append(VerifyEach(verifier, original, Path(dump_dir or VERIFY_EACH_FOLDER)))
+    if dump_dir is not None:
+        instruments.append(DumpEach(original, dump_dir))
+
+    reference_ready = time.perf_counter()
+    graph = to_graph(original)
+    context = PassContext(options=dict(options or {}), logger=logger or default_logger)
+    manager = PassManager(chosen, context=context, instruments=instruments, pass_limit=pass_limit)
+    report.run = manager.run(graph)
+    optimized = to_model(graph, original)
+    optimized_at = time.perf_counter()
+    report.after = summarize(optimized)
+    if report.run.stopped_at_limit:
+        report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
+
+    _check_valid(optimized)
+    if verify:
+        report.verification = verifier.check(optimized)
+    else:
+        report.verification_skipped = "verification turned off"
+    report.seconds = {
+        "load": loaded - started,
+        "reference": reference_ready - loaded,
+        "passes": report.run.seconds,
+        "export": optimized_at - reference_ready - report.run.seconds,
+        "verify": time.perf_counter() - optimized_at,
+        "total": time.perf_counter() - started,
+    }
+    if report.verification is not None and not report.verification.passed:
+        if not force:
+            raise VerificationError(report.verification.message, report)
+        report.notes.append("verification failed; result kept because force was set")
+    return (optimized, report) if return_report else optimized
+
+
+def _check_valid(model: onnx.ModelProto) -> None:
+    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says."""
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as error:
+        raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
+
+
+def verify(
+    reference: str | os.PathLike | onnx.ModelProto,
+    candidate: str | os.PathLike | onnx.ModelProto,
+    *,
+    inputs: str | os.PathLike | list[dict[str, np.ndarray]] | None = None,
+    verify_shapes: dict[str, list[int]] | None = None,
+    samples: int = 2,
+    seed: int = 0,
+    tolerance: float | None = None,
+    budget: FidelityBudget | None = None,
+) -> VerificationReport:
+    """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
+    feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
+    verifier = Verifier(
+        load(reference), inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+    )
+    return verifier.check(load(candidate, check=False))
+
+
+def optimize_file(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    overwrite_input: bool = False,
+    external_data: bool | None = None,
+    **options,
+) -> OptimizeReport:
+    """Optimize the model file `source` into `destination`; returns the report.
+
+    Nothing is written when the result fails verification (unless force=True, and then the
+    report says so). Writing over the input is refused unless overwrite_input is set.
+    """
+    if not overwrite_input and same_file(source, destination):
+        raise UsageError(f"the output path is the input model ({destination}); choose another path")
+    optimized, report = optimize(source, return_report=True, **options)
+    save(optimized, destination, external_data=external_data, protect=source, overwrite_input=overwrite_input)
+    report.output = str(destination)
+    return report

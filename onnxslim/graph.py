@@ -1,0 +1,272 @@
+"""Small helpers over onnx-graphsurgeon: walking subgraphs, reading constants, rewiring edges.
+
+onnx-graphsurgeon compares tensors by name and has no `replace_all_uses_with` or `bypass`;
+passes rewire edges only through the helpers here, so the rules about graph outputs
+(a model's interface never changes name) live in one place.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+ONNX_DOMAINS = ("", "ai.onnx")
+
+
+def walk(graph: gs.Graph) -> Iterator[gs.Graph]:
+    """Yield `graph` and every If/Loop/Scan body inside it, outer graphs first."""
+    yield graph
+    for node in graph.nodes:
+        for attribute in node.attrs.values():
+            for subgraph in _subgraphs_of(attribute):
+                yield from walk(subgraph)
+
+
+def _subgraphs_of(attribute) -> list[gs.Graph]:
+    if isinstance(attribute, gs.Graph):
+        return [attribute]
+    if isinstance(attribute, (list, tuple)):
+        return [item for item in attribute if isinstance(item, gs.Graph)]
+    return []
+
+
+def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
+    """The bodies a node owns directly (If branches, Loop/Scan body)."""
+    return [subgraph for attribute in node.attrs.values() for subgraph in _subgraphs_of(attribute)]
+
+
+def all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
+    """Every node of `graph` and of its subgraphs."""
+    for subgraph in walk(graph):
+        yield from subgraph.nodes
+
+
+def count_nodes(graph: gs.Graph | onnx.ModelProto | onnx.GraphProto) -> int:
+    """Number of nodes, counting the nodes inside If/Loop/Scan bodies."""
+    if isinstance(graph, onnx.ModelProto):
+        graph = graph.graph
+    if isinstance(graph, onnx.GraphProto):
+        return sum(1 for _ in _proto_nodes(graph))
+    return sum(len(subgraph.nodes) for subgraph in walk(graph))
+
+
+def op_histogram(graph: gs.Graph | onnx.ModelProto) -> Counter:
+    """How many nodes of each op type (custom domains as `domain::Op`), subgraphs included."""
+    if isinstance(graph, onnx.ModelProto):
+        nodes = _proto_nodes(graph.graph)
+    else:
+        nodes = all_nodes(graph)
+    return Counter(op_name(node.op_type, node.domain) for node in nodes)
+
+
+def op_name(op_type: str, domain: str | None) -> str:
+    return op_type if domain in (None, *ONNX_DOMAINS) else f"{domain}::{op_type}"
+
+
+def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _proto_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from _proto_nodes(subgraph)
+
+
+def find(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
+    """Nodes of the standard ONNX domain in `graph` (not its subgraphs) with one of `op_types`.
+
+    Returns a list, so the caller may rewire while it iterates.
+    """
+    return [node for node in graph.nodes if node.op in op_types and is_standard(node)]
+
+
+def is_standard(node: gs.Node) -> bool:
+    """Whether the node belongs to the default ONNX domain (custom domains are left alone)."""
+    return node.domain in (None, *ONNX_DOMAINS)
+
+
+def producer(tensor: gs.Tensor) -> gs.Node | None:
+    return tensor.inputs[0] if tensor.inputs else None
+
+
+def only_producer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:
+    """The node producing `tensor` if it is of type `op` and standard, else None."""
+    node = producer(tensor)
+    if node is None or not is_standard(node) or (op is not None and node.op != op):
+        return None
+    return node
+
+
+def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
+    """The value of `tensor` if it is an initializer or the output of a Constant node, else None."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values
+    node = producer(tensor)
+    if node is not None and node.op == "Constant" and is_standard(node):
+        return constant_node_value(node)
+    return None
+
+
+def is_constant(tensor: gs.Tensor) -> bool:
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    return node is not None and node.op == "Constant" and is_standard(node) and "sparse_value" not in node.attrs
+
+
+def constant_node_value(node: gs.Node) -> np.ndarray | None:
+    """The value a Constant node holds, whichever attribute it uses (sparse values: None)."""
+    attrs = node.attrs
+    if "value" in attrs:
+        value = attrs["value"]
+        return value.values if isinstance(value, gs.Constant) else np.asarray(value)
+    if "value_float" in attrs:
+        return np.array(attrs["value_float"], dtype=np.float32)
+    if "value_floats" in attrs:
+        return np.array(attrs["value_floats"], dtype=np.float32)
+    if "value_int" in attrs:
+        return np.array(attrs["value_int"], dtype=np.int64)
+    if "value_ints" in attrs:
+        return np.array(attrs["value_ints"], dtype=np.int64)
+    if "value_string" in attrs:
+        return np.array(attrs["value_string"], dtype=object)
+    if "value_strings" in attrs:
+        return np.array(attrs["value_strings"], dtype=object)
+    return None
+
+
+def is_empty(tensor: gs.Tensor | None) -> bool:
+    """An omitted optional input or output."""
+    return tensor is None or tensor.name == ""
+
+
+def interface_tensors(graph: gs.Graph) -> set[int]:
+    """Ids of the tensors that are outputs of `graph` or of any of its subgraphs.
+
+    These keep their names: a model's outputs are its interface, and subgraph outputs
+    are kept too because runtimes differ on bodies whose outputs are outer-scope values.
+    """
+    return {id(tensor) for subgraph in walk(graph) for tensor in subgraph.outputs}
+
+
+def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> int:
+    """Make every node that reads `old` read `new` instead (subgraph readers too). Returns the count."""
+    replaced = 0
+    for consumer in list(old.outputs):
+        for index, tensor in enumerate(consumer.inputs):
+            if tensor is old:
+                consumer.inputs[index] = new
+                replaced += 1
+    return replaced
+
+
+def bypass(node: gs.Node, interface: set[int], *, keep: int = 0) -> bool:
+    """Remove `node` by letting its readers read its input `keep` instead of its first output.
+
+    When that output is part of the interface it keeps its name: the producer of the kept input
+    writes it directly, if the kept input is produced by a node, has no other reader and is not
+    itself part of the interface. Returns False (and changes nothing) when neither way is possible.
+    The node is disconnected and left for dead-node elimination.
+    """
+    source = node.inputs[keep]
+    target = node.outputs[0]
+    if id(target) not in interface:
+        replace_all_uses(target, source)
+        _disconnect(node)
+        return True
+    upstream = producer(source)
+    if (
+        upstream is None
+        or id(source) in interface
+        or any(reader is not node for reader in source.outputs)
+        or node_subgraphs(upstream)
+    ):
+        return False
+    _disconnect(node)
+    slot = next(index for index, tensor in enumerate(upstream.outputs) if tensor is source)
+    upstream.outputs[slot] = target
+    _merge_type(target, source)
+    return True
+
+
+def _merge_type(target: gs.Tensor, source: gs.Tensor) -> None:
+    if isinstance(target, gs.Variable):
+        target.dtype = target.dtype if target.dtype is not None else source.dtype
+        target.shape = target.shape if target.shape is not None else source.shape
+
+
+def _disconnect(node: gs.Node) -> None:
+    node.inputs.clear()
+    node.outputs.clear()
+
+
+def make_constant(tensor: gs.Tensor, value: np.ndarray, interface: set[int], graph: gs.Graph) -> None:
+    """Give `tensor` the fixed `value`, detached from its producer.
+
+    An interface tensor keeps its name and becomes the output of a new Constant node in `graph`
+    (a model output is never an initializer); any other tensor becomes an initializer.
+    """
+    tensor.inputs.clear()
+    value = np.asarray(value)
+    if id(tensor) in interface:
+        held = gs.Constant(f"{tensor.name}__value", value)
+        graph.nodes.append(gs.Node("Constant", name=f"{tensor.name}__constant", attrs={"value": held}, outputs=[tensor]))
+    else:
+        tensor.to_constant(value)
+
+
+def initializer_bytes(graph: gs.Graph) -> int:
+    """Bytes of every constant tensor in the graph and its subgraphs (Constant node values included)."""
+    seen: set[int] = set()
+    total = 0
+    for subgraph in walk(graph):
+        for node in subgraph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor_nbytes(tensor)
+            value = node.attrs.get("value") if node.op == "Constant" else None
+            if isinstance(value, gs.Constant):
+                total += tensor_nbytes(value)
+    return total
+
+
+def parameter_count(graph: gs.Graph) -> int:
+    """Elements of every floating-point constant (the model's weights), subgraphs included."""
+    seen: set[int] = set()
+    total = 0
+    for subgraph in walk(graph):
+        for node in subgraph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    if np.issubdtype(np.dtype(tensor.dtype), np.floating):
+                        total += int(np.prod(tensor.shape, dtype=np.int64))
+    return total
+
+
+def tensor_nbytes(tensor: gs.Constant) -> int:
+    """Bytes of a constant without loading lazily-read values."""
+    shape = tensor.shape if tensor.shape is not None else ()
+    try:
+        itemsize = np.dtype(tensor.dtype).itemsize
+    except TypeError:
+        itemsize = 1
+    return int(np.prod(shape, dtype=np.int64)) * itemsize
+
+
+def fresh_name(graph: gs.Graph, base: str) -> str:
+    """A tensor or node name derived from `base` that the graph does not use yet (deterministic)."""
+    taken = graph.tensors().keys() | {node.name for node in graph.nodes}
+    if base not in taken:
+        return base
+    index = 1
+    while f"{base}_{index}" in taken:
+        index += 1
+    return f"{base}_{index}"

@@ -1,0 +1,216 @@
+"""Reading and writing models: paths or ModelProtos, external data, atomic writes.
+
+This is the only module that touches model files. It also converts between the ONNX
+protobuf and the onnx-graphsurgeon graph the passes work on, keeping everything the
+graph does not model (metadata, doc strings, old-IR input listings) intact.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx.external_data_helper
+import onnx_graphsurgeon as gs
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, ModelSaveError, UsageError
+
+# protobuf refuses to serialize a message of 2 GiB or more; past this we write external data.
+PROTOBUF_LIMIT = 2**31 - 1
+EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
+
+
+def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+    """Return the model at `source` (a path or a ModelProto), external data included.
+
+    Raises ModelLoadError with one line saying what is wrong: no such file, a directory,
+    an empty file, not a protobuf, a missing external data file, an invalid model.
+    """
+    if isinstance(source, onnx.ModelProto):
+        if check:
+            _check(source, None)
+        return source
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"no such file: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
+    if path.stat().st_size == 0:
+        raise ModelLoadError(f"{path} is empty")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path} is not an ONNX model (it does not parse: {_first_line(error)})") from error
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from error
+    if not model.HasField("graph"):
+        raise ModelLoadError(f"{path} is not an ONNX model (it has no graph)")
+    _load_external_data(model, path)
+    if check:
+        _check(model, path)
+    return model
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    base = path.parent
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        data_file = base / info.location
+        if not data_file.is_file():
+            raise ModelLoadError(
+                f"{path}: external data file '{info.location}' (tensor '{tensor.name}') "
+                f"not found in {base}"
+            )
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as error:
+        raise ModelLoadError(f"{path}: cannot read external data: {_first_line(error)}") from error
+
+
+def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    try:
+        if model.ByteSize() < PROTOBUF_LIMIT:
+            onnx.checker.check_model(model)
+        elif path is not None:
+            onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as error:
+        where = f"{path}: " if path else ""
+        raise ModelLoadError(f"{where}invalid ONNX model: {_first_line(error)}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
+
+
+def save(
+    model: onnx.ModelProto,
+    path: str | os.PathLike,
+    *,
+    external_data: bool | None = None,
+    protect: str | os.PathLike | None = None,
+    overwrite_input: bool = False,
+) -> Path:
+    """Write `model` to `path` atomically (temp file, then rename).
+
+    external_data: True writes the tensors to `<name>.data` beside the model, False keeps
+    them inside, None decides by size (protobuf cannot hold 2 GiB). `protect` is the input
+    model's path: writing over it is refused unless overwrite_input is set.
+    """
+    path = Path(path)
+    if protect is not None and not overwrite_input and same_file(path, Path(protect)):
+        raise UsageError(f"the output path is the input model ({path}); choose another path")
+    if path.is_dir():
+        raise ModelSaveError(f"cannot write {path}: it is a directory")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelSaveError(f"cannot write {path}: folder {folder} does not exist")
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    try:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxslim-") as staging:
+            staged = Path(staging) / path.name
+            if external_data:
+                data_name = path.name + ".data"
+                onnx.save_model(
+                    model,
+                    str(staged),
+                    save_as_external_data=True,
+                    all_tensors_to_one_file=True,
+                    location=data_name,
+                    size_threshold=1024,
+                )
+                if (Path(staging) / data_name).exists():
+                    os.replace(Path(staging) / data_name, folder / data_name)
+            else:
+                onnx.save_model(model, str(staged))
+            os.replace(staged, path)
+    except (OSError, ValueError) as error:
+        raise ModelSaveError(f"cannot write {path}: {_first_line(error)}") from error
+    return path
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file (links and relative paths resolved)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by every tensor in the model (initializers and Constant attributes, subgraphs too)."""
+    total = 0
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.HasField("raw_data"):
+            total += len(tensor.raw_data)
+        else:
+            total += tensor.ByteSize()
+    return total
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The size the model has as one .onnx file (an estimate past protobuf's 2 GiB limit)."""
+    try:
+        size = model.ByteSize()
+    except ValueError:
+        size = None
+    return size if size is not None and size < PROTOBUF_LIMIT else tensor_bytes(model)
+
+
+def to_graph(model: onnx.ModelProto) -> gs.Graph:
+    """Import `model` as an onnx-graphsurgeon graph (subgraphs included)."""
+    return gs.import_onnx(model)
+
+
+def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
+    """Export `graph` as a ModelProto that keeps everything of `template` the graph does not hold."""
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = template.ir_version
+    model.producer_name = template.producer_name
+    model.producer_version = template.producer_version
+    model.domain = template.domain
+    model.model_version = template.model_version
+    model.doc_string = template.doc_string
+    del model.metadata_props[:]
+    model.metadata_props.extend(template.metadata_props)
+    _keep_known_value_info(model.graph, _value_info_names(template.graph))
+    if template.ir_version < 4:
+        _list_initializers_as_inputs(model.graph)
+    return model
+
+
+def _value_info_names(graph: onnx.GraphProto) -> set[str]:
+    names = {value.name for value in graph.value_info}
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                names |= _value_info_names(body)
+    return names
+
+
+def _keep_known_value_info(graph: onnx.GraphProto, known: set[str]) -> None:
+    """Drop value_info the input model did not have: annotations from shape inference are
+    optional, and writing them for every tensor would make the output larger than the input."""
+    kept = [value for value in graph.value_info if value.name in known]
+    del graph.value_info[:]
+    graph.value_info.extend(kept)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _keep_known_value_info(body, known)
+
+
+def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:
+    """IR version 3 requires every initializer to be listed as a graph input too."""
+    listed = {value.name for value in graph.input}
+    for tensor in graph.initializer:
+        if tensor.name not in listed:
+            graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+            )

@@ -1,0 +1,1 @@
+"""Pipeline presets, one TOML file each: a description and a pipeline text."""

@@ -1,0 +1,40 @@
+"""Running onnx's shape inference on a graph without copying its weights around."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+# Initializers above this many elements are handed to shape inference as typed inputs:
+# only their dims matter, and data propagation only reads small (shape-like) tensors.
+DATA_PROPAGATION_ELEMENTS = 1024
+
+
+def infer_model(graph: gs.Graph) -> onnx.ModelProto:
+    """The graph as a ModelProto annotated by onnx shape inference (weights replaced by typed inputs)."""
+    skeleton = gs.export_onnx(_skeleton(graph), do_type_check=False)
+    if skeleton.ir_version < 4:
+        skeleton.ir_version = 4  # IR 3 insists initializers are inputs; the skeleton need not be valid IR 3
+    try:
+        return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        return skeleton  # inference is best effort: nothing is annotated rather than something wrong
+
+
+def _skeleton(graph: gs.Graph) -> gs.Graph:
+    """A shallow stand-in graph whose large constants are typed inputs (top level only)."""
+    skeleton = graph.copy()
+    large = {}
+    for node in skeleton.nodes:
+        for index, tensor in enumerate(node.inputs):
+            if isinstance(tensor, gs.Constant) and _elements(tensor) > DATA_PROPAGATION_ELEMENTS:
+                if tensor.name not in large:
+                    large[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
+                node.inputs[index] = large[tensor.name]
+    skeleton.inputs = list(skeleton.inputs) + list(large.values())
+    return skeleton
+
+
+def _elements(tensor: gs.Constant) -> int:
+    return int(np.prod(tensor.shape, dtype=np.int64)) if tensor.shape is not None else 0

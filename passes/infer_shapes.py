@@ -1,0 +1,50 @@
+"""Shape and type annotation with onnx's shape inference."""
+
+from __future__ import annotations
+
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnxslim.graph import node_subgraphs
+from onnxslim.manager import PassContext, PassResult, register_pass
+from onnxslim.shapes import infer_model
+
+
+@register_pass("infer-shapes")
+def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Annotate tensors with the dtypes and shapes onnx's shape inference derives (changes no computation)."""
+    inferred = infer_model(graph)
+    annotated = _annotate(graph, inferred.graph)
+    # Annotation is not a rewrite: it never makes a fixed-point group go round again.
+    return PassResult(changed=False, annotated=annotated)
+
+
+def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
+    """Copy dtypes/shapes from the inferred proto onto the graph's unannotated tensors, bodies included."""
+    tensors = graph.tensors()
+    annotated = 0
+    for value in list(proto.value_info) + list(proto.output):
+        tensor = tensors.get(value.name)
+        if not isinstance(tensor, gs.Variable) or not value.type.HasField("tensor_type"):
+            continue
+        tensor_type = value.type.tensor_type
+        if tensor.dtype is None and tensor_type.elem_type:
+            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            annotated += 1
+        if tensor.shape is None and tensor_type.HasField("shape"):
+            tensor.shape = [
+                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
+            ]
+            annotated += 1
+    for node, node_proto in zip(graph.nodes, proto.node):
+        bodies = node_subgraphs(node)
+        if not bodies:
+            continue
+        proto_bodies = [
+            body
+            for attribute in node_proto.attribute
+            for body in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs))
+        ]
+        for body, body_proto in zip(bodies, proto_bodies):
+            annotated += _annotate(body, body_proto)
+    return annotated

@@ -1,0 +1,200 @@
+"""Identity and no-op elimination: nodes whose output equals one of their inputs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.graph import bypass, constant_value, interface_tensors, is_empty, is_standard, walk
+from onnxslim.manager import PassContext, PassResult, register_pass
+
+INT64_MAX = np.iinfo(np.int64).max
+# Slice ends at or beyond this mean "to the end" whatever the dim (exporters write INT32/INT64 max).
+SLICE_TO_END = np.iinfo(np.int32).max
+
+# A rule looks at a node and returns the index of the input its output equals, or None.
+Rule = Callable[[gs.Node], "int | None"]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str):
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            RULES[op_type] = function
+        return function
+
+    return register
+
+
+@register_pass("eliminate-noops")
+def eliminate_noops(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Remove Identity, inference Dropout, same-type Cast, and Reshape/Transpose/Pad/Slice/arithmetic that change nothing."""
+    interface = interface_tensors(graph)
+    removed = 0
+    for subgraph in walk(graph):
+        for node in list(subgraph.nodes):
+            check = RULES.get(node.op)
+            if check is None or not is_standard(node) or not node.outputs:
+                continue
+            keep = check(node)
+            if keep is not None and _same_type(node.inputs[keep], node.outputs[0]) and bypass(node, interface, keep=keep):
+                removed += 1
+    return PassResult(removed=removed)
+
+
+def _same_type(source: gs.Tensor, target: gs.Tensor) -> bool:
+    """The output may be replaced by the input only if nothing known about them disagrees."""
+    if source.dtype is not None and target.dtype is not None and np.dtype(source.dtype) != np.dtype(target.dtype):
+        return False
+    return True
+
+
+def _static_shape(tensor: gs.Tensor) -> list[int] | None:
+    if tensor.shape is None or any(not isinstance(dim, (int, np.integer)) or dim < 0 for dim in tensor.shape):
+        return None
+    return [int(dim) for dim in tensor.shape]
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def _only_first_output_used(node: gs.Node) -> bool:
+    return all(is_empty(output) or not output.outputs for output in node.outputs[1:])
+
+
+@rule("Identity")
+def identity(node: gs.Node) -> int | None:
+    return 0
+
+
+@rule("Dropout")
+def dropout(node: gs.Node) -> int | None:
+    """Dropout is the identity in inference; training_mode (opset 12+) must be absent or false."""
+    if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
+        training = constant_value(node.inputs[2])
+        if training is None or bool(np.asarray(training).any()):
+            return None
+    if node.attrs.get("is_test", 1) == 0:  # opset < 7 Dropout in training mode
+        return None
+    # The mask output has no input equivalent: only drop the node if nothing reads it.
+    return 0 if _only_first_output_used(node) else None
+
+
+@rule("Cast", "CastLike")
+def same_type_cast(node: gs.Node) -> int | None:
+    source, target = node.inputs[0], node.outputs[0]
+    if source.dtype is None or target.dtype is None:
+        return None
+    return 0 if np.dtype(source.dtype) == np.dtype(target.dtype) else None
+
+
+@rule("Reshape")
+def same_shape_reshape(node: gs.Node) -> int | None:
+    shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    source = _static_shape(node.inputs[0])
+    if shape is None or source is None:
+        return None
+    shape = [int(dim) for dim in np.asarray(shape).reshape(-1)]
+    allow_zero = node.attrs.get("allowzero", 0) == 1
+    if len(shape) != len(source):
+        return None
+    resolved = [source[axis] if dim == 0 and not allow_zero else dim for axis, dim in enumerate(shape)]
+    if -1 in resolved:
+        known = int(np.prod([dim for dim in resolved if dim != -1], dtype=np.int64))
+        total = int(np.prod(source, dtype=np.int64))
+        if known == 0 or resolved.count(-1) != 1:
+            return None
+        resolved[resolved.index(-1)] = total // known
+    return 0 if resolved == source else None
+
+
+@rule("Expand")
+def same_shape_expand(node: gs.Node) -> int | None:
+    shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    source = _static_shape(node.inputs[0])
+    if shape is None or source is None:
+        return None
+    try:
+        result = list(np.broadcast_shapes(tuple(source), tuple(int(dim) for dim in np.asarray(shape).reshape(-1))))
+    except ValueError:
+        return None
+    return 0 if result == source else None
+
+
+@rule("Squeeze")
+def squeeze_nothing(node: gs.Node) -> int | None:
+    """Without axes Squeeze drops every 1-dim; with axes it must drop some. Only the first can be a no-op."""
+    has_axes = "axes" in node.attrs or (len(node.inputs) > 1 and not is_empty(node.inputs[1]))
+    source = _static_shape(node.inputs[0])
+    return 0 if not has_axes and source is not None and 1 not in source else None
+
+
+@rule("Transpose")
+def identity_transpose(node: gs.Node) -> int | None:
+    perm = node.attrs.get("perm")
+    rank = _rank(node.inputs[0])
+    if perm is None:
+        return 0 if rank is not None and rank <= 1 else None  # default perm reverses the axes
+    return 0 if list(perm) == list(range(len(perm))) else None
+
+
+@rule("Pad")
+def zero_pad(node: gs.Node) -> int | None:
+    pads = node.attrs.get("pads")
+    if pads is None and len(node.inputs) > 1:
+        pads = constant_value(node.inputs[1])
+    if pads is None:
+        return None
+    return 0 if not np.asarray(pads).any() else None
+
+
+@rule("Slice")
+def full_slice(node: gs.Node) -> int | None:
+    if "starts" in node.attrs:  # opset < 10 keeps the bounds in attributes
+        starts, ends = node.attrs["starts"], node.attrs["ends"]
+        axes, steps = node.attrs.get("axes"), None
+    else:
+        values = [constant_value(tensor) if not is_empty(tensor) else None for tensor in node.inputs[1:5]]
+        values += [None] * (4 - len(values))
+        starts, ends, axes, steps = values
+        if starts is None or ends is None:
+            return None
+        if any(not is_empty(tensor) and value is None for tensor, value in zip(node.inputs[3:5], values[2:])):
+            return None
+    starts = np.asarray(starts).reshape(-1)
+    ends = np.asarray(ends).reshape(-1)
+    steps = np.ones_like(starts) if steps is None else np.asarray(steps).reshape(-1)
+    source = node.inputs[0].shape
+    axes_list = list(range(len(starts))) if axes is None else [int(axis) for axis in np.asarray(axes).reshape(-1)]
+    for start, end, step, axis in zip(starts, ends, steps, axes_list):
+        if step != 1 or start != 0:
+            return None
+        if end >= SLICE_TO_END:
+            continue
+        if source is None or axis >= len(source) or not isinstance(source[axis], (int, np.integer)) or end < source[axis]:
+            return None
+    return 0
+
+
+@rule("Concat", "Sum", "Mean", "Max", "Min")
+def single_input(node: gs.Node) -> int | None:
+    return 0 if len(node.inputs) == 1 else None
+
+
+@rule("Add", "Sub", "Mul", "Div")
+def neutral_arithmetic(node: gs.Node) -> int | None:
+    """x+0, 0+x, x-0, x*1, 1*x, x/1 — when the constant's broadcast cannot grow x's shape."""
+    neutral = 0 if node.op in ("Add", "Sub") else 1
+    commutative = node.op in ("Add", "Mul")
+    for keep, other in ((0, 1), (1, 0)) if commutative else ((0, 1),):
+        value = constant_value(node.inputs[other])
+        if value is None or value.size != 1 or value.dtype == object or not np.all(value == neutral):
+            continue
+        variable = node.inputs[keep]
+        rank = _rank(variable)
+        if value.ndim == 0 or (rank is not None and value.ndim <= rank):
+            return keep
+    return None
