@@ -231,7 +231,8 @@ def initializer_bytes(graph: gs.Graph) -> int:
                 if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
                     seen.add(id(tensor))
                     total += tensor_nbytes(tensor)
-            value = node.attrs.get("value") if node.op == "Constant" else None
+            # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
+            value = node.attrs.get("value") if node.op == "Constant" and node.outputs else None
             if isinstance(value, gs.Constant):
                 total += tensor_nbytes(value)
     return total

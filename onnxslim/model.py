@@ -171,6 +171,8 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` as a ModelProto that keeps everything of `template` the graph does not hold."""
     model = gs.export_onnx(graph, do_type_check=False)
+    _drop_disconnected_nodes(model.graph)
+    _drop_detached_nodes(model.graph)
     model.ir_version = template.ir_version
     model.producer_name = template.producer_name
     model.producer_version = template.producer_version
@@ -183,6 +185,34 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     if template.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     return model
+
+
+def _drop_detached_nodes(graph: onnx.GraphProto) -> None:
+    """Leave out nodes a pass disconnected (no outputs left), subgraphs included.
+
+    Passes leave such nodes to dead-node elimination, but every export in between (verify-each,
+    dumps, a pass limit) must still be valid ONNX, and onnxruntime refuses a node without outputs.
+    """
+    for index in reversed(range(len(graph.node))):
+        if not any(graph.node[index].output):
+            del graph.node[index]
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _drop_detached_nodes(body)
+
+
+def _drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
+    """Nodes a pass disconnected (no outputs) wait in the graph for dead-node elimination;
+    every ONNX op has an output, so in a file they would be invalid."""
+    kept = [node for node in graph.node if any(node.output)]
+    if len(kept) != len(graph.node):
+        del graph.node[:]
+        graph.node.extend(kept)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _drop_disconnected_nodes(body)
 
 
 def _value_info_names(graph: onnx.GraphProto) -> set[str]:

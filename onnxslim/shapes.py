@@ -6,6 +6,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .graph import walk
+
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
 DATA_PROPAGATION_ELEMENTS = 1024
@@ -25,6 +27,8 @@ def infer_model(graph: gs.Graph) -> onnx.ModelProto:
 def _skeleton(graph: gs.Graph) -> gs.Graph:
     """A shallow stand-in graph whose large constants are typed inputs (top level only)."""
     skeleton = graph.copy()
+    for body in walk(skeleton):  # disconnected nodes await dead-node elimination; inference rejects them
+        body.nodes = [node for node in body.nodes if node.outputs]
     large = {}
     for node in skeleton.nodes:
         for index, tensor in enumerate(node.inputs):

@@ -153,7 +153,9 @@ def input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = N
                 concrete.append(1)
                 notes.append(f"input '{value.name}': dynamic batch dim '{dim.dim_param or '?'}' set to 1")
             else:
-                example = ",".join(str(d.dim_value) if d.HasField("dim_value") else "?" for d in dims)
+                example = ",".join(
+                    str(d.dim_value) if d.dim_value > 0 else ("1" if index == 0 else "?") for index, d in enumerate(dims)
+                )
                 raise InputSpecError(
                     f"input '{value.name}' has a dynamic dim {axis} ('{dim.dim_param or '?'}'): "
                     f"give its size with --verify-shape {value.name}:{example}"

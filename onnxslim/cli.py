@@ -1,0 +1,331 @@
+"""The `onnxslim` command line: parsing and printing only; the work is done by the Python API.
+
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import api
+from .errors import OnnxSlimError, UsageError, VerificationError
+from .manager import load_preset, preset_names, registered_passes
+from .model import load
+from .report import OptimizeReport, summarize
+from .verify import FidelityBudget, VerificationReport, parse_shape_specs
+
+INTERNAL_ERROR = 3
+
+# Not a terminal (CI logs, pipes): wide enough that tables do not wrap.
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+
+
+class OnnxSlimGroup(click.Group):
+    """Turns onnxslim's errors into one line and an exit code (a traceback only with --debug)."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except OnnxSlimError as error:
+            if ctx.meta.get("onnxslim.debug"):
+                raise
+            _print_error(str(error))
+            ctx.exit(error.exit_code)
+        except Exception as error:  # a bug: still one line unless --debug
+            if ctx.meta.get("onnxslim.debug"):
+                raise
+            _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)")
+            ctx.exit(INTERNAL_ERROR)
+
+
+def _print_error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    click.echo(f"onnxslim: error: {first_line}", err=True)
+
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> bool:
+    if value:
+        ctx.meta["onnxslim.debug"] = True
+    return value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+    help="Show the full traceback of an error.",
+)
+
+
+def verification_options(function):
+    """Options shared by every command that runs models in onnxruntime."""
+
+    @click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="An .npz file with one array per input name.")
+    @click.option(
+        "--verify-shape", "verify_shapes", multiple=True, metavar="NAME:DIMS",
+        help="Shape of a dynamic input for verification only, e.g. x:1,3,640,640 (the model stays dynamic).",
+    )
+    @click.option("--samples", default=2, show_default=True, type=click.IntRange(1), help="Random input samples to compare on.")
+    @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+    @click.option(
+        "--tolerance", type=click.FloatRange(min=0), default=None,
+        help="Relative tolerance for float outputs (default by dtype: float32 1e-3, float16 1e-2).",
+    )
+    @click.option("--min-cosine", type=float, default=None, help="Lossy mode: smallest cosine similarity accepted per output.")
+    @click.option("--min-sqnr", type=float, default=None, help="Lossy mode: smallest SQNR (dB) accepted per output.")
+    @click.option("--min-top1", type=float, default=None, help="Lossy mode: smallest top-1 agreement accepted (class scores).")
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1) -> dict:
+    budget = FidelityBudget(min_cosine=min_cosine, min_sqnr_db=min_sqnr, min_top1=min_top1)
+    return {
+        "inputs": inputs,
+        "verify_shapes": parse_shape_specs(verify_shapes),
+        "samples": samples,
+        "seed": seed,
+        "tolerance": tolerance,
+        "budget": budget if budget.is_set() else None,
+    }
+
+
+@click.group(cls=OnnxSlimGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxslim")
+@debug_option
+def cli():
+    """Shrink ONNX models for deployment, and prove the result computes the same thing."""
+
+
+@cli.command()
+@click.argument("source", type=click.Path(dir_okay=True, path_type=Path))
+@click.argument("destination", type=click.Path(path_type=Path))
+@click.option("--pipeline", default=None, help=f"A preset ({', '.join(preset_names())}) or a pipeline text.")
+@click.option("--passes", default=None, help="Run exactly these passes, e.g. 'fold-constants,eliminate-dead-nodes'.")
+@click.option("--skip", multiple=True, help="Leave this pass out of the pipeline (repeatable, or comma-separated).")
+@click.option(
+    "--fold-size-cap", type=int, default=None, metavar="BYTES",
+    help="Let constant folding store results up to this size even if the model grows (-1: no cap).",
+)
+@click.option("--no-verify", is_flag=True, help="Do not check the result with onnxruntime.")
+@verification_options
+@click.option("--verify-each", is_flag=True, help="Verify after every pass that changed something; name the first that breaks.")
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save the model after every pass that changed it.")
+@click.option("--pass-limit", type=click.IntRange(0), default=None, help="Run only the first N pass executions (for bisection).")
+@click.option("--force", is_flag=True, help="Write the result even if it fails verification (the exit code is still 1).")
+@click.option("--overwrite", is_flag=True, help="Allow DESTINATION to be the input file.")
+@click.option("--external-data/--no-external-data", default=None, help="Store tensors in DESTINATION.data (default: only past 2 GB).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (for CI).")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@debug_option
+def optimize(
+    source, destination, pipeline, passes, skip, fold_size_cap, no_verify, inputs, verify_shapes, samples, seed,
+    tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
+    json_path, quiet,
+):
+    """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first)."""
+    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
+    skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
+    chosen = api.resolve_pipeline(pipeline, passes, skipped)
+    if fold_size_cap is not None:
+        chosen = chosen.with_options("fold-constants", size_cap=fold_size_cap)
+    try:
+        report = api.optimize_file(
+            source,
+            destination,
+            pipeline=chosen,
+            verify=not no_verify,
+            verify_each=verify_each,
+            dump_dir=dump_dir,
+            pass_limit=pass_limit,
+            force=force,
+            overwrite_input=overwrite,
+            external_data=external_data,
+            **verification,
+        )
+    except VerificationError as error:
+        _write_failure_json(json_path, error)
+        if isinstance(error.report, OptimizeReport) and not quiet:
+            _print_optimize_report(error.report)
+        raise
+    if json_path:
+        _write_text(json_path, report.to_json())
+    if not quiet:
+        _print_optimize_report(report)
+    console.print(_verdict_line(report))
+    if report.verification is not None and not report.verification.passed:
+        sys.exit(VerificationError.exit_code)
+
+
+def _verdict_line(report: OptimizeReport) -> str:
+    before, after = report.before, report.after
+    return (
+        f"{report.verdict}: {before.nodes} -> {after.nodes} nodes, "
+        f"{_megabytes(before.file_bytes)} -> {_megabytes(after.file_bytes)}, written to {report.output}"
+    )
+
+
+def _write_failure_json(path: Path | None, error: VerificationError) -> None:
+    if not path:
+        return
+    if isinstance(error.report, OptimizeReport):
+        data = error.report.to_dict()
+    else:
+        data = {"verdict": "FAILED", "verification": error.report.to_dict() if error.report else None}
+    data["error"] = str(error)
+    _write_text(path, json.dumps(data, indent=2, default=str))
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        path.write_text(text + "\n")
+    except OSError as error:
+        raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+@cli.command()
+@click.argument("reference", type=click.Path(path_type=Path))
+@click.argument("candidate", type=click.Path(path_type=Path))
+@verification_options
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
+@debug_option
+def verify(reference, candidate, inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1, json_path):
+    """Check that CANDIDATE computes what REFERENCE computes (exit 1 if it does not)."""
+    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
+    report = api.verify(reference, candidate, **verification)
+    if json_path:
+        _write_text(json_path, json.dumps(report.to_dict(), indent=2))
+    _print_verification(report)
+    console.print(report.message)
+    if not report.passed:
+        sys.exit(VerificationError.exit_code)
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@debug_option
+def inspect(model, as_json):
+    """Show a model's inputs, outputs, opsets, op counts (subgraphs included) and parameters."""
+    summary = summarize(load(model))
+    if as_json:
+        click.echo(json.dumps(summary.to_dict(), indent=2))
+        return
+    console.print(f"[bold]{model}[/]  IR {summary.ir_version}, opsets "
+                  + ", ".join(f"{domain} {version}" for domain, version in summary.opsets.items()))
+    table = Table("", "name", "dtype", "shape", box=None)
+    for kind, values in (("input", summary.inputs), ("output", summary.outputs)):
+        for value in values:
+            table.add_row(kind, value["name"], value["dtype"], _shape_text(value["shape"]))
+    console.print(table)
+    console.print(
+        f"{summary.nodes} nodes, {summary.parameters:,} parameters, "
+        f"{_megabytes(summary.tensor_bytes)} of tensors, {_megabytes(summary.file_bytes)} file"
+    )
+    ops = Table("op", "count", box=None)
+    for op, count in sorted(summary.ops.items(), key=lambda item: (-item[1], item[0])):
+        ops.add_row(op, str(count))
+    console.print(ops)
+
+
+@cli.command(name="passes")
+@click.option("--pipelines", "show_pipelines", is_flag=True, help="List the pipeline presets instead.")
+def list_passes(show_pipelines):
+    """List the registered passes (or the pipeline presets)."""
+    if show_pipelines:
+        table = Table("preset", "pipeline", "description", box=None)
+        for name in preset_names():
+            preset = load_preset(name)
+            table.add_row(name, preset["pipeline"], preset.get("description", ""))
+        console.print(table)
+        return
+    table = Table("pass", "kind", "options", "summary", box=None)
+    for spec in registered_passes():
+        options = ", ".join(f"{key}={value}" for key, value in spec.options.items())
+        table.add_row(spec.name, "lossless" if spec.lossless else "lossy", options, spec.summary)
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- printing
+
+
+def _print_optimize_report(report: OptimizeReport) -> None:
+    console.print(f"pipeline: {report.pipeline}", soft_wrap=True)
+    before, after = report.before, report.after
+    if after is not None:
+        table = Table("", "before", "after", "change", title="model", title_justify="left", box=None)
+        table.add_row("nodes", str(before.nodes), str(after.nodes), _change(before.nodes, after.nodes))
+        table.add_row("parameters", f"{before.parameters:,}", f"{after.parameters:,}", _change(before.parameters, after.parameters))
+        table.add_row("file", _megabytes(before.file_bytes), _megabytes(after.file_bytes), _change(before.file_bytes, after.file_bytes))
+        for op in sorted(set(before.ops) | set(after.ops)):
+            old, new = before.ops.get(op, 0), after.ops.get(op, 0)
+            if old != new:
+                table.add_row(f"  {op}", str(old), str(new), _change(old, new))
+        console.print(table)
+    if report.run is not None:
+        passes = Table("pass", "runs", "nodes", "bytes", "seconds", "counters", title="passes", title_justify="left", box=None)
+        for summary in report.passes:
+            counters = ", ".join(f"{key}={value}" for key, value in summary.counters.items() if value)
+            passes.add_row(
+                summary.name, str(summary.runs), f"{-summary.nodes_removed:+d}" if summary.nodes_removed else "0",
+                f"{-summary.bytes_removed:+,d}" if summary.bytes_removed else "0", f"{summary.seconds:.3f}", counters,
+            )
+        console.print(passes)
+        for group in report.run.unconverged:
+            console.print(f"[yellow]warning:[/] {group} did not converge")
+    if report.verification is not None:
+        _print_verification(report.verification)
+    seconds = ", ".join(f"{key} {value:.2f}s" for key, value in report.seconds.items())
+    console.print(f"time: {seconds}")
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def _print_verification(report: VerificationReport) -> None:
+    table = Table(
+        "output", "shape", "dtype", "max abs", "max rel", "cosine", "needs tol", "verdict",
+        title=f"verification ({report.mode}, {report.samples} sample(s), inputs {report.input_source})",
+        title_justify="left", box=None,
+    )
+    for output in report.outputs:
+        table.add_row(
+            output.name, _shape_text(output.shape), output.dtype, f"{output.max_abs:.3g}", f"{output.max_rel:.3g}",
+            f"{output.cosine:.6f}", f"{output.needed_tolerance:.3g}", "ok" if output.passed else f"[red]{output.problem}[/]",
+        )
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {note}")
+
+
+def _shape_text(shape) -> str:
+    return "?" if shape is None else "[" + ",".join(str(dim) for dim in shape) + "]"
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def _change(old: int, new: int) -> str:
+    if old == new:
+        return ""
+    if old == 0:
+        return f"+{new}"
+    return f"{(new - old) / old:+.1%}"
+
+
+def main() -> None:
+    cli(prog_name="onnxslim")
+
+
+if __name__ == "__main__":
+    main()
