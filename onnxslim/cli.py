@@ -17,7 +17,7 @@ from rich.table import Table
 from . import api
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
-from .model import load
+from .model import load, same_file
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
@@ -134,6 +134,7 @@ def optimize(
     json_path, quiet,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first)."""
+    _check_report_path(json_path, source, destination)
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
@@ -186,6 +187,16 @@ def _write_failure_json(path: Path | None, error: VerificationError) -> None:
     _write_text(path, json.dumps(data, indent=2, default=str))
 
 
+def _check_report_path(path: Path | None, *models: Path) -> None:
+    """The JSON report must not land on a model: the input is never modified, the output not replaced."""
+    if not path:
+        return
+    if not path.parent.is_dir():  # found now, not after a long run whose output is already written
+        raise UsageError(f"cannot write the --json report {path}: folder {path.parent} does not exist")
+    if any(same_file(path, model) for model in models):
+        raise UsageError(f"the --json report path is a model file ({path}); choose another path")
+
+
 def _write_text(path: Path, text: str) -> None:
     try:
         path.write_text(text + "\n")
@@ -201,6 +212,7 @@ def _write_text(path: Path, text: str) -> None:
 @debug_option
 def verify(reference, candidate, inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1, json_path):
     """Check that CANDIDATE computes what REFERENCE computes (exit 1 if it does not)."""
+    _check_report_path(json_path, reference, candidate)
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     report = api.verify(reference, candidate, **verification)
     if json_path:

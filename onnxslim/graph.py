@@ -166,13 +166,13 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> int:
     return replaced
 
 
-def bypass(node: gs.Node, interface: set[int], *, keep: int = 0) -> bool:
-    """Remove `node` by letting its readers read its input `keep` instead of its first output.
+def bypass(node: gs.Node, interface: set[int], graph: gs.Graph, *, keep: int = 0) -> bool:
+    """Remove `node` (a node of `graph`) by letting its readers read its input `keep` instead of its first output.
 
     When that output is part of the interface it keeps its name: the producer of the kept input
-    writes it directly, if the kept input is produced by a node, has no other reader and is not
-    itself part of the interface. Returns False (and changes nothing) when neither way is possible.
-    The node is disconnected and left for dead-node elimination.
+    writes it directly, if the kept input is produced by a node of the same graph, has no other
+    reader and is not itself part of the interface. Returns False (and changes nothing) when
+    neither way is possible. The node is disconnected and left for dead-node elimination.
     """
     source = node.inputs[keep]
     target = node.outputs[0]
@@ -186,6 +186,8 @@ def bypass(node: gs.Node, interface: set[int], *, keep: int = 0) -> bool:
         or id(source) in interface
         or any(reader is not node for reader in source.outputs)
         or node_subgraphs(upstream)
+        # A body output must be produced inside the body: an outer node cannot take its name.
+        or not any(candidate is upstream for candidate in graph.nodes)
     ):
         return False
     _disconnect(node)
@@ -216,7 +218,8 @@ def make_constant(tensor: gs.Tensor, value: np.ndarray, interface: set[int], gra
     value = np.asarray(value)
     if id(tensor) in interface:
         held = gs.Constant(f"{tensor.name}__value", value)
-        graph.nodes.append(gs.Node("Constant", name=f"{tensor.name}__constant", attrs={"value": held}, outputs=[tensor]))
+        # First in the graph: other nodes of the graph may read the tensor too, and nodes stay topologically sorted.
+        graph.nodes.insert(0, gs.Node("Constant", name=f"{tensor.name}__constant", attrs={"value": held}, outputs=[tensor]))
     else:
         tensor.to_constant(value)
 

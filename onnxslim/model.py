@@ -7,12 +7,15 @@ graph does not model (metadata, doc strings, old-IR input listings) intact.
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.external_data_helper
+import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 from google.protobuf.message import DecodeError
 
@@ -112,6 +115,13 @@ def save(
         raise ModelSaveError(f"cannot write {path}: folder {folder} does not exist")
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    data_file = folder / (path.name + ".data")
+    if external_data and protect is not None and not overwrite_input and data_file.exists():
+        if any(same_file(data_file, used) for used in _external_data_files(Path(protect))):
+            raise UsageError(
+                f"{data_file} holds the input model's external data and writing the output would overwrite it; "
+                "choose another output name"
+            )
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxslim-") as staging:
             staged = Path(staging) / path.name
@@ -133,6 +143,19 @@ def save(
     except (OSError, ValueError) as error:
         raise ModelSaveError(f"cannot write {path}: {_first_line(error)}") from error
     return path
+
+
+def _external_data_files(path: Path) -> list[Path]:
+    """The files the model at `path` reads external tensors from (none if it cannot be read)."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return []
+    return [
+        path.parent / onnx.external_data_helper.ExternalDataInfo(tensor).location
+        for tensor in onnx.external_data_helper._get_all_tensors(model)
+        if onnx.external_data_helper.uses_external_data(tensor)
+    ]
 
 
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -164,42 +187,61 @@ def model_bytes(model: onnx.ModelProto) -> int:
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
-    """Import `model` as an onnx-graphsurgeon graph (subgraphs included)."""
+    """Import `model` as an onnx-graphsurgeon graph (subgraphs included).
+
+    onnx-graphsurgeon silently drops `sparse_value` attributes, which would leave Constant nodes
+    without a value; such nodes are imported with their dense value instead (same result).
+    """
+    if any(_sparse_constants(model.graph)):
+        model = copy.deepcopy(model)
+        for node in _sparse_constants(model.graph):
+            attribute = next(attribute for attribute in node.attribute if attribute.name == "sparse_value")
+            dense = onnx.numpy_helper.from_array(_dense(attribute.sparse_tensor), node.output[0])
+            node.attribute.remove(attribute)
+            node.attribute.append(onnx.helper.make_attribute("value", dense))
     return gs.import_onnx(model)
+
+
+def _sparse_constants(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    found = []
+    for node in graph.node:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            found += [node for attribute in node.attribute if attribute.name == "sparse_value"]
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                found += _sparse_constants(body)
+    return found
+
+
+def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
+    """The dense array of a sparse tensor: indices are [NNZ] linear or [NNZ, rank] coordinates."""
+    values = onnx.numpy_helper.to_array(sparse.values)
+    indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+    dense = np.zeros(tuple(sparse.dims), dtype=values.dtype)
+    if indices.ndim == 1:
+        dense.reshape(-1)[indices] = values
+    else:
+        dense[tuple(indices.T)] = values
+    return dense
 
 
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` as a ModelProto that keeps everything of `template` the graph does not hold."""
     model = gs.export_onnx(graph, do_type_check=False)
     _drop_disconnected_nodes(model.graph)
-    _drop_detached_nodes(model.graph)
-    model.ir_version = template.ir_version
-    model.producer_name = template.producer_name
-    model.producer_version = template.producer_version
-    model.domain = template.domain
-    model.model_version = template.model_version
-    model.doc_string = template.doc_string
+    _share_outer_initializers(model.graph)
+    # Only the fields the template sets: an empty string written out still costs bytes.
+    for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        if template.HasField(name):
+            setattr(model, name, getattr(template, name))
+        else:
+            model.ClearField(name)
     del model.metadata_props[:]
     model.metadata_props.extend(template.metadata_props)
     _keep_known_value_info(model.graph, _value_info_names(template.graph))
     if template.ir_version < 4:
         _list_initializers_as_inputs(model.graph)
     return model
-
-
-def _drop_detached_nodes(graph: onnx.GraphProto) -> None:
-    """Leave out nodes a pass disconnected (no outputs left), subgraphs included.
-
-    Passes leave such nodes to dead-node elimination, but every export in between (verify-each,
-    dumps, a pass limit) must still be valid ONNX, and onnxruntime refuses a node without outputs.
-    """
-    for index in reversed(range(len(graph.node))):
-        if not any(graph.node[index].output):
-            del graph.node[index]
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                _drop_detached_nodes(body)
 
 
 def _drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
@@ -213,6 +255,56 @@ def _drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
         for attribute in node.attribute:
             for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
                 _drop_disconnected_nodes(body)
+
+
+def _share_outer_initializers(graph: onnx.GraphProto) -> None:
+    """Keep one copy of each initializer, in the innermost graph enclosing every graph that holds it.
+
+    onnx-graphsurgeon writes a constant into every graph whose nodes read it, so a weight that
+    If/Loop bodies read from the outer scope comes out once per body. Only equal copies are
+    merged: sibling bodies may each hold a different tensor under the same name.
+    """
+    graphs, parents = [graph], [None]
+    for index, current in enumerate(graphs):  # grows while it is walked: breadth first
+        for node in current.node:
+            for attribute in node.attribute:
+                for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    graphs.append(body)
+                    parents.append(index)
+    holders: dict[str, list[int]] = {}
+    for index, current in enumerate(graphs):
+        for tensor in current.initializer:
+            holders.setdefault(tensor.name, []).append(index)
+    for name, indices in holders.items():
+        if len(indices) < 2:
+            continue
+        copies = [next(tensor for tensor in graphs[index].initializer if tensor.name == name) for index in indices]
+        if any(duplicate.SerializeToString() != copies[0].SerializeToString() for duplicate in copies[1:]):
+            continue
+        target = _enclosing(indices, parents)
+        kept = onnx.TensorProto()
+        kept.CopyFrom(copies[0])
+        for index, duplicate in zip(indices, copies):
+            if index != target:
+                graphs[index].initializer.remove(duplicate)
+        if target not in indices:
+            graphs[target].initializer.append(kept)
+
+
+def _enclosing(indices: list[int], parents: list[int | None]) -> int:
+    """The innermost graph that is, or encloses, every graph in `indices`."""
+
+    def chain(index: int | None) -> list[int]:
+        path = []
+        while index is not None:
+            path.append(index)
+            index = parents[index]
+        return path
+
+    common = set(chain(indices[0]))
+    for index in indices[1:]:
+        common &= set(chain(index))
+    return next(index for index in chain(indices[0]) if index in common)
 
 
 def _value_info_names(graph: onnx.GraphProto) -> set[str]:
