@@ -36,7 +36,8 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
                 dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
             ]
             annotated += 1
-    for node, node_proto in zip(graph.nodes, proto.node):
+    # The inferred proto leaves out disconnected nodes (see onnxslim.shapes), so skip them here too.
+    for node, node_proto in zip([node for node in graph.nodes if node.outputs], proto.node):
         bodies = node_subgraphs(node)
         if not bodies:
             continue

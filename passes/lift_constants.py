@@ -16,6 +16,8 @@ def lift_constants(graph: gs.Graph, ctx: PassContext) -> PassResult:
     lifted = 0
     for subgraph in walk(graph):
         for node in find(subgraph, "Constant"):
+            if not node.outputs:
+                continue  # lifted already, waiting for dead-node elimination
             output = node.outputs[0]
             value = constant_node_value(node)
             if value is None or value.dtype == object or id(output) in interface:

@@ -39,7 +39,12 @@ def eliminate_noops(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if check is None or not is_standard(node) or not node.outputs:
                 continue
             keep = check(node)
-            if keep is not None and _same_type(node.inputs[keep], node.outputs[0]) and bypass(node, interface, keep=keep):
+            if (
+                keep is not None
+                and _same_type(node.inputs[keep], node.outputs[0])
+                and _only_first_output_used(node, interface)
+                and bypass(node, interface, subgraph, keep=keep)
+            ):
                 removed += 1
     return PassResult(removed=removed)
 
@@ -61,8 +66,12 @@ def _rank(tensor: gs.Tensor) -> int | None:
     return len(tensor.shape) if tensor.shape is not None else None
 
 
-def _only_first_output_used(node: gs.Node) -> bool:
-    return all(is_empty(output) or not output.outputs for output in node.outputs[1:])
+def _only_first_output_used(node: gs.Node, interface: set[int]) -> bool:
+    """Bypassing replaces the first output only: the others (e.g. Dropout's mask) must be unused.
+
+    A graph output is used even when no node reads it.
+    """
+    return all(is_empty(output) or not (output.outputs or id(output) in interface) for output in node.outputs[1:])
 
 
 @rule("Identity")
@@ -79,8 +88,7 @@ def dropout(node: gs.Node) -> int | None:
             return None
     if node.attrs.get("is_test", 1) == 0:  # opset < 7 Dropout in training mode
         return None
-    # The mask output has no input equivalent: only drop the node if nothing reads it.
-    return 0 if _only_first_output_used(node) else None
+    return 0  # the mask output has no input equivalent: the pass keeps the node if the mask is used
 
 
 @rule("Cast", "CastLike")

@@ -1,0 +1,141 @@
+"""infer-shapes: annotates tensors with dtypes and shapes, changes no computation, reports "unchanged"."""
+
+import numpy as np
+import onnxslim
+from builder import ModelBuilder, assert_equivalent, ops, random, run_pass
+from onnxslim.graph import walk
+from onnxslim.model import to_graph
+
+
+def annotate(model):
+    graph = to_graph(model)
+    result = onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+    return graph, result
+
+
+def tensor(graph, name):
+    return next(tensor for subgraph in walk(graph) for tensor in subgraph.tensors().values() if tensor.name == name)
+
+
+def conv_model(weight_shape=(4, 3, 3, 3)):
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    w = b.initializer("w", random(weight_shape, seed=1))
+    conv = b.node("Conv", [x, w], ["conv"], pads=[1, 1, 1, 1])
+    relu = b.node("Relu", [conv], ["relu"])
+    b.output(b.node("Flatten", [relu], ["y"]))
+    return b.build()
+
+
+def test_intermediate_tensors_get_dtypes_and_shapes():
+    graph, result = annotate(conv_model())
+
+    assert result.counters["annotated"] == 4  # dtype and shape of `conv` and `relu`
+    assert tensor(graph, "conv").shape == [1, 4, 8, 8] and tensor(graph, "conv").dtype == np.float32
+    assert tensor(graph, "relu").shape == [1, 4, 8, 8]
+
+
+def test_annotation_is_not_a_change_and_computes_the_same():
+    """It must never make a fixed-point group go round again."""
+    model = conv_model()
+    annotated, result = run_pass(model, "infer-shapes")
+
+    assert not result.changed
+    assert ops(annotated) == ops(model)
+    assert_equivalent(model, annotated)
+
+
+def test_large_weights_still_give_shapes():
+    """Weights above the data-propagation limit are handed over as typed inputs, not values."""
+    graph, _ = annotate(conv_model(weight_shape=(64, 3, 3, 3)))  # 1728 elements
+    assert tensor(graph, "conv").shape == [1, 64, 8, 8]
+    assert isinstance(tensor(graph, "w"), onnxslim.model.gs.Constant)  # the graph keeps its weight
+
+
+def test_shape_computations_propagate_values():
+    """data_prop: Reshape by a Shape-derived tensor gets a static shape."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 3, 4])
+    shape = b.node("Shape", [x], ["shape"])
+    b.output(b.node("Reshape", [b.node("Relu", [x], ["relu"]), shape], ["y"]))
+    graph, _ = annotate(b.build())
+    assert tensor(graph, "y").shape == [2, 3, 4]
+
+
+def test_dynamic_dims_keep_their_names():
+    b = ModelBuilder()
+    x = b.input("x", ["batch", 3])
+    b.output(b.node("Neg", [b.node("Relu", [x], ["relu"])], ["y"]))
+    graph, _ = annotate(b.build())
+    assert tensor(graph, "relu").shape == ["batch", 3]
+
+
+def test_existing_annotations_are_kept():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    relu = b.annotate(b.node("Relu", [x], ["relu"]), np.float32, ["n", 3])
+    b.output(b.node("Neg", [relu], ["y"]))
+    graph, result = annotate(b.build())
+
+    assert tensor(graph, "relu").shape == ["n", 3]
+    assert result.counters["annotated"] == 0  # `relu` was annotated and `y` is a typed output
+
+
+def test_tensors_inside_if_branches_are_annotated():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    condition = b.input("c", [], np.bool_)
+    then = b.branch()
+    then.output(then.node("Neg", [then.node("Relu", [x], ["inner"])]))
+    other = b.branch()
+    other.output(other.node("Neg", [x]))
+    b.output(b.if_node(condition, then, other))
+    graph, result = annotate(b.build())
+
+    assert result.counters["annotated"] >= 2
+    assert tensor(graph, "inner").shape == [2, 3] and tensor(graph, "inner").dtype == np.float32
+
+
+def test_ir_version_3_model_is_annotated():
+    """IR 3 lists initializers as inputs; inference still works and the export keeps that listing."""
+    b = ModelBuilder(opset=8, ir_version=3)
+    x = b.input("x", [2, 3])
+    bias = b.initializer("bias", np.ones([3], np.float32))
+    b.output(b.node("Neg", [b.node("Add", [x, bias], ["sum"])], ["y"]))
+    model = b.build()
+
+    graph, _ = annotate(model)
+    assert tensor(graph, "sum").shape == [2, 3]
+
+    annotated, _ = run_pass(model, "infer-shapes")
+    assert annotated.ir_version == 3 and "bias" in {value.name for value in annotated.graph.input}
+    assert_equivalent(model, annotated)
+
+
+def test_uninferable_custom_op_leaves_tensors_unannotated():
+    b = ModelBuilder()
+    b.use_domain("com.example")
+    x = b.input("x", [2, 3])
+    custom = b.node("Mystery", [x], ["custom"], domain="com.example")
+    b.output(b.node("Neg", [custom], ["y"]), np.float32, [2, 3])
+    graph, _ = annotate(b.build())
+    assert tensor(graph, "custom").shape is None
+
+
+def test_branches_are_annotated_after_constants_were_lifted():
+    """Lifted Constant nodes wait, disconnected, for dead-node elimination; bodies must still be matched up."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    condition = b.input("c", [], np.bool_)
+    shifted = b.node("Add", [x, b.constant(np.ones([3], np.float32))])
+    then = b.branch()
+    then.output(then.node("Neg", [then.node("Relu", [shifted], ["inner"])]))
+    other = b.branch()
+    other.output(other.node("Neg", [x]))
+    b.output(b.if_node(condition, then, other))
+    graph = to_graph(b.build())
+    onnxslim.get_pass("lift-constants")(graph, onnxslim.PassContext())
+
+    onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+
+    assert tensor(graph, "inner").shape == [2, 3]
