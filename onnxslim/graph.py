@@ -224,34 +224,25 @@ def make_constant(tensor: gs.Tensor, value: np.ndarray, interface: set[int], gra
         tensor.to_constant(value)
 
 
+def constants(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every distinct constant tensor read by a node of the graph or its subgraphs."""
+    seen: set[int] = set()
+    for subgraph in walk(graph):
+        for node in subgraph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    yield tensor
+
+
 def initializer_bytes(graph: gs.Graph) -> int:
     """Bytes of every constant tensor in the graph and its subgraphs (Constant node values included)."""
-    seen: set[int] = set()
-    total = 0
-    for subgraph in walk(graph):
-        for node in subgraph.nodes:
-            for tensor in node.inputs:
-                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    total += tensor_nbytes(tensor)
-            # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
-            value = node.attrs.get("value") if node.op == "Constant" and node.outputs else None
-            if isinstance(value, gs.Constant):
-                total += tensor_nbytes(value)
-    return total
-
-
-def parameter_count(graph: gs.Graph) -> int:
-    """Elements of every floating-point constant (the model's weights), subgraphs included."""
-    seen: set[int] = set()
-    total = 0
-    for subgraph in walk(graph):
-        for node in subgraph.nodes:
-            for tensor in node.inputs:
-                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    if np.issubdtype(np.dtype(tensor.dtype), np.floating):
-                        total += int(np.prod(tensor.shape, dtype=np.int64))
+    total = sum(tensor_nbytes(tensor) for tensor in constants(graph))
+    for node in all_nodes(graph):
+        # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
+        value = node.attrs.get("value") if node.op == "Constant" and node.outputs else None
+        if isinstance(value, gs.Constant):
+            total += tensor_nbytes(value)
     return total
 
 
