@@ -16,6 +16,7 @@ from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import load, same_file, save, to_graph, to_model
 from .report import OptimizeReport, summarize
+from .shapes import set_input_shapes
 from .verify import FidelityBudget, VerificationReport, Verifier, load_inputs
 
 DEFAULT_PIPELINE = "default"
@@ -51,6 +52,7 @@ def optimize(
     verify: bool = True,
     inputs: str | os.PathLike | list[dict[str, np.ndarray]] | None = None,
     verify_shapes: dict[str, list[int]] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
     samples: int = 2,
     seed: int = 0,
     tolerance: float | None = None,
@@ -78,7 +80,13 @@ def optimize(
     report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
     loaded = time.perf_counter()
 
+    graph = to_graph(original)
+    if input_shapes:
+        set_input_shapes(graph, input_shapes)
+        report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
     feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
+    if input_shapes:
+        verify_shapes = {**(verify_shapes or {}), **input_shapes}
     verifier = None
     if verify or verify_each:
         verifier = Verifier(
@@ -91,7 +99,6 @@ def optimize(
         instruments.append(DumpEach(original, dump_dir))
 
     reference_ready = time.perf_counter()
-    graph = to_graph(original)
     context = PassContext(options=dict(options or {}), logger=logger or default_logger)
     manager = PassManager(chosen, context=context, instruments=instruments, pass_limit=pass_limit)
     report.run = manager.run(graph)

@@ -117,6 +117,10 @@ def cli():
     "--fold-size-cap", type=int, default=None, metavar="BYTES",
     help="Let constant folding store results up to this size even if the model grows (-1: no cap).",
 )
+@click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+    help="Make an input static, e.g. x:1,3,640,640 (changes the model's interface; more folds).",
+)
 @click.option("--no-verify", is_flag=True, help="Do not check the result with onnxruntime.")
 @verification_options
 @click.option("--verify-each", is_flag=True, help="Verify after every pass that changed something; name the first that breaks.")
@@ -129,7 +133,7 @@ def cli():
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @debug_option
 def optimize(
-    source, destination, pipeline, passes, skip, fold_size_cap, no_verify, inputs, verify_shapes, samples, seed,
+    source, destination, pipeline, passes, skip, fold_size_cap, input_shapes, no_verify, inputs, verify_shapes, samples, seed,
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
     json_path, quiet,
 ):
@@ -146,6 +150,7 @@ def optimize(
             destination,
             pipeline=chosen,
             verify=not no_verify,
+            input_shapes=parse_shape_specs(input_shapes),
             verify_each=verify_each,
             dump_dir=dump_dir,
             pass_limit=pass_limit,

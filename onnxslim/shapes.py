@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .errors import InputSpecError
 from .graph import walk
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
@@ -42,3 +43,32 @@ def _skeleton(graph: gs.Graph) -> gs.Graph:
 
 def _elements(tensor: gs.Constant) -> int:
     return int(np.prod(tensor.shape, dtype=np.int64)) if tensor.shape is not None else 0
+
+
+def set_input_shapes(graph: gs.Graph, shapes: dict[str, list[int]]) -> None:
+    """Make the named inputs static (`--input-shape`), forgetting every other inferred shape.
+
+    The model's interface changes on purpose here; the shapes inferred from the old dynamic
+    inputs would be stale, so all intermediate and output shapes are cleared for re-inference.
+    """
+    inputs = {tensor.name: tensor for tensor in graph.inputs}
+    unknown = set(shapes) - set(inputs)
+    if unknown:
+        raise InputSpecError(
+            f"--input-shape names {', '.join(sorted(unknown))}, but the model's inputs are {', '.join(sorted(inputs))}"
+        )
+    for name, dims in shapes.items():
+        tensor = inputs[name]
+        if tensor.shape is not None:
+            if len(tensor.shape) != len(dims):
+                raise InputSpecError(f"input '{name}' has rank {len(tensor.shape)}, but --input-shape gives {len(dims)} dims")
+            for axis, (old, new) in enumerate(zip(tensor.shape, dims)):
+                if isinstance(old, (int, np.integer)) and old > 0 and old != new:
+                    raise InputSpecError(f"input '{name}' dim {axis} is fixed at {old}, --input-shape gives {new}")
+        tensor.shape = list(dims)
+    for body in walk(graph):
+        outputs = {id(tensor) for tensor in body.outputs}  # still valid: static dims cannot change
+        for node in body.nodes:
+            for tensor in node.outputs:
+                if isinstance(tensor, gs.Variable) and id(tensor) not in outputs:
+                    tensor.shape = None

@@ -1,0 +1,180 @@
+"""Shape folding: the parts of Shape/Size computations that static dims already decide."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, walk
+from onnxslim.manager import PassContext, PassResult, register_pass
+
+# A partial value: a 0-D or 1-D int64 tensor whose elements are known ints or None (a dynamic dim).
+Partial = tuple[tuple[int | None, ...], bool]  # (elements, is_scalar)
+Rule = Callable[[gs.Node, Callable[[gs.Tensor], "Partial | None"]], "Partial | None"]
+RULES: dict[str, Rule] = {}
+
+
+def rule(*op_types: str):
+    def register(function: Rule) -> Rule:
+        for op_type in op_types:
+            RULES[op_type] = function
+        return function
+
+    return register
+
+
+@register_pass("fold-shapes")
+def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
+    """Replace Shape/Size results, and Gather/Slice/Concat/Unsqueeze over them, by constants where static dims decide them.
+
+    Dynamic dims are never baked in: an element that depends on one stays computed at run time.
+    """
+    interface = interface_tensors(graph)
+    folded = 0
+    for body in walk(graph):
+        partials: dict[int, Partial] = {}
+
+        def partial_of(tensor: gs.Tensor) -> Partial | None:
+            if id(tensor) in partials:
+                return partials[id(tensor)]
+            value = constant_value(tensor)
+            if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
+                return None
+            return tuple(int(element) for element in value.reshape(-1)), value.ndim == 0
+
+        for node in list(body.nodes):
+            compute = RULES.get(node.op)
+            if compute is None or not is_standard(node) or not node.outputs or is_empty(node.outputs[0]):
+                continue
+            partial = compute(node, partial_of)
+            if partial is None:
+                continue
+            output = node.outputs[0]
+            elements, scalar = partial
+            if all(element is not None for element in elements) and not isinstance(output, gs.Constant):
+                dtype = np.dtype(output.dtype) if output.dtype is not None else np.dtype(np.int64)
+                value = np.array(elements, dtype=dtype).reshape(() if scalar else (len(elements),))
+                make_constant(output, value, interface, body)
+                folded += 1
+            else:
+                partials[id(output)] = partial
+    return PassResult(folded=folded)
+
+
+def _static_dims(tensor: gs.Tensor) -> list[int | None] | None:
+    if tensor.shape is None:
+        return None
+    return [int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else None for dim in tensor.shape]
+
+
+@rule("Shape")
+def shape(node: gs.Node, partial_of) -> Partial | None:
+    dims = _static_dims(node.inputs[0])
+    if dims is None:
+        return None
+    rank = len(dims)
+    start = node.attrs.get("start", 0)
+    end = node.attrs.get("end", rank)
+    start, end = _clamp(start, rank), _clamp(end, rank)
+    return tuple(dims[start:end]), False
+
+
+@rule("Size")
+def size(node: gs.Node, partial_of) -> Partial | None:
+    dims = _static_dims(node.inputs[0])
+    if dims is None or any(dim is None for dim in dims):
+        return None
+    return (int(np.prod(dims, dtype=np.int64)),), True
+
+
+@rule("Gather")
+def gather(node: gs.Node, partial_of) -> Partial | None:
+    data = partial_of(node.inputs[0])
+    indices = constant_value(node.inputs[1])
+    if data is None or data[1] or indices is None or node.attrs.get("axis", 0) != 0 or indices.ndim > 1:
+        return None
+    elements = data[0]
+    picked = []
+    for index in np.asarray(indices).reshape(-1):
+        index = int(index)
+        if not -len(elements) <= index < len(elements):
+            return None
+        picked.append(elements[index])
+    return tuple(picked), indices.ndim == 0
+
+
+@rule("Slice")
+def slice_(node: gs.Node, partial_of) -> Partial | None:
+    data = partial_of(node.inputs[0])
+    if data is None or data[1] or "starts" in node.attrs:
+        return None
+    bounds = [constant_value(tensor) if not is_empty(tensor) else None for tensor in node.inputs[1:5]]
+    bounds += [None] * (4 - len(bounds))
+    starts, ends, axes, steps = bounds
+    for tensor, value in zip(node.inputs[3:5], (axes, steps)):
+        if not is_empty(tensor) and value is None:
+            return None
+    if starts is None or ends is None or starts.size != 1 or ends.size != 1:
+        return None
+    if axes is not None and int(np.asarray(axes).reshape(-1)[0]) not in (0, -1):
+        return None
+    step = int(np.asarray(steps).reshape(-1)[0]) if steps is not None else 1
+    if step == 0:
+        return None
+    start = int(np.asarray(starts).reshape(-1)[0])
+    end = int(np.asarray(ends).reshape(-1)[0])
+    elements = data[0]
+    # Python slicing clamps exactly as ONNX Slice does, including huge INT64 ends.
+    end = max(min(end, 2**62), -(2**62))
+    return tuple(elements[slice(start, end, step)]), False
+
+
+@rule("Concat")
+def concat(node: gs.Node, partial_of) -> Partial | None:
+    if node.attrs.get("axis", 0) not in (0, -1):
+        return None
+    parts = [partial_of(tensor) for tensor in node.inputs]
+    if any(part is None or part[1] for part in parts):
+        return None
+    return tuple(element for part in parts for element in part[0]), False
+
+
+@rule("Unsqueeze")
+def unsqueeze(node: gs.Node, partial_of) -> Partial | None:
+    data = partial_of(node.inputs[0])
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1:
+        axes = constant_value(node.inputs[1])
+    if data is None or not data[1] or axes is None or list(np.asarray(axes).reshape(-1)) not in ([0], [-1]):
+        return None
+    return data[0], False
+
+
+@rule("Squeeze")
+def squeeze(node: gs.Node, partial_of) -> Partial | None:
+    data = partial_of(node.inputs[0])
+    if data is None or data[1] or len(data[0]) != 1:
+        return None
+    return data[0], True
+
+
+@rule("Cast")
+def cast(node: gs.Node, partial_of) -> Partial | None:
+    data = partial_of(node.inputs[0])
+    target = node.outputs[0].dtype
+    if data is None or target is None or np.dtype(target).kind not in "iu":
+        return None
+    return data
+
+
+@rule("Identity")
+def identity(node: gs.Node, partial_of) -> Partial | None:
+    return partial_of(node.inputs[0])
+
+
+def _clamp(index: int, rank: int) -> int:
+    if index < 0:
+        index += rank
+    return min(max(index, 0), rank)

@@ -1,0 +1,113 @@
+"""fold-shapes: Shape/Size chains decided by static dims become constants; dynamic dims stay computed."""
+
+import numpy as np
+import onnx
+import pytest
+from builder import ModelBuilder, assert_equivalent, ops, output_names, random, run_pass
+
+import onnxslim
+
+
+def reshape_by_own_dims(shape, pick, opset=17):
+    """x -> Reshape(x, Concat(Unsqueeze(Gather(Shape(x), i)) for i in pick, [-1])) -> Relu -> y."""
+    b = ModelBuilder(opset=opset)
+    x = b.input("x", shape)
+    dims = b.node("Shape", [x], ["dims"])
+    parts = []
+    for index in pick:
+        gathered = b.node("Gather", [dims, b.initializer(f"index{index}", np.array(index, np.int64))], axis=0)
+        parts.append(b.node("Unsqueeze", [gathered, b.initializer(f"axes{index}", np.array([0], np.int64))]))
+    parts.append(b.initializer("rest", np.array([-1], np.int64)))
+    target = b.node("Concat", parts, ["target"], axis=0)
+    b.output(b.node("Relu", [b.node("Reshape", [x, target])], ["y"]))
+    return b.build()
+
+
+def fold(model):
+    return run_pass(model, "fold-shapes", first=("infer-shapes",))
+
+
+def test_static_dims_fold_the_whole_chain_to_the_reshape_target():
+    model = reshape_by_own_dims([2, 3, 4, 5], pick=[0, 1])
+    optimized, result = fold(model)
+    assert result.counters["folded"] >= 1
+    folded = onnxslim.optimize(model, passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)")
+    assert ops(folded) == {"Reshape": 1, "Relu": 1}
+    target = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}["target"]
+    assert target.tolist() == [2, 3, -1]
+    assert_equivalent(model, folded)
+
+
+def test_dynamic_dim_is_never_baked_in():
+    model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0, 1])
+    folded = onnxslim.optimize(
+        model,
+        passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)",
+        verify_shapes={"x": [2, 3, 4, 5]},
+    )
+    assert ops(folded)["Shape"] == 1  # the batch dim is still read at run time
+    assert ops(folded)["Gather"] == 1  # only the dynamic dim's Gather remains; dim 1 folded
+    for batch in (1, 3):
+        report = onnxslim.verify(model, folded, verify_shapes={"x": [batch, 3, 4, 5]})
+        assert report.passed, report.message
+
+
+def test_size_of_static_tensor_folds():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    size = b.node("Size", [x])
+    b.output(b.node("Add", [b.node("Cast", [size], to=onnx.TensorProto.FLOAT), x], ["y"]))
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["folded"] == 1 and ops(optimized)["Size"] == 0
+    assert_equivalent(model, optimized)
+
+
+def test_shape_with_start_end_attributes():
+    b = ModelBuilder(opset=15)
+    x = b.input("x", ["n", 3, 4])
+    tail = b.node("Shape", [x], start=1)
+    b.output(b.node("Reshape", [x, b.node("Concat", [b.initializer("minus_one", np.array([-1], np.int64)), tail], axis=0)], ["y"]))
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["folded"] >= 1 and ops(optimized)["Shape"] == 0
+    assert_equivalent(model, optimized, {"x": random([2, 3, 4])})
+
+
+def test_slice_of_shape_keeps_dynamic_part():
+    b = ModelBuilder()
+    x = b.input("x", ["n", 3, "w"])
+    dims = b.node("Shape", [x])
+    head = b.node("Slice", [dims, b.initializer("s", np.array([1], np.int64)), b.initializer("e", np.array([2], np.int64))])
+    whole = b.node("Slice", [dims, b.initializer("s0", np.array([0], np.int64)), b.initializer("e0", np.array([3], np.int64))])
+    b.output(head, np.int64, [1])
+    b.output(whole, np.int64, [3])
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["folded"] == 1  # [3] is static; the whole shape is not
+    assert output_names(optimized) == output_names(model)
+    assert_equivalent(model, optimized, {"x": random([2, 3, 5])})
+
+
+def test_dynamic_shape_does_not_fire():
+    b = ModelBuilder()
+    x = b.input("x", ["n", "c"])
+    b.output(b.node("Shape", [x], ["y"]), np.int64, [2])
+    model = b.build()
+    _, result = fold(model)
+    assert not result.changed
+
+
+def test_input_shape_makes_the_model_static_and_folds_more(tmp_path):
+    model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0, 1])
+    static, report = onnxslim.optimize(model, input_shapes={"x": [2, 3, 4, 5]}, return_report=True)
+    assert report.verification.passed
+    assert "Shape" not in ops(static)
+    dims = [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 3, 4, 5]
+
+
+def test_input_shape_rejects_a_conflicting_static_dim():
+    model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0])
+    with pytest.raises(onnxslim.InputSpecError, match="dim 1 is fixed at 3"):
+        onnxslim.optimize(model, input_shapes={"x": [2, 4, 4, 5]})

@@ -1,0 +1,219 @@
+"""What tools/bench_peers.py measures about a model file, always in our own environment.
+
+The same code measures the original and every tool's result, so the numbers are comparable:
+node count (If/Loop/Scan bodies included), file size, onnx.checker validity, equivalence with the
+original under onnxruntime, and onnxruntime latency.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+
+SEED = 0
+WARMUP_RUNS = 3
+TIMED_RUNS = 20
+
+# (atol, rtol) per output dtype: |actual − reference| ≤ atol + rtol·|reference|, NaN equal to NaN.
+# Other dtypes (integers, bool, strings) must match exactly.
+TOLERANCES = {
+    np.dtype(np.float16): (1e-2, 1e-2),
+    np.dtype(np.float32): (1e-4, 1e-3),
+    np.dtype(np.float64): (1e-7, 1e-6),
+}
+
+# onnxruntime's type strings for the dtypes an input can be synthesized in.
+INPUT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
+}
+
+OPTIMIZATION_LEVELS = {
+    "disabled": onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "all": onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class MeasureError(Exception):
+    """The model cannot be measured as asked (e.g. a dynamic input without a verification shape)."""
+
+
+@dataclass
+class Reference:
+    """The original model's run: the inputs every result is fed and the outputs it must reproduce."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: dict[str, np.ndarray]
+
+
+def count_nodes(graph: onnx.GraphProto) -> int:
+    """Nodes of `graph`, counting those inside the bodies of If, Loop, Scan (any graph attribute)."""
+    total = 0
+    for node in graph.node:
+        total += 1
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                total += count_nodes(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                total += sum(count_nodes(body) for body in attribute.graphs)
+    return total
+
+
+def file_bytes(path: Path) -> int:
+    """Size of the model file plus its external data file, if it has one beside it."""
+    external = path.with_name(path.name + ".data")
+    return path.stat().st_size + (external.stat().st_size if external.is_file() else 0)
+
+
+def check_validity(path: Path) -> str | None:
+    """None if onnx.checker accepts the model (full check, with shape inference), else its message."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return _first_line(error)
+    return None
+
+
+def session(path: Path, level: str) -> onnxruntime.InferenceSession:
+    """A CPU session on one thread, with onnxruntime's graph optimizations at `level`."""
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = OPTIMIZATION_LEVELS[level]
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: unused-initializer warnings are not our business
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def synthesize_inputs(model_session: onnxruntime.InferenceSession, shapes: dict[str, list[int]]) -> dict:
+    """Seeded inputs for every input the session needs; `shapes` fixes the dynamic dims."""
+    rng = np.random.default_rng(SEED)
+    feeds = {}
+    for model_input in model_session.get_inputs():
+        shape = shapes.get(model_input.name, model_input.shape)
+        if not all(isinstance(dim, int) for dim in shape):
+            raise MeasureError(f"input {model_input.name!r} has dynamic shape {shape}: give a verification shape")
+        dtype = INPUT_DTYPES.get(model_input.type)
+        if dtype is None:
+            raise MeasureError(f"input {model_input.name!r} has type {model_input.type}, which cannot be synthesized")
+        if np.issubdtype(dtype, np.floating):
+            feeds[model_input.name] = rng.random(shape).astype(dtype)  # [0, 1), like a normalized image
+        elif dtype is np.bool_:
+            feeds[model_input.name] = rng.random(shape) < 0.5
+        else:
+            feeds[model_input.name] = rng.integers(0, 10, size=shape).astype(dtype)
+    return feeds
+
+
+def run(model_session: onnxruntime.InferenceSession, feeds: dict) -> dict[str, np.ndarray]:
+    names = [output.name for output in model_session.get_outputs()]
+    return dict(zip(names, (np.asarray(value) for value in model_session.run(names, feeds))))
+
+
+def reference_run(path: Path, shapes: dict[str, list[int]]) -> tuple[Reference, onnxruntime.InferenceSession]:
+    """Run the original with graph optimizations disabled; also return that session for timing."""
+    original = session(path, "disabled")
+    feeds = synthesize_inputs(original, shapes)
+    return Reference(feeds, run(original, feeds)), original
+
+
+def compare(reference: Reference, model_session: onnxruntime.InferenceSession) -> dict:
+    """Verdict of a result against the reference: {"verdict", "detail", "max_abs_diff"}."""
+    needed = {model_input.name for model_input in model_session.get_inputs()}
+    if needed != set(reference.feeds):
+        return _verdict("mismatch", "inputs changed: " + _difference(needed, set(reference.feeds)))
+    outputs = run(model_session, reference.feeds)
+    if list(outputs) != list(reference.outputs):
+        return _verdict("mismatch", "outputs changed: " + _difference(set(outputs), set(reference.outputs)))
+    max_abs_diff = 0.0
+    for name, expected in reference.outputs.items():
+        actual = outputs[name]
+        if actual.dtype != expected.dtype or actual.shape != expected.shape:
+            return _verdict("mismatch", f"{name}: {actual.dtype}{list(actual.shape)} "
+                                        f"vs {expected.dtype}{list(expected.shape)}")
+        if expected.dtype not in TOLERANCES:
+            if not np.array_equal(actual, expected):
+                return _verdict("mismatch", f"{name}: values differ ({expected.dtype} must match exactly)")
+            continue
+        atol, rtol = TOLERANCES[expected.dtype]
+        both_finite = np.isfinite(actual) & np.isfinite(expected)
+        if both_finite.any():
+            difference = np.abs(actual[both_finite].astype(np.float64) - expected[both_finite])
+            max_abs_diff = max(max_abs_diff, float(difference.max()))
+        if not np.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=True).all():
+            return _verdict("mismatch", f"{name}: beyond atol {atol:g} + rtol {rtol:g}", max_abs_diff)
+    return _verdict("ok", "", max_abs_diff)
+
+
+def latency_ms(model_session: onnxruntime.InferenceSession, feeds: dict) -> float:
+    """Median wall time of one run, in milliseconds, after a few warm-up runs."""
+    for _ in range(WARMUP_RUNS):
+        model_session.run(None, feeds)
+    times = []
+    for _ in range(TIMED_RUNS):
+        started = time.perf_counter()
+        model_session.run(None, feeds)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def measure(path: Path, reference: Reference, with_latency: bool,
+            disabled_session: onnxruntime.InferenceSession | None = None) -> dict:
+    """Everything the bench reports about one model file.
+
+    The original is measured like any result (its verdict then says that it reproduces itself);
+    `disabled_session` lets the caller reuse the session the reference was computed with.
+    """
+    model = onnx.load(str(path), load_external_data=False)  # nodes only: the weights are not needed
+    invalid = check_validity(path)
+    measured = {
+        "nodes": count_nodes(model.graph),
+        "bytes": file_bytes(path),
+        "valid": invalid is None,
+        "validity_message": invalid,
+        "latency_ms": {},
+    }
+    try:
+        disabled_session = disabled_session or session(path, "disabled")
+    except Exception as error:  # noqa: BLE001 — onnxruntime raises its own unrelated exception types
+        measured.update(_verdict("error", f"onnxruntime cannot load it: {_first_line(error)}"))
+        return measured
+    try:
+        measured.update(compare(reference, disabled_session))
+        if with_latency and measured["verdict"] == "ok":
+            measured["latency_ms"]["disabled"] = latency_ms(disabled_session, reference.feeds)
+            measured["latency_ms"]["all"] = latency_ms(session(path, "all"), reference.feeds)
+    except Exception as error:  # noqa: BLE001 — as above: a failed run is a result to report
+        measured.update(_verdict("error", f"onnxruntime run failed: {_first_line(error)}"))
+    return measured
+
+
+def _verdict(verdict: str, detail: str, max_abs_diff: float | None = None) -> dict:
+    return {"verdict": verdict, "detail": detail, "max_abs_diff": max_abs_diff}
+
+
+def _difference(names: set[str], expected: set[str], shown: int = 3) -> str:
+    """Which names a result added and lost (a few of each), for a one-line message."""
+    parts = []
+    for what, changed in (("added", sorted(names - expected)), ("lost", sorted(expected - names))):
+        if changed:
+            more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+            parts.append(f"{what} {', '.join(changed[:shown])}{more}")
+    return "; ".join(parts) or "same names, another order"
+
+
+def _first_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
