@@ -7,6 +7,7 @@ passes rewire edges only through the helpers here, so the rules about graph outp
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -253,7 +254,7 @@ def tensor_nbytes(tensor: gs.Constant) -> int:
         itemsize = np.dtype(tensor.dtype).itemsize
     except TypeError:
         itemsize = 1
-    return int(np.prod(shape, dtype=np.int64)) * itemsize
+    return math.prod(int(dim) for dim in shape) * itemsize
 
 
 def fresh_name(graph: gs.Graph, base: str) -> str:
