@@ -18,12 +18,16 @@ import onnx_graphsurgeon as gs
 ONNX_DOMAINS = ("", "ai.onnx")
 
 
+# The standard ops that own bodies; nodes of other domains are checked attribute by attribute.
+BODY_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def walk(graph: gs.Graph) -> Iterator[gs.Graph]:
     """Yield `graph` and every If/Loop/Scan body inside it, outer graphs first."""
     yield graph
     for node in graph.nodes:
-        for attribute in node.attrs.values():
-            for subgraph in _subgraphs_of(attribute):
+        if node.op in BODY_OPS or not is_standard(node):
+            for subgraph in node_subgraphs(node):
                 yield from walk(subgraph)
 
 

@@ -427,6 +427,7 @@ class PassManager:
 
     def run(self, graph: gs.Graph) -> RunRecord:
         record = RunRecord(pipeline=str(self.pipeline))
+        self._measured: tuple[int, int] | None = None
         started = time.perf_counter()
         for instrument in self.instruments:
             instrument.before_run(graph)
@@ -460,7 +461,9 @@ class PassManager:
         if self.pass_limit is not None and len(record.executions) >= self.pass_limit:
             raise _LimitReached
         spec = get_pass(call.name)
-        nodes_before, bytes_before = count_nodes(graph), initializer_bytes(graph)
+        if self._measured is None:
+            self._measured = (count_nodes(graph), initializer_bytes(graph))
+        nodes_before, bytes_before = self._measured
         started = time.perf_counter()
         try:
             result = spec(graph, self.context, **dict(call.options))
@@ -469,15 +472,18 @@ class PassManager:
         except Exception as error:
             raise PassFailure(f"pass '{call.name}' failed on this model: {type(error).__name__}: {error}") from error
         seconds = time.perf_counter() - started
+        if result.changed:  # an unchanged graph keeps its figures; measuring costs a walk
+            self._measured = (count_nodes(graph), initializer_bytes(graph))
+        nodes_after, bytes_after = self._measured
         execution = PassExecution(
             index=len(record.executions) + 1,
             name=call.name,
             changed=result.changed,
             counters=result.counters,
             nodes_before=nodes_before,
-            nodes_after=count_nodes(graph),
+            nodes_after=nodes_after,
             bytes_before=bytes_before,
-            bytes_after=initializer_bytes(graph),
+            bytes_after=bytes_after,
             seconds=seconds,
         )
         record.executions.append(execution)
