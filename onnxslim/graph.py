@@ -8,6 +8,7 @@ passes rewire edges only through the helpers here, so the rules about graph outp
 from __future__ import annotations
 
 import math
+import hashlib
 from collections import Counter
 from collections.abc import Iterator
 
@@ -270,3 +271,150 @@ def fresh_name(graph: gs.Graph, base: str) -> str:
     while f"{base}_{index}" in taken:
         index += 1
     return f"{base}_{index}"
+
+
+def disconnect(node: gs.Node) -> None:
+    """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination."""
+    _disconnect(node)
+
+
+def can_merge(kept: gs.Tensor, duplicate: gs.Tensor, interface: set[int], graph: gs.Graph) -> bool:
+    """Whether `merge_tensors(kept, duplicate, ...)` is possible (see there); changes nothing."""
+    if kept is duplicate or id(duplicate) not in interface:
+        return True
+    upstream = producer(kept)
+    return (
+        upstream is not None
+        and id(kept) not in interface
+        and not node_subgraphs(upstream)
+        and any(candidate is upstream for candidate in graph.nodes)
+    )
+
+
+def merge_tensors(kept: gs.Tensor, duplicate: gs.Tensor, interface: set[int], graph: gs.Graph) -> bool:
+    """Two tensors hold the same value: make every reader of `duplicate` read `kept`.
+
+    An interface tensor keeps its name, so when `duplicate` is one the roles swap: the producer
+    of `kept` (a node of `graph`) writes `duplicate` instead, and the readers of `kept` read
+    `duplicate`. The caller disconnects the producer of `duplicate` first (a tensor has one
+    producer). Returns False (and changes nothing) when `can_merge` says no.
+    """
+    if kept is duplicate:
+        return True
+    if id(duplicate) not in interface:
+        replace_all_uses(duplicate, kept)
+        return True
+    if not can_merge(kept, duplicate, interface, graph) or duplicate.inputs:
+        return False
+    upstream = producer(kept)
+    slot = next(index for index, tensor in enumerate(upstream.outputs) if tensor is kept)
+    upstream.outputs[slot] = duplicate
+    _merge_type(duplicate, kept)
+    replace_all_uses(kept, duplicate)
+    return True
+
+
+def taken_names(graph: gs.Graph) -> set[str]:
+    """Every tensor and node name used in `graph` and its subgraphs (for `unique_name`)."""
+    names: set[str] = set()
+    for subgraph in walk(graph):
+        names.update(tensor.name for tensor in (*subgraph.inputs, *subgraph.outputs))
+        for node in subgraph.nodes:
+            if node.name:
+                names.add(node.name)
+            names.update(tensor.name for tensor in (*node.inputs, *node.outputs) if not is_empty(tensor))
+    return names
+
+
+def unique_name(base: str, taken: set[str]) -> str:
+    """`base`, or `base_1`, `base_2`... whichever `taken` lacks first; the name is added to `taken`.
+
+    Deterministic: the same graph and the same sequence of requests give the same names.
+    """
+    name, index = base, 0
+    while name in taken:
+        index += 1
+        name = f"{base}_{index}"
+    taken.add(name)
+    return name
+
+
+def single_reader(tensor: gs.Tensor, interface: set[int]) -> gs.Node | None:
+    """The node reading `tensor` if exactly one node reads it, once, and it is not part of the interface.
+
+    A fusion that removes `tensor` needs this: any other reader (or a graph output) would still want it.
+    """
+    if id(tensor) in interface or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def known_rank(tensor: gs.Tensor) -> int | None:
+    """The rank of `tensor` if known (constants always; variables once shapes are inferred)."""
+    if isinstance(tensor, gs.Constant):
+        return tensor.values.ndim
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def known_dim(tensor: gs.Tensor, axis: int) -> int | None:
+    """The static size of `tensor` along `axis` (negative counts from the end), or None if unknown."""
+    shape = tensor.shape if tensor.shape is not None else None
+    if shape is None or not -len(shape) <= axis < len(shape):
+        return None
+    dim = shape[axis]
+    return int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else None
+
+
+def insert_before(graph: gs.Graph, anchor: gs.Node, *nodes: gs.Node) -> None:
+    """Put new `nodes` into `graph` just before `anchor`, so nodes stay topologically sorted
+    when the new nodes read only tensors defined before `anchor`."""
+    index = next(index for index, node in enumerate(graph.nodes) if node is anchor)
+    graph.nodes[index:index] = list(nodes)
+
+
+def unique_names(graph: gs.Graph):
+    """A function `name(base)` giving tensor/node names no graph or subgraph of `graph` uses yet.
+
+    Deterministic (base, base_1, base_2...) and unique across scopes: a body may not reuse a name
+    of its enclosing graph. Names it gave out are remembered, so one instance serves a whole pass.
+    """
+    taken: set[str] = set()
+    for subgraph in walk(graph):
+        taken.update(subgraph.tensors().keys())
+        taken.update(node.name for node in subgraph.nodes if node.name)
+
+    def name(base: str) -> str:
+        candidate, index = base, 0
+        while candidate in taken:
+            index += 1
+            candidate = f"{base}_{index}"
+        taken.add(candidate)
+        return candidate
+
+    return name
+
+
+def value_key(tensor: gs.Constant) -> tuple | None:
+    """A hashable key equal for constants with the same dtype, shape and bytes; None for strings.
+
+    The key holds a sha256 digest: callers that must be exact compare `same_value` on a match.
+    The export dtype counts (bfloat16 and float8 values may share a numpy storage type); strings
+    have no key (their numpy bytes are pointers, not contents).
+    """
+    values = np.asarray(tensor.values)
+    if values.dtype == object:
+        return None
+    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
+    return (values.dtype.str, values.shape, digest, str(getattr(tensor, "export_dtype", None)))
+
+
+def same_value(a: gs.Constant, b: gs.Constant) -> bool:
+    """Whether two constants hold the same dtype, shape and bytes (exactly; strings compare by value)."""
+    if str(getattr(a, "export_dtype", None)) != str(getattr(b, "export_dtype", None)):
+        return False
+    left, right = np.asarray(a.values), np.asarray(b.values)
+    if left.dtype != right.dtype or left.shape != right.shape:
+        return False
+    if left.dtype == object:
+        return bool(np.array_equal(left, right))
+    return np.ascontiguousarray(left).tobytes() == np.ascontiguousarray(right).tobytes()

@@ -8,6 +8,7 @@ graph does not model (metadata, doc strings, old-IR input listings) intact.
 from __future__ import annotations
 
 import copy
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -77,7 +78,7 @@ def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
 
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
     try:
-        if model.ByteSize() < PROTOBUF_LIMIT:
+        if fits_protobuf(model):
             onnx.checker.check_model(model)
         elif path is not None:
             onnx.checker.check_model(str(path))
@@ -167,23 +168,40 @@ def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by every tensor in the model (initializers and Constant attributes, subgraphs too)."""
+    """Bytes held by every tensor in the model (initializers and Constant attributes, subgraphs too).
+
+    Computed from dims and dtype: reading `raw_data` would copy every weight into Python.
+    """
     total = 0
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if tensor.HasField("raw_data"):
-            total += len(tensor.raw_data)
-        else:
+        itemsize = _itemsize(tensor.data_type)
+        if itemsize:
+            total += math.prod(tensor.dims) * itemsize
+        else:  # strings and sub-byte types: their serialized size is close enough
             total += tensor.ByteSize()
     return total
 
 
-def model_bytes(model: onnx.ModelProto) -> int:
-    """The size the model has as one .onnx file (an estimate past protobuf's 2 GiB limit)."""
+def _itemsize(data_type: int) -> int:
+    if data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        return 0
     try:
-        size = model.ByteSize()
-    except ValueError:
-        size = None
-    return size if size is not None and size < PROTOBUF_LIMIT else tensor_bytes(model)
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize
+    except (KeyError, TypeError, ValueError):
+        return 0
+
+
+def fits_protobuf(model: onnx.ModelProto) -> bool:
+    """Whether the model can be serialized as one protobuf message (under 2 GiB, with room for the graph)."""
+    return tensor_bytes(model) < EXTERNAL_DATA_THRESHOLD
+
+
+def model_bytes(model: onnx.ModelProto) -> int:
+    """The size the model has as one .onnx file (tensor bytes past protobuf's 2 GiB limit)."""
+    if fits_protobuf(model):
+        # Serializing is several times faster than ByteSize() in protobuf's upb backend.
+        return len(model.SerializeToString())
+    return tensor_bytes(model)
 
 
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
@@ -228,7 +246,7 @@ def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` as a ModelProto that keeps everything of `template` the graph does not hold."""
     model = gs.export_onnx(graph, do_type_check=False)
-    _drop_disconnected_nodes(model.graph)
+    drop_disconnected_nodes(model.graph)
     _share_outer_initializers(model.graph)
     # Only the fields the template sets: an empty string written out still costs bytes.
     for name in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
@@ -244,7 +262,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
+def drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
     """Nodes a pass disconnected (no outputs) wait in the graph for dead-node elimination;
     every ONNX op has an output, so in a file they would be invalid."""
     kept = [node for node in graph.node if any(node.output)]
@@ -254,7 +272,7 @@ def _drop_disconnected_nodes(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         for attribute in node.attribute:
             for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                _drop_disconnected_nodes(body)
+                drop_disconnected_nodes(body)
 
 
 def _share_outer_initializers(graph: onnx.GraphProto) -> None:

@@ -5,54 +5,79 @@ Rendering for the terminal lives in cli.py; this module only computes and serial
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
-import numpy as np
 import onnx
 
 from .graph import op_histogram
 from .manager import PassExecution, RunRecord
-from .model import model_bytes
+from .model import model_bytes, tensor_bytes
 from .verify import VerificationReport
 
 REPORT_VERSION = 1
 
 
-@dataclass
 class ModelSummary:
-    """Size and shape of a model: what the before/after table compares."""
+    """Size and shape of a model: what the before/after table compares.
 
-    nodes: int
-    ops: dict
-    parameters: int
-    tensor_bytes: int
-    file_bytes: int
-    opsets: dict
-    ir_version: int
-    inputs: list
-    outputs: list
+    Figures are computed when first read: an API caller that never looks at the report
+    does not pay for serializing the model to learn its file size.
+    """
+
+    FIELDS = ("nodes", "ops", "parameters", "tensor_bytes", "file_bytes", "opsets", "ir_version", "inputs", "outputs")
+
+    def __init__(self, model: onnx.ModelProto):
+        self._model = model
+
+    @functools.cached_property
+    def ops(self) -> dict:
+        return dict(sorted(op_histogram(self._model).items()))
+
+    @functools.cached_property
+    def nodes(self) -> int:
+        return sum(self.ops.values())
+
+    @functools.cached_property
+    def parameters(self) -> int:
+        return sum(
+            math.prod(tensor.dims) for tensor in _all_tensors(self._model.graph) if tensor.data_type in FLOAT_TYPES
+        )
+
+    @functools.cached_property
+    def tensor_bytes(self) -> int:
+        return tensor_bytes(self._model)
+
+    @functools.cached_property
+    def file_bytes(self) -> int:
+        return model_bytes(self._model)
+
+    @functools.cached_property
+    def opsets(self) -> dict:
+        return {opset.domain or "ai.onnx": opset.version for opset in self._model.opset_import}
+
+    @property
+    def ir_version(self) -> int:
+        return self._model.ir_version
+
+    @functools.cached_property
+    def inputs(self) -> list:
+        return [_describe(value) for value in _real_inputs(self._model)]
+
+    @functools.cached_property
+    def outputs(self) -> list:
+        return [_describe(value) for value in self._model.graph.output]
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return {name: getattr(self, name) for name in self.FIELDS}
 
 
 def summarize(model: onnx.ModelProto) -> ModelSummary:
-    """Count nodes (subgraphs included), op types, parameters and bytes of a ModelProto."""
-    ops = op_histogram(model)
-    parameters, tensor_bytes = _weights(model)
-    return ModelSummary(
-        nodes=sum(ops.values()),
-        ops=dict(sorted(ops.items())),
-        parameters=parameters,
-        tensor_bytes=tensor_bytes,
-        file_bytes=model_bytes(model),
-        opsets={opset.domain or "ai.onnx": opset.version for opset in model.opset_import},
-        ir_version=model.ir_version,
-        inputs=[_describe(value) for value in _real_inputs(model)],
-        outputs=[_describe(value) for value in model.graph.output],
-    )
+    """Nodes (subgraphs included), op types, parameters and bytes of a ModelProto, computed on demand."""
+    return ModelSummary(model)
 
 
 def _real_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -69,31 +94,12 @@ def _describe(value: onnx.ValueInfoProto) -> dict:
     return {"name": value.name, "dtype": dtype, "shape": shape}
 
 
-def _weights(model: onnx.ModelProto) -> tuple[int, int]:
-    """Elements of floating-point tensors (the parameters) and bytes of all tensors, bodies included."""
-    parameters = total_bytes = 0
-    for tensor in _all_tensors(model.graph):
-        elements = int(np.prod(tensor.dims, dtype=np.int64))
-        if tensor.data_type in FLOAT_TYPES:
-            parameters += elements
-        itemsize = _itemsize(tensor.data_type)
-        total_bytes += elements * itemsize if itemsize else tensor.ByteSize()
-    return parameters, total_bytes
-
-
 FLOAT_TYPES = {
     onnx.TensorProto.FLOAT,
     onnx.TensorProto.DOUBLE,
     onnx.TensorProto.FLOAT16,
     onnx.TensorProto.BFLOAT16,
 }
-
-
-def _itemsize(data_type: int) -> int:
-    try:
-        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(data_type)).itemsize if data_type != onnx.TensorProto.STRING else 0
-    except (KeyError, TypeError, ValueError):
-        return 0
 
 
 def _all_tensors(graph: onnx.GraphProto):

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from .errors import InputSpecError
 from .graph import walk
+from .model import drop_disconnected_nodes
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -15,8 +18,9 @@ DATA_PROPAGATION_ELEMENTS = 1024
 
 
 def infer_model(graph: gs.Graph) -> onnx.ModelProto:
-    """The graph as a ModelProto annotated by onnx shape inference (weights replaced by typed inputs)."""
-    skeleton = gs.export_onnx(_skeleton(graph), do_type_check=False)
+    """The graph as a ModelProto annotated by onnx shape inference (weights handed over as typed inputs)."""
+    skeleton = gs.export_onnx(graph, do_type_check=False)
+    _strip(skeleton.graph)
     if skeleton.ir_version < 4:
         skeleton.ir_version = 4  # IR 3 insists initializers are inputs; the skeleton need not be valid IR 3
     try:
@@ -25,24 +29,25 @@ def infer_model(graph: gs.Graph) -> onnx.ModelProto:
         return skeleton  # inference is best effort: nothing is annotated rather than something wrong
 
 
-def _skeleton(graph: gs.Graph) -> gs.Graph:
-    """A shallow stand-in graph whose large constants are typed inputs (top level only)."""
-    skeleton = graph.copy()
-    for body in walk(skeleton):  # disconnected nodes await dead-node elimination; inference rejects them
-        body.nodes = [node for node in body.nodes if node.outputs]
-    large = {}
-    for node in skeleton.nodes:
-        for index, tensor in enumerate(node.inputs):
-            if isinstance(tensor, gs.Constant) and _elements(tensor) > DATA_PROPAGATION_ELEMENTS:
-                if tensor.name not in large:
-                    large[tensor.name] = gs.Variable(tensor.name, dtype=tensor.dtype, shape=list(tensor.shape))
-                node.inputs[index] = large[tensor.name]
-    skeleton.inputs = list(skeleton.inputs) + list(large.values())
-    return skeleton
-
-
-def _elements(tensor: gs.Constant) -> int:
-    return int(np.prod(tensor.shape, dtype=np.int64)) if tensor.shape is not None else 0
+def _strip(graph: onnx.GraphProto) -> None:
+    """Large initializers become typed inputs (only their dims matter), and disconnected nodes go
+    (they await dead-node elimination, and inference rejects a node without outputs). The node
+    order of every graph is kept: the caller pairs inferred bodies with the graph's by position."""
+    small = []
+    for tensor in graph.initializer:
+        if math.prod(tensor.dims) > DATA_PROPAGATION_ELEMENTS:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            small.append(tensor)
+    if len(small) != len(graph.initializer):
+        kept = [onnx.TensorProto.FromString(tensor.SerializeToString()) for tensor in small]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    drop_disconnected_nodes(graph)
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                _strip(body)
 
 
 def set_input_shapes(graph: gs.Graph, shapes: dict[str, list[int]]) -> None:
