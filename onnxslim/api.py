@@ -14,7 +14,7 @@ import onnx
 from .errors import UsageError, VerificationError
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
-from .model import fits_protobuf, load, same_file, save, to_graph, to_model
+from .model import check_structure, load, same_file, save, to_graph, to_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
 from .verify import FidelityBudget, VerificationReport, Verifier, load_inputs
@@ -131,8 +131,7 @@ def optimize(
 def _check_valid(model: onnx.ModelProto) -> None:
     """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says."""
     try:
-        if fits_protobuf(model):
-            onnx.checker.check_model(model)
+        check_structure(model)
     except (onnx.checker.ValidationError, ValueError) as error:
         raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
 

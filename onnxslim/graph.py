@@ -7,8 +7,8 @@ passes rewire edges only through the helpers here, so the rules about graph outp
 
 from __future__ import annotations
 
-import math
 import hashlib
+import math
 from collections import Counter
 from collections.abc import Iterator
 
@@ -312,31 +312,6 @@ def merge_tensors(kept: gs.Tensor, duplicate: gs.Tensor, interface: set[int], gr
     _merge_type(duplicate, kept)
     replace_all_uses(kept, duplicate)
     return True
-
-
-def taken_names(graph: gs.Graph) -> set[str]:
-    """Every tensor and node name used in `graph` and its subgraphs (for `unique_name`)."""
-    names: set[str] = set()
-    for subgraph in walk(graph):
-        names.update(tensor.name for tensor in (*subgraph.inputs, *subgraph.outputs))
-        for node in subgraph.nodes:
-            if node.name:
-                names.add(node.name)
-            names.update(tensor.name for tensor in (*node.inputs, *node.outputs) if not is_empty(tensor))
-    return names
-
-
-def unique_name(base: str, taken: set[str]) -> str:
-    """`base`, or `base_1`, `base_2`... whichever `taken` lacks first; the name is added to `taken`.
-
-    Deterministic: the same graph and the same sequence of requests give the same names.
-    """
-    name, index = base, 0
-    while name in taken:
-        index += 1
-        name = f"{base}_{index}"
-    taken.add(name)
-    return name
 
 
 def single_reader(tensor: gs.Tensor, interface: set[int]) -> gs.Node | None:

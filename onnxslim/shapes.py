@@ -7,10 +7,10 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
 
 from .errors import InputSpecError
 from .graph import walk
-from .model import drop_disconnected_nodes
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -19,35 +19,41 @@ DATA_PROPAGATION_ELEMENTS = 1024
 
 def infer_model(graph: gs.Graph) -> onnx.ModelProto:
     """The graph as a ModelProto annotated by onnx shape inference (weights handed over as typed inputs)."""
-    skeleton = gs.export_onnx(graph, do_type_check=False)
-    _strip(skeleton.graph)
-    if skeleton.ir_version < 4:
-        skeleton.ir_version = 4  # IR 3 insists initializers are inputs; the skeleton need not be valid IR 3
+    skeleton = onnx.helper.make_model(
+        _skeleton(graph), opset_imports=list(graph.import_domains or [onnx.helper.make_opsetid("", graph.opset)])
+    )
+    # IR 3 insists initializers are inputs; the skeleton need not be valid IR 3.
+    skeleton.ir_version = max(graph.ir_version or 4, 4)
     try:
         return onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
         return skeleton  # inference is best effort: nothing is annotated rather than something wrong
 
 
-def _strip(graph: onnx.GraphProto) -> None:
-    """Large initializers become typed inputs (only their dims matter), and disconnected nodes go
-    (they await dead-node elimination, and inference rejects a node without outputs). The node
-    order of every graph is kept: the caller pairs inferred bodies with the graph's by position."""
-    small = []
-    for tensor in graph.initializer:
-        if math.prod(tensor.dims) > DATA_PROPAGATION_ELEMENTS:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            small.append(tensor)
-    if len(small) != len(graph.initializer):
-        kept = [onnx.TensorProto.FromString(tensor.SerializeToString()) for tensor in small]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    drop_disconnected_nodes(graph)
-    for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
-                _strip(body)
+def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
+    """The top-level graph without copying its large weights: they become typed inputs (only
+    their dims matter to inference, and data propagation reads only small, shape-like tensors).
+    Disconnected nodes are left out (inference rejects a node without outputs); node order is
+    kept, since the caller pairs inferred bodies with the graph's by position."""
+    tensors = graph.tensors()
+    interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
+    initializers, weights, value_info = [], [], []
+    for tensor in tensors.values():
+        if isinstance(tensor, gs.Constant):
+            if math.prod(tensor.shape) > DATA_PROPAGATION_ELEMENTS:
+                weights.append(onnx.helper.make_tensor_value_info(tensor.name, dtype_to_onnx(tensor.dtype), tensor.shape))
+            else:
+                initializers.append(OnnxExporter.export_tensor_proto(tensor))
+        elif tensor.name not in interface and (tensor.dtype is not None or tensor.shape is not None):
+            value_info.append(OnnxExporter.export_value_info_proto(tensor, do_type_check=False))
+    return onnx.helper.make_graph(
+        [OnnxExporter.export_node(node) for node in graph.nodes if node.outputs],
+        graph.name or "graph",
+        [OnnxExporter.export_value_info_proto(tensor, do_type_check=False) for tensor in graph.inputs] + weights,
+        [OnnxExporter.export_value_info_proto(tensor, do_type_check=False) for tensor in graph.outputs],
+        initializer=initializers,
+        value_info=value_info,
+    )
 
 
 def set_input_shapes(graph: gs.Graph, shapes: dict[str, list[int]]) -> None:
