@@ -181,8 +181,9 @@ def synthesize_inputs(
             if dtype == np.bool_:
                 feed[value.name] = generator.random(shape) < 0.5
             elif np.issubdtype(dtype, np.integer):
-                # Small values: integer inputs are often indices (token ids, classes).
-                feed[value.name] = generator.integers(0, 4, size=shape).astype(dtype)
+                # 0 and 1 only: integer inputs are often indices into tiny tables (BERT's
+                # token types have 2 rows) or masks; any larger value may be out of range.
+                feed[value.name] = generator.integers(0, 2, size=shape).astype(dtype)
             else:
                 feed[value.name] = generator.standard_normal(shape).astype(dtype)
         feeds.append(feed)

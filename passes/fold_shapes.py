@@ -29,10 +29,11 @@ def rule(*op_types: str):
 def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace Shape/Size results, and Gather/Slice/Concat/Unsqueeze over them, by constants where static dims decide them.
 
-    Dynamic dims are never baked in: an element that depends on one stays computed at run time.
+    Dynamic dims are never baked in: an element that depends on one stays computed at run time,
+    except a Reshape target's single dynamic element, which becomes -1 (Reshape infers it).
     """
     interface = interface_tensors(graph)
-    folded = 0
+    folded = targets = 0
     for body in walk(graph):
         partials: dict[int, Partial] = {}
 
@@ -40,11 +41,16 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if id(tensor) in partials:
                 return partials[id(tensor)]
             value = constant_value(tensor)
-            if value is None or value.dtype.kind not in "iu" or value.ndim > 1:
-                return None
-            return tuple(int(element) for element in value.reshape(-1)), value.ndim == 0
+            if value is not None:
+                if value.dtype.kind not in "iu" or value.ndim > 1:
+                    return None
+                return tuple(int(element) for element in value.reshape(-1)), value.ndim == 0
+            return _unknown_elements(tensor)
 
         for node in list(body.nodes):
+            if node.op == "Reshape" and is_standard(node) and _target_with_one_dynamic_dim(node, partial_of, interface, body):
+                targets += 1
+                continue
             compute = RULES.get(node.op)
             if compute is None or not is_standard(node) or not node.outputs or is_empty(node.outputs[0]):
                 continue
@@ -60,7 +66,18 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 folded += 1
             else:
                 partials[id(output)] = partial
-    return PassResult(folded=folded)
+    return PassResult(folded=folded, reshape_targets=targets)
+
+
+def _unknown_elements(tensor: gs.Tensor) -> Partial | None:
+    """An integer scalar or short vector computed at run time: its length is known, its elements not."""
+    if tensor.dtype is None or np.dtype(tensor.dtype).kind not in "iu" or tensor.shape is None:
+        return None
+    if len(tensor.shape) == 0:
+        return (None,), True
+    if len(tensor.shape) == 1 and isinstance(tensor.shape[0], (int, np.integer)) and 0 <= tensor.shape[0] <= 8:
+        return (None,) * int(tensor.shape[0]), False
+    return None
 
 
 def _static_dims(tensor: gs.Tensor) -> list[int | None] | None:
@@ -178,3 +195,24 @@ def _clamp(index: int, rank: int) -> int:
     if index < 0:
         index += rank
     return min(max(index, 0), rank)
+
+
+def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int], body: gs.Graph) -> bool:
+    """Reshape(x, [d, 12, 197, 64]) with d dynamic -> Reshape(x, [-1, 12, 197, 64]).
+
+    When the reshape is valid, the element count fixes d = size(x) / (12*197*64), which is
+    exactly what -1 makes Reshape compute; the shape arithmetic that computed d becomes dead.
+    Not with allowzero=1 (a literal 0 would then be a real zero dim) or a -1 already present.
+    """
+    if len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant) or node.attrs.get("allowzero", 0) == 1:
+        return False
+    partial = partial_of(node.inputs[1])
+    if partial is None or partial[1]:
+        return False
+    elements = partial[0]
+    if sum(element is None for element in elements) != 1 or -1 in elements:
+        return False
+    target = np.array([-1 if element is None else element for element in elements], dtype=np.int64)
+    # Named after the Reshape's output, unique in the graph (SSA), so no search for a free name.
+    node.inputs[1] = gs.Constant(f"{node.outputs[0].name}__target", target)
+    return True

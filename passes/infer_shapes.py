@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -31,11 +32,14 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
         if tensor.dtype is None and tensor_type.elem_type:
             tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
             annotated += 1
-        if tensor.shape is None and tensor_type.HasField("shape"):
-            tensor.shape = [
+        if tensor_type.HasField("shape"):
+            inferred = [
                 dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
             ]
-            annotated += 1
+            refined = _refine(tensor.shape, inferred)
+            if refined != tensor.shape:
+                tensor.shape = refined
+                annotated += 1
     # The inferred proto leaves out disconnected nodes (see onnxslim.shapes), so skip them here too.
     for node, node_proto in zip([node for node in graph.nodes if node.outputs], proto.node):
         bodies = node_subgraphs(node)
@@ -49,3 +53,19 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
         for body, body_proto in zip(bodies, proto_bodies):
             annotated += _annotate(body, body_proto)
     return annotated
+
+
+def _refine(known: list | None, inferred: list) -> list | None:
+    """`known` with each dynamic dim that inference now finds static filled in.
+
+    Shapes only ever become more static: after folding, inference can resolve dims it could
+    not before (a Reshape target that became a constant), but a dim once known stays.
+    """
+    if known is None:
+        return inferred
+    if len(known) != len(inferred):
+        return known
+    return [
+        new if not isinstance(old, (int, np.integer)) and isinstance(new, int) and new > 0 else old
+        for old, new in zip(known, inferred)
+    ]

@@ -111,3 +111,33 @@ def test_input_shape_rejects_a_conflicting_static_dim():
     model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0])
     with pytest.raises(onnxslim.InputSpecError, match="dim 1 is fixed at 3"):
         onnxslim.optimize(model, input_shapes={"x": [2, 4, 4, 5]})
+
+
+def attention_style_reshape(allowzero=0):
+    """x[n,6,4] -> Reshape(x, Concat([Mul(Shape(x)[0], 2)], [3], [4])): a target with one computed dim."""
+    b = ModelBuilder()
+    x = b.input("x", ["n", 6, 4])
+    batch = b.node("Gather", [b.node("Shape", [x]), b.initializer("zero", np.array(0, np.int64))], axis=0)
+    doubled = b.node("Mul", [batch, b.initializer("two", np.array(2, np.int64))])
+    first = b.node("Unsqueeze", [doubled, b.initializer("axes", np.array([0], np.int64))])
+    target = b.node("Concat", [first, b.initializer("rest", np.array([3, 4], np.int64))], ["target"], axis=0)
+    b.output(b.node("Relu", [b.node("Reshape", [x, target], allowzero=allowzero)], ["y"]))
+    return b.build()
+
+
+def test_reshape_target_with_one_dynamic_element_becomes_minus_one():
+    model = attention_style_reshape()
+    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 6, 4]})
+    assert ops(folded) == {"Reshape": 1, "Relu": 1}  # the shape arithmetic is gone
+    target = [onnx.numpy_helper.to_array(t) for t in folded.graph.initializer][0]
+    assert target.tolist() == [-1, 3, 4]
+    assert folded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "n"  # still dynamic
+    for batch in (1, 5):
+        report = onnxslim.verify(model, folded, verify_shapes={"x": [batch, 6, 4]})
+        assert report.passed, report.message
+
+
+def test_reshape_target_rule_does_not_fire_with_allowzero():
+    model = attention_style_reshape(allowzero=1)
+    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 6, 4]})
+    assert ops(folded)["Shape"] == 1 and ops(folded)["Concat"] == 1

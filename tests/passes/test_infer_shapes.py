@@ -70,15 +70,27 @@ def test_dynamic_dims_keep_their_names():
     assert tensor(graph, "relu").shape == ["batch", 3]
 
 
-def test_existing_annotations_are_kept():
+def test_existing_static_annotations_are_kept():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    relu = b.annotate(b.node("Relu", [x], ["relu"]), np.float32, [2, 3])
+    b.output(b.node("Neg", [relu], ["y"]))
+    graph, result = annotate(b.build())
+
+    assert tensor(graph, "relu").shape == [2, 3]
+    assert result.counters["annotated"] == 0  # `relu` was annotated and `y` is a typed output
+
+
+def test_a_symbolic_dim_is_refined_when_inference_finds_it_static():
+    """After folding, inference can resolve a dim an exporter could only name; a static dim never turns symbolic."""
     b = ModelBuilder()
     x = b.input("x", [2, 3])
     relu = b.annotate(b.node("Relu", [x], ["relu"]), np.float32, ["n", 3])
     b.output(b.node("Neg", [relu], ["y"]))
     graph, result = annotate(b.build())
 
-    assert tensor(graph, "relu").shape == ["n", 3]
-    assert result.counters["annotated"] == 0  # `relu` was annotated and `y` is a typed output
+    assert tensor(graph, "relu").shape == [2, 3]
+    assert result.counters["annotated"] == 1
 
 
 def test_tensors_inside_if_branches_are_annotated():

@@ -113,7 +113,7 @@ def synthesize_inputs(model_session: onnxruntime.InferenceSession, shapes: dict[
         elif dtype is np.bool_:
             feeds[model_input.name] = rng.random(shape) < 0.5
         else:
-            feeds[model_input.name] = rng.integers(0, 10, size=shape).astype(dtype)
+            feeds[model_input.name] = rng.integers(0, 2, size=shape)  # 0/1: indices into tiny tables, masks.astype(dtype)
     return feeds
 
 
