@@ -10,8 +10,10 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-# A partial value: a 0-D or 1-D int64 tensor whose elements are known ints or None (a dynamic dim).
-Partial = tuple[tuple[int | None, ...], bool]  # (elements, is_scalar)
+# A partial value: a 0-D or 1-D integer tensor whose elements are known ints, or else the name of
+# the symbolic dim they equal (str), or None (computed, unknown).
+Element = int | str | None
+Partial = tuple[tuple[Element, ...], bool]  # (elements, is_scalar)
 Rule = Callable[[gs.Node, Callable[[gs.Tensor], "Partial | None"]], "Partial | None"]
 RULES: dict[str, Rule] = {}
 
@@ -59,7 +61,7 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 continue
             output = node.outputs[0]
             elements, scalar = partial
-            if all(element is not None for element in elements) and not isinstance(output, gs.Constant):
+            if all(_known(element) for element in elements) and not isinstance(output, gs.Constant):
                 dtype = np.dtype(output.dtype) if output.dtype is not None else np.dtype(np.int64)
                 value = np.array(elements, dtype=dtype).reshape(() if scalar else (len(elements),))
                 make_constant(output, value, interface, body)
@@ -80,10 +82,18 @@ def _unknown_elements(tensor: gs.Tensor) -> Partial | None:
     return None
 
 
-def _static_dims(tensor: gs.Tensor) -> list[int | None] | None:
+def _known(element: Element) -> bool:
+    return isinstance(element, int)
+
+
+def _static_dims(tensor: gs.Tensor) -> list[Element] | None:
+    """The tensor's dims: ints where static, the symbolic name where it has one, else None."""
     if tensor.shape is None:
         return None
-    return [int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else None for dim in tensor.shape]
+    return [
+        int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else (dim if isinstance(dim, str) and dim else None)
+        for dim in tensor.shape
+    ]
 
 
 @rule("Shape")
@@ -101,7 +111,7 @@ def shape(node: gs.Node, partial_of) -> Partial | None:
 @rule("Size")
 def size(node: gs.Node, partial_of) -> Partial | None:
     dims = _static_dims(node.inputs[0])
-    if dims is None or any(dim is None for dim in dims):
+    if dims is None or not all(_known(dim) for dim in dims):
         return None
     return (int(np.prod(dims, dtype=np.int64)),), True
 
@@ -198,21 +208,28 @@ def _clamp(index: int, rank: int) -> int:
 
 
 def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int], body: gs.Graph) -> bool:
-    """Reshape(x, [d, 12, 197, 64]) with d dynamic -> Reshape(x, [-1, 12, 197, 64]).
+    """Reshape(x, [b, s, 12, 64]) with b, s dynamic -> Reshape(x, [0, 0, 12, 64]) or [-1, 12, 197, 64].
 
-    When the reshape is valid, the element count fixes d = size(x) / (12*197*64), which is
-    exactly what -1 makes Reshape compute; the shape arithmetic that computed d becomes dead.
-    Not with allowzero=1 (a literal 0 would then be a real zero dim) or a -1 already present.
+    An element that is x's own dim at the same axis (the same symbolic name) becomes 0, which
+    Reshape reads as "copy that dim". If then one dynamic element is left, the element count
+    fixes it (size(x) / product of the others), which is exactly what -1 makes Reshape compute.
+    The shape arithmetic that computed them becomes dead. Not with allowzero=1 (0 would be a
+    real zero dim); a dynamic element is left alone when a -1 is already there.
     """
     if len(node.inputs) < 2 or isinstance(node.inputs[1], gs.Constant) or node.attrs.get("allowzero", 0) == 1:
         return False
     partial = partial_of(node.inputs[1])
     if partial is None or partial[1]:
         return False
-    elements = partial[0]
-    if sum(element is None for element in elements) != 1 or -1 in elements:
+    source = _static_dims(node.inputs[0]) or []
+    elements = [
+        0 if isinstance(element, str) and axis < len(source) and source[axis] == element else element
+        for axis, element in enumerate(partial[0])
+    ]
+    unknown = sum(not _known(element) for element in elements)
+    if unknown > 1 or (unknown == 1 and -1 in elements):
         return False
-    target = np.array([-1 if element is None else element for element in elements], dtype=np.int64)
+    target = np.array([element if _known(element) else -1 for element in elements], dtype=np.int64)
     # Named after the Reshape's output, unique in the graph (SSA), so no search for a free name.
     node.inputs[1] = gs.Constant(f"{node.outputs[0].name}__target", target)
     return True

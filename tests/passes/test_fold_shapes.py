@@ -141,3 +141,21 @@ def test_reshape_target_rule_does_not_fire_with_allowzero():
     model = attention_style_reshape(allowzero=1)
     folded = onnxslim.optimize(model, verify_shapes={"x": [2, 6, 4]})
     assert ops(folded)["Shape"] == 1 and ops(folded)["Concat"] == 1
+
+
+def test_reshape_target_elements_equal_to_the_input_dims_become_zero():
+    """BERT's view(batch, -1, heads, dim): the batch element is the input's own dim 0 -> 0 (copy)."""
+    b = ModelBuilder()
+    x = b.input("x", ["batch", "seq", 8])
+    batch = b.node("Gather", [b.node("Shape", [x]), b.initializer("zero", np.array(0, np.int64))], axis=0)
+    first = b.node("Unsqueeze", [batch, b.initializer("axes", np.array([0], np.int64))])
+    rest = b.initializer("rest", np.array([-1, 2, 4], np.int64))
+    target = b.node("Concat", [first, rest], ["target"], axis=0)
+    b.output(b.node("Relu", [b.node("Reshape", [x, target])], ["y"]))
+    model = b.build()
+    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 3, 8]})
+    assert ops(folded) == {"Reshape": 1, "Relu": 1}
+    assert [onnx.numpy_helper.to_array(t) for t in folded.graph.initializer][0].tolist() == [0, -1, 2, 4]
+    for shape in ([1, 5, 8], [3, 2, 8]):
+        report = onnxslim.verify(model, folded, verify_shapes={"x": shape})
+        assert report.passed, report.message
