@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -369,27 +369,91 @@ def unique_names(graph: gs.Graph):
     return name
 
 
-def value_key(tensor: gs.Constant) -> tuple | None:
-    """A hashable key equal for constants with the same dtype, shape and bytes; None for strings.
-
-    The key holds a sha256 digest: callers that must be exact compare `same_value` on a match.
-    The export dtype counts (bfloat16 and float8 values may share a numpy storage type); strings
-    have no key (their numpy bytes are pointers, not contents).
-    """
-    values = np.asarray(tensor.values)
-    if values.dtype == object:
+def constant_type(tensor: gs.Constant) -> tuple[int, tuple[int, ...]] | None:
+    """(ONNX element type, shape) of a constant, read without loading its values; None for strings
+    and for values held in another type than they are exported as."""
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        proto = values.tensor
+        if not isinstance(proto, onnx.TensorProto) or proto.data_type in (0, onnx.TensorProto.STRING):
+            return None
+        return int(proto.data_type), tuple(int(dim) for dim in proto.dims)
+    values = np.asarray(values)
+    exported = getattr(tensor, "_export_dtype", None)
+    if values.dtype == object or (exported is not None and np.dtype(exported) != values.dtype):
         return None
-    digest = hashlib.sha256(np.ascontiguousarray(values).tobytes()).hexdigest()
-    return (values.dtype.str, values.shape, digest, str(getattr(tensor, "export_dtype", None)))
+    try:
+        return int(onnx.helper.np_dtype_to_tensor_dtype(values.dtype)), tuple(values.shape)
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
-def same_value(a: gs.Constant, b: gs.Constant) -> bool:
-    """Whether two constants hold the same dtype, shape and bytes (exactly; strings compare by value)."""
-    if str(getattr(a, "export_dtype", None)) != str(getattr(b, "export_dtype", None)):
-        return False
-    left, right = np.asarray(a.values), np.asarray(b.values)
-    if left.dtype != right.dtype or left.shape != right.shape:
-        return False
-    if left.dtype == object:
-        return bool(np.array_equal(left, right))
-    return np.ascontiguousarray(left).tobytes() == np.ascontiguousarray(right).tobytes()
+def constant_bytes(tensor: gs.Constant) -> bytes:
+    """The little-endian bytes of a constant's values (for `constant_type`d constants), without
+    loading lazily read values into the graph: onnx-graphsurgeon writes those out untouched, and
+    loading a type numpy lacks would change it."""
+    values = tensor._values
+    if isinstance(values, gs.ir.tensor.LazyValues):
+        proto = values.tensor
+        if proto.HasField("raw_data"):
+            return proto.raw_data
+        return np.ascontiguousarray(onnx.numpy_helper.to_array(proto)).tobytes()
+    return np.ascontiguousarray(values).tobytes()
+
+
+def equal_constants(tensors: Iterable[gs.Constant]) -> dict[int, gs.Constant]:
+    """For each constant (by id), the first of `tensors` with the same element type, shape and bytes.
+
+    Cheap before exact: constants are grouped by type and shape (no values read), then by a few
+    sampled bytes; only constants that still collide are hashed, and equal digests are confirmed
+    byte for byte. Strings and constants of unknown type only equal themselves.
+    """
+    by_type: dict[tuple, list[gs.Constant]] = {}
+    result: dict[int, gs.Constant] = {}
+    for tensor in tensors:
+        signature = constant_type(tensor)
+        if signature is None:
+            result[id(tensor)] = tensor
+        else:
+            by_type.setdefault(signature, []).append(tensor)
+    for group in by_type.values():
+        for same_sample in _split(group, _sample):
+            for same_digest in _split(same_sample, lambda tensor: hashlib.sha256(constant_bytes(tensor)).digest()):
+                kept: list[gs.Constant] = []
+                for tensor in same_digest:
+                    equal = next((other for other in kept if constant_bytes(other) == constant_bytes(tensor)), None)
+                    if equal is None:
+                        kept.append(tensor)
+                    result[id(tensor)] = tensor if equal is None else equal
+    return result
+
+
+def _split(group: list, key) -> list[list]:
+    """`group` split by `key` (first-seen order kept); a one-member group is not keyed at all."""
+    if len(group) == 1:
+        return [group]
+    parts: dict = {}
+    for item in group:
+        parts.setdefault(key(item), []).append(item)
+    return list(parts.values())
+
+
+def _sample(tensor: gs.Constant) -> bytes:
+    data = constant_bytes(tensor)
+    middle = len(data) // 2
+    return data[:16] + data[middle : middle + 16] + data[-16:]
+
+
+# Names exporters write for "some unknown size": two dims carrying one are not the same size.
+PLACEHOLDER_SYMBOLS = frozenset({"none", "null", "unk", "unknown", "dynamic", "dim", "n/a"})
+
+
+def trusted_symbol(dim) -> str | None:
+    """A dim's symbolic name if two dims that carry it are the same size.
+
+    ONNX reads one dim_param name as one size (onnx shape inference propagates its own `unk__N`
+    symbols only through ops that keep the dim); names like "?" or "-1" are placeholders.
+    """
+    if not isinstance(dim, str) or not dim.replace(".", "_").isidentifier():
+        return None
+    return None if dim.lower() in PLACEHOLDER_SYMBOLS else dim

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, walk
+from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 # A partial value: a 0-D or 1-D integer tensor whose elements are known ints, or else the name of
@@ -90,10 +90,7 @@ def _static_dims(tensor: gs.Tensor) -> list[Element] | None:
     """The tensor's dims: ints where static, the symbolic name where it has one, else None."""
     if tensor.shape is None:
         return None
-    return [
-        int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else (dim if isinstance(dim, str) and dim else None)
-        for dim in tensor.shape
-    ]
+    return [int(dim) if isinstance(dim, (int, np.integer)) and dim >= 0 else trusted_symbol(dim) for dim in tensor.shape]
 
 
 @rule("Shape")
@@ -210,9 +207,10 @@ def _clamp(index: int, rank: int) -> int:
 def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int], body: gs.Graph) -> bool:
     """Reshape(x, [b, s, 12, 64]) with b, s dynamic -> Reshape(x, [0, 0, 12, 64]) or [-1, 12, 197, 64].
 
-    An element that is x's own dim at the same axis (the same symbolic name) becomes 0, which
-    Reshape reads as "copy that dim". If then one dynamic element is left, the element count
-    fixes it (size(x) / product of the others), which is exactly what -1 makes Reshape compute.
+    An element that is x's own dim at the same axis (the same symbolic name, not a placeholder
+    like "?") becomes 0, which Reshape reads as "copy that dim". If then one dynamic element is
+    left and all others are known positive sizes, the element count fixes it (size(x) / their
+    product), which is exactly what -1 makes Reshape compute.
     The shape arithmetic that computed them becomes dead. Not with allowzero=1 (0 would be a
     real zero dim); a dynamic element is left alone when a -1 is already there.
     """
@@ -226,8 +224,12 @@ def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int],
         0 if isinstance(element, str) and axis < len(source) and source[axis] == element else element
         for axis, element in enumerate(partial[0])
     ]
-    unknown = sum(not _known(element) for element in elements)
-    if unknown > 1 or (unknown == 1 and -1 in elements):
+    unknown = [element for element in elements if not _known(element)]
+    if len(unknown) > 1:
+        return False
+    # A new -1 needs every other entry known and positive: beside a 0 (copy) or a -1, an empty
+    # input leaves it undetermined and runtimes reject what the original model ran.
+    if unknown and not all(_known(element) and element > 0 for element in elements if element is not unknown[0]):
         return False
     target = np.array([element if _known(element) else -1 for element in elements], dtype=np.int64)
     # Named after the Reshape's output, unique in the graph (SSA), so no search for a free name.

@@ -161,3 +161,35 @@ def test_reshape_target_elements_equal_to_the_input_dims_become_zero():
     for shape in ([1, 5, 8], [3, 2, 8]):
         report = onnxslim.verify(model, folded, verify_shapes={"x": shape})
         assert report.passed, report.message
+
+
+def test_no_new_minus_one_beside_a_copied_dim():
+    """[Shape(b)[0], Shape(a)[1], 2] must not become [0, -1, 2]: with an empty batch the
+    original runs, while -1 beside a 0-size product is undetermined and runtimes reject it."""
+    b = ModelBuilder()
+    a = b.input("a", ["N", "T"])
+    data = b.input("b", ["N", "S"])
+    zero, one, two = (b.initializer(name, np.array([value], np.int64)) for name, value in (("i0", 0), ("i1", 1), ("i2", 2)))
+    batch = b.node("Slice", [b.node("Shape", [data]), zero, one])
+    tokens = b.node("Slice", [b.node("Shape", [a]), one, two])
+    target = b.node("Concat", [batch, tokens, b.initializer("last", np.array([2], np.int64))], axis=0)
+    b.output(b.node("Reshape", [data, target], ["y"]))
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["reshape_targets"] == 0
+    assert_equivalent(model, optimized, {"a": np.zeros([0, 3], np.float32), "b": np.zeros([0, 6], np.float32)})
+
+
+def test_placeholder_dim_names_are_not_equal_sizes():
+    """Exporters write "?" for any unknown dim; two "?" dims are not the same size."""
+    b = ModelBuilder()
+    a = b.input("a", ["?", "?", 4])
+    data = b.input("b", ["?", "?", 8])
+    zero, two = b.initializer("i0", np.array([0], np.int64)), b.initializer("i2", np.array([2], np.int64))
+    pieces = b.node("Slice", [b.node("Shape", [a]), zero, two])
+    target = b.node("Concat", [pieces, b.initializer("split", np.array([2, 4], np.int64))], axis=0)
+    b.output(b.node("Reshape", [data, target], ["y"]))
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["reshape_targets"] == 0
+    assert_equivalent(model, optimized, {"a": np.ones([3, 5, 4], np.float32), "b": np.ones([5, 3, 8], np.float32)})

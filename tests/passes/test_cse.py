@@ -1,0 +1,277 @@
+"""eliminate-common-subexpressions: nodes computing the same value are merged, and the cases where they must not be."""
+
+import numpy as np
+from onnx import TensorProto, helper
+from builder import ModelBuilder, assert_equivalent, branches, ops, output_names, random, run_pass, run_passes, top_ops
+
+
+def cse(model):
+    return run_pass(model, "eliminate-common-subexpressions")
+
+
+def cse_and_clean(model):
+    """The pass leaves the merged duplicates to dead-node elimination, as the pipeline does."""
+    merged, result = cse(model)
+    return run_passes(merged, "eliminate-dead-nodes"), result
+
+
+def two_readers(first_op, second_op, first_inputs, second_inputs, *, first_attrs=None, second_attrs=None, **options):
+    """x -> Relu -> (first_op, second_op) -> Add -> y: two candidate nodes whose results meet."""
+    b = ModelBuilder(**options)
+    x = b.input("x", [2, 3])
+    relu = b.node("Relu", [x], ["relu"])
+    names = {"relu": relu, "x": x}
+    first = b.node(first_op, [names.get(name, name) for name in first_inputs], ["first"], **(first_attrs or {}))
+    second = b.node(second_op, [names.get(name, name) for name in second_inputs], ["second"], **(second_attrs or {}))
+    b.output(b.node("Add", [first, second], ["y"]))
+    return b
+
+
+def assert_merged(model, op, count=1):
+    optimized, result = cse_and_clean(model)
+    assert result.changed and result.counters["merged"] == count
+    assert ops(optimized)[op] == ops(model)[op] - count
+    assert output_names(optimized) == output_names(model)
+    assert_equivalent(model, optimized)
+    return optimized
+
+
+def assert_not_merged(model, feeds=None):
+    optimized, result = cse_and_clean(model)
+    assert not result.changed and result.counters["merged"] == 0
+    assert ops(optimized) == ops(model)
+    if feeds is not False:
+        assert_equivalent(model, optimized, feeds)
+
+
+# ----------------------------------------------------------------------------- merging
+
+
+def test_two_identical_nodes_become_one():
+    model = two_readers("Sigmoid", "Sigmoid", ["relu"], ["relu"]).build()
+
+    optimized = assert_merged(model, "Sigmoid")
+
+    add = next(node for node in optimized.graph.node if node.op_type == "Add")
+    assert list(add.input) == ["first", "first"]  # the reader of the duplicate reads the first
+
+
+def test_a_duplicated_chain_goes_in_one_run():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    left = b.node("Neg", [b.node("Exp", [x])])
+    right = b.node("Neg", [b.node("Exp", [x])])
+    b.output(b.node("Add", [left, right], ["y"]))
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 2 and top_ops(optimized.graph) == ["Exp", "Neg", "Add"]
+    assert_equivalent(model, optimized)
+
+
+def test_equal_attributes_merge():
+    model = two_readers(
+        "Transpose", "Transpose", ["relu"], ["relu"], first_attrs={"perm": [1, 0]}, second_attrs={"perm": [1, 0]}
+    ).build()
+    assert_merged(model, "Transpose")
+
+
+def test_equal_constants_count_as_the_same_input():
+    """Two initializers with the same dtype, shape and bytes: exporters write many such small constants."""
+    b = two_readers("Mul", "Mul", ["relu", "two_a"], ["relu", "two_b"])
+    b.initializer("two_a", np.array(2, np.float32))
+    b.initializer("two_b", np.array(2, np.float32))
+    assert_merged(b.build(), "Mul")
+
+
+def test_nodes_with_several_outputs_merge_output_by_output():
+    b = ModelBuilder()
+    x = b.input("x", [4, 3])
+    first = b.node("Split", [x], 2, axis=0)
+    second = b.node("Split", [x], 2, axis=0)
+    b.output(b.node("Sub", [first[0], second[1]], ["y"]))
+    b.output(b.node("Sub", [second[0], first[1]], ["z"]))
+    model = b.build()
+
+    optimized = assert_merged(model, "Split")
+
+    split = next(node for node in optimized.graph.node if node.op_type == "Split")
+    subs = [list(node.input) for node in optimized.graph.node if node.op_type == "Sub"]
+    assert subs == [list(split.output), list(split.output)]
+
+
+def test_duplicate_writing_a_graph_output_hands_its_name_to_the_kept_node():
+    """The model output `y` keeps its name: the first Relu writes it, and the Neg reads it."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    first = b.node("Relu", [x], ["first"])
+    b.output(b.node("Neg", [first], ["z"]))
+    b.output(b.node("Relu", [x], ["y"]))
+    model = b.build()
+
+    optimized = assert_merged(model, "Relu")
+
+    relu, neg = optimized.graph.node
+    assert list(relu.output) == ["y"] and list(neg.input) == ["y"]
+    assert output_names(optimized) == ["z", "y"]
+
+
+def test_duplicates_in_a_branch_merge_and_body_readers_of_outer_duplicates_are_rewired():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    condition = b.input("c", [], np.bool_)
+    outer_first = b.node("Exp", [x], ["outer_first"])
+    outer_second = b.node("Exp", [x], ["outer_second"])
+    then = b.branch()
+    then.output(then.node("Add", [then.node("Abs", [outer_second]), then.node("Abs", [outer_second])]))
+    other = b.branch()
+    other.output(other.node("Neg", [outer_first]))
+    b.output(b.if_node(condition, then, other))
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 2 and ops(optimized)["Exp"] == 1 and ops(optimized)["Abs"] == 1
+    then_body, _ = branches(optimized)
+    assert list(then_body.node[0].input) == ["outer_first"]
+    feeds = [{"x": random([2, 3], seed), "c": np.array(flag)} for seed, flag in ((0, True), (1, False))]
+    assert_equivalent(model, optimized, feeds)
+
+
+def test_duplicates_in_a_loop_body_merge_and_a_body_output_keeps_its_name():
+    """The second Mul writes the body output `next`: the kept Mul takes that name."""
+    b = ModelBuilder()
+    x = b.input("x", [3])
+    weight = b.initializer("w", random([3], seed=7))
+    body = b.branch()
+    body.inputs = [
+        helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+        helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("accumulated", TensorProto.FLOAT, [3]),
+    ]
+    scaled = body.node("Mul", ["accumulated", weight], ["scaled"])
+    body.output(body.node("Identity", ["condition_in"]), np.bool_, [])
+    body.output(body.node("Mul", ["accumulated", weight], ["next"]), np.float32, [3])
+    body.output(body.node("Add", [scaled, "next"]), np.float32, [3])
+    trips, keep_going = b.initializer("trips", np.array(3, np.int64)), b.initializer("keep_going", np.array(True))
+    y, sums = b.node("Loop", [trips, keep_going, x], ["y", "sums"], body=body.graph())
+    b.output(y, np.float32, [3])
+    b.output(sums, np.float32, [3, 3])
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 1
+    loop = next(node for node in optimized.graph.node if node.op_type == "Loop")
+    (optimized_body,) = [attribute.g for attribute in loop.attribute]
+    assert top_ops(optimized_body) == ["Mul", "Identity", "Add"]
+    assert list(optimized_body.node[0].output) == ["next"] and list(optimized_body.node[2].input) == ["next", "next"]
+    assert_equivalent(model, optimized)
+
+
+def test_a_second_run_changes_nothing():
+    model = two_readers("Sigmoid", "Sigmoid", ["relu"], ["relu"]).build()
+    once, _ = cse_and_clean(model)
+    _, result = cse(once)
+    assert not result.changed
+
+
+def test_readers_met_before_a_name_handover_still_merge_in_the_same_run():
+    """Once the kept Relu writes `y`, the Neg that read its old output and the Neg of `y` are duplicates."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    first_neg = b.node("Neg", [b.node("Relu", [x], ["first"])])
+    y = b.output(b.node("Relu", [x], ["y"]))
+    b.output(b.node("Add", [first_neg, b.node("Neg", [y])], ["z"]))
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 2 and top_ops(optimized.graph) == ["Relu", "Neg", "Add"]
+    assert output_names(optimized) == ["y", "z"]
+    assert_equivalent(model, optimized)
+    _, again = cse(optimized)
+    assert not again.changed
+
+
+# ----------------------------------------------------------------------------- must not merge
+
+
+def test_different_attributes_do_not_merge():
+    b = ModelBuilder()
+    x = b.input("x", [3, 3])
+    first = b.node("Transpose", [x], ["first"], perm=[1, 0])
+    second = b.node("Transpose", [x], ["second"], perm=[0, 1])
+    b.output(b.node("Add", [first, second], ["y"]))
+    assert_not_merged(b.build())
+
+
+def test_zero_and_negative_zero_attributes_do_not_merge():
+    """0.0 == -0.0 in Python, but they are different floats: attributes compare by bits."""
+    model = two_readers(
+        "LeakyRelu", "LeakyRelu", ["relu"], ["relu"], first_attrs={"alpha": 0.0}, second_attrs={"alpha": -0.0}
+    ).build()
+    assert_not_merged(model)
+
+
+def test_zero_and_negative_zero_constants_do_not_merge():
+    b = two_readers("Max", "Max", ["relu", "low_a"], ["relu", "low_b"])
+    b.initializer("low_a", np.array(0.0, np.float32))
+    b.initializer("low_b", np.array(-0.0, np.float32))
+    assert_not_merged(b.build())
+
+
+def test_swapped_inputs_do_not_merge():
+    assert_not_merged(two_readers("Sub", "Sub", ["relu", "x"], ["x", "relu"]).build())
+
+
+def test_constants_of_other_values_or_types_do_not_merge():
+    b = two_readers("Mul", "Mul", ["relu", "a"], ["relu", "b"])
+    b.initializer("a", np.array(2, np.float32))
+    b.initializer("b", np.array([2], np.float32))  # same bytes, another shape
+    assert_not_merged(b.build())
+
+
+def test_nondeterministic_nodes_do_not_merge():
+    model = two_readers("RandomUniformLike", "RandomUniformLike", ["relu"], ["relu"]).build()
+    assert_not_merged(model, feeds=False)  # random outputs: structure only
+
+
+def test_custom_domain_nodes_do_not_merge():
+    b = ModelBuilder()
+    b.use_domain("com.example")
+    x = b.input("x", [2])
+    first = b.node("Sample", [x], ["first"], domain="com.example")
+    second = b.node("Sample", [x], ["second"], domain="com.example")
+    b.output(b.node("Add", [first, second], ["y"]), np.float32, [2])
+    model = b.build(check=False)
+
+    optimized, result = run_pass(model, "eliminate-common-subexpressions")
+
+    assert not result.changed and ops(optimized)["com.example::Sample"] == 2
+
+
+def test_nodes_owning_subgraphs_do_not_merge():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    condition = b.input("c", [], np.bool_)
+    ifs = []
+    for _ in range(2):
+        then, other = b.branch(), b.branch()
+        then.output(then.node("Relu", [x]))
+        other.output(other.node("Neg", [x]))
+        ifs.append(b.if_node(condition, then, other))
+    b.output(b.node("Add", ifs, ["y"]))
+    model = b.build()
+    feeds = [{"x": random([2, 3], seed), "c": np.array(flag)} for seed, flag in ((0, True), (1, False))]
+    assert_not_merged(model, feeds)
+
+
+def test_two_duplicates_that_are_both_graph_outputs_stay():
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    b.output(b.node("Relu", [x], ["y"]))
+    b.output(b.node("Relu", [x], ["z"]))
+    assert_not_merged(b.build())
+
