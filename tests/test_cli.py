@@ -313,17 +313,17 @@ def test_optimize_writes_output_and_json_report(workdir):
 
     optimized = onnx.load(workdir / "out.onnx")
     onnx.checker.check_model(optimized)
-    assert [node.op_type for node in optimized.graph.node] == ["MatMul", "Add"]
+    assert [node.op_type for node in optimized.graph.node] == ["Gemm"]  # MatMul + bias Add fused
 
     report = json.loads((workdir / "report.json").read_text())
     assert report["verdict"] == "verified"
     assert report["before"]["nodes"] == 5
-    assert report["after"]["nodes"] == 2
+    assert report["after"]["nodes"] == 1
     assert report["output"] == "out.onnx"
     assert report["pipeline"] == str(onnxslim.resolve_pipeline())
     assert onnxslim.Pipeline.parse(report["pipeline"]) == onnxslim.resolve_pipeline()
     assert report["verification"]["passed"] is True
-    assert "verified: 5 -> 2 nodes" in result.stdout
+    assert "verified: 5 -> 1 nodes" in result.stdout
 
 
 def test_optimize_with_passes_reports_that_pipeline(workdir):

@@ -1,8 +1,9 @@
 """What tools/bench_peers.py measures about a model file, always in our own environment.
 
 The same code measures the original and every tool's result, so the numbers are comparable:
-node count (If/Loop/Scan bodies included), file size, onnx.checker validity, equivalence with the
-original under onnxruntime, and onnxruntime latency.
+node count (If/Loop/Scan bodies included), file size, onnx.checker validity, which input dims are
+dynamic, equivalence with the original under onnxruntime at every verification shape, and
+onnxruntime latency at the first one.
 """
 
 from __future__ import annotations
@@ -17,8 +18,11 @@ import onnx
 import onnxruntime
 
 SEED = 0
-WARMUP_RUNS = 3
-TIMED_RUNS = 20
+# The median of TIMED_RUNS after WARMUP_RUNS (the first runs allocate and fill caches). Ten keeps
+# a whole bench with the torch exports (ViT-B/16 and BERT run for ~0.5 s each on one thread, at
+# two optimization levels, for seven results) near a quarter of an hour on two cores.
+WARMUP_RUNS = 2
+TIMED_RUNS = 10
 
 # (atol, rtol) per output dtype: |actual − reference| ≤ atol + rtol·|reference|, NaN equal to NaN.
 # Other dtypes (integers, bool, strings) must match exactly.
@@ -52,8 +56,10 @@ class MeasureError(Exception):
 
 @dataclass
 class Reference:
-    """The original model's run: the inputs every result is fed and the outputs it must reproduce."""
+    """The original model's run at one verification shape: the inputs every result is fed and the
+    outputs it must reproduce."""
 
+    shapes: dict[str, list[int]]
     feeds: dict[str, np.ndarray]
     outputs: dict[str, np.ndarray]
 
@@ -69,6 +75,30 @@ def count_nodes(graph: onnx.GraphProto) -> int:
             elif attribute.type == onnx.AttributeProto.GRAPHS:
                 total += sum(count_nodes(body) for body in attribute.graphs)
     return total
+
+
+def input_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
+    """The declared dims of every graph input that is not an initializer: an int where the dim is
+    fixed, its name (or "?" when it has none) where it is dynamic. Paddle's exporter writes a
+    dynamic dim as the value -1, which onnxruntime also takes for "any size"."""
+    initializers = {initializer.name for initializer in model.graph.initializer}
+    dims = {}
+    for graph_input in model.graph.input:
+        if graph_input.name in initializers or not graph_input.type.tensor_type.HasField("shape"):
+            continue
+        dims[graph_input.name] = [dim.dim_value if dim.HasField("dim_value") and dim.dim_value >= 0
+                                  else (dim.dim_param or "?") for dim in graph_input.type.tensor_type.shape.dim]
+    return dims
+
+
+def fixed_dims(original: dict[str, list[int | str]], result: dict[str, list[int | str]]) -> list[str]:
+    """The inputs' dims that are dynamic in `original` and fixed in `result`, as "input[axis]=value"."""
+    fixed = []
+    for name, dims in original.items():
+        for axis, (before, after) in enumerate(zip(dims, result.get(name, []))):
+            if isinstance(before, str) and isinstance(after, int):
+                fixed.append(f"{name}[{axis}]={after}")
+    return fixed
 
 
 def file_bytes(path: Path) -> int:
@@ -98,7 +128,10 @@ def session(path: Path, level: str) -> onnxruntime.InferenceSession:
 
 
 def synthesize_inputs(model_session: onnxruntime.InferenceSession, shapes: dict[str, list[int]]) -> dict:
-    """Seeded inputs for every input the session needs; `shapes` fixes the dynamic dims."""
+    """Seeded inputs for every input the session needs; `shapes` fixes the dynamic dims.
+
+    The seed is the same at every shape, so a shape's inputs do not depend on the shapes before it.
+    """
     rng = np.random.default_rng(SEED)
     feeds = {}
     for model_input in model_session.get_inputs():
@@ -113,7 +146,8 @@ def synthesize_inputs(model_session: onnxruntime.InferenceSession, shapes: dict[
         elif dtype is np.bool_:
             feeds[model_input.name] = rng.random(shape) < 0.5
         else:
-            feeds[model_input.name] = rng.integers(0, 2, size=shape)  # 0/1: indices into tiny tables, masks.astype(dtype)
+            # 0/1: valid indices into any table (token types have two rows), and valid masks.
+            feeds[model_input.name] = rng.integers(0, 2, size=shape).astype(dtype)
     return feeds
 
 
@@ -122,15 +156,20 @@ def run(model_session: onnxruntime.InferenceSession, feeds: dict) -> dict[str, n
     return dict(zip(names, (np.asarray(value) for value in model_session.run(names, feeds))))
 
 
-def reference_run(path: Path, shapes: dict[str, list[int]]) -> tuple[Reference, onnxruntime.InferenceSession]:
-    """Run the original with graph optimizations disabled; also return that session for timing."""
+def reference_runs(path: Path, verify_shapes: list[dict[str, list[int]]]
+                   ) -> tuple[list[Reference], onnxruntime.InferenceSession]:
+    """Run the original with graph optimizations disabled at every verification shape; also return
+    that session, for timing."""
     original = session(path, "disabled")
-    feeds = synthesize_inputs(original, shapes)
-    return Reference(feeds, run(original, feeds)), original
+    references = []
+    for shapes in verify_shapes:
+        feeds = synthesize_inputs(original, shapes)
+        references.append(Reference(shapes, feeds, run(original, feeds)))
+    return references, original
 
 
 def compare(reference: Reference, model_session: onnxruntime.InferenceSession) -> dict:
-    """Verdict of a result against the reference: {"verdict", "detail", "max_abs_diff"}."""
+    """Verdict of a result against the reference at its shape: {"verdict", "detail", "max_abs_diff"}."""
     needed = {model_input.name for model_input in model_session.get_inputs()}
     if needed != set(reference.feeds):
         return _verdict("mismatch", "inputs changed: " + _difference(needed, set(reference.feeds)))
@@ -169,35 +208,63 @@ def latency_ms(model_session: onnxruntime.InferenceSession, feeds: dict) -> floa
     return statistics.median(times) * 1000
 
 
-def measure(path: Path, reference: Reference, with_latency: bool,
+def measure(path: Path, references: list[Reference], with_latency: bool,
             disabled_session: onnxruntime.InferenceSession | None = None) -> dict:
     """Everything the bench reports about one model file.
 
-    The original is measured like any result (its verdict then says that it reproduces itself);
-    `disabled_session` lets the caller reuse the session the reference was computed with.
+    The verdict is "ok" only if the result reproduces the original at every verification shape;
+    "verdicts" holds one per shape, so a dim baked into a constant shows as a failure at the
+    second shape. Latency is taken at the first shape, only for a result that verifies. The
+    original is measured like any result (its verdict then says that it reproduces itself);
+    `disabled_session` lets the caller reuse the session the references were computed with.
     """
     model = onnx.load(str(path), load_external_data=False)  # nodes only: the weights are not needed
-    invalid = check_validity(path)
     measured = {
         "nodes": count_nodes(model.graph),
         "bytes": file_bytes(path),
-        "valid": invalid is None,
-        "validity_message": invalid,
+        "input_dims": input_dims(model),
         "latency_ms": {},
     }
+    del model
+    invalid = check_validity(path)
+    measured.update(valid=invalid is None, validity_message=invalid)
     try:
         disabled_session = disabled_session or session(path, "disabled")
     except Exception as error:  # noqa: BLE001 — onnxruntime raises its own unrelated exception types
-        measured.update(_verdict("error", f"onnxruntime cannot load it: {_first_line(error)}"))
+        failure = _verdict("error", f"onnxruntime cannot load it: {_first_line(error)}")
+        measured["verdicts"] = [{"shapes": reference.shapes, **failure} for reference in references]
+        measured.update(failure)
         return measured
-    try:
-        measured.update(compare(reference, disabled_session))
-        if with_latency and measured["verdict"] == "ok":
-            measured["latency_ms"]["disabled"] = latency_ms(disabled_session, reference.feeds)
-            measured["latency_ms"]["all"] = latency_ms(session(path, "all"), reference.feeds)
-    except Exception as error:  # noqa: BLE001 — as above: a failed run is a result to report
-        measured.update(_verdict("error", f"onnxruntime run failed: {_first_line(error)}"))
+    verdicts = []
+    for reference in references:
+        try:
+            verdict = compare(reference, disabled_session)
+        except Exception as error:  # noqa: BLE001 — as above: a failed run is a result to report
+            verdict = _verdict("error", f"onnxruntime run failed: {_first_line(error)}")
+        verdicts.append({"shapes": reference.shapes, **verdict})
+    measured["verdicts"] = verdicts
+    measured.update(_overall(verdicts))
+    if with_latency and measured["verdict"] == "ok":
+        feeds = references[0].feeds
+        measured["latency_ms"]["disabled"] = latency_ms(disabled_session, feeds)
+        del disabled_session  # a large model's weights: one session at a time
+        try:
+            measured["latency_ms"]["all"] = latency_ms(session(path, "all"), feeds)
+        except Exception as error:  # noqa: BLE001 — onnxruntime's own optimizer failing on it is a finding
+            measured["latency_error"] = f"with ORT_ENABLE_ALL: {_first_line(error)}"
     return measured
+
+
+def _overall(verdicts: list[dict]) -> dict:
+    """One verdict for all shapes: the first failure (its shape named), else ok with the largest
+    difference seen."""
+    for verdict in verdicts:
+        if verdict["verdict"] != "ok":
+            shape = ", ".join(f"{name}={dims}" for name, dims in verdict["shapes"].items())
+            return _verdict(verdict["verdict"], f"at {shape or 'its static shape'}: {verdict['detail']}",
+                            verdict["max_abs_diff"])
+    differences = [verdict["max_abs_diff"] for verdict in verdicts if verdict["max_abs_diff"] is not None]
+    return _verdict("ok", "", max(differences, default=None))
 
 
 def _verdict(verdict: str, detail: str, max_abs_diff: float | None = None) -> dict:
