@@ -22,6 +22,8 @@ from .manager import PassContext, PassResult, Pipeline, get_pass, register_pass,
 from .model import load, save
 from .verify import FidelityBudget, VerificationReport
 
+from . import passes as _builtin_passes  # registers onnxslim's own passes at import, like any library's setup
+
 __version__ = "0.1.0"
 
 __all__ = [

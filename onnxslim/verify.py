@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from .errors import InputSpecError, VerificationUnavailable
 from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
@@ -221,8 +222,6 @@ class Runner:
     """An onnxruntime CPU session with graph optimizations disabled."""
 
     def __init__(self, model: onnx.ModelProto, *, label: str = "model", threads: int = 0):
-        import onnxruntime as ort
-
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3

@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.graph import interface_tensors, is_empty, is_standard, make_constant, node_subgraphs, tensor_nbytes, walk
@@ -115,8 +116,6 @@ def _evaluate(nodes: list[gs.Node], opset: int, root: gs.Graph) -> dict[int, np.
 
 def _run(nodes: list[gs.Node], opset: int, root: gs.Graph, known: dict[int, np.ndarray] | None = None) -> dict[int, np.ndarray]:
     """Run `nodes` as one onnxruntime session whose initializers are the constants they read."""
-    import onnxruntime as ort
-
     known = known or {}
     produced = {id(tensor) for node in nodes for tensor in node.outputs}
     initializers: dict[str, onnx.TensorProto] = {}

@@ -10,6 +10,7 @@ from onnxslim.graph import (
     constant_value,
     find,
     interface_tensors,
+    is_constant,
     is_standard,
     known_rank,
     only_producer,
@@ -123,7 +124,7 @@ def _in_shape(vector: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 def _merge_operand_scales(matmul: gs.Node, graph: gs.Graph, interface: set[int], names) -> bool:
     """MatMul(A·a, B·b) = MatMul(A, B)·(a·b) for scalars a, b: two Mul/Div nodes become one Mul."""
-    if not is_standard(matmul) or len(matmul.inputs) != 2 or any(constant_value(tensor) is not None for tensor in matmul.inputs):
+    if not is_standard(matmul) or len(matmul.inputs) != 2 or any(is_constant(tensor) for tensor in matmul.inputs):
         return False
     factors = [_scalar_factor(operand, matmul, interface) for operand in matmul.inputs]
     if any(factor is None for factor in factors) or factors[0][2] != factors[1][2]:
