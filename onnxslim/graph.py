@@ -452,8 +452,9 @@ def trusted_symbol(dim) -> str | None:
     """A dim's symbolic name if two dims that carry it are the same size.
 
     ONNX reads one dim_param name as one size (onnx shape inference propagates its own `unk__N`
-    symbols only through ops that keep the dim); names like "?" or "-1" are placeholders.
+    symbols only through ops that keep the dim); names like "?", "unk" or "-1" are placeholders.
     """
-    if not isinstance(dim, str) or not dim.replace(".", "_").isidentifier():
+    # Names and expressions (torch writes dims like "2*height + 1") count; "?" or "-1" do not.
+    if not isinstance(dim, str) or not any(character.isalpha() for character in dim):
         return None
-    return None if dim.lower() in PLACEHOLDER_SYMBOLS else dim
+    return None if dim.strip().lower() in PLACEHOLDER_SYMBOLS else dim
