@@ -17,6 +17,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 ONNX_DOMAINS = ("", "ai.onnx")
+STANDARD_DOMAINS = frozenset({None, *ONNX_DOMAINS})
 
 
 # The standard ops that own bodies; nodes of other domains are checked attribute by attribute.
@@ -27,7 +28,8 @@ def walk(graph: gs.Graph) -> Iterator[gs.Graph]:
     """Yield `graph` and every If/Loop/Scan body inside it, outer graphs first."""
     yield graph
     for node in graph.nodes:
-        if node.op in BODY_OPS or not is_standard(node):
+        # Inlined is_standard(): walk runs in every pass, over every node.
+        if node.op in BODY_OPS or node.domain not in STANDARD_DOMAINS:
             for subgraph in node_subgraphs(node):
                 yield from walk(subgraph)
 

@@ -448,11 +448,22 @@ class PassManager:
         return changed
 
     def _run_fixpoint(self, group: Fixpoint, graph: gs.Graph, record: RunRecord) -> bool:
+        """Repeat the group until a full cycle of its steps changes nothing, at most `rounds` rounds.
+
+        The cycle may end mid-round: passes are deterministic and idempotent (the contract), so a
+        step that ran after the last change would change nothing if it ran again.
+        """
         changed_any = False
+        unchanged_in_a_row = 0
         for _ in range(group.rounds):
-            if not self._run_steps(group.steps, graph, record):
+            for step in group.steps:
+                if unchanged_in_a_row >= len(group.steps):
+                    return changed_any
+                changed = self._run_steps([step], graph, record)
+                unchanged_in_a_row = 0 if changed else unchanged_in_a_row + 1
+                changed_any |= changed
+            if unchanged_in_a_row >= len(group.steps):
                 return changed_any
-            changed_any = True
         record.unconverged.append(str(group))
         self.context.logger.warning("%s did not converge in %d rounds", group, group.rounds)
         return changed_any

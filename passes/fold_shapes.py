@@ -230,8 +230,54 @@ def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int],
     # A new -1 needs every other entry known and positive: beside a 0 (copy) or a -1, an empty
     # input leaves it undetermined and runtimes reject what the original model ran.
     if unknown and not all(_known(element) and element > 0 for element in elements if element is not unknown[0]):
-        return False
+        if not _empty_input_fails_upstream(node, elements, source):
+            return False
     target = np.array([element if _known(element) else -1 for element in elements], dtype=np.int64)
     # Named after the Reshape's output, unique in the graph (SSA), so no search for a free name.
     node.inputs[1] = gs.Constant(f"{node.outputs[0].name}__target", target)
     return True
+
+
+# How far up the graph to look for a Reshape that already rejects empty inputs.
+UPSTREAM_SEARCH_NODES = 2000
+
+
+def _empty_input_fails_upstream(node: gs.Node, elements: list, source: list) -> bool:
+    """Whether -1 beside copied dims is exact here: every input for which it would fail already
+    fails upstream.
+
+    Reshape(x, [0, 4, 16, -1]) fails exactly when a copied dim of x is 0 (the other entries then
+    multiply to 0 and -1 is undetermined). If x is computed from the output of a Reshape R whose
+    constant target also has -1 beside copies of the same symbolic dims, R fails on those inputs
+    first, so the rewrite changes nothing the model can compute (YOLOv8's DFL head is one).
+    """
+    if any(_known(element) and element < 0 for element in elements):
+        return False
+    copied = {source[axis] if axis < len(source) else None for axis, element in enumerate(elements) if element == 0}
+    if not copied or None in copied:
+        return False
+    seen: set[int] = set()
+    pending = [node.inputs[0]]
+    while pending and len(seen) < UPSTREAM_SEARCH_NODES:
+        tensor = pending.pop()
+        upstream = tensor.inputs[0] if tensor.inputs else None
+        if upstream is None or id(upstream) in seen:
+            continue
+        seen.add(id(upstream))
+        if upstream.op == "Reshape" and is_standard(upstream) and copied <= _symbols_rejecting_empty(upstream):
+            return True
+        pending.extend(upstream.inputs)
+    return False
+
+
+def _symbols_rejecting_empty(reshape: gs.Node) -> set:
+    """The symbolic dims of its input that make this Reshape fail when one of them is 0."""
+    target = constant_value(reshape.inputs[1]) if len(reshape.inputs) > 1 else None
+    if target is None or reshape.attrs.get("allowzero", 0) == 1 or -1 not in target.tolist():
+        return set()
+    entries = [int(entry) for entry in np.asarray(target).reshape(-1)]
+    if any(entry < -1 for entry in entries) or entries.count(-1) != 1:
+        return set()
+    dims = _static_dims(reshape.inputs[0]) or []
+    symbols = {dims[axis] if axis < len(dims) else None for axis, entry in enumerate(entries) if entry == 0}
+    return set() if None in symbols else symbols

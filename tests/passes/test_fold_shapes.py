@@ -193,3 +193,40 @@ def test_placeholder_dim_names_are_not_equal_sizes():
     optimized, result = fold(model)
     assert result.counters["reshape_targets"] == 0
     assert_equivalent(model, optimized, {"a": np.ones([3, 5, 4], np.float32), "b": np.ones([5, 3, 8], np.float32)})
+
+
+def test_minus_one_beside_a_copy_when_an_upstream_reshape_already_rejects_empty_inputs():
+    """YOLOv8's DFL head: Reshape(x, [b, 4, 16, A]) where x comes from Reshape(., [0, 82, -1]).
+    An empty batch already fails upstream, so [0, 4, 16, -1] changes nothing the model computes."""
+    b = ModelBuilder()
+    image = b.input("image", ["batch", 64, 2, 3])
+    flat = b.node("Reshape", [image, b.initializer("flat_shape", np.array([0, 64, -1], np.int64))], ["flat"])
+    dims = b.node("Shape", [flat])
+    batch = b.node("Unsqueeze", [b.node("Gather", [dims, b.initializer("i0", np.array(0, np.int64))], axis=0),
+                                 b.initializer("ax", np.array([0], np.int64))])
+    anchors = b.node("Unsqueeze", [b.node("Gather", [dims, b.initializer("i2", np.array(2, np.int64))], axis=0),
+                                   b.initializer("ax2", np.array([0], np.int64))])
+    target = b.node("Concat", [batch, b.initializer("mid", np.array([4, 16], np.int64)), anchors], ["target"], axis=0)
+    b.output(b.node("Relu", [b.node("Reshape", [flat, target])], ["y"]))
+    model = b.build()
+    folded = onnxslim.optimize(model, verify_shapes={"image": [2, 64, 2, 3]})
+    assert set(ops(folded)) == {"Reshape", "Relu"}  # the shape arithmetic is gone (fuse-reshapes may merge the two)
+    for batch_size in (1, 3):
+        report = onnxslim.verify(model, folded, verify_shapes={"image": [batch_size, 64, 2, 3]})
+        assert report.passed, report.message
+
+
+def test_minus_one_beside_a_copy_stays_refused_without_such_an_upstream_reshape():
+    b = ModelBuilder()
+    x = b.input("x", ["batch", 64, "anchors"])
+    dims = b.node("Shape", [x])
+    batch = b.node("Unsqueeze", [b.node("Gather", [dims, b.initializer("i0", np.array(0, np.int64))], axis=0),
+                                 b.initializer("ax", np.array([0], np.int64))])
+    anchors = b.node("Unsqueeze", [b.node("Gather", [dims, b.initializer("i2", np.array(2, np.int64))], axis=0),
+                                   b.initializer("ax2", np.array([0], np.int64))])
+    target = b.node("Concat", [batch, b.initializer("mid", np.array([4, 16], np.int64)), anchors], ["target"], axis=0)
+    b.output(b.node("Relu", [b.node("Reshape", [x, target])], ["y"]))
+    model = b.build()
+    optimized, result = fold(model)
+    assert result.counters["reshape_targets"] == 0
+    assert_equivalent(model, optimized, {"x": np.zeros([0, 64, 5], np.float32)})
