@@ -75,7 +75,9 @@ def optimize(
     """
     started = time.perf_counter()
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    original = load(model)
+    # A ModelProto from the caller is checked only if the result fails the checker (see
+    # _check_valid): the check costs as much as a small model's whole optimization.
+    original = load(model, check=not isinstance(model, onnx.ModelProto))
     chosen = resolve_pipeline(pipeline, passes, skip)
     report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
     loaded = time.perf_counter()
@@ -108,7 +110,7 @@ def optimize(
     if report.run.stopped_at_limit:
         report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
 
-    _check_valid(optimized)
+    _check_valid(optimized, original)
     if verify:
         report.verification = verifier.check(optimized)
     else:
@@ -128,11 +130,13 @@ def optimize(
     return (optimized, report) if return_report else optimized
 
 
-def _check_valid(model: onnx.ModelProto) -> None:
-    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says."""
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says,
+    unless the input was invalid to begin with (then that is the error)."""
     try:
         check_structure(model)
     except (onnx.checker.ValidationError, ValueError) as error:
+        load(original, check=True)  # raises ModelLoadError if the input itself is invalid
         raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
 
 

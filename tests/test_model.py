@@ -275,3 +275,19 @@ def test_overwrite_input_is_explicit(tmp_path):
     onnxslim.optimize_file(source, source, overwrite_input=True)
     assert [node.op_type for node in onnx.load(source).graph.node] == ["MatMul"]
     assert os.listdir(tmp_path) == ["model.onnx"]
+
+
+def test_an_invalid_model_proto_is_reported_as_bad_input_not_as_a_pass_bug():
+    """ModelProtos from the caller are checked lazily, only when the result fails the checker."""
+    import onnx.helper as oh
+
+    graph = oh.make_graph(
+        [oh.make_node("Relu", ["missing"], ["y"])],
+        "invalid",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    model.ir_version = 8
+    with pytest.raises(onnxslim.ModelLoadError, match="invalid ONNX model"):
+        onnxslim.optimize(model, verify=False)
