@@ -9,22 +9,15 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
+from onnxslim.rules import RuleTable
 
 # A partial value: a 0-D or 1-D integer tensor whose elements are known ints, or else the name of
 # the symbolic dim they equal (str), or None (computed, unknown).
 Element = int | str | None
 Partial = tuple[tuple[Element, ...], bool]  # (elements, is_scalar)
 Rule = Callable[[gs.Node, Callable[[gs.Tensor], "Partial | None"]], "Partial | None"]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*op_types: str):
-    def register(function: Rule) -> Rule:
-        for op_type in op_types:
-            RULES[op_type] = function
-        return function
-
-    return register
+RULES = RuleTable()
+rule = RULES.rule
 
 
 @register_pass("fold-shapes")

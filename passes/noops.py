@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.graph import bypass, constant_value, interface_tensors, is_empty, is_standard, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
+from onnxslim.rules import RuleTable
 
 INT64_MAX = np.iinfo(np.int64).max
 # Slice ends at or beyond this mean "to the end" whatever the dim (exporters write INT32/INT64 max).
@@ -16,16 +17,8 @@ SLICE_TO_END = np.iinfo(np.int32).max
 
 # A rule looks at a node and returns the index of the input its output equals, or None.
 Rule = Callable[[gs.Node], "int | None"]
-RULES: dict[str, Rule] = {}
-
-
-def rule(*op_types: str):
-    def register(function: Rule) -> Rule:
-        for op_type in op_types:
-            RULES[op_type] = function
-        return function
-
-    return register
+RULES = RuleTable()
+rule = RULES.rule
 
 
 @register_pass("eliminate-noops")
