@@ -149,6 +149,17 @@ def constant_node_value(node: gs.Node) -> np.ndarray | None:
     return None
 
 
+def axes_of(node: gs.Node) -> list[int] | None:
+    """The axes of Squeeze/Unsqueeze/Reduce*: an attribute in older opsets, an optional constant
+    input since (opset 13 for Squeeze/Unsqueeze). None when absent or not a constant."""
+    if "axes" in node.attrs:
+        return [int(axis) for axis in node.attrs["axes"]]
+    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):
+        value = constant_value(node.inputs[1])
+        return None if value is None else [int(axis) for axis in np.asarray(value).reshape(-1)]
+    return None
+
+
 def is_empty(tensor: gs.Tensor | None) -> bool:
     """An omitted optional input or output."""
     return tensor is None or tensor.name == ""

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, trusted_symbol, walk
+from onnxslim.graph import axes_of, constant_value, interface_tensors, is_empty, is_standard, make_constant, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.rules import RuleTable
 
@@ -161,10 +161,7 @@ def concat(node: gs.Node, partial_of) -> Partial | None:
 @rule("Unsqueeze")
 def unsqueeze(node: gs.Node, partial_of) -> Partial | None:
     data = partial_of(node.inputs[0])
-    axes = node.attrs.get("axes")
-    if axes is None and len(node.inputs) > 1:
-        axes = constant_value(node.inputs[1])
-    if data is None or not data[1] or axes is None or list(np.asarray(axes).reshape(-1)) not in ([0], [-1]):
+    if data is None or not data[1] or axes_of(node) not in ([0], [-1]):
         return None
     return data[0], False
 

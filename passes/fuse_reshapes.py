@@ -15,11 +15,11 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph import (
+    axes_of,
     can_merge,
     constant_value,
     disconnect,
     interface_tensors,
-    is_empty,
     is_standard,
     merge_tensors,
     only_producer,
@@ -135,7 +135,7 @@ def _squeeze_through_transpose(node: gs.Node, interface: set[int], graph: gs.Gra
     if view is None or view.op not in VIEW_OPS or single_reader(middle, interface) is not transpose:
         return None
     perm = transpose.attrs.get("perm")
-    axes = _axes(node)
+    axes = axes_of(node)
     if perm is None or axes is None:
         return None
     perm = [int(axis) for axis in perm]
@@ -175,7 +175,7 @@ def _cancels(first: gs.Node, second: gs.Node) -> bool:
     """
     if {first.op, second.op} != {"Squeeze", "Unsqueeze"}:
         return False
-    axes = [_axes(first), _axes(second)]
+    axes = [axes_of(first), axes_of(second)]
     if any(value is None for value in axes):
         return False
     first_axes, second_axes = sorted(axes[0]), sorted(axes[1])
@@ -190,7 +190,7 @@ def _merged_axes(first: gs.Node, second: gs.Node) -> list[int] | None:
     """
     if first.op != second.op or first.op not in ("Squeeze", "Unsqueeze"):
         return None
-    first_axes, second_axes = _axes(first), _axes(second)
+    first_axes, second_axes = axes_of(first), axes_of(second)
     if first_axes is None or second_axes is None:
         return None
     rank = len(first.inputs[0].shape) if first.inputs[0].shape is not None else None
@@ -283,7 +283,7 @@ def _apply_reshape(node: gs.Node, dims: list[Entry] | None) -> list[Entry] | Non
 
 
 def _apply_squeeze(node: gs.Node, dims: list[Entry], ones: set[int]) -> list[Entry] | None:
-    axes = _axes(node)
+    axes = axes_of(node)
     if axes is None:  # every dim of size 1 goes: only known if every dim is known
         if not all(isinstance(dim, int) for dim in dims):
             return None
@@ -301,7 +301,7 @@ def _apply_squeeze(node: gs.Node, dims: list[Entry], ones: set[int]) -> list[Ent
 
 
 def _apply_unsqueeze(node: gs.Node, dims: list[Entry]) -> list[Entry] | None:
-    axes = _axes(node)
+    axes = axes_of(node)
     if axes is None:
         return None
     rank = len(dims) + len(axes)
@@ -310,16 +310,6 @@ def _apply_unsqueeze(node: gs.Node, dims: list[Entry]) -> list[Entry] | None:
         return None
     remaining = iter(dims)
     return [1 if axis in positions else next(remaining) for axis in range(rank)]
-
-
-def _axes(node: gs.Node) -> list[int] | None:
-    """Squeeze/Unsqueeze axes: an attribute before opset 13, an optional constant input since."""
-    if "axes" in node.attrs:
-        return [int(axis) for axis in node.attrs["axes"]]
-    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):
-        value = constant_value(node.inputs[1])
-        return None if value is None else [int(axis) for axis in np.asarray(value).reshape(-1)]
-    return None
 
 
 def _product(dims: list[Entry]) -> Entry:

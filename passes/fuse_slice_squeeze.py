@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, find, interface_tensors, is_empty, is_standard, single_reader, unique_names, walk
+from onnxslim.graph import axes_of, constant_value, find, interface_tensors, is_empty, is_standard, single_reader, unique_names, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 # Slice ends at or beyond this mean "to the end" whatever the dim (exporters write INT32/INT64 max).
@@ -32,7 +32,7 @@ def fuse_slice_squeeze(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if picked is None:
                 continue
             source, index, axis = picked
-            if _squeeze_axes(squeeze) != [axis]:
+            if axes_of(squeeze) != [axis]:
                 continue
             if (subgraph.opset or NEGATIVE_GATHER_OPSET) < NEGATIVE_GATHER_OPSET and (index < 0 or axis < 0):
                 continue
@@ -73,10 +73,3 @@ def _single_index_slice(tensor: gs.Tensor, interface: set[int], reader: gs.Node)
     return None
 
 
-def _squeeze_axes(node: gs.Node) -> list[int] | None:
-    if "axes" in node.attrs:
-        return [int(axis) for axis in node.attrs["axes"]]
-    if len(node.inputs) > 1 and not is_empty(node.inputs[1]):
-        value = constant_value(node.inputs[1])
-        return None if value is None else [int(axis) for axis in np.asarray(value).reshape(-1)]
-    return None
