@@ -17,7 +17,7 @@ from .manager import PassContext, PassManager, Pipeline, logger as default_logge
 from .model import check_structure, load, same_file, save, to_graph, to_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
-from .verify import FidelityBudget, VerificationReport, Verifier, load_inputs
+from .verify import FidelityBudget, VerificationReport, Verifier
 
 DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
@@ -86,13 +86,12 @@ def optimize(
     if input_shapes:
         set_input_shapes(graph, input_shapes)
         report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
-    feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
     if input_shapes:
         verify_shapes = {**(verify_shapes or {}), **input_shapes}
     verifier = None
     if verify or verify_each:
         verifier = Verifier(
-            original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
         )
     instruments = []
     if verify_each:
@@ -152,9 +151,8 @@ def verify(
     budget: FidelityBudget | None = None,
 ) -> VerificationReport:
     """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
-    feeds = load_inputs(inputs) if isinstance(inputs, (str, os.PathLike)) else inputs
     verifier = Verifier(
-        load(reference), inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+        load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )
     return verifier.check(load(candidate, check=False))
 

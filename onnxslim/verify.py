@@ -8,6 +8,7 @@ ones (pruning, quantization) by a fidelity budget (cosine, SQNR, top-1 agreement
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -378,7 +379,7 @@ class Verifier:
         self,
         reference: onnx.ModelProto,
         *,
-        inputs: list[dict[str, np.ndarray]] | None = None,
+        inputs: str | os.PathLike | list[dict[str, np.ndarray]] | None = None,
         shapes: dict[str, list[int]] | None = None,
         samples: int = DEFAULT_SAMPLES,
         seed: int = DEFAULT_SEED,
@@ -386,6 +387,8 @@ class Verifier:
         budget: FidelityBudget | None = None,
     ):
         self.notes: list[str] = []
+        if isinstance(inputs, (str, os.PathLike)):
+            inputs = load_inputs(inputs)
         if inputs:
             for feed in inputs:
                 check_feed(reference, feed)
