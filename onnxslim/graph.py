@@ -275,17 +275,6 @@ def tensor_nbytes(tensor: gs.Constant) -> int:
     return math.prod(int(dim) for dim in shape) * itemsize
 
 
-def fresh_name(graph: gs.Graph, base: str) -> str:
-    """A tensor or node name derived from `base` that the graph does not use yet (deterministic)."""
-    taken = graph.tensors().keys() | {node.name for node in graph.nodes}
-    if base not in taken:
-        return base
-    index = 1
-    while f"{base}_{index}" in taken:
-        index += 1
-    return f"{base}_{index}"
-
-
 def disconnect(node: gs.Node) -> None:
     """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination."""
     _disconnect(node)
