@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constants, count_nodes, node_subgraphs, walk
+from onnxslim.graph import constants, count_nodes, disconnect, node_subgraphs, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 
@@ -24,8 +24,7 @@ def eliminate_dead_nodes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 kept.append(node)
             else:
                 removed += 1 + sum(count_nodes(nested) for nested in node_subgraphs(node))
-                node.inputs.clear()
-                node.outputs.clear()
+                disconnect(node)
         body.nodes = kept
     # Graph inputs stay even when nothing reads them: they are the model's interface.
     return PassResult(nodes=removed, initializers=constants_before - sum(1 for _ in constants(graph)))

@@ -14,6 +14,7 @@ from onnxslim.graph import (
     is_standard,
     known_rank,
     only_producer,
+    set_inputs,
     single_reader,
     unique_names,
     walk,
@@ -109,8 +110,7 @@ def _scale_through_shift(add: gs.Node, layer: Linear, interface: set[int], names
     value = _in_shape(per_channel, shift_shape).astype(layer.dtype)
     add.op = "Add"
     variable = mul.inputs[scale[0]]
-    add.inputs.clear()
-    add.inputs.extend([variable, gs.Constant(names(f"{add.name or add.outputs[0].name}_shift"), value)])
+    set_inputs(add, [variable, gs.Constant(names(f"{add.name or add.outputs[0].name}_shift"), value)])
     set_weights(layer, *new, names)
     return True
 

@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
-from onnxslim.graph import can_merge, disconnect, find, interface_tensors, is_standard, merge_tensors, walk
+from onnxslim.graph import can_merge, disconnect, find, interface_tensors, is_standard, merge_tensors, set_input, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 # (signed, bits) of the integer types; (significand bits with the implicit one, exponent bits) of the floats.
@@ -80,7 +80,7 @@ def fuse_casts(graph: gs.Graph, ctx: PassContext) -> PassResult:
             ):
                 continue
             for second in readers:
-                second.inputs[0] = source
+                set_input(second, 0, source)
             disconnect(first)  # unread now; disconnected, it no longer counts as a reader of `source`
             for second in readers:
                 output = second.outputs[0]

@@ -18,6 +18,7 @@ import onnx_graphsurgeon as gs
 
 from onnxslim.graph import (
     constant_value,
+    disconnect,
     find,
     insert_before,
     interface_tensors,
@@ -89,8 +90,7 @@ def fuse_hard_sigmoid(graph: gs.Graph, ctx: PassContext) -> PassResult:
 def _replace(graph: gs.Graph, old: gs.Node, new: gs.Node) -> None:
     """`new` computes `old`'s output (which keeps its name); `old` is disconnected for dead-node elimination."""
     output = old.outputs[0]
-    old.inputs.clear()
-    old.outputs.clear()
+    disconnect(old)
     new.outputs.append(output)
     insert_before(graph, old, new)
 

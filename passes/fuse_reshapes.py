@@ -24,6 +24,8 @@ from onnxslim.graph import (
     merge_tensors,
     only_producer,
     replace_all_uses,
+    set_input,
+    set_inputs,
     single_reader,
     trusted_symbol,
     unique_names,
@@ -225,11 +227,10 @@ def _set_axes(node: gs.Node, source: gs.Tensor, axes: list[int], names: _LazyNam
     """Make Squeeze/Unsqueeze `node` read `source` with `axes` (an attribute before opset 13, an input since)."""
     if "axes" in node.attrs:
         node.attrs["axes"] = axes
-        node.inputs[0] = source
+        set_input(node, 0, source)
         return
     values = gs.Constant(names(f"{node.outputs[0].name}_axes"), np.array(axes, dtype=np.int64))
-    node.inputs.clear()
-    node.inputs.extend([source, values])
+    set_inputs(node, [source, values])
 
 
 def _static(dim, axis: int) -> Entry:
@@ -382,5 +383,4 @@ def _become_reshape(node: gs.Node, source: gs.Tensor, target: list[int], names: 
     shape = gs.Constant(names(f"{node.outputs[0].name}_shape"), np.array(target, dtype=np.int64))
     node.op = "Reshape"
     node.attrs.clear()
-    node.inputs.clear()
-    node.inputs.extend([source, shape])
+    set_inputs(node, [source, shape])

@@ -5,7 +5,18 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import axes_of, constant_value, find, interface_tensors, is_empty, is_standard, single_reader, unique_names, walk
+from onnxslim.graph import (
+    axes_of,
+    constant_value,
+    find,
+    interface_tensors,
+    is_empty,
+    is_standard,
+    set_inputs,
+    single_reader,
+    unique_names,
+    walk,
+)
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 # Slice ends at or beyond this mean "to the end" whatever the dim (exporters write INT32/INT64 max).
@@ -41,8 +52,7 @@ def fuse_slice_squeeze(graph: gs.Graph, ctx: PassContext) -> PassResult:
             squeeze.op = "Gather"
             squeeze.attrs.clear()
             squeeze.attrs["axis"] = axis
-            squeeze.inputs.clear()
-            squeeze.inputs.extend([source, indices])
+            set_inputs(squeeze, [source, indices])
             fused += 1
     return PassResult(fused=fused)
 

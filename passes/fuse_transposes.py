@@ -12,6 +12,7 @@ from onnxslim.graph import (
     is_standard,
     known_rank,
     merge_tensors,
+    set_input,
     walk,
 )
 from onnxslim.manager import PassContext, PassResult, register_pass
@@ -40,7 +41,7 @@ def fuse_transposes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 continue
             for second, second_perm in zip(readers, perms):
                 # y = transpose(x, p) has y.shape[j] = x.shape[p[j]], so the composition reads x at p1[p2[i]].
-                second.inputs[0] = source
+                set_input(second, 0, source)
                 second.attrs["perm"] = [first_perm[axis] for axis in second_perm]
             disconnect(first)  # unread now; disconnected, it no longer counts as a reader of `source`
             for second in readers:

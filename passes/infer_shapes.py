@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import node_subgraphs
+from onnxslim.graph import node_subgraphs, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.shapes import infer_model
 
@@ -14,10 +14,52 @@ from onnxslim.shapes import infer_model
 @register_pass("infer-shapes")
 def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Annotate tensors with the dtypes and shapes onnx's shape inference derives (changes no computation)."""
+    memo = graph.__dict__.get(MEMO)
+    if memo is not None and _open_questions(graph) <= memo:
+        # Inference already ran on this graph and nothing it could say more about has changed
+        # since: every incomplete tensor has the same producer reading the same tensors.
+        return PassResult(changed=False, skipped=1)
     inferred = infer_model(graph)
     annotated = _annotate(graph, inferred.graph)
+    graph.__dict__[MEMO] = _open_questions(graph)
     # Annotation is not a rewrite: it never makes a fixed-point group go round again.
     return PassResult(changed=False, annotated=annotated)
+
+
+# Attribute of the top-level gs.Graph holding _open_questions() as it was after the last inference.
+MEMO = "_onnxslim_inference_memo"
+
+
+def _open_questions(graph: gs.Graph) -> frozenset:
+    """What inference could still learn: every tensor without a dtype or a complete shape, with
+    the node that computes it and what that node reads (and whether each input is a constant),
+    plus the graph inputs' shapes. Tensors that are complete cannot become more complete, and an
+    incomplete tensor whose producer and inputs are all unchanged gets the same answer again;
+    a rewrite upstream that resolves it changes its producer's inputs or their kind.
+    """
+    questions = {tuple((id(tensor), str(tensor.dtype), _dims(tensor.shape)) for tensor in graph.inputs)}
+    for subgraph in walk(graph):
+        for node in subgraph.nodes:
+            for tensor in node.outputs:
+                if _complete(tensor):
+                    continue
+                reads = tuple((id(source), isinstance(source, gs.Constant), _producer_id(source)) for source in node.inputs)
+                questions.add((id(tensor), id(node), node.op, reads))
+    return frozenset(questions)
+
+
+def _complete(tensor: gs.Tensor) -> bool:
+    if tensor.dtype is None or tensor.shape is None:
+        return False
+    return all(isinstance(dim, (int, np.integer)) and dim >= 0 or trusted_symbol(dim) for dim in tensor.shape)
+
+
+def _producer_id(tensor: gs.Tensor) -> int | None:
+    return id(tensor.inputs[0]) if tensor.inputs else None
+
+
+def _dims(shape) -> tuple | None:
+    return None if shape is None else tuple(str(dim) for dim in shape)
 
 
 def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:

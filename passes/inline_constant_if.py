@@ -8,6 +8,7 @@ import onnx_graphsurgeon as gs
 from onnxslim.graph import (
     can_merge,
     constant_value,
+    disconnect,
     interface_tensors,
     is_empty,
     is_standard,
@@ -59,8 +60,7 @@ def _inline(root: gs.Graph, enclosing: gs.Graph, node: gs.Node, branch: gs.Graph
     _rename_moved(root, node, moved)
     index = next(position for position, candidate in enumerate(enclosing.nodes) if candidate is node)
     outputs = list(node.outputs)
-    node.inputs.clear()
-    node.outputs.clear()
+    disconnect(node)
     branch.nodes = []
     branch.outputs = []
     # The If goes now rather than waiting for dead-node elimination: its other branch would still
