@@ -86,7 +86,8 @@ class PassSpec:
 
 
 _REGISTRY: dict[str, PassSpec] = {}
-_discovered = False
+_discovered = False  # plug-in entry points loaded
+_builtins_imported = False
 
 
 def register_pass(name: str, *, lossless: bool = True):
@@ -113,13 +114,17 @@ def register_pass(name: str, *, lossless: bool = True):
     return decorate
 
 
-def _discover() -> None:
-    """Import onnxslim's own passes and every package's `onnxslim.passes` entry points, once."""
-    global _discovered
-    if _discovered:
+def _discover(plugins: bool = True) -> None:
+    """Import onnxslim's own passes, and (once, when `plugins`) every package's `onnxslim.passes`
+    entry points. Reading the installed packages' metadata costs milliseconds, so a pipeline of
+    built-in passes does not wait for it."""
+    global _discovered, _builtins_imported
+    if not _builtins_imported:
+        importlib.import_module("onnxslim.passes")
+        _builtins_imported = True
+    if _discovered or not plugins:
         return
     _discovered = True
-    importlib.import_module("onnxslim.passes")
     for entry_point in metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             entry_point.load()
@@ -133,7 +138,9 @@ def registered_passes() -> list[PassSpec]:
 
 
 def get_pass(name: str) -> PassSpec:
-    _discover()
+    _discover(plugins=False)
+    if name not in _REGISTRY:
+        _discover()
     try:
         return _REGISTRY[name]
     except KeyError:

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from onnxslim.graph import (
+    BODY_OPS,
     can_merge,
     constant_bytes,
     constant_type,
@@ -51,16 +52,34 @@ def eliminate_common_subexpressions(graph: gs.Graph, ctx: PassContext) -> PassRe
 
 
 def _merge_duplicates(graph: gs.Graph, interface: set[int]) -> tuple[int, bool]:
-    """One sweep in graph order; returns (nodes merged, whether a kept output was renamed)."""
-    first_of: dict[tuple, gs.Node] = {}
+    """One sweep in graph order; returns (nodes merged, whether a kept output was renamed).
+
+    Nodes are first bucketed by a cheap key (op, which tensors they read, where constants sit);
+    the full key (attributes, constant values) is computed only for nodes that share a bucket,
+    which is rare. Keys are taken as the sweep reaches a node, so a chain of duplicates merges
+    in one sweep: the readers of a merged node already read the kept one when they are met.
+    """
+    buckets: dict[tuple, list[list]] = {}  # cheap key -> [node, full key or None] in graph order
     constant_keys: dict[int, tuple] = {}
     merged, renamed = 0, False
     for node in list(graph.nodes):
-        key = _node_key(node, constant_keys)
-        if key is None:
+        cheap = _cheap_key(node)
+        if cheap is None:
             continue
-        kept = first_of.setdefault(key, node)
-        if kept is node:
+        bucket = buckets.setdefault(cheap, [])
+        if not bucket:
+            bucket.append([node, None])
+            continue
+        key = _node_key(node, constant_keys)
+        kept = None
+        for entry in bucket:
+            if entry[1] is None:
+                entry[1] = _node_key(entry[0], constant_keys) or ("unmergeable", id(entry[0]))
+            if key is not None and entry[1] == key:
+                kept = entry[0]
+                break
+        if kept is None:
+            bucket.append([node, key or ("unmergeable", id(node))])
             continue
         pairs = [(a, b) for a, b in zip(kept.outputs, node.outputs) if not is_empty(b)]
         if not all(can_merge(a, b, interface, graph) for a, b in pairs):
@@ -71,6 +90,18 @@ def _merge_duplicates(graph: gs.Graph, interface: set[int]) -> tuple[int, bool]:
             merge_tensors(a, b, interface, graph)
         merged += 1
     return merged, renamed
+
+
+def _cheap_key(node: gs.Node) -> tuple | None:
+    """A coarser key than _node_key (equal full keys give equal cheap keys), without reading
+    attributes or constant values; None if the node must not be merged."""
+    if not node.outputs or node.op in NONDETERMINISTIC or node.op in BODY_OPS or not is_standard(node):
+        return None
+    return (
+        node.op,
+        tuple("" if is_empty(tensor) else "constant" if isinstance(tensor, gs.Constant) else id(tensor) for tensor in node.inputs),
+        len(node.outputs),
+    )
 
 
 def _node_key(node: gs.Node, constant_keys: dict[int, tuple]) -> tuple | None:
