@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import onnx
 
+from .calibration import CalibrationData, Preprocess
 from .errors import UsageError, VerificationError
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_structure, load, same_file, save, to_graph, to_model
+from .quantize import QuantizeOptions, evaluation_samples, quantize_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
 from .verify import FidelityBudget, VerificationReport, Verifier
 
 DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
+# The lossy check of a quantized model when no threshold is given: catches a broken model.
+DEFAULT_MIN_COSINE = 0.95
 
 
 def resolve_pipeline(
@@ -64,6 +70,12 @@ def optimize(
     options: dict | None = None,
     logger: logging.Logger | None = None,
     return_report: bool = False,
+    quantize: str | None = None,
+    calibration: str | os.PathLike | CalibrationData | None = None,
+    preprocess: str | Preprocess | None = None,
+    calibration_limit: int | None = None,
+    quantize_options: QuantizeOptions | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ):
     """Optimize `model` (a path or a ModelProto) and return the optimized ModelProto.
 
@@ -72,8 +84,17 @@ def optimize(
     against the original with onnxruntime; a result that fails raises VerificationError (with the
     report attached) unless force=True. With return_report=True returns (model, OptimizeReport).
     The input is never modified.
+
+    quantize="int8" then quantizes the simplified model (onnxslim.quantize): `calibration` is a
+    folder or file of samples (.npz, .npy, images with `preprocess`), a CalibrationData, or
+    "random" (smoke tests only); `quantize_options` says how. The simplified model is verified
+    losslessly first, then the quantized one in lossy mode on held-out samples, against
+    `budget` (default: cosine >= 0.95 on every output, which catches a broken model) and the
+    fidelity target. `progress(stage, done, total)` follows calibration and sensitivity runs.
     """
     started = time.perf_counter()
+    if quantize is not None and quantize != "int8":
+        raise UsageError(f"quantize='{quantize}': only int8 is supported")
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     # A ModelProto from the caller is checked only if the result fails the checker (see
     # _check_valid): the check costs as much as a small model's whole optimization.
@@ -88,6 +109,12 @@ def optimize(
         report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
     if input_shapes:
         verify_shapes = {**(verify_shapes or {}), **input_shapes}
+    data = None
+    if quantize is not None:
+        data = _calibration_data(original, calibration, preprocess, verify_shapes, calibration_limit)
+        if inputs is None and data is not None and not data.synthetic:
+            # Real samples check the simplification too, and a dynamic model needs no --verify-shape.
+            inputs = list(evaluation_samples(data, (quantize_options or QuantizeOptions()).held_out).limit(samples))
     verifier = None
     if verify or verify_each:
         verifier = Verifier(
@@ -114,6 +141,9 @@ def optimize(
         report.verification = verifier.check(optimized)
     else:
         report.verification_skipped = "verification turned off"
+    if quantize is not None and (report.verification is None or report.verification.passed):
+        optimized = _quantize(optimized, original, report, quantize, data, quantize_options, progress,
+                              verify=verify, budget=budget, verify_shapes=verify_shapes, samples=samples, seed=seed)
     report.seconds = {
         "load": loaded - started,
         "reference": reference_ready - loaded,
@@ -127,6 +157,38 @@ def optimize(
             raise VerificationError(report.verification.message, report)
         report.notes.append("verification failed; result kept because force was set")
     return (optimized, report) if return_report else optimized
+
+
+def _calibration_data(model, calibration, preprocess, shapes, limit) -> CalibrationData | None:
+    if calibration is None:
+        return None
+    if isinstance(calibration, CalibrationData):
+        return calibration.limit(limit) if limit else calibration
+    if str(calibration) == "random":
+        return CalibrationData.random(model, shapes, **({"count": limit} if limit else {}))
+    return CalibrationData.from_path(model, calibration, preprocess=preprocess, limit=limit)
+
+
+def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,
+              verify_shapes, samples, seed) -> onnx.ModelProto:
+    """Quantize the verified simplified model; verify the result in lossy mode on held-out samples."""
+    options = options or QuantizeOptions()
+    report.lossless_verification = report.verification
+    quantized, report.quantization = quantize_model(simplified, data, options, progress=progress)
+    _check_valid(quantized, original)
+    report.after = summarize(quantized)
+    report.notes.append(report.quantization.summary())
+    if not verify:
+        return quantized
+    budget = budget if budget is not None and budget.is_set() else FidelityBudget(min_cosine=DEFAULT_MIN_COSINE)
+    target = options.fidelity_target
+    if target is not None:
+        field = "min_sqnr_db" if target.metric == "sqnr_db" else "min_cosine"
+        budget = replace(budget, **{field: max(getattr(budget, field) or -math.inf, target.value)})
+    feeds = list(evaluation_samples(data, options.held_out)) if data is not None else None
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    report.verification = lossy.check(quantized, label="quantized model")
+    return quantized
 
 
 def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:

@@ -18,6 +18,7 @@ from . import api
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import load, same_file
+from .quantize import FidelityTarget, QuantizeOptions
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
@@ -100,6 +101,107 @@ def _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_co
     }
 
 
+def quantization_options(function):
+    """The options of `optimize --quantize int8`."""
+
+    @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Quantize the simplified model (QDQ int8).")
+    @click.option(
+        "--calibration", metavar="PATH",
+        help="Calibration samples: a folder or file of .npz (one array per input name), .npy or images; 'random' for smoke tests only.",
+    )
+    @click.option("--preprocess", metavar="SPEC", help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225.")
+    @click.option(
+        "--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
+        show_default=True, help="How activation ranges are chosen.",
+    )
+    @click.option("--calibration-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
+    @click.option(
+        "--quantize-mode", type=click.Choice(["auto", "full", "weights"]), default="auto", show_default=True,
+        help="full: weights and activations (integer kernels); weights: weights only (float speed, 4x smaller); "
+        "auto: full if measured faster here and within the fidelity floor, else weights.",
+    )
+    @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
+    @click.option("--symmetric-activations", is_flag=True, help="Symmetric activation ranges (zero point fixed).")
+    @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
+    @click.option(
+        "--weight-form", type=click.Choice(["cast-mul", "dequantize"]), default=None,
+        help="Weights-only mode: Cast*scale (folded to float at load) or DequantizeLinear (the QDQ form other runtimes read).",
+    )
+    @click.option("--exclude", multiple=True, metavar="NAME|OP", help="Keep this node (by name) or op type in float (repeatable).")
+    @click.option(
+        "--fidelity-target", metavar="TARGET",
+        help="Keep the most sensitive layers in float until every output meets this, e.g. 30dB or cosine=0.999.",
+    )
+    @click.option("--no-bias-correction", is_flag=True, help="Do not correct the biases for the weights' rounding.")
+    @click.option(
+        "--reduce-range/--full-range", default=None,
+        help="7-bit weights in full mode (default: on x86 CPUs without VNNI, whose u8 x s8 kernels saturate).",
+    )
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _quantization_kwargs(
+    quantize, calibration, preprocess, method, limit, mode, activation_type, symmetric, per_tensor, weight_form, exclude,
+    fidelity_target, no_bias_correction, reduce_range,
+) -> dict:
+    quantize_only = {
+        "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit,
+        "--fidelity-target": fidelity_target, "--weight-form": weight_form,
+        "--exclude": exclude, "--symmetric-activations": symmetric, "--per-tensor": per_tensor,
+    }
+    if quantize is None:
+        given = [flag for flag, value in quantize_only.items() if value]
+        if given:
+            raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
+        return {}
+    if weight_form and mode != "weights":
+        raise UsageError("--weight-form applies to --quantize-mode weights")
+    options = QuantizeOptions(
+        mode=mode,
+        method=method,
+        per_channel=not per_tensor,
+        activation_type=activation_type,
+        symmetric_activations=symmetric,
+        weight_form=weight_form or "",
+        exclude=tuple(name.strip() for entry in exclude for name in entry.split(",") if name.strip()),
+        fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None,
+        bias_correction=not no_bias_correction,
+        reduce_range=reduce_range,
+    )
+    return {
+        "quantize": quantize,
+        "calibration": calibration,
+        "preprocess": preprocess,
+        "calibration_limit": limit,
+        "quantize_options": options,
+        "progress": _progress_bar(),
+    }
+
+
+def _progress_bar():
+    """A progress(stage, done, total) callback drawing one rich progress bar per stage (stderr)."""
+    from rich.progress import Progress
+
+    bars: dict = {}
+    progress = Progress(console=Console(stderr=True), transient=True, disable=not sys.stderr.isatty())
+
+    def update(stage: str, done: int, total: int | None) -> None:
+        if stage not in bars:
+            progress.start()
+            bars[stage] = progress.add_task(stage, total=total)
+        progress.update(bars[stage], completed=done, total=total)
+        if total is not None and done >= total:
+            progress.remove_task(bars.pop(stage))
+            if not bars:
+                progress.stop()
+
+    return update
+
+
 @click.group(cls=OnnxSlimGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxslim")
 @debug_option
@@ -131,15 +233,25 @@ def cli():
 @click.option("--external-data/--no-external-data", default=None, help="Store tensors in DESTINATION.data (default: only past 2 GB).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (for CI).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
+@quantization_options
 @debug_option
 def optimize(
     source, destination, pipeline, passes, skip, fold_size_cap, input_shapes, no_verify, inputs, verify_shapes, samples, seed,
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
-    json_path, quiet,
+    json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
+    activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
+    reduce_range,
 ):
-    """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first)."""
+    """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
+
+    With --quantize int8 the simplified model is then quantized, calibrated on --calibration.
+    """
     _check_report_path(json_path, source, destination)
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
+    quantization = _quantization_kwargs(
+        quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
+        symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction, reduce_range,
+    )
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
     if fold_size_cap is not None:
@@ -158,6 +270,7 @@ def optimize(
             overwrite_input=overwrite,
             external_data=external_data,
             **verification,
+            **quantization,
         )
     except VerificationError as error:
         _write_failure_json(json_path, error)
@@ -300,12 +413,46 @@ def _print_optimize_report(report: OptimizeReport) -> None:
         console.print(passes)
         for group in report.run.unconverged:
             console.print(f"[yellow]warning:[/] {group} did not converge")
+    if report.quantization is not None:
+        _print_quantization(report.quantization)
     if report.verification is not None:
         _print_verification(report.verification)
     seconds = ", ".join(f"{key} {value:.2f}s" for key, value in report.seconds.items())
     console.print(f"time: {seconds}")
     for note in report.notes:
         console.print(f"note: {note}")
+
+
+def _print_quantization(report) -> None:
+    console.print(f"quantization: {report.summary()}", soft_wrap=True)
+    console.print(f"  form: {report.mode} ({report.reason})", soft_wrap=True)
+    console.print(f"  CPU: {report.cpu}", soft_wrap=True)
+    if report.latency_ms:
+        console.print("  latency (1 thread): " + ", ".join(f"{name} {value:.1f} ms" for name, value in report.latency_ms.items()))
+    console.print(f"  calibration: {report.calibration_samples} samples ({report.calibration}); "
+                  f"fidelity on {report.evaluation_samples} ({report.evaluation})", soft_wrap=True)
+    if report.target:
+        console.print(f"  target: {report.target}: {'met' if report.target_met else 'NOT met'}")
+    kept = [layer for layer in report.layers if layer.status != "int8"]
+    ranked = sorted(
+        report.layers,
+        key=lambda layer: layer.sensitivity_sqnr_db if layer.sensitivity_sqnr_db is not None else (layer.weight_sqnr_db or 0.0),
+    )
+    table = Table("layer", "op", "status", "weight SQNR dB", "alone: output SQNR dB", "why float", title="layers (worst first)",
+                  title_justify="left", box=None)
+    for layer in (kept + [layer for layer in ranked if layer.status == "int8"])[:12]:
+        table.add_row(
+            layer.name, layer.op, layer.status, _decibels(layer.weight_sqnr_db), _decibels(layer.sensitivity_sqnr_db), layer.reason
+        )
+    console.print(table)
+    if len(report.layers) > 12:
+        console.print(f"  ... {len(report.layers) - 12} more layers in the --json report")
+    for note in report.notes:
+        console.print(f"  note: {note}", soft_wrap=True)
+
+
+def _decibels(value) -> str:
+    return "" if value is None else f"{value:.1f}"
 
 
 def _print_verification(report: VerificationReport) -> None:

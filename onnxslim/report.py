@@ -157,6 +157,8 @@ class OptimizeReport:
     output: str | None = None
     seconds: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quantization: object | None = None  # onnxslim.quantize.QuantizationReport
+    lossless_verification: VerificationReport | None = None  # of the simplified model, before quantizing
 
     @property
     def passes(self) -> list[PassSummary]:
@@ -183,6 +185,8 @@ class OptimizeReport:
             "unconverged": list(self.run.unconverged) if self.run else [],
             "verification": self.verification.to_dict() if self.verification else None,
             "verification_skipped": self.verification_skipped or None,
+            "lossless_verification": self.lossless_verification.to_dict() if self.lossless_verification else None,
+            "quantization": self.quantization.to_dict() if self.quantization else None,
             "seconds": self.seconds,
             "notes": self.notes,
         }

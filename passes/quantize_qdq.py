@@ -1,42 +1,83 @@
-"""INT8 post-training quantization in QDQ form: QuantizeLinear/DequantizeLinear pairs around the
-float graph, which onnxruntime (and TensorRT, OpenVINO) fuse into integer kernels.
+"""INT8 post-training quantization: int8 weights, and in `full` mode QuantizeLinear/DequantizeLinear
+pairs on the activations, placed so onnxruntime (and TensorRT, OpenVINO) fuse them into integer
+kernels.
 
-Weights of Conv, ConvTranspose, Gemm and MatMul become int8 initializers read through a
-DequantizeLinear: symmetric (zero point 0, range [-127, 127]), one scale per output channel
+Weights of Conv, ConvTranspose, Gemm and MatMul become int8, symmetric (zero point 0, range
+[-127, 127]), one scale per output channel:
 
     scale_c = max |W_c| / 127        W_q = clip(round(W / scale_c), -127, 127)
 
-Per-channel needs DequantizeLinear's `axis` (opset 13); before that one scale per tensor is used.
-Biases stay float: onnxruntime's QDQ fusions accept a float bias, and that is always exact.
+Biases stay float: onnxruntime's QDQ Conv/Gemm fusions quantize a float bias themselves.
 
-Activations read by those layers get one QuantizeLinear -> DequantizeLinear pair per tensor,
-shared by every quantized reader, from the calibrated range in `ctx.calibration`
-(tensor name -> (low, high)). The range is widened to hold 0 (zero padding must be exact):
+Two modes:
 
-    uint8/int8 asymmetric: scale = (high - low) / 255, zero point = qmin - round(low / scale)
-    symmetric:             scale = max(|low|, |high|) / 127, zero point 0 (int8) or 128 (uint8)
+- `weights`: only the weights are int8; activations and arithmetic stay float. The file is about
+  4x smaller. With `weight_form=cast-mul` (the default here) each weight is `Cast(W_q) * scale`,
+  a constant expression onnxruntime folds back to float32 when the session loads, so inference
+  runs exactly as fast as the float model. With `compact` (the default) that form also stores
+  the scales and the layers' biases as float16 behind a Cast: their rounding (about 5e-4
+  relative) is far below the int8 weights' own, and in a small model they would otherwise
+  weigh a tenth of the file. `weight_form=dequantize` writes a DequantizeLinear
+  instead (the QDQ form other runtimes read), which onnxruntime runs on every inference.
+- `full`: weights behind DequantizeLinear (per channel needs opset 13 for its `axis`; below that
+  one scale per tensor), and activation tensors through QuantizeLinear -> DequantizeLinear, from
+  the calibrated ranges in `ctx.calibration` (tensor name -> (low, high)). Placement follows
+  onnxruntime's QDQ fusion rules (see `plan`):
+  * every float input and the output of each quantized layer, so DQ -> Conv -> Q becomes
+    QLinearConv (and MatMul, Gemm likewise);
+  * a Relu or Clip that alone reads a quantized output is left inside the group and the Q goes
+    after it: with the Q's zero point at the bottom of its range onnxruntime drops the Relu/Clip;
+  * int8 chains continue through Add, Mul, Concat, pooling, Sigmoid, LeakyRelu and the
+    data-movement ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, MaxPool, Resize, Slice,
+    Gather, Split) when one of their inputs is quantized. Data-movement ops get no new range:
+    their output shares the input's scale and zero point, which lets onnxruntime run them on
+    the 8-bit data directly;
+  * graph outputs stay float.
+  Activation parameters, with the range widened to hold 0 (zero padding must be exact):
 
-`weight_only` quantizes only the weights: a file about 4x smaller that still computes in float.
+      uint8/int8 asymmetric: scale = (high - low) / 255, zero point = qmin - round(low / scale)
+      symmetric:             scale = max(|low|, |high|) / 127, zero point 0 (int8) or 128 (uint8)
 
-Limits, for now: only the main graph (If/Loop/Scan bodies are left float), only float32
-tensors, custom domains are left alone, and a tensor without a calibrated range stays float.
-A weight that other (unquantized) nodes read too stays in the model beside its int8 copy.
+Names are short: in a small model long ones would weigh more than its int8 weights. A weight's
+int8 values keep the weight's name (when no other node reads the float weight); its scale is
+s<i>, zero point z<i>, float view w<i> (c<i> the cast), float16 values end in h, biases b<i>;
+an activation t gets t_q, t_dq, t_s, t_z; new nodes are unnamed.
+
+Limits: only the main graph (If/Loop/Scan bodies are left float), only float32 tensors, custom
+domains are left alone, and a tensor without a calibrated range stays float. A weight that
+other, unquantized nodes read too stays in the model beside its int8 copy.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.graph import constant_value, find, insert_before, is_empty, producer, unique_names
+from onnxslim.graph import constant_value, is_empty, is_standard, producer, replace_all_uses, set_input, unique_names
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Ops onnxruntime runs on 8-bit data with their own scales (QLinearAdd, QLinearConcat, ...).
+INT8_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"})
+# Ops that only move or select values: onnxruntime drops their Q/DQ when input and output share
+# a scale and zero point, so their output takes the input's parameters.
+DATA_MOVEMENT_OPS = frozenset(
+    {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "MaxPool", "Resize", "Slice", "Gather", "Split"}
+)
+# Activations that a following QuantizeLinear makes redundant when its range starts at their floor.
+ABSORBED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 QDQ_OPSET = 10  # QuantizeLinear / DequantizeLinear
 PER_CHANNEL_OPSET = 13  # DequantizeLinear's `axis`
 WEIGHT_LIMIT = 127  # symmetric int8 weights use [-127, 127], so -W quantizes to -W_q
+# 7-bit weights for x86 CPUs without VNNI: their u8 x s8 kernel (vpmaddubsw) adds two products
+# in 16 bits, which saturates for 255 * 127 * 2 but not for 255 * 63 * 2.
+REDUCED_WEIGHT_LIMIT = 63
 ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+MODES = ("full", "weights")
+WEIGHT_FORMS = ("cast-mul", "dequantize")
 
 
 @register_pass("quantize-int8", lossless=False)
@@ -44,54 +85,76 @@ def quantize_int8(
     graph: gs.Graph,
     ctx: PassContext,
     *,
+    mode: str = "full",
     per_channel: bool = True,
     activation_type: str = "uint8",
     symmetric_activations: bool = False,
-    weight_only: bool = False,
+    weight_form: str = "",
     exclude: str = "",
+    include: str = "",
+    reduce_range: bool = False,
+    compact: bool = True,
 ) -> PassResult:
-    """Quantize Conv/Gemm/MatMul weights to int8 and their inputs to 8 bits (QDQ), from calibrated ranges."""
+    """Quantize Conv/Gemm/MatMul weights to int8 and, in full mode, activations to 8 bits (QDQ) from calibrated ranges."""
+    if mode not in MODES:
+        raise UsageError(f"quantize-int8: mode must be {' or '.join(MODES)}, not '{mode}'")
     if activation_type not in ACTIVATION_TYPES:
         raise UsageError(f"quantize-int8: activation_type must be uint8 or int8, not '{activation_type}'")
+    weight_form = weight_form or ("cast-mul" if mode == "weights" else "dequantize")
+    if weight_form not in WEIGHT_FORMS:
+        raise UsageError(f"quantize-int8: weight_form must be {' or '.join(WEIGHT_FORMS)}, not '{weight_form}'")
+    if mode == "full" and weight_form != "dequantize":
+        raise UsageError("quantize-int8: full mode needs weight_form=dequantize (the QDQ form the runtimes fuse)")
     ranges = ctx.calibration
-    if not weight_only and ranges is None:
+    if mode == "full" and not isinstance(ranges, dict):
         raise UsageError(
-            "quantize-int8 needs activation ranges from calibration data (give calibration samples), "
-            "or weight_only=True to quantize only the weights"
+            "quantize-int8 in full mode needs activation ranges from calibration data "
+            "(a dict of tensor name -> (low, high)), or mode=weights to quantize only the weights"
         )
-    if not weight_only and not isinstance(ranges, dict):
-        raise UsageError(f"quantize-int8: calibration must map tensor names to (low, high), not {type(ranges).__name__}")
     opset = graph.opset or 0
-    if opset < QDQ_OPSET:
-        raise UsageError(f"quantize-int8 needs opset {QDQ_OPSET} or later (QuantizeLinear); the model has opset {opset}")
-    if per_channel and opset < PER_CHANNEL_OPSET:
+    if weight_form == "dequantize" and opset < QDQ_OPSET:
+        raise UsageError(f"quantize-int8 needs opset {QDQ_OPSET} or later (DequantizeLinear); the model has opset {opset}")
+    if weight_form == "dequantize" and per_channel and opset < PER_CHANNEL_OPSET:
         ctx.logger.info("quantize-int8: opset %d < %d, weights get one scale per tensor", opset, PER_CHANNEL_OPSET)
         per_channel = False
 
-    layers = quantizable_layers(graph, exclude)
+    layers = quantizable_layers(graph, exclude, include)
     names = unique_names(graph)
-    weights = _quantize_weights(graph, layers, per_channel, names)
+    limit = REDUCED_WEIGHT_LIMIT if reduce_range else WEIGHT_LIMIT
+    compact = compact and weight_form == "cast-mul"
+    weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact)
+    if compact:
+        _compact_biases(graph, layers, names)
     activations = unranged = 0
-    if not weight_only:
-        activations, unranged = _quantize_activations(graph, layers, ranges, activation_type, symmetric_activations, names)
+    if mode == "full":
+        placement = plan(graph, layers)
+        activations, unranged = _quantize_activations(graph, placement, ranges, activation_type, symmetric_activations, names)
     return PassResult(changed=bool(weights or activations), weights=weights, activations=activations, unranged=unranged)
 
 
-def quantizable_layers(graph: gs.Graph, exclude: str = "") -> list[gs.Node]:
-    """The main graph's standard Conv/ConvTranspose/Gemm/MatMul nodes not excluded by name or op type."""
-    excluded = {item.strip() for item in exclude.split(",") if item.strip()}
-    return [node for node in find(graph, *QUANTIZED_OPS) if node.name not in excluded and node.op not in excluded]
+def _names(text: str) -> set[str]:
+    return {item.strip() for item in text.split(",") if item.strip()}
 
 
-def activation_tensors(graph: gs.Graph, exclude: str = "") -> list[str]:
-    """Names of the tensors quantize-int8 wants a calibrated range for, in graph order."""
-    return list(dict.fromkeys(tensor.name for node in quantizable_layers(graph, exclude) for _, tensor in _activation_inputs(node)))
+def quantizable_layers(graph: gs.Graph, exclude: str = "", include: str = "") -> list[gs.Node]:
+    """The main graph's standard Conv/ConvTranspose/Gemm/MatMul nodes, less those `exclude` names
+    (node names or op types, comma-separated); when `include` is given, only the nodes it names."""
+    excluded, included = _names(exclude), _names(include)
+    return [
+        node
+        for node in graph.nodes
+        if node.op in QUANTIZED_OPS
+        and is_standard(node)
+        and node.name not in excluded
+        and node.op not in excluded
+        and (not included or node.name in included)
+    ]
 
 
 # ----------------------------------------------------------------------------- weights
 
 
-def _weight_axis(node: gs.Node, rank: int) -> int:
+def weight_axis(node: gs.Node, rank: int) -> int:
     """The output-channel axis of a layer's weight."""
     if node.op == "Conv":
         return 0
@@ -102,9 +165,9 @@ def _weight_axis(node: gs.Node, rank: int) -> int:
     return rank - 1  # MatMul: [..., K, N]
 
 
-def _float_weight(node: gs.Node) -> np.ndarray | None:
-    """The layer's constant float32 weight (input 1), or None (absent, computed, already dequantized)."""
-    if len(node.inputs) < 2 or is_empty(node.inputs[1]):
+def float_weight(node: gs.Node) -> np.ndarray | None:
+    """The layer's constant float32 weight (input 1), or None (absent, computed, already quantized)."""
+    if len(node.inputs) < 2 or is_empty(node.inputs[1]) or not isinstance(node.inputs[1], gs.Constant):
         return None
     value = constant_value(node.inputs[1])
     if value is None or value.dtype != np.float32 or value.size == 0:
@@ -114,75 +177,200 @@ def _float_weight(node: gs.Node) -> np.ndarray | None:
     return value
 
 
-def _quantize_weights(graph: gs.Graph, layers: list[gs.Node], per_channel: bool, names) -> int:
-    """Give each layer's constant weight an int8 copy behind a DequantizeLinear; returns how many weights."""
-    dequantized: dict[tuple[int, int | None], gs.Variable] = {}  # (weight tensor id, axis) -> DQ output
+def _quantize_weights(
+    graph: gs.Graph, layers: list[gs.Node], per_channel: bool, form: str, names, limit: int, compact: bool
+) -> int:
+    """Replace each layer's constant weight by its int8 form; returns how many weights."""
+    replaced: dict[tuple[int, int | None], gs.Variable] = {}  # (weight tensor id, axis) -> float weight
+    layer_ids = {id(node) for node in layers}
     for node in layers:
-        value = _float_weight(node)
+        value = float_weight(node)
         if value is None:
             continue
         weight = node.inputs[1]
-        axis = _weight_axis(node, value.ndim) if per_channel else None
+        axis = weight_axis(node, value.ndim) if per_channel else None
         key = (id(weight), axis)
-        if key not in dequantized:
-            quantized, scale = _symmetric_int8(value, axis)
-            base = weight.name or f"{node.name}_weight"
-            zero_point = np.zeros_like(scale, dtype=np.int8)
-            output = gs.Variable(names(f"{base}_dequantized"), dtype=np.float32, shape=list(value.shape))
-            dequantize = gs.Node(
-                "DequantizeLinear",
-                name=names(f"{base}_DequantizeLinear"),
-                attrs={"axis": axis} if axis is not None else {},
-                inputs=[
-                    gs.Constant(names(f"{base}_quantized"), quantized),
-                    gs.Constant(names(f"{base}_scale"), scale),
-                    gs.Constant(names(f"{base}_zero_point"), zero_point),
-                ],
-                outputs=[output],
-            )
-            insert_before(graph, node, dequantize)
-            dequantized[key] = output
-        node.inputs[1] = dequantized[key]
-    return len(dequantized)
+        if key not in replaced:
+            quantized, scale = symmetric_int8(value, axis, limit, np.float16 if compact else np.float32)
+            if compact and not half_fits(scale):
+                quantized, scale = symmetric_int8(value, axis, limit)
+            index = len(replaced)
+            # The int8 values take the weight's own name when nothing else reads the float weight.
+            exclusive = all(id(reader) in layer_ids for reader in weight.outputs)
+            values = gs.Constant(weight.name if exclusive and weight.name else names(f"{weight.name}_q"), quantized)
+            if exclusive:
+                weight.name = names(f"{weight.name}_float")  # frees the name; the float weight goes
+            output = gs.Variable(names(f"w{index}"), dtype=np.float32, shape=list(value.shape))
+            if form == "dequantize":
+                new_nodes = [
+                    gs.Node(
+                        "DequantizeLinear",
+                        attrs={"axis": axis} if axis is not None else {},
+                        inputs=[values, gs.Constant(names(f"s{index}"), scale), gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))],
+                        outputs=[output],
+                    )
+                ]
+            else:
+                widened = gs.Variable(names(f"c{index}"), dtype=np.float32, shape=list(value.shape))
+                broadcast = scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis))
+                new_nodes = [gs.Node("Cast", attrs={"to": 1}, inputs=[values], outputs=[widened])]
+                factor = (
+                    _half_constant(new_nodes, broadcast, f"s{index}", names)
+                    if broadcast.dtype == np.float16
+                    else gs.Constant(names(f"s{index}"), broadcast)
+                )
+                new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
+            graph.nodes[0:0] = new_nodes  # constant expressions: first, so order stays topological
+            replaced[key] = output
+        set_input(node, 1, replaced[key])
+    return len(replaced)
 
 
-def _symmetric_int8(value: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """(W_q int8, scale float32): one scale per slice along `axis`, or a scalar scale when axis is None."""
+def symmetric_int8(
+    value: np.ndarray, axis: int | None, limit: int = WEIGHT_LIMIT, scale_type: type = np.float32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(W_q int8 in [-limit, limit], scale of `scale_type`): one scale per slice along `axis`, or
+    a scalar scale when axis is None. Rounding divides by the scale as stored (float16 scales
+    too), so dequantizing reproduces what was rounded."""
     weight = value.astype(np.float64)
     if axis is None:
-        scale = np.array(np.abs(weight).max() / WEIGHT_LIMIT)
-        broadcast = scale
+        scale = np.array(np.abs(weight).max() / limit)
     else:
         reduced = tuple(dim for dim in range(weight.ndim) if dim != axis)
-        scale = np.abs(weight).max(axis=reduced) / WEIGHT_LIMIT
-        broadcast = np.expand_dims(scale, reduced)
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)  # an all-zero channel: any scale is exact
-    broadcast = np.where(broadcast > 0, broadcast, 1.0)
-    # Divide by the float32 scale that is stored, so dequantizing reproduces what was rounded.
-    quantized = np.clip(np.rint(weight / broadcast.astype(np.float32)), -WEIGHT_LIMIT, WEIGHT_LIMIT).astype(np.int8)
+        scale = np.abs(weight).max(axis=reduced) / limit
+    scale = np.where(scale > 0, scale, 1.0).astype(scale_type)  # an all-zero channel: any scale is exact
+    stored = scale.astype(np.float64)
+    broadcast = stored if axis is None else np.expand_dims(stored, tuple(d for d in range(weight.ndim) if d != axis))
+    quantized = np.clip(np.rint(weight / broadcast), -limit, limit).astype(np.int8)
     return quantized, scale
+
+
+def half_fits(value: np.ndarray) -> bool:
+    """Whether float16 holds `value` (a scale or a bias) to about 1e-3 relative: normal range, finite."""
+    magnitude = np.abs(value[value != 0])
+    return bool(magnitude.size == 0 or (magnitude.min() >= 2**-14 and magnitude.max() < 60000))
+
+
+def _half_constant(graph_nodes: list, value: np.ndarray, name: str, names) -> gs.Variable:
+    """`value` stored as float16 under `name`h, read through a Cast to float32 named `name`."""
+    output = gs.Variable(names(name), dtype=np.float32, shape=list(value.shape))
+    graph_nodes.append(
+        gs.Node("Cast", attrs={"to": 1}, inputs=[gs.Constant(names(f"{name}h"), value.astype(np.float16))], outputs=[output])
+    )
+    return output
+
+
+def _compact_biases(graph: gs.Graph, layers: list[gs.Node], names) -> int:
+    """Store the float32 biases of the quantized layers as float16 (see half_fits)."""
+    new_nodes: list[gs.Node] = []
+    compacted: dict[int, gs.Variable] = {}
+    for node in layers:
+        if node.op not in ("Conv", "ConvTranspose", "Gemm") or len(node.inputs) < 3 or not isinstance(node.inputs[2], gs.Constant):
+            continue
+        bias = constant_value(node.inputs[2])
+        if bias is None or bias.dtype != np.float32 or not half_fits(bias):
+            continue
+        if id(node.inputs[2]) not in compacted:
+            compacted[id(node.inputs[2])] = _half_constant(new_nodes, bias, f"b{len(compacted)}", names)
+        set_input(node, 2, compacted[id(node.inputs[2])])
+    graph.nodes[0:0] = new_nodes
+    return len(compacted)
 
 
 # ----------------------------------------------------------------------------- activations
 
 
-def _activation_inputs(node: gs.Node) -> list[tuple[int, gs.Tensor]]:
-    """(slot, tensor) of a layer's float32 activation inputs that are not already dequantized.
+@dataclass
+class Placement:
+    """Which activation tensors get a Q/DQ pair: `calibrated` need a range of their own (in graph
+    order); `shared` maps a data-movement op's output to the tensor whose parameters it reuses."""
 
-    A layer's data input has its weight's type, so an untyped input next to a float32 weight is float32.
-    """
+    calibrated: list[gs.Tensor] = field(default_factory=list)
+    shared: dict[int, gs.Tensor] = field(default_factory=dict)  # id(output) -> source tensor
+    outputs: dict[int, gs.Tensor] = field(default_factory=dict)  # id -> tensor, shared ones
+
+    def tensor_names(self) -> list[str]:
+        return [tensor.name for tensor in self.calibrated]
+
+
+def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
+    """The activation tensors to quantize so that onnxruntime's QDQ fusions fire (module docstring)."""
+    interface = {id(tensor) for tensor in graph.outputs}
+    chosen: dict[int, gs.Tensor] = {}
+    placement = Placement()
+    layer_ids = {id(node) for node in layers}
+
+    def choose(tensor: gs.Tensor) -> None:
+        if id(tensor) in chosen or not _is_float_activation(tensor) or id(tensor) in interface:
+            return
+        chosen[id(tensor)] = tensor
+        placement.calibrated.append(tensor)
+
+    def choose_output(node: gs.Node) -> None:
+        for output in node.outputs:
+            reader = _absorbing_reader(output, interface)
+            choose(reader.outputs[0] if reader is not None else output)
+
+    for node in graph.nodes:
+        if id(node) in layer_ids:
+            for tensor in _activation_inputs(node):
+                choose(tensor)
+            choose_output(node)
+            continue
+        if not is_standard(node):
+            continue
+        inputs = [tensor for tensor in node.inputs if not is_empty(tensor)]
+        if node.op in DATA_MOVEMENT_OPS and inputs and id(inputs[0]) in chosen:
+            for output in node.outputs:
+                if _is_float_activation(output) and id(output) not in interface and id(output) not in chosen:
+                    chosen[id(output)] = output
+                    placement.shared[id(output)] = inputs[0]
+            continue
+        if node.op in INT8_OPS and any(id(tensor) in chosen for tensor in inputs):
+            for tensor in inputs:
+                choose(tensor)
+            choose_output(node)
+    placement.outputs = {key: chosen[key] for key in placement.shared}
+    return placement
+
+
+def _is_float_activation(tensor: gs.Tensor) -> bool:
+    """A float32 tensor computed at run time that is not quantized already (not the output of a
+    DequantizeLinear, not read by a QuantizeLinear)."""
+    if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None or _is_dequantized(tensor):
+        return False
+    if any(reader.op == "QuantizeLinear" for reader in tensor.outputs):
+        return False
+    return tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32
+
+
+def _absorbing_reader(tensor: gs.Tensor, interface: set[int]) -> gs.Node | None:
+    """The Relu/Clip that alone reads `tensor`, whose output a QuantizeLinear can stand in for."""
+    if id(tensor) in interface or len(tensor.outputs) != 1:
+        return None
+    reader = tensor.outputs[0]
+    if reader.op not in ABSORBED_ACTIVATIONS or not is_standard(reader) or reader.inputs[0] is not tensor:
+        return None
+    if reader.op == "Clip" and any(constant_value(bound) is None for bound in reader.inputs[1:] if not is_empty(bound)):
+        return None
+    return reader
+
+
+def _activation_inputs(node: gs.Node) -> list[gs.Tensor]:
+    """A layer's float32 activation inputs (MatMul: both operands) that are not constants."""
     slots = [0, 1] if node.op == "MatMul" else [0]
-    weight_is_float = len(node.inputs) > 1 and (_float_weight(node) is not None or _is_dequantized(node.inputs[1]))
+    weight_is_float = len(node.inputs) > 1 and (float_weight(node) is not None or _is_dequantized(node.inputs[1]))
     found = []
     for slot in slots:
-        if slot >= len(node.inputs):
+        if slot >= len(node.inputs) or is_empty(node.inputs[slot]):
             continue
         tensor = node.inputs[slot]
         if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None or _is_dequantized(tensor):
             continue
-        dtype = np.dtype(tensor.dtype) if tensor.dtype is not None else None
-        if dtype == np.float32 or (dtype is None and weight_is_float):
-            found.append((slot, tensor))
+        if tensor.dtype is None and weight_is_float:
+            tensor.dtype = np.float32  # a layer's data input has its weight's type
+        if tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32:
+            found.append(tensor)
     return found
 
 
@@ -191,47 +379,58 @@ def _is_dequantized(tensor: gs.Tensor) -> bool:
     return node is not None and node.op == "DequantizeLinear"
 
 
+def activation_tensors(graph: gs.Graph, exclude: str = "", include: str = "") -> list[str]:
+    """Names of the tensors quantize-int8 (full mode) wants a calibrated range for, in graph order."""
+    return plan(graph, quantizable_layers(graph, exclude, include)).tensor_names()
+
+
 def _quantize_activations(
-    graph: gs.Graph, layers: list[gs.Node], ranges: dict, activation_type: str, symmetric: bool, names
+    graph: gs.Graph, placement: Placement, ranges: dict, activation_type: str, symmetric: bool, names
 ) -> tuple[int, int]:
-    """One QuantizeLinear -> DequantizeLinear pair per calibrated activation, read by every quantized
-    layer that read the activation; returns (tensors quantized, tensors left float for want of a range)."""
-    dequantized: dict[int, gs.Variable] = {}
-    unranged: set[int] = set()
-    for node in layers:
-        for slot, tensor in _activation_inputs(node):
-            if id(tensor) not in dequantized:
-                limits = ranges.get(tensor.name)
-                if limits is None or not all(np.isfinite(limits)):
-                    unranged.add(id(tensor))
-                    continue
-                scale, zero_point = _activation_parameters(limits, activation_type, symmetric)
-                base = tensor.name
-                quantized = gs.Variable(names(f"{base}_quantized"), dtype=zero_point.dtype.type, shape=tensor.shape)
-                output = gs.Variable(names(f"{base}_dequantized"), dtype=np.float32, shape=tensor.shape)
-                scale_constant = gs.Constant(names(f"{base}_scale"), scale)
-                zero_point_constant = gs.Constant(names(f"{base}_zero_point"), zero_point)
-                quantize = gs.Node(
-                    "QuantizeLinear",
-                    name=names(f"{base}_QuantizeLinear"),
-                    inputs=[tensor, scale_constant, zero_point_constant],
-                    outputs=[quantized],
-                )
-                dequantize = gs.Node(
-                    "DequantizeLinear",
-                    name=names(f"{base}_DequantizeLinear"),
-                    inputs=[quantized, scale_constant, zero_point_constant],
-                    outputs=[output],
-                )
-                # Before the first quantized reader: the tensor is defined by then, so order stays topological.
-                insert_before(graph, node, quantize, dequantize)
-                dequantized[id(tensor)] = output
-            if id(tensor) in dequantized:
-                node.inputs[slot] = dequantized[id(tensor)]
-    return len(dequantized), len(unranged)
+    """A QuantizeLinear -> DequantizeLinear pair after each placed tensor's producer, read by all its
+    readers; returns (tensors quantized, tensors left float for want of a range)."""
+    parameters: dict[int, tuple[gs.Constant, gs.Constant]] = {}
+    unranged = 0
+    for tensor in placement.calibrated:
+        limits = ranges.get(tensor.name)
+        if limits is None or not all(np.isfinite(limits)):
+            unranged += 1
+            continue
+        scale, zero_point = activation_parameters(limits, activation_type, symmetric)
+        parameters[id(tensor)] = (
+            gs.Constant(names(f"{tensor.name}_s"), scale),
+            gs.Constant(names(f"{tensor.name}_z"), zero_point),
+        )
+    for key, output in placement.outputs.items():
+        source = placement.shared[key]
+        if id(source) in parameters:
+            parameters[key] = parameters[id(source)]
+    pairs: dict[int, list[gs.Node]] = {}  # id(producer) or 0 for graph inputs -> new nodes after it
+    tensors = {id(tensor): tensor for tensor in placement.calibrated} | placement.outputs
+    for key, (scale, zero_point) in parameters.items():
+        tensor = tensors[key]
+        quantized = gs.Variable(names(f"{tensor.name}_q"), dtype=zero_point.values.dtype.type, shape=tensor.shape)
+        dequantized = gs.Variable(names(f"{tensor.name}_dq"), dtype=np.float32, shape=tensor.shape)
+        replace_all_uses(tensor, dequantized)
+        quantize = gs.Node(
+            "QuantizeLinear", inputs=[tensor, scale, zero_point], outputs=[quantized]
+        )
+        dequantize = gs.Node(
+            "DequantizeLinear",
+            inputs=[quantized, scale, zero_point],
+            outputs=[dequantized],
+        )
+        source = producer(tensor)
+        pairs.setdefault(id(source) if source is not None else 0, []).extend([quantize, dequantize])
+    ordered = list(pairs.get(0, []))
+    for node in graph.nodes:
+        ordered.append(node)
+        ordered.extend(pairs.get(id(node), []))
+    graph.nodes = ordered
+    return len(parameters), unranged
 
 
-def _activation_parameters(limits, activation_type: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def activation_parameters(limits, activation_type: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """(scale float32 scalar, zero point scalar of the activation type) for a calibrated (low, high)."""
     dtype, qmin, qmax = ACTIVATION_TYPES[activation_type]
     low, high = min(float(limits[0]), 0.0), max(float(limits[1]), 0.0)

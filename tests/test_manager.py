@@ -354,7 +354,7 @@ def real_passes():
 
 
 # Passes that need calibration data run here in the mode that needs none.
-OPTIONS_WITHOUT_DATA = {"quantize-int8": {"weight_only": True}}
+OPTIONS_WITHOUT_DATA = {"quantize-int8": {"mode": "weights"}}
 
 
 @pytest.mark.parametrize("model_name", sorted(IDEMPOTENCE_MODELS))

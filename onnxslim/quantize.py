@@ -1,0 +1,669 @@
+"""INT8 post-training quantization of a simplified model, end to end.
+
+    quantized, report = quantize_model(model, CalibrationData.from_path(model, "calib/"), QuantizeOptions())
+
+1. Choose the form for the CPU (`mode=auto`): build the full int8 model (QDQ placed so that
+   onnxruntime fuses it into QLinearConv and friends) and time it against the float model on
+   this machine. If it is clearly faster and keeps the fidelity floor, keep it; otherwise only
+   the weights become int8 (`weights`), in a form onnxruntime turns back into float32 at load:
+   the file is still 4x smaller and inference exactly as fast as float. The report gives the
+   measured latencies and the CPU's 8-bit instructions. On x86 without VNNI the u8 x s8 kernels
+   add pairs of products in 16 bits, so full mode uses 7-bit weights there (no saturation).
+2. Calibrate (full mode): the activation ranges the placement needs, by minmax, percentile,
+   entropy (KL) or MSE, one sample at a time (onnxslim.calibration).
+3. Quantize with the `quantize-int8` pass; optional bias correction (the mean shift the weight
+   rounding causes, removed through the layer's bias).
+4. Measure fidelity on held-out samples with the kernels onnxruntime really runs (optimizations
+   on): SQNR and cosine of every output. With a fidelity target that is missed, measure each
+   layer's sensitivity (output SQNR with only that layer quantized) and keep the most sensitive
+   layers in float until the target is met.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from .calibration import CalibrationData, calibrate_ranges, capture_activations
+from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .graph import constant_value, is_empty, unique_names
+from .manager import PassContext, get_pass
+from .model import to_graph, to_model
+from .passes.quantize_qdq import (
+    REDUCED_WEIGHT_LIMIT,
+    WEIGHT_LIMIT,
+    activation_tensors,
+    float_weight,
+    quantizable_layers,
+    symmetric_int8,
+    weight_axis,
+)
+from .verify import FidelityPool, Runner, sqnr_db
+
+logger = logging.getLogger("onnxslim")
+
+MODES = ("auto", "full", "weights")
+METHODS = ("minmax", "percentile", "entropy", "mse")
+PER_CHANNEL_OPSET = 13
+# auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
+# much faster than float its measured latency must be to be chosen.
+DEFAULT_AUTO_TARGET_TEXT = "cosine=0.99"
+FASTER_ENOUGH = 0.85
+LATENCY_RUNS = 7
+# Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).
+SENSITIVITY_SAMPLES = 4
+# x86 and Arm CPU flags that give onnxruntime fast 8-bit dot products.
+FAST_INT8_FLAGS = {
+    "avx512_vnni": "AVX-512 VNNI",
+    "avx_vnni": "AVX-VNNI",
+    "amx_int8": "AMX-INT8",
+    "asimddp": "Arm dot product",
+    "i8mm": "Arm int8 matrix multiply",
+}
+
+
+# ----------------------------------------------------------------------------- the CPU
+
+
+@dataclass(frozen=True)
+class CpuInt8Support:
+    """What this CPU offers 8-bit inference, and the conclusion drawn from it."""
+
+    model: str
+    flags: tuple[str, ...]
+    fast_int8: bool
+    reason: str
+    saturates: bool = False  # x86 without VNNI: u8 x s8 pairs add in 16 bits (see REDUCED_WEIGHT_LIMIT)
+
+
+def cpu_int8_support(cpuinfo: str | None = None) -> CpuInt8Support:
+    """Read /proc/cpuinfo (or the text given) for 8-bit dot-product instructions."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    model = _cpuinfo_field(cpuinfo, ("model name", "Hardware", "CPU part")) or platform.processor() or "unknown CPU"
+    flags = set((_cpuinfo_field(cpuinfo, ("flags", "Features")) or "").split())
+    found = tuple(sorted(flag for flag in FAST_INT8_FLAGS if flag in flags))
+    relevant = tuple(sorted(flag for flag in flags if flag in {"avx2", "avx512f", "avx512bw", "sse4_1"} | set(FAST_INT8_FLAGS)))
+    if found:
+        names = ", ".join(FAST_INT8_FLAGS[flag] for flag in found)
+        return CpuInt8Support(model, relevant, True, f"{model} has {names}")
+    if platform.machine().lower() in ("arm64", "aarch64") and not cpuinfo:
+        return CpuInt8Support(model, relevant, True, f"{model}: Apple/Arm64 CPUs have dot-product instructions")
+    x86 = bool(flags & {"sse4_1", "avx2"}) or platform.machine().lower() in ("x86_64", "amd64")
+    detail = "AVX2 but no VNNI" if "avx2" in flags else "no 8-bit dot-product instructions"
+    return CpuInt8Support(model, relevant, False, f"{model} has {detail}", saturates=x86)
+
+
+def _cpuinfo_field(text: str, keys: Sequence[str]) -> str | None:
+    for key in keys:
+        match = re.search(rf"^{re.escape(key)}\s*:\s*(.*)$", text, re.MULTILINE)
+        if match:
+            return match.group(1).strip()
+    return None
+
+
+# ----------------------------------------------------------------------------- options and report
+
+
+@dataclass(frozen=True)
+class FidelityTarget:
+    """The fidelity the quantized model must keep on every output: SQNR in dB or cosine."""
+
+    metric: str  # "sqnr_db" or "cosine"
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> FidelityTarget:
+        """'30dB', 'sqnr=30', 'cosine=0.999' (or a bare number: below 1 a cosine, else dB)."""
+        cleaned = text.strip().lower().replace(" ", "")
+        metric, _, number = cleaned.rpartition("=")
+        if not metric and cleaned.endswith("db"):
+            metric, number = "sqnr", cleaned[:-2]
+        try:
+            value = float(number)
+        except ValueError:
+            raise InputSpecError(f"--fidelity-target '{text}': expected e.g. 30dB, sqnr=30 or cosine=0.999") from None
+        if not metric:
+            metric = "cosine" if value < 1 else "sqnr"
+        if metric not in ("sqnr", "cosine"):
+            raise InputSpecError(f"--fidelity-target '{text}': the metric is sqnr or cosine, not '{metric}'")
+        if metric == "cosine" and not -1 <= value <= 1:
+            raise InputSpecError(f"--fidelity-target '{text}': a cosine lies in [-1, 1]")
+        return cls("sqnr_db" if metric == "sqnr" else "cosine", value)
+
+    def met(self, fidelity: dict) -> bool:
+        return fidelity[self.metric] >= self.value
+
+    def __str__(self) -> str:
+        return f"SQNR >= {self.value:g} dB" if self.metric == "sqnr_db" else f"cosine >= {self.value:g}"
+
+
+DEFAULT_AUTO_TARGET = FidelityTarget.parse(DEFAULT_AUTO_TARGET_TEXT)
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How to quantize; `mode=auto` picks full or weights from the CPU (see cpu_int8_support)."""
+
+    mode: str = "auto"
+    method: str = "minmax"
+    per_channel: bool = True
+    activation_type: str = "uint8"
+    symmetric_activations: bool = False
+    weight_form: str = ""
+    exclude: tuple[str, ...] = ()
+    fidelity_target: FidelityTarget | None = None
+    bias_correction: bool = True
+    reduce_range: bool | None = None  # 7-bit weights in full mode; None: when the CPU is x86 without VNNI
+    held_out: int | None = None  # evaluation samples kept apart; default: a fifth, at most 8
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UsageError(f"quantization mode must be one of {', '.join(MODES)}, not '{self.mode}'")
+        if self.method not in METHODS:
+            raise UsageError(f"calibration method must be one of {', '.join(METHODS)}, not '{self.method}'")
+
+
+@dataclass
+class LayerRecord:
+    """One quantizable layer: int8 or float, why, and its error."""
+
+    name: str
+    op: str
+    status: str  # "int8" or "float"
+    reason: str = ""
+    weight_sqnr_db: float | None = None  # the weight's own rounding error
+    sensitivity_sqnr_db: float | None = None  # model output SQNR with only this layer quantized
+
+
+@dataclass
+class QuantizationReport:
+    mode: str
+    reason: str
+    cpu: str
+    cpu_flags: list
+    method: str | None
+    calibration: str
+    calibration_samples: int
+    evaluation: str
+    evaluation_samples: int
+    layers: list[LayerRecord] = field(default_factory=list)
+    activations: int = 0
+    unranged: int = 0
+    fidelity: dict = field(default_factory=dict)  # worst output: sqnr_db, cosine (pooled over samples)
+    per_output: dict = field(default_factory=dict)
+    target: str | None = None
+    target_met: bool | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: dict = field(default_factory=dict)
+    latency_ms: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return _json_safe(data)
+
+    def summary(self) -> str:
+        quantized = sum(layer.status == "int8" for layer in self.layers)
+        text = f"int8 ({self.mode}): {quantized}/{len(self.layers)} layers"
+        if self.mode == "full":
+            text += f", {self.activations} activations"
+        if self.fidelity:
+            text += "; " + self.summary_of(self.fidelity)
+        return text
+
+    @staticmethod
+    def summary_of(fidelity: dict) -> str:
+        return f"SQNR {fidelity['sqnr_db']:.1f} dB, cosine {fidelity['cosine']:.5f}" if fidelity else "fidelity not measured"
+
+
+def _json_safe(value):
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+# ----------------------------------------------------------------------------- quantizing
+
+
+def quantize_model(
+    model: onnx.ModelProto,
+    data: CalibrationData | None,
+    options: QuantizeOptions = QuantizeOptions(),
+    *,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    cpu: CpuInt8Support | None = None,
+) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """Quantize a (simplified) model to int8; see the module docstring for the steps."""
+    started = time.perf_counter()
+    cpu = cpu or cpu_int8_support()
+    if options.reduce_range is None:
+        options = replace(options, reduce_range=cpu.saturates)
+    if options.mode == "full" and data is None:
+        raise UsageError("full int8 quantization needs calibration data (--calibration DIR)")
+    calibration, evaluation = _split(data, options.held_out)
+    report = QuantizationReport(
+        mode=options.mode,
+        reason="",
+        cpu=cpu.reason,
+        cpu_flags=list(cpu.flags),
+        method=None,
+        calibration=calibration.description if calibration is not None else "none",
+        calibration_samples=len(calibration) if calibration is not None else 0,
+        evaluation=evaluation.description if evaluation is not None else "none",
+        evaluation_samples=len(evaluation) if evaluation is not None else 0,
+        target=str(options.fidelity_target) if options.fidelity_target else None,
+    )
+    if calibration is not None and calibration.synthetic:
+        report.notes.append("calibrated on random data: the ranges say nothing about real inputs")
+    if evaluation is not None and calibration is not None and evaluation.labels == calibration.labels:
+        report.notes.append("fewer than 5 samples: fidelity is measured on the calibration samples themselves")
+
+    if options.reduce_range and options.mode != "weights":
+        report.notes.append("7-bit weights in full mode: this x86 CPU has no VNNI, and its u8 x s8 kernel would saturate 8-bit ones")
+    input_means = None
+    if options.bias_correction and calibration is not None:
+        input_means = _layer_input_means(model, calibration, options.exclude, progress)
+    reference = _Outputs(model, evaluation) if evaluation is not None else None
+    excluded: dict[str, str] = {}
+    sensitivity: dict[str, dict] = {}
+
+    def quantize_fully() -> tuple[onnx.ModelProto, _Builder]:
+        """Full int8 (calibrated activations), with the most sensitive layers kept in float
+        when a fidelity target asks for it."""
+        nonlocal sensitivity
+        full_model, per_channel = model, options.per_channel
+        if per_channel and _opset(model) < PER_CHANNEL_OPSET:
+            full_model, per_channel = _upgrade_for_per_channel(model, calibration, report)
+        ranges = calibrate_ranges(
+            full_model,
+            calibration,
+            _activation_tensors(full_model, options.exclude),
+            method=options.method,
+            symmetric=options.symmetric_activations,
+            progress=(lambda done, total: progress("calibrating", done, total)) if progress else None,
+        )
+        report.seconds["calibrate"] = time.perf_counter() - started
+        build = _Builder(full_model, "full", options, per_channel, ranges, input_means)
+        excluded.update(_user_excluded(build, options))
+        candidate, counters = build(set(excluded))
+        report.activations, report.unranged = counters.get("activations", 0), counters.get("unranged", 0)
+        if reference is not None:
+            report.fidelity, report.per_output = reference.fidelity(candidate)
+            if target is not None and not target.met(report.fidelity):
+                sensitivity = _sensitivity(build, reference, set(excluded), progress)
+                ranked = sorted(sensitivity, key=lambda name: sensitivity[name][target.metric])
+                candidate, kept_float, report.fidelity, report.per_output = _keep_float_until_met(
+                    build, reference, excluded, ranked, target
+                )
+                for name in kept_float:
+                    excluded[name] = "kept in float for the fidelity target"
+        return candidate, build
+
+    def quantize_weights() -> tuple[onnx.ModelProto, _Builder]:
+        build = _Builder(model, "weights", options, options.per_channel, None, input_means)
+        excluded.clear()
+        excluded.update(_user_excluded(build, options))
+        candidate, _ = build(set(excluded))
+        report.activations = report.unranged = 0
+        if reference is not None:
+            report.fidelity, report.per_output = reference.fidelity(candidate)
+        return candidate, build
+
+    target = options.fidelity_target
+    if options.mode == "weights":
+        report.mode, report.reason = "weights", "asked for (--quantize-mode weights)"
+        quantized, build = quantize_weights()
+    elif options.mode == "full":
+        report.mode, report.reason, report.method = "full", "asked for (--quantize-mode full)", options.method
+        quantized, build = quantize_fully()
+    elif data is None:
+        report.mode, report.reason = "weights", "no calibration data: only the weights are int8 (activations need calibrating)"
+        quantized, build = quantize_weights()
+    else:
+        # auto: full int8 when it is faster here and keeps the fidelity floor, else weights only.
+        target = target or DEFAULT_AUTO_TARGET
+        report.target = str(target)
+        quantized, build = quantize_fully()
+        feed = next(iter(evaluation))
+        report.latency_ms = _latencies_ms({"float": model, "full int8": quantized}, feed)
+        float_ms, int8_ms = report.latency_ms["float"], report.latency_ms["full int8"]
+        speed = f"{int8_ms:.1f} ms vs {float_ms:.1f} ms float (1 thread, measured on {cpu.model})"
+        faster = int8_ms < FASTER_ENOUGH * float_ms
+        if faster and (reference is None or target.met(report.fidelity)):
+            report.mode, report.method = "full", options.method
+            report.reason = f"int8 kernels are faster on this CPU: {speed}"
+        else:
+            why = f"int8 kernels are not faster on this CPU ({speed})" if not faster else (
+                f"full int8 misses {target} even with sensitive layers in float"
+            )
+            report.mode = "weights"
+            report.reason = f"{why}: only the weights are int8, turned back into float when onnxruntime loads the model"
+            report.notes.append(f"full int8 was tried: {report.summary_of(report.fidelity)}")
+            sensitivity = {}
+            quantized, build = quantize_weights()
+            report.latency_ms["weights int8"] = _latencies_ms({"weights int8": quantized}, feed)["weights int8"]
+    if target is not None and report.fidelity:
+        report.target_met = target.met(report.fidelity)
+    elif target is not None:
+        report.notes.append("no calibration data to measure fidelity with: the target was not checked")
+
+    weight_errors = build.weight_errors()
+    for name in build.layer_names:
+        report.layers.append(
+            LayerRecord(
+                name=name,
+                op=build.layer_ops[name],
+                status="float" if name in excluded else "int8",
+                reason=excluded.get(name, ""),
+                weight_sqnr_db=weight_errors.get(name),
+                sensitivity_sqnr_db=sensitivity.get(name, {}).get("sqnr_db"),
+            )
+        )
+    if build.corrected:
+        report.notes.append(f"bias correction on {build.corrected} layers")
+    report.seconds["total"] = time.perf_counter() - started
+    return quantized, report
+
+
+def _user_excluded(build: _Builder, options: QuantizeOptions) -> dict[str, str]:
+    return {name: "excluded (--exclude)" for name in build.layer_names if _matches(name, build.layer_ops[name], options.exclude)}
+
+
+def _latencies_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int = LATENCY_RUNS) -> dict[str, float]:
+    """Each model's onnxruntime latency on one thread with optimizations on: the fastest of
+    `runs` runs after a warm-up, the models taking turns so that load from elsewhere on the
+    machine hits them alike."""
+    runners = {name: Runner(model, label=name, threads=1, optimized=True) for name, model in models.items()}
+    best = {name: math.inf for name in runners}
+    for runner in runners.values():
+        runner.run(feed)
+    for _ in range(runs):
+        for name, runner in runners.items():
+            begin = time.perf_counter()
+            runner.run(feed)
+            best[name] = min(best[name], (time.perf_counter() - begin) * 1000)
+    return best
+
+
+def evaluation_samples(data: CalibrationData, held_out: int | None = None) -> CalibrationData:
+    """The samples fidelity is measured on: the held-out ones (all of them when too few to split)."""
+    return _split(data, held_out)[1]
+
+
+def _split(data: CalibrationData | None, held_out: int | None):
+    if data is None:
+        return None, None
+    if held_out is None:
+        held_out = min(8, len(data) // 5)
+    if held_out <= 0:
+        return data, data
+    return data.split(held_out)
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), 0)
+
+
+def _upgrade_for_per_channel(model, calibration, report) -> tuple[onnx.ModelProto, bool]:
+    """Per-channel weights need opset 13: convert the model if onnx can and it still computes
+    the same; otherwise fall back to one scale per tensor."""
+    opset = _opset(model)
+    try:
+        upgraded = onnx.version_converter.convert_version(model, PER_CHANNEL_OPSET)
+        onnx.checker.check_model(upgraded)
+        feed = next(iter(calibration))
+        before = Runner(model, label="model").run(feed)
+        after = Runner(upgraded, label="converted model").run(feed)
+        if all(np.allclose(before[name], after[name], rtol=1e-4, atol=1e-5) for name in before):
+            report.notes.append(f"opset {opset} converted to {PER_CHANNEL_OPSET} for per-channel weights (outputs unchanged)")
+            return upgraded, True
+        problem = "the converted model computes something else"
+    except Exception as error:  # the converter raises many kinds of errors
+        problem = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+    report.notes.append(f"opset {opset} < {PER_CHANNEL_OPSET} and conversion failed ({problem}): one weight scale per tensor")
+    return model, False
+
+
+def _matches(name: str, op: str, patterns: Sequence[str]) -> bool:
+    return any(pattern == name or pattern == op for pattern in patterns)
+
+
+def _activation_tensors(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:
+    return activation_tensors(_annotated_graph(model), ",".join(exclude))
+
+
+def _annotated_graph(model: onnx.ModelProto):
+    """The model as a graph with every tensor's dtype and shape inferred (placement reads dtypes)."""
+    graph = to_graph(model)
+    get_pass("infer-shapes")(graph, PassContext(logger=logger))
+    return graph
+
+
+class _Builder:
+    """Builds the quantized model for a set of layers kept in float (or only one layer quantized)."""
+
+    def __init__(self, model, mode, options: QuantizeOptions, per_channel, ranges, input_means):
+        self.model, self.mode, self.options = model, mode, options
+        self.per_channel, self.ranges, self.input_means = per_channel, ranges, input_means
+        form = options.weight_form or ("cast-mul" if mode == "weights" else "dequantize")
+        # The pass falls back to one scale per tensor for DequantizeLinear before opset 13.
+        self.scales_per_channel = per_channel and (form == "cast-mul" or _opset(model) >= PER_CHANNEL_OPSET)
+        self.reduce_range = mode == "full" and bool(options.reduce_range)
+        self.weight_limit = REDUCED_WEIGHT_LIMIT if self.reduce_range else WEIGHT_LIMIT
+        layers = quantizable_layers(to_graph(model))
+        self.layer_names = [node.name for node in layers if node.name]
+        self.layer_ops = {node.name: node.op for node in layers if node.name}
+        self.corrected = 0
+
+    def __call__(self, float_layers: set[str], only: str = "") -> tuple[onnx.ModelProto, dict]:
+        graph = _annotated_graph(self.model)
+        context = PassContext(calibration=self.ranges, logger=logger)
+        options = dict(
+            mode=self.mode,
+            per_channel=self.per_channel,
+            activation_type=self.options.activation_type,
+            symmetric_activations=self.options.symmetric_activations,
+            weight_form=self.options.weight_form,
+            exclude=",".join(sorted(float_layers)),
+            include=only,
+            reduce_range=self.reduce_range,
+        )
+        if self.input_means is not None:
+            self.corrected = _correct_biases(graph, self.input_means, float_layers, only, self.scales_per_channel, self.weight_limit)
+        result = get_pass("quantize-int8")(graph, context, **options)
+        for name in ("eliminate-dead-nodes",):
+            get_pass(name)(graph, context)
+        return to_model(graph, self.model), result.counters
+
+    def weight_errors(self) -> dict[str, float]:
+        """Each layer's weight SQNR (dB) after int8 rounding."""
+        errors = {}
+        for node in quantizable_layers(to_graph(self.model)):
+            value = float_weight(node)
+            if value is None or not node.name:
+                continue
+            axis = weight_axis(node, value.ndim) if self.scales_per_channel else None
+            quantized, scale = symmetric_int8(value, axis, self.weight_limit)
+            restored = quantized * (scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis)))
+            errors[node.name] = sqnr_db(value.astype(np.float64), restored.astype(np.float64))
+        return errors
+
+
+class _Outputs:
+    """The float model's outputs on the evaluation samples, to measure candidates against."""
+
+    def __init__(self, model: onnx.ModelProto, evaluation: CalibrationData):
+        self.feeds = list(evaluation)
+        runner = Runner(model, label="float model", optimized=True)
+        self.names = runner.output_names
+        self.reference = [runner.run(feed) for feed in self.feeds]
+
+    def fidelity(self, candidate: onnx.ModelProto, samples: int | None = None) -> tuple[dict, dict]:
+        """(the worst output's SQNR and cosine, per-output figures), pooled over the samples
+        (onnxslim.verify.FidelityPool), with the kernels onnxruntime really runs."""
+        runner = Runner(candidate, label="quantized model", optimized=True)
+        pools = {name: FidelityPool() for name in self.names}
+        for feed, reference in list(zip(self.feeds, self.reference))[:samples]:
+            outputs = runner.run(feed)
+            for name in self.names:
+                pools[name].add(reference[name], outputs[name])
+        per_output = {name: {"sqnr_db": pool.sqnr_db(), "cosine": pool.cosine(), "top1": pool.top1()} for name, pool in pools.items()}
+        worst = {
+            "sqnr_db": min(figures["sqnr_db"] for figures in per_output.values()),
+            "cosine": min(figures["cosine"] for figures in per_output.values()),
+        }
+        return worst, per_output
+
+
+def _sensitivity(build: _Builder, reference: _Outputs, excluded: set[str], progress) -> dict[str, dict]:
+    """Each quantizable layer's output fidelity when it alone is quantized."""
+    names = [name for name in build.layer_names if name not in excluded]
+    result = {}
+    for index, name in enumerate(names):
+        if progress:
+            progress("sensitivity", index, len(names))
+        candidate, counters = build(excluded, only=name)
+        if not counters.get("weights") and not counters.get("activations"):
+            continue
+        result[name], _ = reference.fidelity(candidate, samples=SENSITIVITY_SAMPLES)
+    if progress:
+        progress("sensitivity", len(names), len(names))
+    return result
+
+
+def _keep_float_until_met(build: _Builder, reference: _Outputs, excluded: dict, ranked: list[str], target):
+    """Keep the k most sensitive layers in float for the smallest k that meets the target:
+    k doubles until it does, then a bisection finds the smallest such k."""
+    cache: dict[int, tuple] = {}
+
+    def attempt(count: int):
+        if count not in cache:
+            model, _ = build(set(excluded) | set(ranked[:count]))
+            cache[count] = (model, *reference.fidelity(model))
+        return cache[count]
+
+    low, high = 0, 1
+    while high < len(ranked) and not target.met(attempt(high)[1]):
+        low, high = high, min(len(ranked), high * 2)
+    if not target.met(attempt(high)[1]):
+        model, fidelity, per_output = attempt(high)
+        return model, ranked[:high], fidelity, per_output
+    while high - low > 1:
+        middle = (low + high) // 2
+        if target.met(attempt(middle)[1]):
+            high = middle
+        else:
+            low = middle
+    model, fidelity, per_output = attempt(high)
+    return model, ranked[:high], fidelity, per_output
+
+
+# ----------------------------------------------------------------------------- bias correction
+
+
+def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.ndarray]:
+    """Per-channel mean of each Conv/Gemm layer's input over the calibration samples (axis 1 for
+    Conv, the last axis for Gemm), keyed by layer name."""
+    graph = to_graph(model)
+    wanted: dict[str, str] = {}
+    for node in quantizable_layers(graph, ",".join(exclude)):
+        if node.op in ("Conv", "Gemm") and node.name and not is_empty(node.inputs[0]) and constant_value(node.inputs[0]) is None:
+            if node.op == "Gemm" and node.attrs.get("transA", 0):
+                continue
+            wanted[node.name] = node.inputs[0].name
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def reduce(name: str, value: np.ndarray) -> None:
+        value = np.asarray(value, dtype=np.float64)
+        if value.ndim < 2:
+            return
+        channels = value.reshape(value.shape[0], value.shape[1], -1).mean(axis=(0, 2)) if value.ndim > 2 else value.mean(axis=0)
+        sums[name] = sums.get(name, 0) + channels
+        counts[name] = counts.get(name, 0) + 1
+
+    try:
+        capture_activations(
+            model,
+            calibration,
+            sorted(set(wanted.values())),
+            reduce=reduce,
+            progress=(lambda done, total: progress("bias statistics", done, total)) if progress else None,
+        )
+    except VerificationUnavailable as error:
+        logger.warning("bias correction skipped: %s", error)
+        return {}
+    return {layer: sums[tensor] / counts[tensor] for layer, tensor in wanted.items() if tensor in sums}
+
+
+def _correct_biases(
+    graph, input_means: dict[str, np.ndarray], float_layers: set[str], only: str, per_channel: bool, limit: int
+) -> int:
+    """Fold the expected output shift of each layer's weight rounding into its bias:
+    b' = b - (W_q - W) . E[x], with E[x] the per-channel input mean (padding ignored)."""
+    import onnx_graphsurgeon as gs
+
+    names = unique_names(graph)
+    corrected = 0
+    for node in quantizable_layers(graph, ",".join(sorted(float_layers)), only):
+        mean = input_means.get(node.name)
+        value = float_weight(node)
+        if mean is None or value is None:
+            continue
+        axis = weight_axis(node, value.ndim) if per_channel else None
+        quantized, scale = symmetric_int8(value, axis, limit)
+        restored = quantized * (scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis)))
+        error = restored.astype(np.float64) - value.astype(np.float64)
+        if node.op == "Conv":
+            group = int(node.attrs.get("group", 1))
+            out_channels = value.shape[0]
+            per_group_in = value.shape[1]
+            if mean.shape[0] != per_group_in * group:
+                continue
+            summed = error.reshape(out_channels, per_group_in, -1).sum(axis=2)  # [Cout, Cin/g]
+            group_of = np.arange(out_channels) // (out_channels // group)
+            means = mean.reshape(group, per_group_in)[group_of]  # [Cout, Cin/g]
+            shift = (summed * means).sum(axis=1)
+        else:  # Gemm, no transA
+            weight_error = error.T if node.attrs.get("transB", 0) else error  # [K, N]
+            if mean.shape[0] != weight_error.shape[0]:
+                continue
+            shift = mean @ weight_error
+            shift = shift * float(node.attrs.get("alpha", 1.0))
+        bias_slot = 2
+        if len(node.inputs) > bias_slot and not is_empty(node.inputs[bias_slot]):
+            bias = constant_value(node.inputs[bias_slot])
+            if bias is None or bias.dtype != np.float32 or bias.shape != shift.shape:
+                continue
+            if node.op == "Gemm":
+                shift = shift / float(node.attrs.get("beta", 1.0))
+            new_bias = (bias.astype(np.float64) - shift).astype(np.float32)
+        else:
+            if node.op == "Gemm":
+                node.attrs["beta"] = 1.0
+            new_bias = (-shift).astype(np.float32)
+            while len(node.inputs) < bias_slot:
+                node.inputs.append(gs.Variable.empty())
+        constant = gs.Constant(names(f"{node.inputs[1].name if len(node.inputs) > 1 else node.name}_b"), new_bias)
+        if len(node.inputs) > bias_slot:
+            node.inputs[bias_slot] = constant
+        else:
+            node.inputs.append(constant)
+        corrected += 1
+    return corrected
