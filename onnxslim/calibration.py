@@ -1135,6 +1135,26 @@ def calibrate_ranges(
     }
 
 
+def calibrate_range_sets(
+    model: onnx.ModelProto | str | Path,
+    data: Iterable[Feed],
+    tensors: Iterable[str],
+    methods: Sequence[str],
+    *,
+    symmetric: bool = False,
+    bins: int = DEFAULT_BINS,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> dict[str, dict[str, tuple[float, float]]]:
+    """{method: ranges} for several methods from one pass over the samples (one histogram per tensor)."""
+    functions = {method: range_method(method) for method in methods}
+    histograms = HistogramObserver(bins)
+    capture_activations(model, data, tensors, reduce=histograms, progress=progress)
+    return {
+        method: {name: function(histogram, symmetric=symmetric) for name, histogram in histograms.histograms.items() if histogram.total}
+        for method, function in functions.items()
+    }
+
+
 def _absolute_counts(histogram: Histogram) -> tuple[np.ndarray, float]:
     """The histogram of |x| over [0, max |x|] in as many bins (float counts, spread evenly within bins)."""
     top = max(-histogram.min, histogram.max, 0.0)

@@ -111,8 +111,8 @@ def quantization_options(function):
     )
     @click.option("--preprocess", metavar="SPEC", help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225.")
     @click.option(
-        "--calibration-method", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax",
-        show_default=True, help="How activation ranges are chosen.",
+        "--calibration-method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), default="auto",
+        show_default=True, help="How activation ranges are chosen (auto: minmax, percentile and mse are tried, the most faithful kept).",
     )
     @click.option("--calibration-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
     @click.option(

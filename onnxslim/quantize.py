@@ -33,30 +33,34 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibration import CalibrationData, calibrate_ranges, capture_activations
+from .calibration import CalibrationData, calibrate_range_sets, capture_activations
 from .errors import InputSpecError, UsageError, VerificationUnavailable
 from .graph import constant_value, is_empty, unique_names
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 from .passes.quantize_qdq import (
     REDUCED_WEIGHT_LIMIT,
+    WEIGHT_CACHE,
     WEIGHT_LIMIT,
     activation_tensors,
     float_weight,
     quantizable_layers,
-    symmetric_int8,
     weight_axis,
+    weight_int8,
 )
 from .verify import FidelityPool, Runner, sqnr_db
 
 logger = logging.getLogger("onnxslim")
 
 MODES = ("auto", "full", "weights")
-METHODS = ("minmax", "percentile", "entropy", "mse")
+METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
+# method=auto tries these and keeps the one whose model is most faithful on calibration samples.
+AUTO_METHODS = ("minmax", "percentile", "mse")
+SELECTION_SAMPLES = 4
 PER_CHANNEL_OPSET = 13
 # auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
 # much faster than float its measured latency must be to be chosen.
-DEFAULT_AUTO_TARGET_TEXT = "cosine=0.99"
+DEFAULT_AUTO_TARGET_TEXT = "cosine=0.98"
 FASTER_ENOUGH = 0.85
 LATENCY_RUNS = 7
 # Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).
@@ -158,7 +162,7 @@ class QuantizeOptions:
     """How to quantize; `mode=auto` picks full or weights from the CPU (see cpu_int8_support)."""
 
     mode: str = "auto"
-    method: str = "minmax"
+    method: str = "auto"
     per_channel: bool = True
     activation_type: str = "uint8"
     symmetric_activations: bool = False
@@ -290,14 +294,13 @@ def quantize_model(
         full_model, per_channel = model, options.per_channel
         if per_channel and _opset(model) < PER_CHANNEL_OPSET:
             full_model, per_channel = _upgrade_for_per_channel(model, calibration, report)
-        ranges = calibrate_ranges(
-            full_model,
-            calibration,
-            _activation_tensors(full_model, options.exclude),
-            method=options.method,
-            symmetric=options.symmetric_activations,
-            progress=(lambda done, total: progress("calibrating", done, total)) if progress else None,
+        tensors = _activation_tensors(full_model, options.exclude)
+        calibrating = (lambda done, total: progress("calibrating", done, total)) if progress else None
+        methods = AUTO_METHODS if options.method == "auto" else (options.method,)
+        range_sets = calibrate_range_sets(
+            full_model, calibration, tensors, methods, symmetric=options.symmetric_activations, progress=calibrating
         )
+        ranges, report.method = _best_ranges(full_model, options, per_channel, range_sets, calibration, input_means, report)
         report.seconds["calibrate"] = time.perf_counter() - started
         build = _Builder(full_model, "full", options, per_channel, ranges, input_means)
         excluded.update(_user_excluded(build, options))
@@ -379,6 +382,27 @@ def quantize_model(
         report.notes.append(f"bias correction on {build.corrected} layers")
     report.seconds["total"] = time.perf_counter() - started
     return quantized, report
+
+
+def _best_ranges(model, options, per_channel, range_sets: dict, calibration, input_means, report) -> tuple[dict, str]:
+    """The range set whose fully quantized model is most faithful (worst output's SQNR) on a few
+    calibration samples; the held-out samples stay unseen for the report's fidelity."""
+    if len(range_sets) == 1:
+        (method, ranges), = range_sets.items()
+        return ranges, method
+    judge = _Outputs(model, calibration.limit(SELECTION_SAMPLES))
+    scores = {}
+    for method, ranges in range_sets.items():
+        build = _Builder(model, "full", options, per_channel, ranges, input_means)
+        candidate, _ = build(set(_user_excluded(build, options)))
+        scores[method] = judge.fidelity(candidate)[0]["sqnr_db"]
+    best = max(scores, key=scores.get)
+    report.notes.append(
+        "calibration method chosen on calibration samples: "
+        + ", ".join(f"{method} {score:.1f} dB" for method, score in scores.items())
+        + f" -> {best}"
+    )
+    return range_sets[best], best
 
 
 def _user_excluded(build: _Builder, options: QuantizeOptions) -> dict[str, str]:
@@ -465,6 +489,7 @@ class _Builder:
         # The pass falls back to one scale per tensor for DequantizeLinear before opset 13.
         self.scales_per_channel = per_channel and (form == "cast-mul" or _opset(model) >= PER_CHANNEL_OPSET)
         self.reduce_range = mode == "full" and bool(options.reduce_range)
+        self.weights: dict = {}  # quantized weights, shared by every build (see weight_int8)
         self.weight_limit = REDUCED_WEIGHT_LIMIT if self.reduce_range else WEIGHT_LIMIT
         layers = quantizable_layers(to_graph(model))
         self.layer_names = [node.name for node in layers if node.name]
@@ -473,7 +498,7 @@ class _Builder:
 
     def __call__(self, float_layers: set[str], only: str = "") -> tuple[onnx.ModelProto, dict]:
         graph = _annotated_graph(self.model)
-        context = PassContext(calibration=self.ranges, logger=logger)
+        context = PassContext(options={WEIGHT_CACHE: self.weights}, calibration=self.ranges, logger=logger)
         options = dict(
             mode=self.mode,
             per_channel=self.per_channel,
@@ -485,11 +510,17 @@ class _Builder:
             reduce_range=self.reduce_range,
         )
         if self.input_means is not None:
-            self.corrected = _correct_biases(graph, self.input_means, float_layers, only, self.scales_per_channel, self.weight_limit)
+            self.corrected = _correct_biases(
+                graph, self.input_means, float_layers, only, self.scales_per_channel, self.weight_limit, self.weights
+            )
         result = get_pass("quantize-int8")(graph, context, **options)
         for name in ("eliminate-dead-nodes",):
             get_pass(name)(graph, context)
-        return to_model(graph, self.model), result.counters
+        quantized = to_model(graph, self.model)
+        # Intermediate shapes are optional and every runtime infers them; with a Q/DQ pair per
+        # activation they would weigh more than a small model's biases and scales.
+        del quantized.graph.value_info[:]
+        return quantized, result.counters
 
     def weight_errors(self) -> dict[str, float]:
         """Each layer's weight SQNR (dB) after int8 rounding."""
@@ -499,8 +530,8 @@ class _Builder:
             if value is None or not node.name:
                 continue
             axis = weight_axis(node, value.ndim) if self.scales_per_channel else None
-            quantized, scale = symmetric_int8(value, axis, self.weight_limit)
-            restored = quantized * (scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis)))
+            quantized, scale = weight_int8(self.weights, node.inputs[1].name, value, axis, self.weight_limit, True)
+            restored = quantized * _broadcast(scale.astype(np.float64), axis, value.ndim)
             errors[node.name] = sqnr_db(value.astype(np.float64), restored.astype(np.float64))
         return errors
 
@@ -577,6 +608,10 @@ def _keep_float_until_met(build: _Builder, reference: _Outputs, excluded: dict, 
 # ----------------------------------------------------------------------------- bias correction
 
 
+def _broadcast(scale: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
+    return scale if axis is None else np.expand_dims(scale, tuple(dim for dim in range(rank) if dim != axis))
+
+
 def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.ndarray]:
     """Per-channel mean of each Conv/Gemm layer's input over the calibration samples (axis 1 for
     Conv, the last axis for Gemm), keyed by layer name."""
@@ -613,7 +648,7 @@ def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.nd
 
 
 def _correct_biases(
-    graph, input_means: dict[str, np.ndarray], float_layers: set[str], only: str, per_channel: bool, limit: int
+    graph, input_means: dict[str, np.ndarray], float_layers: set[str], only: str, per_channel: bool, limit: int, cache: dict
 ) -> int:
     """Fold the expected output shift of each layer's weight rounding into its bias:
     b' = b - (W_q - W) . E[x], with E[x] the per-channel input mean (padding ignored)."""
@@ -627,8 +662,8 @@ def _correct_biases(
         if mean is None or value is None:
             continue
         axis = weight_axis(node, value.ndim) if per_channel else None
-        quantized, scale = symmetric_int8(value, axis, limit)
-        restored = quantized * (scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis)))
+        quantized, scale = weight_int8(cache, node.inputs[1].name, value, axis, limit, True)
+        restored = quantized * _broadcast(scale.astype(np.float64), axis, value.ndim)
         error = restored.astype(np.float64) - value.astype(np.float64)
         if node.op == "Conv":
             group = int(node.attrs.get("group", 1))

