@@ -35,10 +35,11 @@ import onnx
 
 from .calibration import CalibrationData, calibrate_range_sets, capture_activations
 from .errors import InputSpecError, UsageError, VerificationUnavailable
-from .graph import constant_value, is_empty, unique_names
+from .graph import constant_value, is_empty
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 from .passes.quantize_qdq import (
+    INPUT_MEANS,
     REDUCED_WEIGHT_LIMIT,
     WEIGHT_CACHE,
     WEIGHT_LIMIT,
@@ -285,6 +286,7 @@ def quantize_model(
         input_means = _layer_input_means(model, calibration, options.exclude, progress)
     reference = _Outputs(model, evaluation) if evaluation is not None else None
     excluded: dict[str, str] = {}
+    kept_float_names: set[str] = set()
     sensitivity: dict[str, dict] = {}
 
     def quantize_fully() -> tuple[onnx.ModelProto, _Builder]:
@@ -311,11 +313,17 @@ def quantize_model(
             if target is not None and not target.met(report.fidelity):
                 sensitivity = _sensitivity(build, reference, set(excluded), progress)
                 ranked = sorted(sensitivity, key=lambda name: sensitivity[name][target.metric])
-                candidate, kept_float, report.fidelity, report.per_output = _keep_float_until_met(
+                candidate, kept_float, report.fidelity, report.per_output, int8_storage = _keep_float_until_met(
                     build, reference, excluded, ranked, target
                 )
                 for name in kept_float:
-                    excluded[name] = "kept in float for the fidelity target"
+                    excluded[name] = (
+                        "kept in float compute (int8-stored weights) for the fidelity target"
+                        if int8_storage
+                        else "kept in float (weights too) for the fidelity target"
+                    )
+                if int8_storage:
+                    kept_float_names.update(kept_float)
         return candidate, build
 
     def quantize_weights() -> tuple[onnx.ModelProto, _Builder]:
@@ -372,7 +380,7 @@ def quantize_model(
             LayerRecord(
                 name=name,
                 op=build.layer_ops[name],
-                status="float" if name in excluded else "int8",
+                status=("float compute" if name in kept_float_names else "float") if name in excluded else "int8",
                 reason=excluded.get(name, ""),
                 weight_sqnr_db=weight_errors.get(name),
                 sensitivity_sqnr_db=sensitivity.get(name, {}).get("sqnr_db"),
@@ -496,9 +504,12 @@ class _Builder:
         self.layer_ops = {node.name: node.op for node in layers if node.name}
         self.corrected = 0
 
-    def __call__(self, float_layers: set[str], only: str = "") -> tuple[onnx.ModelProto, dict]:
+    def __call__(self, float_layers: set[str], only: str = "", float_compute: set[str] = frozenset()) -> tuple[onnx.ModelProto, dict]:
+        """The model with `float_layers` left float, `float_compute` layers computing in float
+        from int8-stored weights (full mode), or with only the layer `only` quantized."""
         graph = _annotated_graph(self.model)
-        context = PassContext(options={WEIGHT_CACHE: self.weights}, calibration=self.ranges, logger=logger)
+        shared = {WEIGHT_CACHE: self.weights, INPUT_MEANS: self.input_means}
+        context = PassContext(options=shared, calibration=self.ranges, logger=logger)
         options = dict(
             mode=self.mode,
             per_channel=self.per_channel,
@@ -507,13 +518,11 @@ class _Builder:
             weight_form=self.options.weight_form,
             exclude=",".join(sorted(float_layers)),
             include=only,
+            float_compute=",".join(sorted(float_compute)),
             reduce_range=self.reduce_range,
         )
-        if self.input_means is not None:
-            self.corrected = _correct_biases(
-                graph, self.input_means, float_layers, only, self.scales_per_channel, self.weight_limit, self.weights
-            )
         result = get_pass("quantize-int8")(graph, context, **options)
+        self.corrected = result.counters.get("corrected_biases", 0)
         for name in ("eliminate-dead-nodes",):
             get_pass(name)(graph, context)
         quantized = to_model(graph, self.model)
@@ -580,29 +589,37 @@ def _sensitivity(build: _Builder, reference: _Outputs, excluded: set[str], progr
 
 def _keep_float_until_met(build: _Builder, reference: _Outputs, excluded: dict, ranked: list[str], target):
     """Keep the k most sensitive layers in float for the smallest k that meets the target:
-    k doubles until it does, then a bisection finds the smallest such k."""
-    cache: dict[int, tuple] = {}
+    k doubles until it does, then a bisection finds the smallest such k. Kept layers first
+    compute in float from their int8-stored weights (the file stays small); when even that
+    cannot meet the target, they keep their float weights too. Returns (model, kept layers,
+    fidelity, per-output fidelity, whether the kept layers' weights stay int8)."""
+    for int8_storage in (True, False):
+        cache: dict[int, tuple] = {}
 
-    def attempt(count: int):
-        if count not in cache:
-            model, _ = build(set(excluded) | set(ranked[:count]))
-            cache[count] = (model, *reference.fidelity(model))
-        return cache[count]
+        def attempt(count: int):
+            if count not in cache:
+                kept = set(ranked[:count])
+                if int8_storage:
+                    model, _ = build(set(excluded), float_compute=kept)
+                else:
+                    model, _ = build(set(excluded) | kept)
+                cache[count] = (model, *reference.fidelity(model))
+            return cache[count]
 
-    low, high = 0, 1
-    while high < len(ranked) and not target.met(attempt(high)[1]):
-        low, high = high, min(len(ranked), high * 2)
-    if not target.met(attempt(high)[1]):
-        model, fidelity, per_output = attempt(high)
-        return model, ranked[:high], fidelity, per_output
-    while high - low > 1:
-        middle = (low + high) // 2
-        if target.met(attempt(middle)[1]):
-            high = middle
-        else:
-            low = middle
+        low, high = 0, 1
+        while high < len(ranked) and not target.met(attempt(high)[1]):
+            low, high = high, min(len(ranked), high * 2)
+        if target.met(attempt(high)[1]):
+            break
+    if target.met(attempt(high)[1]):
+        while high - low > 1:
+            middle = (low + high) // 2
+            if target.met(attempt(middle)[1]):
+                high = middle
+            else:
+                low = middle
     model, fidelity, per_output = attempt(high)
-    return model, ranked[:high], fidelity, per_output
+    return model, ranked[:high], fidelity, per_output, int8_storage
 
 
 # ----------------------------------------------------------------------------- bias correction
@@ -645,60 +662,3 @@ def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.nd
         logger.warning("bias correction skipped: %s", error)
         return {}
     return {layer: sums[tensor] / counts[tensor] for layer, tensor in wanted.items() if tensor in sums}
-
-
-def _correct_biases(
-    graph, input_means: dict[str, np.ndarray], float_layers: set[str], only: str, per_channel: bool, limit: int, cache: dict
-) -> int:
-    """Fold the expected output shift of each layer's weight rounding into its bias:
-    b' = b - (W_q - W) . E[x], with E[x] the per-channel input mean (padding ignored)."""
-    import onnx_graphsurgeon as gs
-
-    names = unique_names(graph)
-    corrected = 0
-    for node in quantizable_layers(graph, ",".join(sorted(float_layers)), only):
-        mean = input_means.get(node.name)
-        value = float_weight(node)
-        if mean is None or value is None:
-            continue
-        axis = weight_axis(node, value.ndim) if per_channel else None
-        quantized, scale = weight_int8(cache, node.inputs[1].name, value, axis, limit, True)
-        restored = quantized * _broadcast(scale.astype(np.float64), axis, value.ndim)
-        error = restored.astype(np.float64) - value.astype(np.float64)
-        if node.op == "Conv":
-            group = int(node.attrs.get("group", 1))
-            out_channels = value.shape[0]
-            per_group_in = value.shape[1]
-            if mean.shape[0] != per_group_in * group:
-                continue
-            summed = error.reshape(out_channels, per_group_in, -1).sum(axis=2)  # [Cout, Cin/g]
-            group_of = np.arange(out_channels) // (out_channels // group)
-            means = mean.reshape(group, per_group_in)[group_of]  # [Cout, Cin/g]
-            shift = (summed * means).sum(axis=1)
-        else:  # Gemm, no transA
-            weight_error = error.T if node.attrs.get("transB", 0) else error  # [K, N]
-            if mean.shape[0] != weight_error.shape[0]:
-                continue
-            shift = mean @ weight_error
-            shift = shift * float(node.attrs.get("alpha", 1.0))
-        bias_slot = 2
-        if len(node.inputs) > bias_slot and not is_empty(node.inputs[bias_slot]):
-            bias = constant_value(node.inputs[bias_slot])
-            if bias is None or bias.dtype != np.float32 or bias.shape != shift.shape:
-                continue
-            if node.op == "Gemm":
-                shift = shift / float(node.attrs.get("beta", 1.0))
-            new_bias = (bias.astype(np.float64) - shift).astype(np.float32)
-        else:
-            if node.op == "Gemm":
-                node.attrs["beta"] = 1.0
-            new_bias = (-shift).astype(np.float32)
-            while len(node.inputs) < bias_slot:
-                node.inputs.append(gs.Variable.empty())
-        constant = gs.Constant(names(f"{node.inputs[1].name if len(node.inputs) > 1 else node.name}_b"), new_bias)
-        if len(node.inputs) > bias_slot:
-            node.inputs[bias_slot] = constant
-        else:
-            node.inputs.append(constant)
-        corrected += 1
-    return corrected

@@ -90,6 +90,9 @@ ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
 MODES = ("full", "weights")
 # PassContext.options key of an optional dict in which quantized weights are remembered.
 WEIGHT_CACHE = "quantize-int8.weights"
+# PassContext.options key of an optional dict: layer name -> per-channel mean of its input over
+# calibration data, for bias correction (see _correct_bias).
+INPUT_MEANS = "quantize-int8.input-means"
 # Gather tables from this many elements up are stored as int8 rows (token embeddings).
 TABLE_ELEMENTS = 4096
 WEIGHT_FORMS = ("cast-mul", "dequantize")
@@ -109,6 +112,7 @@ def quantize_int8(
     include: str = "",
     reduce_range: bool = False,
     compact: bool = True,
+    float_compute: str = "",
 ) -> PassResult:
     """Quantize Conv/Gemm/MatMul weights to int8 and, in full mode, activations to 8 bits (QDQ) from calibrated ranges."""
     if mode not in MODES:
@@ -137,29 +141,38 @@ def quantize_int8(
     names = unique_names(graph)
     limit = REDUCED_WEIGHT_LIMIT if reduce_range else WEIGHT_LIMIT
     cache = ctx.options.get(WEIGHT_CACHE)
+    means = ctx.options.get(INPUT_MEANS) or {}
+    corrected = [0]
     activations = unranged = 0
     if mode == "full":
         # A layer whose activations cannot all be quantized (a graph output, no range) is not fused
         # into an integer kernel; its weight takes the form folded to float at load instead of a
         # DequantizeLinear that would run on every inference.
-        placement = plan(graph, layers)
+        float_names = _names(float_compute)
+        placement = plan(graph, [node for node in layers if node.name not in float_names])
         ranged = placement.ranged(ranges)
         fused = [
             node for node in layers
             if id(node) in placement.groups and all(id(tensor) in ranged for tensor in placement.groups[id(node)])
         ]
         fused_ids = {id(node) for node in fused}
-        weights = _quantize_weights(graph, fused, per_channel, "dequantize", names, limit, compact, cache)
+        weights = _quantize_weights(graph, fused, per_channel, "dequantize", names, limit, compact, cache, means, corrected)
         weights += _quantize_weights(graph, [node for node in layers if id(node) not in fused_ids], True, "cast-mul", names,
-                                     WEIGHT_LIMIT, compact, cache)
+                                     WEIGHT_LIMIT, compact, cache, means, corrected)
         activations, unranged = _quantize_activations(graph, placement, ranges, activation_type, symmetric_activations, names)
     else:
-        weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact, cache)
+        weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact, cache, means, corrected)
     if compact:
         _compact_biases(graph, layers, names)
     if not include:
         weights += _quantize_tables(graph, names, _names(exclude), compact, cache)
-    return PassResult(changed=bool(weights or activations), weights=weights, activations=activations, unranged=unranged)
+    return PassResult(
+        changed=bool(weights or activations),
+        weights=weights,
+        activations=activations,
+        unranged=unranged,
+        corrected_biases=corrected[0],
+    )
 
 
 def _names(text: str) -> set[str]:
@@ -208,10 +221,21 @@ def float_weight(node: gs.Node) -> np.ndarray | None:
 
 
 def _quantize_weights(
-    graph: gs.Graph, layers: list[gs.Node], per_channel: bool, form: str, names, limit: int, compact: bool, cache: dict | None
+    graph: gs.Graph,
+    layers: list[gs.Node],
+    per_channel: bool,
+    form: str,
+    names,
+    limit: int,
+    compact: bool,
+    cache: dict | None,
+    means: dict,
+    corrected: list[int],
 ) -> int:
-    """Replace each layer's constant weight by its int8 form; returns how many weights."""
+    """Replace each layer's constant weight by its int8 form; returns how many weights. A layer
+    with an input mean in `means` has its bias corrected (counted in corrected[0])."""
     replaced: dict[tuple[int, int | None], gs.Variable] = {}  # (weight tensor id, axis) -> float weight
+    rounded: dict[tuple[int, int | None], tuple[np.ndarray, np.ndarray]] = {}
     layer_ids = {id(node) for node in layers}
     for node in layers:
         value = float_weight(node)
@@ -259,7 +283,10 @@ def _quantize_weights(
                 new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
             graph.nodes[0:0] = new_nodes  # constant expressions: first, so order stays topological
             replaced[key] = output
+            rounded[key] = (quantized, scale)
         set_input(node, 1, replaced[key])
+        if node.name in means and _correct_bias(node, value, *rounded[key], axis, means[node.name], names):
+            corrected[0] += 1
     return len(replaced)
 
 
@@ -312,6 +339,49 @@ def symmetric_int8(
 def _stored(scale: np.ndarray, scale_type: type) -> np.ndarray:
     """`scale` as it will be stored (rounded to `scale_type`), in float64 for the arithmetic."""
     return scale.astype(scale_type).astype(np.float64)
+
+
+def _correct_bias(
+    node: gs.Node, value: np.ndarray, quantized: np.ndarray, scale: np.ndarray, axis: int | None, mean: np.ndarray, names
+) -> bool:
+    """Fold the expected output shift of the layer's weight rounding into its bias (Conv, Gemm):
+    b' = b - (W_q - W) . E[x], with E[x] the per-channel input mean (padding ignored)."""
+    if node.op not in ("Conv", "Gemm") or (node.op == "Gemm" and node.attrs.get("transA", 0)):
+        return False
+    broadcast = scale.astype(np.float64)
+    if axis is not None:
+        broadcast = np.expand_dims(broadcast, tuple(dim for dim in range(value.ndim) if dim != axis))
+    error = quantized * broadcast - value.astype(np.float64)
+    if node.op == "Conv":
+        group = int(node.attrs.get("group", 1))
+        out_channels, per_group_in = value.shape[0], value.shape[1]
+        if mean.shape != (per_group_in * group,):
+            return False
+        summed = error.reshape(out_channels, per_group_in, -1).sum(axis=2)  # [Cout, Cin/g]
+        group_of = np.arange(out_channels) // (out_channels // group)
+        shift = (summed * mean.reshape(group, per_group_in)[group_of]).sum(axis=1)
+    else:
+        weight_error = error.T if node.attrs.get("transB", 0) else error  # [K, N]
+        if mean.shape != (weight_error.shape[0],):
+            return False
+        shift = (mean @ weight_error) * float(node.attrs.get("alpha", 1.0))
+    bias_slot = 2
+    if len(node.inputs) > bias_slot and not is_empty(node.inputs[bias_slot]):
+        bias = constant_value(node.inputs[bias_slot])
+        if bias is None or bias.dtype != np.float32 or bias.shape != shift.shape:
+            return False
+        beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
+        new_bias = (bias.astype(np.float64) - shift / beta).astype(np.float32)
+    else:
+        if node.op == "Gemm":
+            node.attrs["beta"] = 1.0
+        new_bias = (-shift).astype(np.float32)
+    constant = gs.Constant(names(f"{node.inputs[1].name}_b"), new_bias)
+    if len(node.inputs) > bias_slot:
+        set_input(node, bias_slot, constant)
+    else:
+        node.inputs.append(constant)
+    return True
 
 
 def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, cache: dict | None) -> int:
@@ -403,7 +473,10 @@ class Placement:
     def ranged(self, ranges: dict) -> set[int]:
         """Ids of the placed tensors that will be quantized with these ranges."""
         found = {id(tensor) for tensor in self.calibrated if _usable(ranges.get(tensor.name))}
-        return found | {key for key, source in self.shared.items() if id(source) in found}
+        for key, source in self.shared.items():  # graph order: a chain's source comes first
+            if id(source) in found:
+                found.add(key)
+        return found
 
 
 def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
@@ -477,7 +550,7 @@ def _served_tensors(graph: gs.Graph, layers: list[gs.Node]) -> set[int]:
 def _is_float_activation(tensor: gs.Tensor) -> bool:
     """A float32 tensor computed at run time that is not quantized already (not the output of a
     DequantizeLinear, not read by a QuantizeLinear)."""
-    if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None or _is_dequantized(tensor):
+    if constant_value(tensor) is not None or _is_dequantized(tensor) or _is_constant_expression(tensor):
         return False
     if any(reader.op == "QuantizeLinear" for reader in tensor.outputs):
         return False
@@ -505,13 +578,23 @@ def _activation_inputs(node: gs.Node) -> list[gs.Tensor]:
         if slot >= len(node.inputs) or is_empty(node.inputs[slot]):
             continue
         tensor = node.inputs[slot]
-        if isinstance(tensor, gs.Constant) or constant_value(tensor) is not None or _is_dequantized(tensor):
+        if constant_value(tensor) is not None or _is_dequantized(tensor) or _is_constant_expression(tensor):
             continue
         if tensor.dtype is None and weight_is_float:
             tensor.dtype = np.float32  # a layer's data input has its weight's type
         if tensor.dtype is not None and np.dtype(tensor.dtype) == np.float32:
             found.append(tensor)
     return found
+
+
+def _is_constant_expression(tensor: gs.Tensor, depth: int = 3) -> bool:
+    """Whether `tensor` is computed from constants only by Cast/Mul (the int8 weight forms)."""
+    if isinstance(tensor, gs.Constant):
+        return True
+    node = producer(tensor)
+    if node is None or depth == 0 or node.op not in ("Cast", "Mul"):
+        return False
+    return all(_is_constant_expression(source, depth - 1) for source in node.inputs if not is_empty(source))
 
 
 def _is_dequantized(tensor: gs.Tensor) -> bool:

@@ -158,9 +158,9 @@ def test_fidelity_target_keeps_the_most_sensitive_layers_in_float():
         simplified, data, QuantizeOptions(mode="full", fidelity_target=target, bias_correction=False)
     )
     assert report.target_met and report.fidelity["sqnr_db"] >= 35
-    kept = {layer.name for layer in report.layers if layer.status == "float"}
+    kept = {layer.name for layer in report.layers if layer.status != "int8"}
     assert kept and kept <= {"conv1", "conv2"}  # the layers around the outlier tensor, nothing else
-    assert all(layer.reason == "kept in float for the fidelity target" for layer in report.layers if layer.status == "float")
+    assert all(layer.reason.endswith("for the fidelity target") for layer in report.layers if layer.status != "int8")
     ranked = sorted((layer for layer in report.layers), key=lambda layer: layer.sensitivity_sqnr_db)
     assert ranked[0].name in kept and ranked[-1].name == "fc"  # fc alone barely matters
     assert ranked[0].sensitivity_sqnr_db < ranked[-1].sensitivity_sqnr_db
