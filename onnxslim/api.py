@@ -88,7 +88,7 @@ def optimize(
     quantize="int8" then quantizes the simplified model (onnxslim.quantize): `calibration` is a
     folder or file of samples (.npz, .npy, images with `preprocess`), a CalibrationData, or
     "random" (smoke tests only); `quantize_options` says how. The simplified model is verified
-    losslessly first, then the quantized one in lossy mode on held-out samples, against
+    losslessly first, then the quantized one in lossy mode on the evaluation samples, against
     `budget` (default: cosine >= 0.95 on every output, which catches a broken model) and the
     fidelity target. `progress(stage, done, total)` follows calibration and sensitivity runs.
     """
@@ -171,7 +171,7 @@ def _calibration_data(model, calibration, preprocess, shapes, limit) -> Calibrat
 
 def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,
               verify_shapes, samples, seed) -> onnx.ModelProto:
-    """Quantize the verified simplified model; verify the result in lossy mode on held-out samples."""
+    """Quantize the verified simplified model; verify the result in lossy mode on the evaluation samples."""
     options = options or QuantizeOptions()
     report.lossless_verification = report.verification
     quantized, report.quantization = quantize_model(simplified, data, options, progress=progress)

@@ -38,9 +38,10 @@ Two modes:
     something downstream (a layer, or another such op). Data-movement ops get no new range:
     their output shares the input's scale and zero point, which lets onnxruntime run them on
     the 8-bit data directly;
-  * graph outputs stay float. A layer that therefore cannot become an integer kernel (its
-    output is a graph output, or a tensor it needs has no range) gets the Cast * scale weight
-    of weights mode instead of a DequantizeLinear that would run on every inference.
+  * graph outputs stay float, except a layer's own output (a classifier's Gemm): it gets a pair
+    too, so the layer becomes an integer kernel (QGemm), and the output keeps its name. A layer
+    that cannot become an integer kernel (a tensor it needs has no range) gets the Cast * scale
+    weight of weights mode instead of a DequantizeLinear that would run on every inference.
   Activation parameters, with the range widened to hold 0 (zero padding must be exact):
 
       uint8/int8 asymmetric: scale = (high - low) / 255, zero point = qmin - round(low / scale)
@@ -65,7 +66,16 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from onnxslim.errors import UsageError
-from onnxslim.graph import constant_value, is_empty, is_standard, producer, replace_all_uses, set_input, unique_names
+from onnxslim.graph import (
+    constant_value,
+    is_empty,
+    is_standard,
+    producer,
+    replace_all_uses,
+    set_input,
+    set_output,
+    unique_names,
+)
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -255,14 +265,16 @@ def _quantize_weights(
             output = gs.Variable(names(f"w{index}"), dtype=np.float32, shape=list(value.shape))
             if form == "dequantize":
                 # Compact: a float16 scale behind a Cast (onnxruntime folds it before fusing QDQ
-                # groups) and no zero point (it defaults to 0).
+                # groups) and, for a Conv, no zero point (it defaults to 0; QGemm wants one).
                 new_nodes = []
                 factor = (
                     _half_constant(new_nodes, scale, f"s{index}", names)
                     if scale.dtype == np.float16
                     else gs.Constant(names(f"s{index}"), scale)
                 )
-                zero_point = [] if compact else [gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))]
+                # Conv fuses without a zero point; Gemm (QGemm) and MatMul do not.
+                omit_zero_point = compact and node.op == "Conv"
+                zero_point = [] if omit_zero_point else [gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))]
                 new_nodes.append(
                     gs.Node(
                         "DequantizeLinear",
@@ -491,8 +503,8 @@ def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
     placement = Placement()
     layer_ids = {id(node) for node in layers}
 
-    def choose(tensor: gs.Tensor) -> None:
-        if id(tensor) in chosen or not _is_float_activation(tensor) or id(tensor) in interface:
+    def choose(tensor: gs.Tensor, output_allowed: bool = False) -> None:
+        if id(tensor) in chosen or not _is_float_activation(tensor) or (id(tensor) in interface and not output_allowed):
             return
         chosen[id(tensor)] = tensor
         placement.calibrated.append(tensor)
@@ -508,8 +520,10 @@ def plan(graph: gs.Graph, layers: list[gs.Node]) -> Placement:
         if id(node) in layer_ids:
             inputs = _activation_inputs(node)
             outputs = output_side(node)
-            for tensor in inputs + outputs:  # the output too, even if nothing else wants it: fusion does
+            for tensor in inputs:
                 choose(tensor)
+            for tensor in outputs:  # even if nothing else wants it, and even a graph output: fusion does
+                choose(tensor, output_allowed=producer(tensor) is node)
             placement.groups[id(node)] = inputs + outputs
             continue
         if not is_standard(node):
@@ -629,12 +643,21 @@ def _quantize_activations(
         if id(source) in parameters:
             parameters[key] = parameters[id(source)]
     pairs: dict[int, list[gs.Node]] = {}  # id(producer) or 0 for graph inputs -> new nodes after it
+    interface = {id(tensor) for tensor in graph.outputs}
     tensors = {id(tensor): tensor for tensor in placement.calibrated} | placement.outputs
     for index, (key, (scale, zero_point)) in enumerate(parameters.items()):
         tensor = tensors[key]
         quantized = gs.Variable(names(f"aq{index}"), dtype=zero_point.values.dtype.type, shape=tensor.shape)
         dequantized = gs.Variable(names(f"a{index}"), dtype=np.float32, shape=tensor.shape)
-        replace_all_uses(tensor, dequantized)
+        if id(tensor) in interface:
+            # A graph output keeps its name: the layer writes a new tensor, the pair ends in the output.
+            raw = gs.Variable(names(f"r{index}"), dtype=tensor.dtype, shape=tensor.shape)
+            layer = producer(tensor)
+            set_output(layer, next(slot for slot, output in enumerate(layer.outputs) if output is tensor), raw)
+            replace_all_uses(tensor, raw)
+            tensor, dequantized = raw, tensor
+        else:
+            replace_all_uses(tensor, dequantized)
         quantize = gs.Node(
             "QuantizeLinear", inputs=[tensor, scale, zero_point], outputs=[quantized]
         )

@@ -269,6 +269,15 @@ def test_scales_float16_cannot_hold_stay_float32():
     cosine_passes(model, quantized, 0.999)
 
 
+def test_bias_float16_cannot_hold_stays_float32():
+    b = ModelBuilder()
+    x = b.input("x", [1, 64])
+    inputs = [x, b.initializer("fc", random([10, 64], seed=3)), b.initializer("fc_bias", random([10], seed=4) * 1e5)]
+    b.output(b.node("Gemm", inputs, ["y"], transB=1))
+    quantized, _ = quantize(b.build(), mode="weights")
+    assert node(quantized, "Gemm").input[2] == "fc_bias" and initializer(quantized, "fc_bias").dtype == np.float32
+
+
 def test_weights_mode_needs_no_calibration():
     _, result = quantize(classifier(), None, mode="weights")
     assert result.changed
@@ -294,6 +303,43 @@ def test_weight_other_nodes_read_stays_beside_its_int8_copy():
     copy = producer(quantized, producer(quantized, node(quantized, "MatMul", "first").input[1]).input[0]).input[0]
     assert copy != "w" and initializer(quantized, copy).dtype == np.int8
     cosine_passes(model, quantized, 0.999)
+
+
+def int8_initializers(model):
+    return sorted(name for name, dtype in initializer_dtypes(model).items() if dtype == np.int8)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="_quantize_weights and _quantize_tables each quantize a weight they do not read alone: a tied "
+    "embedding (Gather table = Gemm transB=1 weight) is stored twice, as identical int8 'E' and 'E_q'",
+)
+def test_tied_embedding_is_stored_once():
+    b = ModelBuilder()
+    ids = b.input("ids", [1, 4], np.int64)
+    table = b.initializer("E", random([512, 16], seed=1))
+    rows = b.node("Reshape", [b.node("Gather", [table, ids], ["h"]), b.initializer("shape", np.array([4, 16], np.int64))], ["flat"])
+    b.output(b.node("Gemm", [rows, table], ["y"], transB=1, name="head"))
+    quantized, _ = quantize(b.build(), mode="weights")
+    assert int8_initializers(quantized) == ["E"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="full mode quantizes fused and unfused layers in two _quantize_weights calls: a weight both read "
+    "is stored twice, as identical int8 'W_q' (DequantizeLinear) and 'W' (Cast * scale)",
+)
+def test_weight_shared_by_a_fused_and_an_unfused_layer_is_stored_once():
+    b = ModelBuilder()
+    x = b.input("x", [1, 16, 8, 8])
+    weight = b.initializer("W", random([16, 16, 3, 3], seed=1) * 0.2)
+    relu = b.node("Relu", [b.node("Conv", [x, weight], ["c1"], pads=[1, 1, 1, 1])], ["r1"])
+    b.output(b.node("Conv", [relu, weight], ["y"], pads=[1, 1, 1, 1]))
+    model = b.build()
+    ranges = ranges_for(model)
+    del ranges["y"]  # the second Conv's output has no range: that Conv is not fused, the first one is
+    quantized, _ = quantize(model, ranges)
+    assert int8_initializers(quantized) == ["W"]
 
 
 # ----------------------------------------------------------------------------- bias correction
@@ -375,7 +421,19 @@ def test_dequantize_form_is_per_output_channel(head, trans_b, axis):
         assert dequantize.op_type == "DequantizeLinear" and attributes(dequantize) == {"axis": layer_axis}
         assert initializer(quantized, dequantize.input[0]).dtype == np.int8
         assert stored(quantized, dequantize.input[1]).shape == (channels,)
-        assert len(dequantize.input) == 2  # compact: the zero point defaults to 0
+        # compact: a Conv's zero point defaults to 0; QGemm and QLinearMatMul want theirs written
+        assert len(dequantize.input) == (2 if layer.op_type == "Conv" else 3)
+    cosine_passes(model, quantized, 0.999)
+
+
+def test_conv_transpose_output_channels_are_axis_1():
+    b = ModelBuilder()
+    x = b.input("x", [1, 8, 6, 6])
+    b.output(b.node("ConvTranspose", [x, b.initializer("w", random([8, 16, 3, 3], seed=1))], ["y"]))
+    model = b.build()
+    quantized, _ = quantize(model, mode="weights", weight_form="dequantize")
+    dequantize = producer(quantized, node(quantized, "ConvTranspose").input[1])
+    assert attributes(dequantize) == {"axis": 1} and stored(quantized, dequantize.input[1]).shape == (16,)
     cosine_passes(model, quantized, 0.999)
 
 
@@ -493,6 +551,7 @@ def test_data_movement_output_shares_its_input_parameters(op, tmp_path):
 
 
 def test_chained_data_movement_ops_keep_the_next_layer_fused(tmp_path):
+    # Reshape shares MaxPool's parameters, which share c1's: the chain is followed to its end.
     model = two_convs("MaxPool", "Reshape")
     quantized, _ = quantize(model, ranges_for(model))
     assert quantize_of(quantized, "reshaped").input[1] == quantize_of(quantized, "c1").input[1]
@@ -510,15 +569,22 @@ def test_data_movement_output_nothing_reads_in_8_bits_stays_float():
     assert quantize_of(quantized, "conv") is not None and quantize_of(quantized, "pooled") is None
 
 
-def test_graph_outputs_stay_float_and_their_layer_takes_the_cast_mul_weight():
+def test_a_layer_writing_a_graph_output_is_fused_and_the_output_keeps_its_name(tmp_path):
     model = classifier()
-    assert activation_tensors(annotated(model)) == ["x", "relu", "pool"]
+    assert activation_tensors(annotated(model)) == ["x", "relu", "pool", "y"]
     quantized, result = quantize(model, ranges_for(model))
-    assert counts(result) == {"weights": 2, "activations": 4, "unranged": 0}  # x, relu, pool and flat
-    assert quantize_of(quantized, "y") is None and output_names(quantized) == output_names(model)
+    assert counts(result) == {"weights": 2, "activations": 5, "unranged": 0}  # x, relu, pool, flat and y
+    assert producer(quantized, "y").op_type == "DequantizeLinear" and output_names(quantized) == output_names(model)
     assert weight_form(quantized, node(quantized, "Conv")) == "dequantize"
-    assert weight_form(quantized, node(quantized, "Gemm")) == "cast-mul"  # no integer kernel: folded at load
+    assert weight_form(quantized, node(quantized, "Gemm")) == "dequantize"  # QGemm
+    assert "com.microsoft::QGemm" in ops(optimized_by_onnxruntime(quantized, tmp_path))
     cosine_passes(model, quantized, 0.99)
+
+
+def test_other_graph_outputs_stay_float():
+    model = conv_activation()  # ... -> GlobalAveragePool -> y: an int8 op, not a layer
+    quantized, _ = quantize(model, ranges_for(model))
+    assert producer(quantized, "y").op_type == "GlobalAveragePool"
 
 
 def test_float_compute_layer_keeps_float_activations():
@@ -553,17 +619,16 @@ def test_matmul_of_two_activations_quantizes_both():
     c = b.input("c", [3, 4])
     b.output(b.node("MatMul", [a, c], ["y"]))
     model = b.build()
-    quantized, result = quantize(model, {"a": (-2.0, 2.0), "c": (-1.0, 1.0)})
-    assert counts(result) == {"weights": 0, "activations": 2, "unranged": 0}
+    quantized, result = quantize(model, {"a": (-2.0, 2.0), "c": (-1.0, 1.0), "y": (-3.0, 3.0)})
+    assert counts(result) == {"weights": 0, "activations": 3, "unranged": 0}  # a, c and the output y
     assert list(node(quantized, "MatMul").input) == [dequantized(quantized, "a"), dequantized(quantized, "c")]
 
 
 def test_pairs_follow_their_producer():
     quantized, _ = quantize(conv_activation(), {"x": (-4.0, 4.0), "act": (0.0, 6.0)})
-    assert [layer.op_type for layer in quantized.graph.node if layer.op_type not in ("Cast",)] == [
-        "QuantizeLinear", "DequantizeLinear", "DequantizeLinear", "Conv", "Relu",
-        "QuantizeLinear", "DequantizeLinear", "GlobalAveragePool",
-    ]  # fmt: skip
+    order = [layer.op_type for layer in quantized.graph.node if layer.op_type != "Cast"]
+    x_pair, weight, act_pair = ["QuantizeLinear", "DequantizeLinear"], ["DequantizeLinear"], ["QuantizeLinear", "DequantizeLinear"]
+    assert order == x_pair + weight + ["Conv", "Relu"] + act_pair + ["GlobalAveragePool"]
 
 
 # ----------------------------------------------------------------------------- full mode: parameters
@@ -640,7 +705,7 @@ def test_exclude_by_op_type_or_name_leaves_the_layer_float(exclude):
 def test_include_quantizes_only_the_named_layer():
     model = classifier()
     assert activation_tensors(annotated(model), include="conv") == ["x", "relu"]
-    assert activation_tensors(annotated(model), include="fc") == ["flat"]
+    assert activation_tensors(annotated(model), include="fc") == ["flat", "y"]
     quantized, result = quantize(model, mode="weights", include="fc")
     assert result.counters["weights"] == 1
     assert initializer(quantized, "w").dtype == np.float32 and initializer(quantized, "fc").dtype == np.int8
@@ -675,6 +740,7 @@ def test_quantized_model_asks_for_no_more_ranges():
     b.output(b.node("MatMul", [x, b.initializer("w", random([64, 32], seed=1))], ["y"]))
     model = b.build()
     once, _ = quantize(model, ranges_for(model))  # y is the graph output: MatMul keeps Cast * scale
+    # Cast(W_q) * scale is a constant expression, not an activation wanting a range.
     assert activation_tensors(annotated(once)) == []
 
 
