@@ -94,6 +94,7 @@ WEIGHT_LIMIT = 127  # symmetric int8 weights use [-127, 127], so -W quantizes to
 # 7-bit weights for x86 CPUs without VNNI: their u8 x s8 kernel (vpmaddubsw) adds two products
 # in 16 bits, which saturates for 255 * 127 * 2 but not for 255 * 63 * 2.
 REDUCED_WEIGHT_LIMIT = 63
+HALF_NORMAL_MIN = 2.0**-14
 # Clipping ratios tried per output channel for the weight scale (see symmetric_int8).
 CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
@@ -312,7 +313,7 @@ def weight_int8(
     if cache is not None and key in cache:
         return cache[key]
     quantized, scale = symmetric_int8(value, axis, limit, np.float16 if compact else np.float32)
-    if compact and not half_fits(scale):
+    if compact and not half_scales_fit(scale):
         quantized, scale = symmetric_int8(value, axis, limit)
     if cache is not None:
         cache[key] = (quantized, scale)
@@ -334,8 +335,16 @@ def symmetric_int8(
     rows = weight.reshape(1, -1) if axis is None else np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
     peak = np.abs(rows).max(axis=1)
     best_scale, best_error = None, None
+    # A float16 scale stays normal: in a layer whose largest step is at least 2^-8, a channel
+    # whose weights are all below 2^-14 * limit (a channel BatchNormalization switched off) gets
+    # the step 2^-14; its weights then err by at most 2^-15, 64 times below the layer's largest
+    # step. A layer of tiny weights throughout keeps float32 scales (see half_fits' callers).
+    floor = 0.0
+    if scale_type == np.float16 and peak.max(initial=0.0) / limit >= 2.0**-8:
+        floor = HALF_NORMAL_MIN
     for ratio in CLIP_RATIOS:
-        scale = _stored(np.where(peak > 0, peak * ratio / limit, 1.0), scale_type)  # an all-zero row: any scale is exact
+        raw = np.where(peak > 0, np.maximum(peak * ratio / limit, floor), 1.0)  # an all-zero row: any scale is exact
+        scale = _stored(raw, scale_type)
         error = ((np.clip(np.rint(rows / scale[:, None]), -limit, limit) * scale[:, None] - rows) ** 2).sum(axis=1)
         if best_scale is None:
             best_scale, best_error = scale, error
@@ -435,9 +444,16 @@ def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, 
 
 
 def half_fits(value: np.ndarray) -> bool:
-    """Whether float16 holds `value` (a scale or a bias) to about 1e-3 relative: normal range, finite."""
-    magnitude = np.abs(value[value != 0])
-    return bool(magnitude.size == 0 or (magnitude.min() >= 2**-14 and magnitude.max() < 60000))
+    """Whether float16 holds `value` (a scale or a bias) well enough: finite and below 60000, so
+    each value is kept to about 5e-4 relative, or to 3e-8 absolute where float16 turns subnormal
+    (below 2^-14: the bias of a channel whose BatchNormalization all but switched it off)."""
+    return bool(np.all(np.isfinite(value)) and np.abs(value).max(initial=0.0) < 60000)
+
+
+def half_scales_fit(scale: np.ndarray) -> bool:
+    """Whether float16 holds these scales to about 5e-4 relative: normal numbers only."""
+    positive = np.abs(scale[scale != 0])
+    return half_fits(scale) and bool(positive.size == 0 or positive.min() >= HALF_NORMAL_MIN)
 
 
 def _half_constant(graph_nodes: list, value: np.ndarray, name: str, names) -> gs.Variable:
