@@ -152,6 +152,9 @@ def optimize(
         "verify": time.perf_counter() - optimized_at,
         "total": time.perf_counter() - started,
     }
+    if report.quantization is not None:  # quantizing ran between export and the final check
+        report.seconds["quantize"] = report.quantization.seconds.get("total", 0.0)
+        report.seconds["verify"] -= report.seconds["quantize"]
     if report.verification is not None and not report.verification.passed:
         if not force:
             raise VerificationError(report.verification.message, report)

@@ -423,6 +423,12 @@ class CalibrationData:
             raise InputSpecError(f"limit={count}: give a positive number of samples")
         return CalibrationData(self._samples[:count], source=self.source, synthetic=self.synthetic)
 
+    def tail(self, count: int) -> CalibrationData:
+        """The last `count` samples, as a view (they stay in this set too)."""
+        if count < 1:
+            raise InputSpecError(f"count={count}: give a positive number of samples")
+        return CalibrationData(self._samples[-count:], source=f"the last {min(count, len(self))} of {self.source}", synthetic=self.synthetic)
+
     def split(self, held_out: int) -> tuple[CalibrationData, CalibrationData]:
         """(calibration, evaluation): the last `held_out` samples are kept apart for evaluation."""
         if not 0 <= held_out < len(self):

@@ -458,7 +458,7 @@ def _split(data: CalibrationData | None, held_out: int):
         return data.split(held_out)
     if len(data) <= EVALUATION_SAMPLES:
         return data, data
-    return data, data.split(EVALUATION_SAMPLES)[1]
+    return data, data.tail(EVALUATION_SAMPLES)
 
 
 def _opset(model: onnx.ModelProto) -> int:
