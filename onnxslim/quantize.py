@@ -66,7 +66,7 @@ EVALUATION_SAMPLES = 8
 PER_CHANNEL_OPSET = 13
 # auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
 # much faster than float its measured latency must be to be chosen.
-DEFAULT_AUTO_TARGET_TEXT = "cosine=0.98"
+DEFAULT_AUTO_TARGET_TEXT = "cosine=0.97"
 FASTER_ENOUGH = 0.85
 LATENCY_RUNS = 7
 # Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).
