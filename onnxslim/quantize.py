@@ -68,6 +68,9 @@ PER_CHANNEL_OPSET = 13
 # much faster than float its measured latency must be to be chosen.
 DEFAULT_AUTO_TARGET_TEXT = "cosine=0.97"
 FASTER_ENOUGH = 0.85
+# auto mode does not search layer by layer to rescue a full int8 model this far from the floor
+# (PP-OCRv4 det: cosine 0.00); it goes to weights only. --quantize-mode full still searches.
+HOPELESS_COSINE = 0.5
 LATENCY_RUNS = 7
 # Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).
 SENSITIVITY_SAMPLES = 4
@@ -321,7 +324,13 @@ def quantize_model(
         report.activations, report.unranged = counters.get("activations", 0), counters.get("unranged", 0)
         if reference is not None:
             report.fidelity, report.per_output = reference.fidelity(candidate)
-            if target is not None and not target.met(report.fidelity):
+            hopeless = options.mode == "auto" and report.fidelity["cosine"] < HOPELESS_COSINE
+            if hopeless:
+                report.notes.append(
+                    f"full int8 is far from the floor (cosine {report.fidelity['cosine']:.3f}): "
+                    "no layer-by-layer search, weights only instead"
+                )
+            if target is not None and not target.met(report.fidelity) and not hopeless:
                 sensitivity = _sensitivity(build, reference, set(excluded), progress)
                 ranked = sorted(sensitivity, key=lambda name: sensitivity[name][target.metric])
                 candidate, kept_float, report.fidelity, report.per_output, int8_storage = _keep_float_until_met(

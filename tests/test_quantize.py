@@ -260,3 +260,12 @@ def test_cli_quantization_usage_errors_are_one_line(tmp_path, extra, message):
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output
     assert (tmp_path / "net.onnx").read_bytes() == before
+
+
+def test_auto_does_not_search_layers_to_rescue_a_hopeless_full_model():
+    model = conv_net(outlier=1000.0)  # one activation scale for all channels: full int8 is noise
+    simplified = onnxslim.optimize(model, verify=False)
+    _, report = quantize_model(simplified, samples(model), QuantizeOptions(bias_correction=False), cpu=cpu_int8_support(EPYC))
+    assert report.mode == "weights" and report.fidelity["cosine"] > 0.99
+    assert any("far from the floor" in note for note in report.notes)
+    assert all(layer.sensitivity_sqnr_db is None for layer in report.layers)  # no layer-by-layer search ran
