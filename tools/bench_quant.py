@@ -81,6 +81,9 @@ import export_models  # noqa: E402
 import fetch_models  # noqa: E402
 from peers import measure as peer_measure  # noqa: E402
 
+_split = bench_peers._split  # comma-separated --models / --tools
+_progress = bench_peers._progress  # one line to stderr
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:
@@ -1160,14 +1163,6 @@ def _selected_tools(text: str) -> list[Tool]:
     if unknown or not keys:
         raise BenchError(f"unknown tool(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(TOOLS)}")
     return [TOOLS[key] for key in keys]
-
-
-def _split(text: str) -> list[str]:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
