@@ -258,24 +258,15 @@ def _quantize_weights(
         if key not in replaced:
             quantized, scale = weight_int8(cache, weight.name, value, axis, limit, compact)
             index = len(replaced)
-            # The int8 values take the weight's own name when nothing else reads the float weight.
-            exclusive = all(id(reader) in layer_ids for reader in weight.outputs)
-            values = gs.Constant(weight.name if exclusive and weight.name else names(f"{weight.name}_q"), quantized)
-            if exclusive:
-                weight.name = names(f"{weight.name}_float")  # frees the name; the float weight goes
-            output = gs.Variable(names(f"w{index}"), dtype=np.float32, shape=list(value.shape))
+            values = _int8_values(weight, quantized, all(id(reader) in layer_ids for reader in weight.outputs), names)
+            new_nodes: list[gs.Node] = []
             if form == "dequantize":
                 # Compact: a float16 scale behind a Cast (onnxruntime folds it before fusing QDQ
                 # groups) and, for a Conv, no zero point (it defaults to 0; QGemm wants one).
-                new_nodes = []
-                factor = (
-                    _half_constant(new_nodes, scale, f"s{index}", names)
-                    if scale.dtype == np.float16
-                    else gs.Constant(names(f"s{index}"), scale)
-                )
-                # Conv fuses without a zero point; Gemm (QGemm) and MatMul do not.
+                factor = _stored_scale(new_nodes, scale, f"s{index}", names)
                 omit_zero_point = compact and node.op == "Conv"
                 zero_point = [] if omit_zero_point else [gs.Constant(names(f"z{index}"), np.zeros_like(scale, dtype=np.int8))]
+                output = gs.Variable(names(f"w{index}"), dtype=np.float32, shape=list(value.shape))
                 new_nodes.append(
                     gs.Node(
                         "DequantizeLinear",
@@ -285,15 +276,8 @@ def _quantize_weights(
                     )
                 )
             else:
-                widened = gs.Variable(names(f"c{index}"), dtype=np.float32, shape=list(value.shape))
                 broadcast = scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis))
-                new_nodes = [gs.Node("Cast", attrs={"to": 1}, inputs=[values], outputs=[widened])]
-                factor = (
-                    _half_constant(new_nodes, broadcast, f"s{index}", names)
-                    if broadcast.dtype == np.float16
-                    else gs.Constant(names(f"s{index}"), broadcast)
-                )
-                new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
+                output = _cast_times_scale(new_nodes, values, broadcast, (f"c{index}", f"s{index}", f"w{index}"), names)
             graph.nodes[0:0] = new_nodes  # constant expressions: first, so order stays topological
             replaced[key] = output
             rounded[key] = (quantized, scale)
@@ -362,6 +346,35 @@ def _stored(scale: np.ndarray, scale_type: type) -> np.ndarray:
     return scale.astype(scale_type).astype(np.float64)
 
 
+def _int8_values(tensor: gs.Constant, quantized: np.ndarray, exclusive: bool, names) -> gs.Constant:
+    """The int8 values of a float constant. When only quantized nodes read the float constant
+    (`exclusive`) they take its name, and the float constant, renamed, goes as dead."""
+    values = gs.Constant(tensor.name if exclusive and tensor.name else names(f"{tensor.name}_q"), quantized)
+    if exclusive:
+        tensor.name = names(f"{tensor.name}_float")
+    return values
+
+
+def _stored_scale(new_nodes: list, scale: np.ndarray, name: str, names) -> gs.Tensor:
+    """A scale as a float32 constant, or a float16 one behind a Cast (see _half_constant)."""
+    if scale.dtype == np.float16:
+        return _half_constant(new_nodes, scale, name, names)
+    return gs.Constant(names(name), scale)
+
+
+def _cast_times_scale(new_nodes: list, values: gs.Constant, scale: np.ndarray, tensor_names: tuple, names) -> gs.Variable:
+    """Cast(values) * scale, the float view onnxruntime folds at load; `tensor_names` names the
+    cast, the scale and the product."""
+    cast_name, scale_name, output_name = tensor_names
+    shape = list(values.shape)
+    widened = gs.Variable(names(cast_name), dtype=np.float32, shape=shape)
+    new_nodes.append(gs.Node("Cast", attrs={"to": 1}, inputs=[values], outputs=[widened]))  # 1 = FLOAT
+    factor = _stored_scale(new_nodes, scale, scale_name, names)
+    output = gs.Variable(names(output_name), dtype=np.float32, shape=shape)
+    new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
+    return output
+
+
 def _correct_bias(
     node: gs.Node, value: np.ndarray, quantized: np.ndarray, scale: np.ndarray, axis: int | None, mean: np.ndarray, names
 ) -> bool:
@@ -422,21 +435,10 @@ def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, 
         if id(table) not in replaced:
             index = len(replaced)
             quantized, scale = weight_int8(cache, table.name, value, 0, WEIGHT_LIMIT, compact)
-            exclusive = all(reader.op == "Gather" for reader in table.outputs)
-            values = gs.Constant(table.name if exclusive and table.name else names(f"{table.name}_q"), quantized)
-            if exclusive:
-                table.name = names(f"{table.name}_float")
+            values = _int8_values(table, quantized, all(reader.op == "Gather" for reader in table.outputs), names)
             new_nodes: list[gs.Node] = []
-            widened = gs.Variable(names(f"tc{index}"), dtype=np.float32, shape=list(value.shape))
-            new_nodes.append(gs.Node("Cast", attrs={"to": 1}, inputs=[values], outputs=[widened]))
             broadcast = np.expand_dims(scale, tuple(range(1, value.ndim)))
-            factor = (
-                _half_constant(new_nodes, broadcast, f"ts{index}", names)
-                if broadcast.dtype == np.float16
-                else gs.Constant(names(f"ts{index}"), broadcast)
-            )
-            output = gs.Variable(names(f"t{index}"), dtype=np.float32, shape=list(value.shape))
-            new_nodes.append(gs.Node("Mul", inputs=[widened, factor], outputs=[output]))
+            output = _cast_times_scale(new_nodes, values, broadcast, (f"tc{index}", f"ts{index}", f"t{index}"), names)
             graph.nodes[0:0] = new_nodes
             replaced[id(table)] = output
         set_input(node, 0, replaced[id(table)])

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from run_peer import PROTOBUF_LIMIT, save  # beside this script: python puts its folder on sys.path
 
 TOOL_UNAVAILABLE = 3
-PROTOBUF_LIMIT = 2**31 - 1  # a ModelProto larger than this must keep its weights in external data
 
 
 class ToolUnavailable(Exception):
@@ -150,13 +150,6 @@ QUANTIZERS = {
     "ort-rr": quantize_with_ort_reduce_range,
     "nncf": quantize_with_nncf,
 }
-
-
-def save(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > PROTOBUF_LIMIT:
-        onnx.save(model, path, save_as_external_data=True, location=path.name + ".data")
-    else:
-        onnx.save(model, path)
 
 
 def _first_line(error: BaseException) -> str:
