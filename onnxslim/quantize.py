@@ -44,6 +44,7 @@ from .passes.quantize_qdq import (
     WEIGHT_CACHE,
     WEIGHT_LIMIT,
     activation_tensors,
+    along,
     float_weight,
     quantizable_layers,
     weight_axis,
@@ -562,7 +563,7 @@ class _Builder:
                 continue
             axis = weight_axis(node, value.ndim) if self.scales_per_channel else None
             quantized, scale = weight_int8(self.weights, node.inputs[1].name, value, axis, self.weight_limit, True)
-            restored = quantized * _broadcast(scale.astype(np.float64), axis, value.ndim)
+            restored = quantized * along(scale.astype(np.float64), axis, value.ndim)
             errors[node.name] = sqnr_db(value.astype(np.float64), restored.astype(np.float64))
         return errors
 
@@ -645,10 +646,6 @@ def _keep_float_until_met(build: _Builder, reference: _Outputs, excluded: dict, 
 
 
 # ----------------------------------------------------------------------------- bias correction
-
-
-def _broadcast(scale: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
-    return scale if axis is None else np.expand_dims(scale, tuple(dim for dim in range(rank) if dim != axis))
 
 
 def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.ndarray]:

@@ -276,8 +276,7 @@ def _quantize_weights(
                     )
                 )
             else:
-                broadcast = scale if axis is None else np.expand_dims(scale, tuple(d for d in range(value.ndim) if d != axis))
-                output = _cast_times_scale(new_nodes, values, broadcast, (f"c{index}", f"s{index}", f"w{index}"), names)
+                output = _cast_times_scale(new_nodes, values, along(scale, axis, value.ndim), (f"c{index}", f"s{index}", f"w{index}"), names)
             graph.nodes[0:0] = new_nodes  # constant expressions: first, so order stays topological
             replaced[key] = output
             rounded[key] = (quantized, scale)
@@ -285,6 +284,12 @@ def _quantize_weights(
         if node.name in means and _correct_bias(node, value, *rounded[key], axis, means[node.name], names):
             corrected[0] += 1
     return len(replaced)
+
+
+def along(scale: np.ndarray, axis: int | None, rank: int) -> np.ndarray:
+    """Per-channel `scale` shaped to broadcast along `axis` of a rank-`rank` tensor (as is when
+    axis is None: one scale per tensor)."""
+    return scale if axis is None else np.expand_dims(scale, tuple(dim for dim in range(rank) if dim != axis))
 
 
 def weight_int8(
@@ -336,7 +341,7 @@ def symmetric_int8(
             better = error < best_error
             best_scale, best_error = np.where(better, scale, best_scale), np.minimum(error, best_error)
     stored = best_scale if axis is not None else best_scale.reshape(())
-    broadcast = stored if axis is None else np.expand_dims(stored, tuple(d for d in range(weight.ndim) if d != axis))
+    broadcast = along(stored, axis, weight.ndim)
     quantized = np.clip(np.rint(weight / broadcast), -limit, limit).astype(np.int8)
     return quantized, stored.astype(scale_type)
 
@@ -382,9 +387,7 @@ def _correct_bias(
     b' = b - (W_q - W) . E[x], with E[x] the per-channel input mean (padding ignored)."""
     if node.op not in ("Conv", "Gemm") or (node.op == "Gemm" and node.attrs.get("transA", 0)):
         return False
-    broadcast = scale.astype(np.float64)
-    if axis is not None:
-        broadcast = np.expand_dims(broadcast, tuple(dim for dim in range(value.ndim) if dim != axis))
+    broadcast = along(scale.astype(np.float64), axis, value.ndim)
     error = quantized * broadcast - value.astype(np.float64)
     if node.op == "Conv":
         group = int(node.attrs.get("group", 1))
@@ -437,8 +440,7 @@ def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, 
             quantized, scale = weight_int8(cache, table.name, value, 0, WEIGHT_LIMIT, compact)
             values = _int8_values(table, quantized, all(reader.op == "Gather" for reader in table.outputs), names)
             new_nodes: list[gs.Node] = []
-            broadcast = np.expand_dims(scale, tuple(range(1, value.ndim)))
-            output = _cast_times_scale(new_nodes, values, broadcast, (f"tc{index}", f"ts{index}", f"t{index}"), names)
+            output = _cast_times_scale(new_nodes, values, along(scale, 0, value.ndim), (f"tc{index}", f"ts{index}", f"t{index}"), names)
             graph.nodes[0:0] = new_nodes
             replaced[id(table)] = output
         set_input(node, 0, replaced[id(table)])
