@@ -137,6 +137,10 @@ def quantization_options(function):
         "--reduce-range/--full-range", default=None,
         help="7-bit weights in full mode (default: on x86 CPUs without VNNI, whose u8 x s8 kernels saturate).",
     )
+    @click.option(
+        "--keep-names", is_flag=True,
+        help="Keep the internal tensors' names (by default the quantized model shortens them: smaller file).",
+    )
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         return function(*args, **kwargs)
@@ -146,12 +150,13 @@ def quantization_options(function):
 
 def _quantization_kwargs(
     quantize, calibration, preprocess, method, limit, mode, activation_type, symmetric, per_tensor, weight_form, exclude,
-    fidelity_target, no_bias_correction, reduce_range,
+    fidelity_target, no_bias_correction, reduce_range, keep_names,
 ) -> dict:
     quantize_only = {
         "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit,
         "--fidelity-target": fidelity_target, "--weight-form": weight_form,
         "--exclude": exclude, "--symmetric-activations": symmetric, "--per-tensor": per_tensor,
+        "--keep-names": keep_names,
     }
     if quantize is None:
         given = [flag for flag, value in quantize_only.items() if value]
@@ -171,6 +176,7 @@ def _quantization_kwargs(
         fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None,
         bias_correction=not no_bias_correction,
         reduce_range=reduce_range,
+        keep_names=keep_names,
     )
     return {
         "quantize": quantize,
@@ -240,7 +246,7 @@ def optimize(
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
     json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
-    reduce_range,
+    reduce_range, keep_names,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
@@ -251,6 +257,7 @@ def optimize(
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
         symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction, reduce_range,
+        keep_names,
     )
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)

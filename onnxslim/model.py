@@ -19,7 +19,7 @@ import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, update_import_domains
-from onnx_graphsurgeon.ir.tensor import SparseValues
+from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, ModelSaveError, UsageError
@@ -310,9 +310,7 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     target.output.extend(OnnxExporter.export_value_info_proto(tensor, False) for tensor in graph.outputs)
     tensors = graph.tensors()
     constants = [tensor for tensor in tensors.values() if isinstance(tensor, gs.Constant)]
-    target.initializer.extend(
-        OnnxExporter.export_tensor_proto(tensor) for tensor in constants if not isinstance(tensor._values, SparseValues)
-    )
+    target.initializer.extend(_tensor_proto(tensor) for tensor in constants if not isinstance(tensor._values, SparseValues))
     target.sparse_initializer.extend(
         OnnxExporter.export_sparse_tensor_proto(tensor) for tensor in constants if isinstance(tensor._values, SparseValues)
     )
@@ -325,6 +323,18 @@ def _export(graph: gs.Graph) -> onnx.ModelProto:
     model.functions.extend(OnnxExporter.export_function(function) for function in graph.functions)
     model.opset_import.extend(update_import_domains(graph))
     return model
+
+
+def _tensor_proto(tensor: gs.Constant) -> onnx.TensorProto:
+    """The initializer for `tensor`. onnx-graphsurgeon exports a weight still held by the source
+    model by writing the tensor's name into the source's TensorProto; a renamed one is
+    exported as a renamed copy, so the source model is left as it was."""
+    if isinstance(tensor._values, LazyValues) and tensor._values.tensor.name != tensor.name:
+        renamed = onnx.TensorProto()
+        renamed.CopyFrom(tensor._values.tensor)
+        renamed.name = tensor.name
+        return renamed
+    return OnnxExporter.export_tensor_proto(tensor)
 
 
 def drop_disconnected_nodes(graph: onnx.GraphProto) -> None:

@@ -185,6 +185,7 @@ class QuantizeOptions:
     # out is a range left unseen: on ResNet-50 holding out 3 of 16 cost 6 dB), and fidelity is
     # measured on the last EVALUATION_SAMPLES of them, which the report says.
     held_out: int = 0
+    keep_names: bool = False  # else internal tensors get short names (see the shorten-names pass)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -546,7 +547,8 @@ class _Builder:
         )
         result = get_pass("quantize-int8")(graph, context, **options)
         self.corrected = result.counters.get("corrected_biases", 0)
-        for name in ("eliminate-dead-nodes",):
+        # A quarter of the weight bytes makes the rest of the file count: defaults and long names go.
+        for name in ("eliminate-dead-nodes", "drop-default-attributes") + (() if self.options.keep_names else ("shorten-names",)):
             get_pass(name)(graph, context)
         quantized = to_model(graph, self.model)
         # Intermediate shapes are optional and every runtime infers them; with a Q/DQ pair per
