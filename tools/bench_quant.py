@@ -35,14 +35,16 @@ Measured, in this Python, for the float32 model and every result alike: file byt
 float32; onnx.checker full-check validity; QuantizeLinear/DequantizeLinear counts; which integer
 kernels onnxruntime forms (its ORT_ENABLE_ALL optimized model, saved and counted: QLinearConv,
 QLinearMatMul, MatMulInteger, ...); onnxruntime latency with ORT_ENABLE_ALL on the CPU provider,
-the median of --runs timed runs after warm-up, on one intra-op thread and on all of them; and on
+the median of --runs timed runs after warm-up, on one intra-op thread (every file of a model open
+at once and run in turn, round-robin in a rotating order: the VM's drifting speed falls on all of
+them alike) and on all of them (one file at a time); and on
 the held-out data, against the float32 model's outputs: SQNR (dB) of the first output over all
 samples together (and the median of the per-sample figures), the worst output's SQNR; cosine
 similarity; top-1 agreement for classifiers (per timestep for ppocr-rec). The accuracy is that of
 the deployed session (ORT_ENABLE_ALL, integer kernels); "SQNR QDQ in float" repeats it with
 onnxruntime's optimizations off, where every QuantizeLinear/DequantizeLinear runs as written, so a
 gap between the two is the kernels' doing (e.g. uint8 x int8 products saturating on CPUs without
-VNNI). Models run one at a time, and nothing else of the bench runs while one is timed.
+VNNI). Models run one at a time, and nothing else of the bench runs while they are timed.
 
 The report goes to <out>/quant.md (the acceptance checks first) and <out>/quant.json, and stdout;
 results to <out>/<tool>/<model>.onnx. <out> is --out, default <cache>/bench-quant; the cache is
@@ -98,7 +100,7 @@ DEFAULT_TIMEOUT = 1800.0
 
 MIN_IMAGE_SIDE = 64  # smaller images say little about a model's activations
 WARMUP_RUNS = 3
-DEFAULT_TIMED_RUNS = 10
+DEFAULT_TIMED_RUNS = 20
 SQNR_CAP_DB = 200.0  # reported for identical outputs (no noise), and its negative for non-finite ones
 GARBAGE_SQNR_DB = 5.0  # below this (pooled) SQNR a quantized model's outputs are noise, not a degraded copy
 
@@ -470,10 +472,7 @@ def measure(path: Path, model: QuantModel, reference: Reference, fp32_bytes: int
         return measured
     try:
         outputs = [session.run(reference.output_names, sample) for sample in reference.samples]
-        measured["latency_ms"] = {"all_threads": latency_ms(session, reference.samples[0], timed_runs)}
         del session
-        measured["latency_ms"]["one_thread"] = latency_ms(make_session(path, "all", 1), reference.samples[0],
-                                                          timed_runs)
         if not is_baseline:
             measured["fidelity"] = fidelity(model.task, reference, outputs)
             simulated = make_session(path, "disabled", threads)
@@ -516,8 +515,30 @@ def _kernels(optimized_ops: dict[str, int]) -> dict:
     return {"ort_kernels": kernels, "ort_qdq_left": left}
 
 
-def latency_ms(session, feed: dict, timed_runs: int) -> float:
+def interleaved_latencies_ms(paths: dict[str, Path], feed: dict, timed_runs: int) -> dict[str, float]:
+    """Median wall time of one run (ms, one thread) of each file, all sessions open at once and
+    run in turn.
+
+    Timed one after another, two files with the same kernels differed by up to 40 % on this
+    kind of shared VM: its speed drifts over seconds. Round after round, each file runs once,
+    in an order that rotates, so every file sees the same drift; WARMUP_RUNS rounds first.
+    (With several threads, one session's workers keep spinning after its run and slow the next
+    one's: those are timed one file at a time, latency_ms.)"""
+    sessions = {key: make_session(path, "all", 1) for key, path in paths.items()}
+    keys = list(sessions)
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for round_ in range(WARMUP_RUNS + timed_runs):
+        for key in keys[round_ % len(keys):] + keys[:round_ % len(keys)]:
+            started = time.perf_counter()
+            sessions[key].run(None, feed)
+            if round_ >= WARMUP_RUNS:
+                times[key].append(time.perf_counter() - started)
+    return {key: statistics.median(values) * 1000 for key, values in times.items()}
+
+
+def latency_ms(path: Path, feed: dict, timed_runs: int, threads: int) -> float:
     """Median wall time of one run in milliseconds, after WARMUP_RUNS untimed runs."""
+    session = make_session(path, "all", threads)
     for _ in range(WARMUP_RUNS):
         session.run(None, feed)
     times = []
@@ -526,6 +547,25 @@ def latency_ms(session, feed: dict, timed_runs: int) -> float:
         session.run(None, feed)
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
+
+
+def measure_latencies(entry: dict, paths: dict[str, Path], feed: dict, timed_runs: int) -> None:
+    """Latency of the float32 model and every tool's result that onnxruntime ran, interleaved,
+    at one thread and at all of them, into each one's "latency_ms"."""
+    results = {"fp32": entry["fp32"], **entry["results"]}
+    runnable = {key: path for key, path in paths.items()
+                if results[key].get("status", "ok") == "ok" and not results[key].get("measure_error")}
+    if not runnable:
+        return
+    try:
+        one = interleaved_latencies_ms(runnable, feed, timed_runs)
+        every = {key: latency_ms(path, feed, timed_runs, os.cpu_count() or 1) for key, path in runnable.items()}
+    except Exception as error:  # noqa: BLE001 — onnxruntime's own exception types
+        for key in runnable:
+            results[key]["measure_error"] = f"onnxruntime run failed while timing: {_first_line(error)}"
+        return
+    for key in runnable:
+        results[key]["latency_ms"] = {"one_thread": one[key], "all_threads": every[key]}
 
 
 # ---- fidelity ------------------------------------------------------------------------------------
@@ -632,6 +672,7 @@ def bench_model(model: QuantModel, tools: list[Tool], out: Path, images: dict | 
     entry["fp32"] = measure(path, model, reference, None, timed_runs, is_baseline=True)
     _progress(f"{model.name}: float32: {_progress_line(entry['fp32'])}")
     entry["results"] = {}
+    paths = {"fp32": path}
     for tool in tools:
         output = out / tool.key / f"{model.name}.onnx"
         _progress(f"{model.name}: {tool.label}: quantizing")
@@ -642,8 +683,13 @@ def bench_model(model: QuantModel, tools: list[Tool], out: Path, images: dict | 
         if run.status == "ok":
             tool_info[tool.key]["version"] = run.version
             result.update(measure(output, model, reference, entry["fp32"]["bytes"], timed_runs))
+            paths[tool.key] = output
         _progress(f"{model.name}: {tool.label}: {_progress_line(result)}")
         entry["results"][tool.key] = result
+    _progress(f"{model.name}: timing {', '.join(paths)} in turn")
+    measure_latencies(entry, paths, reference.samples[0], timed_runs)
+    for key, result in {"fp32": entry["fp32"], **entry["results"]}.items():
+        _progress(f"{model.name}: {key}: {_latency_text(result)} ms (1 / {os.cpu_count()} threads)")
     return entry
 
 
@@ -886,7 +932,7 @@ def markdown(report: dict) -> str:
         "×fp32: file bytes over the float32 model's. Q/DQ: QuantizeLinear + DequantizeLinear nodes in the file. "
         "ORT kernels: the integer kernels in onnxruntime's ORT_ENABLE_ALL optimized model, and the Q/DQ nodes it "
         f"left (not fused). Latency: median of the timed runs after {WARMUP_RUNS} warm-up runs, one intra-op "
-        f"thread / {environment_['cpu_count']}. SQNR (dB): the first output against float32's over all "
+        f"thread (the model's files run in turn, round-robin) / {environment_['cpu_count']}. SQNR (dB): the first output against float32's over all "
         "held-out samples together, Σ ref² / Σ (ref − q)² (the figure the checks use: a sample whose reference "
         "is all but zero, such as ppocr-det's map of an image without text, has no meaningful SQNR of its own); "
         "per sample: the median (and min) of each sample's own SQNR; worst out: the lowest SQNR over the outputs. "
