@@ -532,8 +532,22 @@ def interleaved_latencies_ms(paths: dict[str, Path], feed: dict, timed_runs: int
             started = time.perf_counter()
             sessions[key].run(None, feed)
             if round_ >= WARMUP_RUNS:
-                times[key].append(time.perf_counter() - started)
-    return {key: statistics.median(values) * 1000 for key, values in times.items()}
+                times[key].append((time.perf_counter() - started) * 1000)
+    return times
+
+
+def paired_ratio(mine: list[float], theirs: list[float]) -> dict | None:
+    """The median over rounds of mine/theirs (runs of the same round saw the same machine), with
+    a distribution-free 95 % interval: the order statistics around the median that cover it
+    with probability ≥ 0.95 (binomial, p = 1/2)."""
+    ratios = sorted(a / b for a, b in zip(mine, theirs))
+    n = len(ratios)
+    if n < 6:
+        return None
+    k = 0  # the k-th smallest and k-th largest (1-based), k the largest with P(Binomial(n, 1/2) < k) ≤ 0.025
+    while math.fsum(math.comb(n, i) for i in range(k + 1)) / 2**n <= 0.025:
+        k += 1
+    return {"median": statistics.median(ratios), "low": ratios[k - 1], "high": ratios[n - k], "rounds": n}
 
 
 def latency_ms(path: Path, feed: dict, timed_runs: int, threads: int) -> float:
@@ -558,14 +572,15 @@ def measure_latencies(entry: dict, paths: dict[str, Path], feed: dict, timed_run
     if not runnable:
         return
     try:
-        one = interleaved_latencies_ms(runnable, feed, timed_runs)
+        rounds = interleaved_latencies_ms(runnable, feed, timed_runs)
         every = {key: latency_ms(path, feed, timed_runs, os.cpu_count() or 1) for key, path in runnable.items()}
     except Exception as error:  # noqa: BLE001 — onnxruntime's own exception types
         for key in runnable:
             results[key]["measure_error"] = f"onnxruntime run failed while timing: {_first_line(error)}"
         return
     for key in runnable:
-        results[key]["latency_ms"] = {"one_thread": one[key], "all_threads": every[key]}
+        results[key]["latency_ms"] = {"one_thread": statistics.median(rounds[key]), "all_threads": every[key],
+                                      "one_thread_rounds": [round(value, 3) for value in rounds[key]]}
 
 
 # ---- fidelity ------------------------------------------------------------------------------------
@@ -859,25 +874,36 @@ def _sqnr_checks(models: list[dict], peers: list[str]) -> tuple[dict, dict]:
 
 
 def _latency_check(models: list[dict], peers: list[str]) -> dict:
-    """Ours at one thread against the faster peer's int8 model and against float32, per model."""
+    """Ours at one thread against the faster peer's int8 model and against float32, per model.
+
+    Compared round by round (interleaved_latencies_ms): ours/other over the rounds, its median
+    and 95 % interval (paired_ratio). Ours is slower only when the whole interval lies above 1;
+    an interval around 1 is a tie (the same kernels run at the same speed), said as such."""
     values, failing = {}, []
     for model in models:
         ours = _ours(model)
-        # A peer's invalid or garbage model sets no bar: being fast at computing noise is no feat.
-        peer_latencies = [result["latency_ms"]["one_thread"] for result in _peer_results(model, peers).values()
-                          if result["valid"] and not result["fidelity"]["garbage"]]
-        fp32 = model["fp32"].get("latency_ms", {}).get("one_thread")
-        if ours is None:
+        if ours is None or "latency_ms" not in ours:
             failing.append(model["name"])
             continue
-        mine = ours["latency_ms"]["one_thread"]
-        fastest_peer = min(peer_latencies, default=None)
-        values[model["name"]] = {"ours": mine, "fastest_peer": fastest_peer, "fp32": fp32}
-        if (fastest_peer is not None and mine > fastest_peer) or (fp32 is not None and mine > fp32):
-            failing.append(model["name"])
-    return {"passed": not failing and bool(values), "values": values, "failing": failing,
+        # A peer's invalid or garbage model sets no bar: being fast at computing noise is no feat.
+        peers_ok = [result for result in _peer_results(model, peers).values()
+                    if result["valid"] and not result["fidelity"]["garbage"] and "latency_ms" in result]
+        fastest = min(peers_ok, key=lambda result: result["latency_ms"]["one_thread"], default=None)
+        value = {"ours": ours["latency_ms"]["one_thread"], "fastest_peer": None, "fp32": None}
+        for role, other in (("fastest_peer", fastest), ("fp32", model["fp32"])):
+            if other is None or "latency_ms" not in other:
+                continue
+            value[role] = other["latency_ms"]["one_thread"]
+            ratio = paired_ratio(ours["latency_ms"].get("one_thread_rounds", []),
+                                 other["latency_ms"].get("one_thread_rounds", []))
+            value[f"{role}_ratio"] = ratio
+            slower = ratio["low"] > 1.0 if ratio else value["ours"] > value[role]
+            if slower:
+                failing.append(model["name"])
+        values[model["name"]] = value
+    return {"passed": not failing and bool(values), "values": values, "failing": sorted(set(failing)),
             "text": "ours' latency (1 thread) ≤ the faster peer's int8 model (valid, not garbage) and ≤ float32, "
-                    "every model"}
+                    "every model (round-by-round ratio, 95 % interval; slower only if the interval lies above 1)"}
 
 
 def _soundness_check(models: list[dict]) -> dict:
@@ -1002,8 +1028,9 @@ def _check_detail(key: str, check: dict) -> str:
         return value + failing
     if key == "latency":
         values = ", ".join(f"{name} {_number(value['ours'], '{:.1f}')} vs peer "
-                           f"{_number(value['fastest_peer'], '{:.1f}') or '–'} / fp32 "
-                           f"{_number(value['fp32'], '{:.1f}')} ms" for name, value in check["values"].items())
+                           f"{_number(value['fastest_peer'], '{:.1f}') or '–'}{_ratio_text(value.get('fastest_peer_ratio'))}"
+                           f" / fp32 {_number(value['fp32'], '{:.1f}')} ms{_ratio_text(value.get('fp32_ratio'))}"
+                           for name, value in check["values"].items())
         return (values or "no result") + failing
     if key == "sound":
         return "; ".join(f"{name}: {reason}" for name, reason in check["failing"].items()) or "none"
@@ -1059,6 +1086,14 @@ def _notes(model: str, label: str, result: dict) -> list[str]:
 
 def _kernels_text(result: dict) -> str:
     return ", ".join(f"{op} {count}" for op, count in result.get("ort_kernels", {}).items())
+
+
+def _ratio_text(ratio: dict | None) -> str:
+    """" (×0.98, 0.95–1.01, tie)": ours/other per round, its 95 % interval, and a tie when it spans 1."""
+    if not ratio:
+        return ""
+    tie = ", tie" if ratio["low"] <= 1.0 <= ratio["high"] else ""
+    return f" (×{ratio['median']:.3f}, {ratio['low']:.3f}–{ratio['high']:.3f}{tie})"
 
 
 def _latency_text(result: dict) -> str:
