@@ -385,6 +385,24 @@ def insert_before(graph: gs.Graph, anchor: gs.Node, *nodes: gs.Node) -> None:
     graph.nodes[index:index] = list(nodes)
 
 
+def tensor_map(graph: gs.Graph) -> dict[str, gs.Tensor]:
+    """Name -> tensor of `graph` (not its bodies), in the order of gs.Graph.tensors(): inputs,
+    each node's inputs and outputs, outputs; omitted optional tensors left out. The same map as
+    tensors() without its per-tensor duplicate check, which costs more than the walk."""
+    found: dict[str, gs.Tensor] = {}
+    for tensor in graph.inputs:
+        found[tensor.name] = tensor
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            found[tensor.name] = tensor
+        for tensor in node.outputs:
+            found[tensor.name] = tensor
+    for tensor in graph.outputs:
+        found[tensor.name] = tensor
+    found.pop("", None)
+    return found
+
+
 def unique_names(graph: gs.Graph):
     """A function `name(base)` giving tensor/node names no graph or subgraph of `graph` uses yet.
 
@@ -392,11 +410,15 @@ def unique_names(graph: gs.Graph):
     of its enclosing graph. Names it gave out are remembered, so one instance serves a whole pass.
     """
     taken: set[str] = set()
-    for subgraph in walk(graph):
-        taken.update(subgraph.tensors().keys())
-        taken.update(node.name for node in subgraph.nodes if node.name)
+    collected = False  # collected on the first call: most passes that make one never name anything
 
     def name(base: str) -> str:
+        nonlocal collected
+        if not collected:
+            for subgraph in walk(graph):
+                taken.update(tensor_map(subgraph))
+                taken.update(node.name for node in subgraph.nodes if node.name)
+            collected = True
         candidate, index = base, 0
         while candidate in taken:
             index += 1

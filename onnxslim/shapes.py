@@ -7,10 +7,11 @@ import math
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx
+from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import InputSpecError
-from .graph import walk
+from .graph import tensor_map, walk
+from .model import node_proto, value_info_proto
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -35,25 +36,24 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
     their dims matter to inference, and data propagation reads only small, shape-like tensors).
     Disconnected nodes are left out (inference rejects a node without outputs); node order is
     kept, since the caller pairs inferred bodies with the graph's by position."""
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
     initializers, weights, value_info = [], [], []
     for tensor in tensors.values():
         if isinstance(tensor, gs.Constant):
             if math.prod(tensor.shape) > DATA_PROPAGATION_ELEMENTS:
-                weights.append(onnx.helper.make_tensor_value_info(tensor.name, dtype_to_onnx(tensor.dtype), tensor.shape))
+                weights.append(value_info_proto(tensor))
             else:
                 initializers.append(OnnxExporter.export_tensor_proto(tensor))
         elif tensor.name not in interface and (tensor.dtype is not None or tensor.shape is not None):
-            value_info.append(OnnxExporter.export_value_info_proto(tensor, do_type_check=False))
-    return onnx.helper.make_graph(
-        [OnnxExporter.export_node(node) for node in graph.nodes if node.outputs],
-        graph.name or "graph",
-        [OnnxExporter.export_value_info_proto(tensor, do_type_check=False) for tensor in graph.inputs] + weights,
-        [OnnxExporter.export_value_info_proto(tensor, do_type_check=False) for tensor in graph.outputs],
-        initializer=initializers,
-        value_info=value_info,
-    )
+            value_info.append(value_info_proto(tensor))
+    skeleton = onnx.GraphProto(name=graph.name or "graph")
+    skeleton.node.extend([node_proto(node) for node in graph.nodes if node.outputs])
+    skeleton.input.extend([value_info_proto(tensor) for tensor in graph.inputs] + weights)
+    skeleton.output.extend([value_info_proto(tensor) for tensor in graph.outputs])
+    skeleton.initializer.extend(initializers)
+    skeleton.value_info.extend(value_info)
+    return skeleton
 
 
 def set_input_shapes(graph: gs.Graph, shapes: dict[str, list[int]]) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, is_standard, node_subgraphs, producer, walk
+from onnxslim.graph import constant_value, is_standard, node_subgraphs, producer, tensor_map, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 # Ops whose spatial attributes default to "1 along each axis" (strides, dilations) and "0 at each
@@ -46,7 +46,7 @@ def shorten_names(graph: gs.Graph, ctx: PassContext) -> PassResult:
     if any(node_subgraphs(node) for node in graph.nodes):
         return PassResult(renamed=0)  # bodies read outer tensors by name; left as they are
     interface = {tensor.name for tensor in graph.inputs + graph.outputs}
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     taken = set(tensors)  # a new name never equals an old one, renamed or not
     renamed, index = 0, 0
     for name, tensor in tensors.items():

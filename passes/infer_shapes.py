@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import node_subgraphs, trusted_symbol, walk
+from onnxslim.graph import node_subgraphs, tensor_map, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.shapes import infer_model
 
@@ -64,7 +64,7 @@ def _dims(shape) -> tuple | None:
 
 def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
     """Copy dtypes/shapes from the inferred proto onto the graph's unannotated tensors, bodies included."""
-    tensors = graph.tensors()
+    tensors = tensor_map(graph)
     annotated = 0
     for value in list(proto.value_info) + list(proto.output):
         tensor = tensors.get(value.name)
