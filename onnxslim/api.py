@@ -18,6 +18,7 @@ from .errors import UsageError, VerificationError
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_structure, load, same_file, save, to_graph, to_model
+from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
@@ -76,6 +77,8 @@ def optimize(
     calibration_limit: int | None = None,
     quantize_options: QuantizeOptions | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    prune: float | None = None,
+    prune_options: PruneOptions | None = None,
 ):
     """Optimize `model` (a path or a ModelProto) and return the optimized ModelProto.
 
@@ -91,6 +94,10 @@ def optimize(
     losslessly first, then the quantized one in lossy mode on the evaluation samples, against
     `budget` (default: cosine >= 0.95 on every output, which catches a broken model) and the
     fidelity target. `progress(stage, done, total)` follows calibration and sensitivity runs.
+
+    prune=RATIO (or prune_options=PruneOptions(...)) removes that share of each prunable channel
+    group from the simplified model (onnxslim.prune), refits the layers that lost input channels
+    on `calibration` when given, and reruns the pipeline; quantization, if asked, comes after.
     """
     started = time.perf_counter()
     if quantize is not None and quantize != "int8":
@@ -109,8 +116,10 @@ def optimize(
         report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
     if input_shapes:
         verify_shapes = {**(verify_shapes or {}), **input_shapes}
+    if prune is not None or prune_options is not None:
+        prune_options = replace(prune_options or PruneOptions(), **({"ratio": prune} if prune is not None else {}))
     data = None
-    if quantize is not None:
+    if quantize is not None or prune_options is not None:
         data = _calibration_data(original, calibration, preprocess, verify_shapes, calibration_limit)
         if inputs is None and data is not None and not data.synthetic:
             # Real samples check the simplification too, and a dynamic model needs no --verify-shape.
@@ -141,8 +150,13 @@ def optimize(
         report.verification = verifier.check(optimized)
     else:
         report.verification_skipped = "verification turned off"
+    reference = original
+    if prune_options is not None and (report.verification is None or report.verification.passed):
+        optimized = _prune(optimized, original, report, prune_options, data, progress, chosen,
+                           verify=verify, budget=budget, verify_shapes=verify_shapes, samples=samples, seed=seed)
+        reference = optimized  # quantization's own budget is measured against the model it was given
     if quantize is not None and (report.verification is None or report.verification.passed):
-        optimized = _quantize(optimized, original, report, quantize, data, quantize_options, progress,
+        optimized = _quantize(optimized, reference, report, quantize, data, quantize_options, progress,
                               verify=verify, budget=budget, verify_shapes=verify_shapes, samples=samples, seed=seed)
     report.seconds = {
         "load": loaded - started,
@@ -170,6 +184,30 @@ def _calibration_data(model, calibration, preprocess, shapes, limit) -> Calibrat
     if str(calibration) == "random":
         return CalibrationData.random(model, shapes, **({"count": limit} if limit else {}))
     return CalibrationData.from_path(model, calibration, preprocess=preprocess, limit=limit)
+
+
+def _prune(simplified, original, report, options, data, progress, pipeline, *, verify, budget,
+           verify_shapes, samples, seed) -> onnx.ModelProto:
+    """Prune the verified simplified model, rerun the pipeline on it, and verify it in lossy mode
+    when a budget is given (pruning's cost is the user's to bound; the surgery check is exact)."""
+    report.lossless_verification = report.verification
+    pruned, report.pruning = prune_channels(simplified, data, options, progress=progress, shapes=verify_shapes)
+    if report.pruning.surgery_exact is False:
+        raise VerificationError(f"pruning surgery is not exact: {report.pruning.surgery_check}", report)
+    graph = to_graph(pruned)
+    PassManager(pipeline, context=PassContext(logger=default_logger)).run(graph)
+    pruned = to_model(graph, pruned)
+    _check_valid(pruned, original)
+    report.after = summarize(pruned)
+    report.notes.append(report.pruning.summary())
+    if not verify or budget is None or not budget.is_set():
+        report.verification = None
+        report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
+        return pruned
+    feeds = list(data.tail(min(8, len(data)))) if data is not None and not data.synthetic else None
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    report.verification = lossy.check(pruned, label="pruned model")
+    return pruned
 
 
 def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,

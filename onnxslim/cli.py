@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +16,11 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
+from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import load, same_file
+from .prune import PruneOptions, analyze
 from .quantize import FidelityTarget, QuantizeOptions
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
@@ -148,9 +151,35 @@ def quantization_options(function):
     return wrapper
 
 
+def pruning_options(function):
+    """The options of `optimize --prune RATIO`."""
+
+    @click.option("--prune", type=float, default=None, metavar="RATIO",
+                  help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
+    @click.option("--prune-criterion", type=click.Choice(["l2", "l1"]), default="l2", show_default=True,
+                  help="Which channels go: the weakest by weight magnitude summed over the group's layers.")
+    @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
+                  help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
+    @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
+    @click.option("--check-surgery", is_flag=True,
+                  help="Check that the pruned model equals the original with the removed channels' weights zeroed.")
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery) -> dict:
+    if prune is None:
+        return {}
+    return {"prune_options": PruneOptions(ratio=prune, criterion=criterion, round_to=round_to,
+                                          reconstruct=not no_reconstruct, check_surgery=check_surgery)}
+
+
 def _quantization_kwargs(
     quantize, calibration, preprocess, method, limit, mode, activation_type, symmetric, per_tensor, weight_form, exclude,
-    fidelity_target, no_bias_correction, reduce_range, keep_names,
+    fidelity_target, no_bias_correction, reduce_range, keep_names, pruning=False,
 ) -> dict:
     quantize_only = {
         "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit,
@@ -159,10 +188,14 @@ def _quantization_kwargs(
         "--keep-names": keep_names,
     }
     if quantize is None:
+        data = {"calibration": calibration, "preprocess": preprocess, "calibration_limit": limit}
+        if pruning:  # calibration data serves pruning's refit too
+            quantize_only = {flag: value for flag, value in quantize_only.items()
+                             if flag not in ("--calibration", "--preprocess", "--calibration-limit")}
         given = [flag for flag, value in quantize_only.items() if value]
         if given:
             raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
-        return {}
+        return data if pruning else {}
     if weight_form and mode != "weights":
         raise UsageError("--weight-form applies to --quantize-mode weights")
     options = QuantizeOptions(
@@ -240,13 +273,14 @@ def cli():
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (for CI).")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
 @quantization_options
+@pruning_options
 @debug_option
 def optimize(
     source, destination, pipeline, passes, skip, fold_size_cap, input_shapes, no_verify, inputs, verify_shapes, samples, seed,
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
     json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
-    reduce_range, keep_names,
+    reduce_range, keep_names, prune, prune_criterion, prune_round, no_reconstruct, check_surgery,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
@@ -257,8 +291,9 @@ def optimize(
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
         symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction, reduce_range,
-        keep_names,
+        keep_names, pruning=prune is not None,
     )
+    pruning = _pruning_kwargs(prune, prune_criterion, prune_round, no_reconstruct, check_surgery)
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
     if fold_size_cap is not None:
@@ -278,6 +313,7 @@ def optimize(
             external_data=external_data,
             **verification,
             **quantization,
+            **pruning,
         )
     except VerificationError as error:
         _write_failure_json(json_path, error)
@@ -375,6 +411,86 @@ def inspect(model, as_json):
     console.print(ops)
 
 
+@cli.command(name="prune-plan")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--ratio", type=float, default=0.25, show_default=True, help="Show the channels each group keeps at this ratio.")
+@click.option("--criterion", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
+@debug_option
+def prune_plan(model, ratio, criterion, as_json):
+    """Show MODEL's channel groups: members, channels, share of parameters, frozen and why."""
+    simplified = api.optimize(model, verify=False)
+    plan = analyze(simplified, criterion).choose(ratio)
+    rows = plan.describe()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    table = Table("group", "channels", f"kept at {ratio:g}", "params", "producers", "consumers", "frozen because", box=None)
+    for row in rows:
+        table.add_row(
+            str(row["group"]), str(row["channels"]), str(row["kept"]), f"{row['parameter_share']:.1%}",
+            _names(row["producers"]), _names(row["consumers"]), row["frozen"] or "",
+        )
+    console.print(table)
+    prunable = [row for row in rows if not row["frozen"]]
+    console.print(f"{len(prunable)} of {len(rows)} groups prunable, {plan.prunable_channels} channels; "
+                  f"at {ratio:g}: {plan.removed_channels} removed")
+
+
+def _names(names: list[str], shown: int = 3) -> str:
+    text = ", ".join(names[:shown])
+    return text + (f" +{len(names) - shown}" if len(names) > shown else "")
+
+
+@cli.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--runs", default=DEFAULT_RUNS, show_default=True, type=click.IntRange(1), help="Timed runs per model and thread count.")
+@click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
+@click.option("--inputs", metavar="PATH", help="Samples to feed: a folder or file of .npz (one array per input name), .npy or images.")
+@click.option("--calibration", metavar="PATH", help="Same as --inputs (the calibration set of `optimize --quantize`).")
+@click.option("--preprocess", metavar="SPEC", help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225.")
+@click.option("--samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(1), help="Samples fidelity is measured on.")
+@click.option(
+    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+    help="Shape of a dynamic input for the random inputs, e.g. x:1,3,640,640 (without --inputs).",
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as markdown.")
+@debug_option
+def bench(models, runs, warmup, inputs, calibration, preprocess, samples, input_shapes, seed, json_path, markdown_path):
+    """Compare MODELS on this CPU: size, parameters, MACs, latency, peak memory, energy, and
+    fidelity against the first model (e.g. original vs pruned vs int8). The files are only read."""
+    if inputs and calibration:
+        raise UsageError("--inputs and --calibration mean the same: give one of them")
+    data = inputs or calibration
+    for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
+        if path is None:
+            continue
+        if any(same_file(path, model) for model in models):
+            raise UsageError(f"the {flag} path is a model file ({path}); choose another path")
+        writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK | os.X_OK)
+        if not path.parent.is_dir() or not writable:  # found now, not after the measuring
+            raise UsageError(f"cannot write the {flag} file {path}: its folder does not exist or is not writable")
+    report = benchmark(
+        models, runs=runs, warmup=warmup, data=None if data == "random" else data, preprocess=preprocess,
+        samples=samples, input_shapes=parse_shape_specs(input_shapes), seed=seed, progress=_progress_bar(),
+    )
+    if json_path:
+        _write_text(json_path, report.to_json())
+    if markdown_path:
+        _write_text(markdown_path, report.to_markdown())
+    header, rows = report.table()
+    table = Table(*header, box=None)
+    for column in table.columns[1:]:
+        column.justify = "right"
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    for line in report.explanations():
+        console.print(line, soft_wrap=True)
+
+
 @cli.command(name="passes")
 @click.option("--pipelines", "show_pipelines", is_flag=True, help="List the pipeline presets instead.")
 def list_passes(show_pipelines):
@@ -420,6 +536,9 @@ def _print_optimize_report(report: OptimizeReport) -> None:
         console.print(passes)
         for group in report.run.unconverged:
             console.print(f"[yellow]warning:[/] {group} did not converge")
+    if report.pruning is not None:
+        console.print(f"pruning: {report.pruning.summary()}", soft_wrap=True)
+        console.print(f"surgery check: {report.pruning.surgery_check}", soft_wrap=True)
     if report.quantization is not None:
         _print_quantization(report.quantization)
     if report.verification is not None:

@@ -158,6 +158,7 @@ class OptimizeReport:
     seconds: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     quantization: object | None = None  # onnxslim.quantize.QuantizationReport
+    pruning: object | None = None  # onnxslim.prune.PruneReport
     lossless_verification: VerificationReport | None = None  # of the simplified model, before quantizing
 
     @property
@@ -187,6 +188,7 @@ class OptimizeReport:
             "verification_skipped": self.verification_skipped or None,
             "lossless_verification": self.lossless_verification.to_dict() if self.lossless_verification else None,
             "quantization": self.quantization.to_dict() if self.quantization else None,
+            "pruning": self.pruning.to_dict() if self.pruning else None,
             "seconds": self.seconds,
             "notes": self.notes,
         }

@@ -1,0 +1,890 @@
+"""Measuring models side by side: size, parameters, MACs, CPU latency, peak memory, energy, fidelity.
+
+    report = benchmark(["model.onnx", "model.int8.onnx"], runs=50, warmup=5)
+    print(report.to_markdown())
+
+The first model is the reference: ratios and fidelity are against it. Everything here measures
+and serializes; the terminal table is drawn by cli.py from `BenchmarkReport.table()`, the same
+cells the markdown holds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .calibration import CalibrationData, InputSpec, input_specs
+from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .model import _external_data_files, load
+from .quantize import cpu_int8_support
+from .verify import FidelityPool, Runner, _first_line, model_inputs, synthesize_inputs
+
+DEFAULT_RUNS = 50
+DEFAULT_WARMUP = 5
+DEFAULT_SAMPLES = 8
+DEFAULT_SEED = 0
+
+# Identical outputs have an infinite SQNR. float32 rounding alone (relative error uniform in
+# ±2^-24) gives 10·log10(3·2^48) ≈ 149 dB: at 150 dB two outputs are the same to float precision.
+SQNR_CAP_DB = 150.0
+
+# Ops whose multiply-accumulates are counted, and where the convolutions' weight sits.
+MAC_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul", "QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger")
+_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
+
+# Initializers above this many elements reach shape inference as typed inputs: only their dims
+# matter, and data propagation reads only small (shape-like) tensors.
+INFERENCE_TENSOR_ELEMENTS = 1024
+
+# Runs of the session in the child process that measures memory: the first run allocates
+# onnxruntime's arena, later ones reuse it.
+MEMORY_RUNS = 3
+
+POWERCAP = Path("/sys/class/powercap")
+HWMON = Path("/sys/class/hwmon")
+
+Progress = Callable[[str, int, "int | None"], None]
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+@dataclass
+class Latency:
+    """onnxruntime CPU latency of one model at one intra-op thread count, in milliseconds."""
+
+    threads: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+
+@dataclass
+class OutputFidelity:
+    """One output against the reference model's, pooled over the samples (see FidelityPool).
+
+    `top1` is None when the output does not look like class scores; every figure is None when
+    the output cannot be compared, and `problem` says why.
+    """
+
+    name: str
+    cosine: float | None = None
+    sqnr_db: float | None = None
+    top1: float | None = None
+    problem: str = ""
+
+
+@dataclass
+class MacCount:
+    """Multiply-accumulates of the MAC_OPS layers; `unknown_layers` had shapes inference could not tell."""
+
+    macs: int = 0
+    layers: int = 0
+    unknown_layers: int = 0
+
+
+@dataclass
+class ModelBenchmark:
+    """Everything measured on one model."""
+
+    path: str
+    file_bytes: int
+    parameters: int
+    macs: MacCount
+    latency_one_thread: Latency | None = None
+    latency_all_threads: Latency | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_problem: str = ""
+    energy_joules_per_run: float | None = None
+    fidelity: list[OutputFidelity] = field(default_factory=list)
+
+    def worst_fidelity(self) -> OutputFidelity | None:
+        """Each figure at its worst over the outputs (they may come from different outputs)."""
+        compared = [output for output in self.fidelity if output.cosine is not None]
+        if not self.fidelity:
+            return None
+        if len(compared) < len(self.fidelity):
+            failing = next(output for output in self.fidelity if output.cosine is None)
+            return OutputFidelity("(worst)", problem=f"{failing.name}: {failing.problem}")
+        top1 = [output.top1 for output in compared if output.top1 is not None]
+        return OutputFidelity(
+            "(worst)",
+            cosine=min(output.cosine for output in compared),
+            sqnr_db=min(output.sqnr_db for output in compared),
+            top1=min(top1) if top1 else None,
+        )
+
+
+@dataclass
+class Machine:
+    cpu: str
+    cores: int
+    onnxruntime: str
+
+    def __str__(self) -> str:
+        return f"{self.cpu}, {self.cores} logical cores, onnxruntime {self.onnxruntime}"
+
+
+@dataclass
+class BenchmarkReport:
+    """The models measured (the first is the reference), the settings and the machine."""
+
+    models: list[ModelBenchmark]
+    machine: Machine
+    input_shapes: dict
+    input_source: str
+    random_inputs: bool
+    samples: int
+    runs: int
+    warmup: int
+    all_threads: int
+    energy_problem: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> ModelBenchmark:
+        return self.models[0]
+
+    def ratios(self, model: ModelBenchmark) -> dict:
+        """Size and latency of `model` divided by the reference's (None where either is unknown)."""
+        reference = self.reference
+        return {
+            "file_bytes": _ratio(model.file_bytes, reference.file_bytes),
+            "latency_one_thread": _ratio(_median(model.latency_one_thread), _median(reference.latency_one_thread)),
+            "latency_all_threads": _ratio(_median(model.latency_all_threads), _median(reference.latency_all_threads)),
+        }
+
+    def explanations(self) -> list[str]:
+        """What the figures are, one line each, for under the table."""
+        shapes = ", ".join(f"{name} {list(dims)}" for name, dims in self.input_shapes.items())
+        lines = [
+            f"MACs: {', '.join(MAC_OPS)} only (bias and other ops not counted), at input shapes {shapes}",
+            "parameters: elements of every initializer and Constant, of any dtype (int8 weights count), bodies included",
+            f"latency: onnxruntime CPUExecutionProvider, ORT_ENABLE_ALL; median and p90 of {self.runs} runs after "
+            f"{self.warmup} warm-up; 1-thread runs interleaved across models, {self.all_threads}-thread runs one model at a time",
+            "peak memory: peak RSS of a fresh process while it creates and runs the session (1 thread), minus its RSS before",
+            "energy: package energy (RAPL) per 1-thread run"
+            + (f": n/a, {self.energy_problem}" if self.energy_problem else ", idle power of the package included"),
+            f"fidelity against {self.reference.path} on {self.samples} sample(s) of {self.input_source}",
+            f"machine: {self.machine}",
+        ]
+        unmeasured = [
+            f"peak memory of {model.path}: n/a, {model.peak_memory_problem}"
+            for model in self.models
+            if model.peak_memory_bytes is None
+        ]
+        return lines + [f"note: {note}" for note in [*unmeasured, *self.notes]]
+
+    # -- the table both the terminal and the markdown show
+
+    def table(self) -> tuple[list[str], list[list[str]]]:
+        """(header, rows) of text cells: one row per figure, one column per model."""
+        header = ["", *_labels([model.path for model in self.models])]
+        many = f"{self.all_threads} threads"
+        rows = [
+            self._row("file size", lambda m: _bytes_text(m.file_bytes), ratio="file_bytes"),
+            self._row("parameters", lambda m: f"{m.parameters:,}"),
+            self._row("MACs", lambda m: _macs_text(m.macs)),
+            self._row("latency 1 thread, median", lambda m: _ms(m.latency_one_thread, "median_ms"), ratio="latency_one_thread"),
+            self._row("latency 1 thread, p90", lambda m: _ms(m.latency_one_thread, "p90_ms")),
+            self._row(f"latency {many}, median", lambda m: _ms(m.latency_all_threads, "median_ms"), ratio="latency_all_threads"),
+            self._row(f"latency {many}, p90", lambda m: _ms(m.latency_all_threads, "p90_ms")),
+            self._row("peak memory", lambda m: "n/a" if m.peak_memory_bytes is None else _bytes_text(m.peak_memory_bytes)),
+            self._row("energy / run", lambda m: _joules_text(m.energy_joules_per_run)),
+        ]
+        random = " (random inputs)" if self.random_inputs else ""
+        rows.append(self._fidelity_row(f"cosine, worst output{random}", "cosine", None))
+        rows.append(self._fidelity_row(f"SQNR dB, worst output{random}", "sqnr_db", None))
+        rows.append(self._fidelity_row(f"top-1 agreement, worst output{random}", "top1", None))
+        names = [output.name for output in self.models[1].fidelity] if len(self.models) > 1 else []
+        if len(names) > 1:
+            for name in names:
+                rows.append(self._fidelity_row(f"{name}: cosine / SQNR dB / top-1", None, name))
+        return header, rows
+
+    def _row(self, label: str, cell: Callable[[ModelBenchmark], str], ratio: str | None = None) -> list[str]:
+        cells = [label]
+        for index, model in enumerate(self.models):
+            text = cell(model)
+            factor = self.ratios(model)[ratio] if ratio and index else None
+            cells.append(f"{text} ({factor:.2f}×)" if factor is not None else text)
+        return cells
+
+    def _fidelity_row(self, label: str, figure: str | None, output: str | None) -> list[str]:
+        cells = [label, "reference"]
+        for model in self.models[1:]:
+            if output is None:
+                chosen = model.worst_fidelity()
+            else:
+                chosen = next((item for item in model.fidelity if item.name == output), None)
+            if chosen is None or chosen.problem:
+                cells.append(f"n/a ({chosen.problem})" if chosen else "n/a")
+            elif figure is None:
+                cells.append(f"{_cosine_text(chosen.cosine)} / {_sqnr_text(chosen.sqnr_db)} / {_share_text(chosen.top1)}")
+            else:
+                cells.append({"cosine": _cosine_text, "sqnr_db": _sqnr_text, "top1": _share_text}[figure](getattr(chosen, figure)))
+        return cells
+
+    # -- files
+
+    def to_dict(self) -> dict:
+        models = []
+        for model in self.models:
+            data = asdict(model)
+            worst = model.worst_fidelity()
+            data["worst_fidelity"] = asdict(worst) if worst else None
+            data["ratios"] = self.ratios(model)
+            models.append(data)
+        return _finite_or_none({
+            "reference": self.reference.path,
+            "models": models,
+            "mac_ops": list(MAC_OPS),
+            "sqnr_cap_db": SQNR_CAP_DB,
+            "input_shapes": self.input_shapes,
+            "input_source": self.input_source,
+            "random_inputs": self.random_inputs,
+            "samples": self.samples,
+            "runs": self.runs,
+            "warmup": self.warmup,
+            "all_threads": self.all_threads,
+            "energy_problem": self.energy_problem or None,
+            "machine": asdict(self.machine),
+            "notes": self.notes,
+        })
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def to_markdown(self) -> str:
+        """A table ready to paste, the machine facts, and what the figures are."""
+        header, rows = self.table()
+        lines = [
+            "| " + " | ".join(_markdown_cell(cell) for cell in header) + " |",
+            "|---|" + "---:|" * (len(header) - 1),
+        ]
+        lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in rows]
+        lines += ["", f"Machine: {self.machine}.", ""]
+        lines += [f"- {line}" for line in self.explanations() if not line.startswith("machine:")]
+        return "\n".join(lines)
+
+
+def _median(latency: Latency | None) -> float | None:
+    return latency.median_ms if latency else None
+
+
+def _ratio(value, reference) -> float | None:
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+def _labels(paths: list[str]) -> list[str]:
+    """File names as column headers, or the paths as given when two models share a file name."""
+    names = [Path(path).name for path in paths]
+    return names if len(set(names)) == len(names) else list(paths)
+
+
+def _bytes_text(size: int) -> str:
+    if size >= 1e9:
+        return f"{size / 1e9:.2f} GB"
+    return f"{size / 1e6:.2f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
+
+
+def _macs_text(count: MacCount) -> str:
+    text = _si(count.macs)
+    if count.unknown_layers:
+        text += f" (+{count.unknown_layers} of {count.layers} layers unknown)"
+    return text
+
+
+def _si(value: float) -> str:
+    for limit, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= limit:
+            return f"{value / limit:.2f} {suffix}"
+    return f"{value:.0f}"
+
+
+def _ms(latency: Latency | None, figure: str) -> str:
+    if latency is None:
+        return "n/a"
+    value = getattr(latency, figure)
+    return f"{value:.3g} ms" if value < 1000 else f"{value:.0f} ms"
+
+
+def _joules_text(joules: float | None) -> str:
+    if joules is None:
+        return "n/a"
+    return f"{joules * 1e3:.3g} mJ" if joules < 1 else f"{joules:.3g} J"
+
+
+def _cosine_text(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6f}"
+
+
+def _sqnr_text(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"≥{SQNR_CAP_DB:g}" if value >= SQNR_CAP_DB else f"{value:.1f}"
+
+
+def _share_text(value: float | None) -> str:
+    return "–" if value is None else f"{value:.1%}"
+
+
+def _markdown_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _finite_or_none(value):
+    """JSON has no NaN: a figure that is not a number becomes null."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def benchmark(
+    paths: Sequence[str | os.PathLike],
+    *,
+    runs: int = DEFAULT_RUNS,
+    warmup: int = DEFAULT_WARMUP,
+    data: str | os.PathLike | None = None,
+    preprocess: str | None = None,
+    samples: int = DEFAULT_SAMPLES,
+    input_shapes: dict[str, list[int]] | None = None,
+    seed: int = DEFAULT_SEED,
+    measure_memory: bool = True,
+    progress: Progress | None = None,
+) -> BenchmarkReport:
+    """Measure the models at `paths` (the first is the reference) on the same inputs.
+
+    `data` is a folder or file of samples (.npz, .npy, images with `preprocess`, as for
+    calibration); without it the inputs are seeded random ones, of the static shapes or of
+    `input_shapes` ({name: dims}) for dynamic dims. The model files are only read.
+    """
+    if not paths:
+        raise UsageError("give at least one model to benchmark")
+    if runs < 1 or warmup < 0 or samples < 1:
+        raise UsageError("runs and samples must be at least 1, warm-up runs at least 0")
+    progress = progress or (lambda stage, done, total: None)
+    paths = [Path(path) for path in paths]
+    models = [load(path) for path in paths]
+    _check_same_inputs(paths, models)
+    feeds, source, notes = _feeds(models[0], data, preprocess, samples, input_shapes, seed)
+    for path, model in zip(paths[1:], models[1:]):
+        problems = [
+            problem
+            for spec in input_specs(model)
+            for problem in spec.problems(feeds[0][spec.name].shape, feeds[0][spec.name].dtype)
+        ]
+        if problems:
+            raise InputSpecError(f"the inputs do not fit {path}: {'; '.join(problems)}")
+    shapes = {name: list(array.shape) for name, array in feeds[0].items()}
+    results = [
+        ModelBenchmark(str(path), file_bytes(path), count_parameters(model), count_macs(model, shapes))
+        for path, model in zip(paths, models)
+    ]
+    if measure_memory:
+        progress("peak memory", 0, len(paths))
+        for result, (peak, problem) in zip(results, measure_peak_memory(paths, feeds[0])):
+            result.peak_memory_bytes, result.peak_memory_problem = peak, problem
+        progress("peak memory", len(paths), len(paths))
+    else:
+        for result in results:
+            result.peak_memory_problem = "not measured"
+    _measure_fidelity(paths, models, feeds, results, progress)
+    meter, energy_problem = find_energy_meter()
+    all_threads = os.cpu_count() or 1
+    try:
+        one_thread, energy = _interleaved_latency(paths, models, feeds[0], runs, warmup, meter, progress)
+    finally:
+        if meter is not None:
+            meter.close()
+    for result, latency, joules in zip(results, one_thread, energy):
+        result.latency_one_thread, result.energy_joules_per_run = latency, joules
+    for index, (path, model, result) in enumerate(zip(paths, models, results)):
+        progress(f"latency ({all_threads} threads)", index, len(paths))
+        result.latency_all_threads = _latency(path, model, feeds[0], runs, warmup, all_threads)
+    progress(f"latency ({all_threads} threads)", len(paths), len(paths))
+    return BenchmarkReport(
+        models=results,
+        machine=machine(),
+        input_shapes=shapes,
+        input_source=source,
+        random_inputs=data is None,
+        samples=len(feeds),
+        runs=runs,
+        warmup=warmup,
+        all_threads=all_threads,
+        energy_problem=energy_problem,
+        notes=notes,
+    )
+
+
+def _check_same_inputs(paths: list[Path], models: list[onnx.ModelProto]) -> None:
+    names = [sorted(value.name for value in model_inputs(model)) for model in models]
+    for path, model_names in zip(paths[1:], names[1:]):
+        if model_names != names[0]:
+            raise InputSpecError(
+                f"the models take different inputs: {paths[0]} takes {', '.join(names[0]) or 'none'}, "
+                f"{path} takes {', '.join(model_names) or 'none'}; they must have the same input names"
+            )
+
+
+def _feeds(model, data, preprocess, samples, shapes, seed) -> tuple[list[dict], str, list[str]]:
+    """(feeds, where they come from, notes): samples from `data`, else seeded random inputs."""
+    if data is not None:
+        if shapes:
+            raise UsageError("--input-shape applies to random inputs; with --inputs the shapes come from the data")
+        loaded = CalibrationData.from_path(model, data, preprocess=preprocess, limit=samples)
+        return list(loaded), loaded.source, []
+    if preprocess:
+        raise UsageError("--preprocess applies to images given with --inputs")
+    resolved, notes = _random_shapes(input_specs(model), dict(shapes or {}))
+    return synthesize_inputs(model, resolved, samples, seed), f"RANDOM data (seed {seed}), not real inputs", notes
+
+
+def _random_shapes(specs: list[InputSpec], given: dict[str, list[int]]) -> tuple[dict, list[str]]:
+    unknown = set(given) - {spec.name for spec in specs}
+    if unknown:
+        raise InputSpecError(
+            f"--input-shape names {', '.join(sorted(unknown))}, but the model's inputs are "
+            f"{', '.join(spec.name for spec in specs)}"
+        )
+    resolved, notes = {}, []
+    for spec in specs:
+        if spec.name in given:
+            problems = spec.problems(tuple(given[spec.name]), spec.dtype)
+            if problems:
+                raise InputSpecError(f"--input-shape {spec.name}: {'; '.join(problems)}")
+            resolved[spec.name] = list(given[spec.name])
+            continue
+        if spec.dims is None:
+            raise InputSpecError(f"input '{spec.name}' has no stated shape: give it with --input-shape {spec.name}:DIMS")
+        dims = []
+        for axis, dim in enumerate(spec.dims):
+            if isinstance(dim, int):
+                dims.append(dim)
+            elif axis == 0:
+                dims.append(1)
+                notes.append(f"input '{spec.name}': dynamic batch dim '{dim}' set to 1")
+            else:
+                example = ",".join(str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(spec.dims))
+                raise InputSpecError(
+                    f"input '{spec.name}' {spec.shape_text()} has a dynamic dim {axis} ('{dim}'): "
+                    f"give its size with --input-shape {spec.name}:{example}"
+                )
+        resolved[spec.name] = dims
+    return resolved, notes
+
+
+# ----------------------------------------------------------------------------- size and compute
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of the model file and the external data files it reads."""
+    path = Path(path)
+    data_files = {file.resolve() for file in _external_data_files(path)}
+    return path.stat().st_size + sum(file.stat().st_size for file in data_files if file.is_file())
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of every initializer and Constant-node value, If/Loop/Scan bodies included."""
+    return sum(_graph_parameters(graph) for graph in _graphs(model.graph))
+
+
+def _graph_parameters(graph: onnx.GraphProto) -> int:
+    total = sum(math.prod(tensor.dims) for tensor in graph.initializer)
+    total += sum(math.prod(sparse.dims) for sparse in graph.sparse_initializer)
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
+            continue
+        for attribute in node.attribute:
+            if attribute.name == "value":
+                total += math.prod(attribute.t.dims)
+            elif attribute.name == "sparse_value":
+                total += math.prod(attribute.sparse_tensor.dims)
+            elif attribute.name in ("value_float", "value_int", "value_string"):
+                total += 1
+            elif attribute.name in ("value_floats", "value_ints", "value_strings"):
+                total += len(attribute.floats or attribute.ints or attribute.strings)
+    return total
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for body in attribute.graphs:
+                    yield from _graphs(body)
+
+
+def count_macs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> MacCount:
+    """Multiply-accumulates of the MAC_OPS layers (bodies included) with the inputs at `shapes`,
+    from onnx shape inference; a layer with a shape inference cannot tell counts as unknown."""
+    known = _inferred_shapes(model, shapes)
+    count = MacCount()
+    for graph in _graphs(model.graph):
+        for node in graph.node:
+            if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            count.layers += 1
+            macs = _layer_macs(node, known)
+            if macs is None:
+                count.unknown_layers += 1
+            else:
+                count.macs += macs
+    return count
+
+
+def _layer_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
+    inputs = [shapes.get(name) for name in node.input]
+    output = shapes.get(node.output[0])
+    if node.op_type in _CONV_WEIGHT:
+        weight = inputs[_CONV_WEIGHT[node.op_type]]
+        if output is None or weight is None:
+            return None
+        # each output element sums C/group x kernel products: weight dims [M, C/group, k...]
+        return math.prod(output) * math.prod(weight[1:])
+    if node.op_type == "ConvTranspose":
+        data, weight = inputs[0], inputs[1]
+        if data is None or weight is None:
+            return None
+        # each input element is scattered to M/group x kernel outputs: weight dims [C, M/group, k...]
+        return math.prod(data) * math.prod(weight[1:])
+    if node.op_type == "Gemm":
+        a, b = inputs[0], inputs[1]
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        attributes = {attribute.name: attribute.i for attribute in node.attribute}
+        rows, inner = (a[1], a[0]) if attributes.get("transA") else a
+        columns = b[0] if attributes.get("transB") else b[1]
+        return rows * inner * columns
+    a = inputs[0]  # MatMul, MatMulInteger, QLinearMatMul
+    if output is None or not a:
+        return None
+    # output [..., M, N], each element a dot product over A's last axis K
+    return math.prod(output) * a[-1]
+
+
+def _inferred_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
+    """Static shapes of every tensor onnx shape inference (with data propagation) can tell,
+    on a copy whose inputs are fixed at `shapes` and whose large weights are typed inputs."""
+    skeleton = onnx.ModelProto(ir_version=max(model.ir_version, 4), producer_name=model.producer_name)
+    skeleton.opset_import.extend(model.opset_import)
+    skeleton.functions.extend(model.functions)
+    graph, source = skeleton.graph, model.graph
+    graph.name = source.name
+    graph.node.extend(source.node)
+    graph.output.extend(source.output)
+    graph.value_info.extend(source.value_info)
+    graph.sparse_initializer.extend(source.sparse_initializer)
+    for value in model_inputs(model):
+        dtype = value.type.tensor_type.elem_type
+        graph.input.append(onnx.helper.make_tensor_value_info(value.name, dtype, shapes.get(value.name)))
+    for tensor in source.initializer:
+        if math.prod(tensor.dims) > INFERENCE_TENSOR_ELEMENTS:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
+        inferred = skeleton  # best effort: layers without shapes count as unknown
+    known: dict[str, tuple[int, ...]] = {}
+    for body in _graphs(inferred.graph):
+        for tensor in body.initializer:
+            known[tensor.name] = tuple(tensor.dims)
+        for value in [*body.input, *body.output, *body.value_info]:
+            dims = _static_dims(value)
+            if dims is not None:
+                known[value.name] = dims
+    return known
+
+
+def _static_dims(value: onnx.ValueInfoProto) -> tuple[int, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+        return None
+    dims = tensor_type.shape.dim
+    if not all(dim.HasField("dim_value") for dim in dims):
+        return None
+    return tuple(dim.dim_value for dim in dims)
+
+
+# ----------------------------------------------------------------------------- fidelity
+
+
+def _measure_fidelity(paths, models, feeds, results, progress) -> None:
+    """Each model's outputs against the first model's, pooled over the samples, with the kernels
+    onnxruntime really runs (optimizations on, as deployed)."""
+    if len(models) < 2:
+        return
+    stage = "fidelity"
+    progress(stage, 0, len(models) * len(feeds))
+    reference_runner = _runner(paths[0], models[0])
+    reference = [reference_runner.run(feed) for feed in feeds]
+    names = reference_runner.output_names
+    del reference_runner
+    for index, (path, model, result) in enumerate(zip(paths[1:], models[1:], results[1:]), start=1):
+        runner = _runner(path, model)
+        pools = {name: FidelityPool() for name in names}
+        problems: dict[str, str] = {}
+        for sample, (feed, expected) in enumerate(zip(feeds, reference)):
+            outputs = runner.run(feed)
+            for name in names:
+                if name not in problems:
+                    problem = _comparable(expected[name], outputs.get(name))
+                    if problem:
+                        problems[name] = problem
+                    else:
+                        pools[name].add(expected[name], outputs[name])
+            progress(stage, index * len(feeds) + sample + 1, len(models) * len(feeds))
+        del runner
+        result.fidelity = [
+            OutputFidelity(name, problem=problems[name]) if name in problems else _figures(name, pools[name], reference[0][name])
+            for name in names
+        ]
+
+
+def _comparable(reference: np.ndarray, candidate: np.ndarray | None) -> str:
+    """Why the two outputs cannot be compared ('' when they can)."""
+    if candidate is None:
+        return "output missing"
+    reference, candidate = np.asarray(reference), np.asarray(candidate)
+    if reference.dtype.kind not in "fiub" or candidate.dtype.kind not in "fiub":
+        return "not numeric"
+    if reference.shape != candidate.shape:
+        return f"shape {list(candidate.shape)} != {list(reference.shape)}"
+    if not (np.isfinite(reference).all() and np.isfinite(candidate).all()):
+        return "NaN or infinity in the outputs"
+    return ""
+
+
+def _figures(name: str, pool: FidelityPool, example: np.ndarray) -> OutputFidelity:
+    sqnr = min(max(pool.sqnr_db(), -SQNR_CAP_DB), SQNR_CAP_DB)
+    top1 = pool.top1() if looks_like_class_scores(example) else None
+    return OutputFidelity(name, cosine=pool.cosine(), sqnr_db=sqnr, top1=top1)
+
+
+def looks_like_class_scores(output: np.ndarray) -> bool:
+    """Float scores over at least 2 classes on the last axis, every axis between batch and classes
+    of size 1 ([classes], [batch, classes], [batch, 1, classes]). Feature maps and detector
+    outputs, whose last axis is space or anchors, are not."""
+    shape = np.shape(output)
+    return (
+        np.asarray(output).dtype.kind == "f"
+        and len(shape) >= 1
+        and shape[-1] >= 2
+        and all(size == 1 for size in shape[1:-1])
+    )
+
+
+def _runner(path: Path, model: onnx.ModelProto, threads: int = 0) -> Runner:
+    try:
+        return Runner(model, label=f"model {path}", threads=threads, optimized=True)
+    except VerificationUnavailable as error:
+        cause = error.__cause__ or error
+        raise VerificationUnavailable(f"onnxruntime cannot load {path}: {_first_line(cause)}") from error
+
+
+# ----------------------------------------------------------------------------- latency and energy
+
+
+def _interleaved_latency(paths, models, feed, runs, warmup, meter, progress) -> tuple[list[Latency], list[float | None]]:
+    """1-thread latency (and energy per run) of every model, all sessions open, one run of each
+    in turn per round, the order rotated each round: load from elsewhere on the machine, and the
+    CPU's clock, then hit every model alike."""
+    runners = [_runner(path, model, threads=1) for path, model in zip(paths, models)]
+    for _ in range(warmup):
+        for runner in runners:
+            runner.run(feed)
+    seconds = [[] for _ in runners]
+    joules = [0.0 for _ in runners]
+    stage = "latency (1 thread)"
+    for round_index in range(runs):
+        start = round_index % len(runners)
+        for index in [*range(start, len(runners)), *range(start)]:
+            before = meter.read() if meter else None
+            begin = time.perf_counter()
+            runners[index].run(feed)
+            seconds[index].append(time.perf_counter() - begin)
+            if meter:
+                # RAPL counters tick about every millisecond; over many short runs, read at random
+                # phases of the tick, the sum of the deltas is still the energy of the runs.
+                joules[index] += meter.joules(before, meter.read())
+        progress(stage, round_index + 1, runs)
+    latencies = [_latency_of(times, threads=1) for times in seconds]
+    return latencies, [total / runs if meter else None for total in joules]
+
+
+def _latency(path, model, feed, runs, warmup, threads) -> Latency:
+    """Latency of one model alone: a session with many threads spins its workers between runs,
+    which would slow another session timed at the same time."""
+    runner = _runner(path, model, threads=threads)
+    for _ in range(warmup):
+        runner.run(feed)
+    seconds = []
+    for _ in range(runs):
+        begin = time.perf_counter()
+        runner.run(feed)
+        seconds.append(time.perf_counter() - begin)
+    return _latency_of(seconds, threads)
+
+
+def _latency_of(seconds: list[float], threads: int) -> Latency:
+    milliseconds = np.asarray(seconds) * 1e3
+    return Latency(threads, float(np.median(milliseconds)), float(np.percentile(milliseconds, 90)), len(seconds))
+
+
+class EnergyMeter:
+    """Package energy from RAPL counters, in microjoules: Linux powercap zones (intel-rapl, also
+    AMD since Linux 5.8) or the amd_energy hwmon driver's socket counters.
+
+    The files stay open and are re-read at offset 0, which sysfs answers with a fresh value.
+    """
+
+    def __init__(self, counters: list[tuple[Path, int]]):
+        self.paths = [path for path, _ in counters]
+        self._wraps = [wrap for _, wrap in counters]
+        self._files = [os.open(path, os.O_RDONLY) for path in self.paths]
+
+    def read(self) -> list[int]:
+        return [int(os.pread(descriptor, 32, 0)) for descriptor in self._files]
+
+    def joules(self, before: list[int], after: list[int]) -> float:
+        total = 0
+        for start, end, wrap in zip(before, after, self._wraps):
+            total += end - start if end >= start or not wrap else end + wrap - start  # the counter wrapped
+        return total / 1e6
+
+    def close(self) -> None:
+        for descriptor in self._files:
+            os.close(descriptor)
+        self._files = []
+
+
+def find_energy_meter(powercap: Path = POWERCAP, hwmon: Path = HWMON) -> tuple[EnergyMeter | None, str]:
+    """(a meter over the readable package counters, '') or (None, why there is none)."""
+    candidates: list[tuple[Path, int]] = []
+    # Top-level package zones only: sub-zones (core, dram) are parts of a package, psys and
+    # the mmio mirror of the package zone cover it again; adding them would count energy twice.
+    for zone in sorted(powercap.glob("*:*")) if powercap.is_dir() else []:
+        if not re.fullmatch(r"[a-z-]+:\d+", zone.name) or "mmio" in zone.name:
+            continue
+        if _read_text(zone / "name").startswith("package") and (zone / "energy_uj").exists():
+            wrap = _read_text(zone / "max_energy_range_uj")
+            candidates.append((zone / "energy_uj", int(wrap) + 1 if wrap.isdigit() else 0))
+    if not candidates:
+        for monitor in sorted(hwmon.glob("hwmon*")) if hwmon.is_dir() else []:
+            if _read_text(monitor / "name") != "amd_energy":
+                continue
+            for label in sorted(monitor.glob("energy*_label")):
+                if _read_text(label).startswith("Esocket"):
+                    candidates.append((label.with_name(label.name.replace("_label", "_input")), 0))
+    if not candidates:
+        return None, "no readable RAPL counter"
+    try:
+        meter = EnergyMeter(candidates)
+        meter.read()
+    except PermissionError:
+        return None, f"no readable RAPL counter ({candidates[0][0]} is readable by root only)"
+    except (OSError, ValueError) as error:
+        return None, f"no readable RAPL counter ({candidates[0][0]}: {_first_line(error)})"
+    return meter, ""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def measure_peak_memory(paths: Sequence[Path], feed: dict[str, np.ndarray]) -> list[tuple[int | None, str]]:
+    """For each model, (bytes, '') or (None, why not): the peak RSS of a fresh process while it
+    creates a 1-thread session from the file and runs it, minus its RSS just before.
+
+    One process per model, so no model inherits another's heap; they run side by side, which
+    changes their timing but not their memory.
+    """
+    context = multiprocessing.get_context("spawn")
+    children = []
+    for path in paths:
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_peak_memory_child, args=(str(path), feed, sender), daemon=True)
+        process.start()
+        sender.close()  # the child holds the only sending end: its death ends recv() with EOFError
+        children.append((process, receiver))
+    results = []
+    for process, receiver in children:
+        try:
+            results.append(receiver.recv())
+        except EOFError:
+            results.append((None, None))
+        process.join()
+        if results[-1] == (None, None):
+            results[-1] = (None, f"the measuring process ended with exit code {process.exitcode}")
+    return results
+
+
+def _peak_memory_child(path: str, feed: dict[str, np.ndarray], sender) -> None:
+    status = Path("/proc/self/status")
+    try:
+        if not status.exists():
+            sender.send((None, "no /proc/self/status on this system"))
+            return
+        try:
+            # "5" resets VmHWM to the current RSS (Linux 4.0+): the peak of imports is forgotten.
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError as error:
+            sender.send((None, f"cannot reset the peak RSS ({error.strerror or error})"))
+            return
+        before = _status_kilobytes(status, "VmRSS")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        # From the file, as a deployment loads it: no Python copy of the model in memory.
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        for _ in range(MEMORY_RUNS):
+            session.run(None, feed)
+        sender.send(((_status_kilobytes(status, "VmHWM") - before) * 1024, ""))
+    except Exception as error:  # onnxruntime raises its own untyped errors; the parent reports the reason
+        sender.send((None, _first_line(error)))
+    finally:
+        sender.close()
+
+
+def _status_kilobytes(status: Path, key: str) -> int:
+    match = re.search(rf"^{key}:\s*(\d+)\s*kB", status.read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError(f"no {key} in {status}")
+    return int(match.group(1))
+
+
+def machine() -> Machine:
+    return Machine(cpu=cpu_int8_support().model, cores=os.cpu_count() or 1, onnxruntime=ort.__version__)

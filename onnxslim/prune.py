@@ -1,0 +1,851 @@
+"""Structured channel pruning: dependency groups on the ONNX graph, and the surgery that removes them.
+
+    plan = analyze(model)                    # groups of channels that must go together
+    pruned, zeroed = prune_model(model, plan.choose(ratio=0.25))
+
+1. **Groups.** Every layer that owns output channels (Conv, ConvTranspose, Gemm and MatMul with a
+   constant weight) starts a group. Its channels are followed through the graph: ops that act
+   per channel pass them on (activations, pooling, Resize by spatial scales, depthwise Conv,
+   BatchNormalization, per-channel Mul/Add constants); element-wise ops joining two tensors
+   (residual Add, squeeze-excitation Mul) tie both groups into one; Concat lays groups side by
+   side at their offsets; Flatten turns each channel into a block of features for the Gemm that
+   reads it. The layers that read the channels (their weights' input axis) are the group's
+   consumers. Anything else that reads a group's channels (a graph output, an unknown op, Split
+   or Slice on the channel axis, a Reshape that is not a flatten, LayerNorm over channels...)
+   freezes the group, and the plan says why.
+2. **Choice.** Each group keeps its strongest channels (weight magnitude summed over the group's
+   producers, each layer's scores normalised by their mean) and loses `ratio` of them, never all.
+3. **Surgery.** Every tensor that carries the channels is cut: producers' weight rows and biases,
+   per-channel constants, depthwise weights (and their `group`), consumers' weight columns.
+   Inferred shapes are dropped for re-inference. The same plan applied as zeros (the consumers'
+   weight columns for removed channels set to 0, nothing removed) gives the model the pruned one
+   must equal exactly (`zeroed_reference`): that separates surgery bugs from pruning's cost.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UsageError
+from .graph import constant_value, constants, node_subgraphs, set_input, unique_names, walk
+from .manager import PassContext, get_pass
+from .model import to_graph, to_model
+
+CRITERIA = ("l2", "l1")
+
+# Ops that compute each channel from the same channel alone (any axis layout): they pass groups on.
+PER_CHANNEL_OPS = {
+    "Relu", "LeakyRelu", "PRelu", "Sigmoid", "HardSigmoid", "HardSwish", "Tanh", "Elu", "Selu", "Celu", "Softplus",
+    "Softsign", "Erf", "Gelu", "Mish", "Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round",
+    "Sign", "Sin", "Cos", "Identity", "Dropout", "Cast", "Clip", "ThresholdedRelu", "Shrink", "IsNaN", "Not",
+}
+# Spatial ops on NCHW tensors (channel axis 1): the channels pass through.
+SPATIAL_OPS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "GlobalLpPool"}
+ELEMENTWISE_OPS = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow", "Where"}
+# Layers whose constant weight owns output channels (and reads input channels).
+LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+
+
+@dataclass(frozen=True)
+class Channels:
+    """What is known of a tensor's channel axis: the groups laid along it, in order (each whole),
+    the axis and the tensor's rank, and `block`: elements per channel along the axis (1, or the
+    spatial size after a Flatten folded it in)."""
+
+    groups: tuple[int, ...]
+    axis: int
+    rank: int
+    block: int = 1
+
+
+@dataclass
+class Cut:
+    """One tensor cut along a channel axis: input `index` of the node at `position` (in the
+    analyzed graph's node list) loses, along `axis`, the removed channels of `groups` (laid out in
+    order, `block` elements each). `reads` marks a consumer's weight (it reads the channels)."""
+
+    position: int
+    index: int
+    axis: int
+    groups: tuple[int, ...]
+    block: int = 1
+    reads: bool = False
+
+
+@dataclass
+class Group:
+    """Channels that are removed together."""
+
+    id: int
+    size: int
+    producers: list[str] = field(default_factory=list)  # node names owning the channels
+    consumers: list[str] = field(default_factory=list)  # node names reading them
+    frozen: str = ""  # why the group cannot be pruned ("" when it can)
+    scores: np.ndarray | None = None
+    parameters: int = 0  # weights per channel over the group's cuts (for the share of parameters)
+    macs: int = 0
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen and self.size > 1
+
+
+@dataclass
+class PrunePlan:
+    """The groups of a model and, once chosen, the channels each keeps."""
+
+    groups: dict[int, Group]
+    cuts: list[Cut]
+    depthwise: list[tuple[int, tuple[int, ...]]]  # (node position, groups along its channels)
+    kept: dict[int, np.ndarray] = field(default_factory=dict)
+    total_parameters: int = 0
+    flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
+
+    @property
+    def prunable_channels(self) -> int:
+        return sum(group.size for group in self.groups.values() if group.prunable)
+
+    @property
+    def removed_channels(self) -> int:
+        return sum(self.groups[gid].size - len(kept) for gid, kept in self.kept.items())
+
+    def choose(self, ratio: float, *, round_to: int = 1) -> PrunePlan:
+        """Keep each prunable group's strongest channels, removing `ratio` of them (at least one
+        channel stays; with `round_to` the kept count is a multiple of it where the group allows)."""
+        if not 0 <= ratio < 1:
+            raise UsageError(f"prune ratio must be in [0, 1), not {ratio}")
+        kept = {}
+        for gid, group in self.groups.items():
+            if not group.prunable or group.scores is None:
+                continue
+            keep = max(1, group.size - int(math.floor(group.size * ratio + 1e-9)))
+            if round_to > 1 and group.size >= round_to:
+                keep = min(group.size, max(round_to, int(round(keep / round_to)) * round_to))
+            if keep < group.size:
+                kept[gid] = np.sort(np.argsort(-group.scores, kind="stable")[:keep])
+        return PrunePlan(self.groups, self.cuts, self.depthwise, kept, self.total_parameters, self.flattens)
+
+    def describe(self) -> list[dict]:
+        """One row per group: members, channels before/after, share of parameters, frozen and why."""
+        rows = []
+        for gid, group in sorted(self.groups.items()):
+            rows.append({
+                "group": gid,
+                "channels": group.size,
+                "kept": int(len(self.kept[gid])) if gid in self.kept else group.size,
+                "producers": list(group.producers),
+                "consumers": list(group.consumers),
+                "parameter_share": group.parameters * group.size / self.total_parameters if self.total_parameters else 0.0,
+                "frozen": group.frozen,
+            })
+        return rows
+
+
+def analyze(model: onnx.ModelProto, criterion: str = "l2") -> PrunePlan:
+    """The dependency groups of a (simplified) model, with each prunable group's channel scores."""
+    if criterion not in CRITERIA:
+        raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{criterion}'")
+    graph = to_graph(model)
+    get_pass("infer-shapes")(graph, PassContext())  # ranks and spatial sizes for joins and flattens
+    return _Analysis(graph, criterion).run()
+
+
+class _Analysis:
+    def __init__(self, graph: gs.Graph, criterion: str):
+        self.graph = graph
+        self.criterion = criterion
+        self.parent: list[int] = []
+        self.groups: list[Group] = []
+        self.channels: dict[int, Channels] = {}  # id(tensor) -> its channel axis
+        self.cuts: list[Cut] = []
+        self.depthwise: list[tuple[int, tuple[int, ...]]] = []
+        self.flattens: list[int] = []
+        self.scores: dict[int, list[np.ndarray]] = {}
+
+    # -- groups (union-find)
+
+    def new_group(self, size: int, producer: str) -> int:
+        gid = len(self.groups)
+        self.parent.append(gid)
+        self.groups.append(Group(gid, size, producers=[producer]))
+        return gid
+
+    def find(self, gid: int) -> int:
+        while self.parent[gid] != gid:
+            self.parent[gid] = self.parent[self.parent[gid]]
+            gid = self.parent[gid]
+        return gid
+
+    def union(self, first: int, second: int) -> None:
+        first, second = self.find(first), self.find(second)
+        if first == second:
+            return
+        kept, merged = self.groups[first], self.groups[second]
+        if kept.size != merged.size:
+            self.freeze([first, second], f"joined with {merged.size} channels, not {kept.size}")
+        self.parent[second] = first
+        kept.producers += merged.producers
+        kept.consumers += merged.consumers
+        kept.frozen = kept.frozen or merged.frozen
+
+    def freeze(self, gids, reason: str) -> None:
+        for gid in gids:
+            group = self.groups[self.find(gid)]
+            group.frozen = group.frozen or reason
+
+    def freeze_tensor(self, tensor: gs.Tensor, reason: str) -> None:
+        known = self.channels.get(id(tensor))
+        if known is not None:
+            self.freeze(known.groups, reason)
+
+    # -- the walk
+
+    def run(self) -> PrunePlan:
+        graph = self.graph
+        body_reads = {name for node in graph.nodes for body in node_subgraphs(node)
+                      for inner in walk(body) for sub in inner.nodes for name in (t.name for t in sub.inputs)}
+        for position, node in enumerate(graph.nodes):
+            self.visit(position, node)
+            for tensor in node.outputs:
+                if tensor.name in body_reads:
+                    self.freeze_tensor(tensor, f"read inside a subgraph of {_label(node)}")
+        for tensor in graph.outputs:
+            self.freeze_tensor(tensor, f"graph output '{tensor.name}'")
+        return self.plan()
+
+    def visit(self, position: int, node: gs.Node) -> None:
+        tracked = [self.channels.get(id(tensor)) for tensor in node.inputs]
+        if not any(tracked) and node.op not in LAYER_OPS:
+            return
+        if node.domain not in (None, "", "ai.onnx"):
+            self.freeze_inputs(node, f"read by {_label(node)} (domain {node.domain})")
+            return
+        handler = getattr(self, f"visit_{node.op}", None)
+        if handler is None:
+            if node.op in PER_CHANNEL_OPS:
+                handler = self.visit_per_channel
+            elif node.op in SPATIAL_OPS:
+                handler = self.visit_spatial
+            elif node.op in ELEMENTWISE_OPS:
+                handler = self.visit_elementwise
+        if handler is None:
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        handler(position, node, tracked)
+
+    def freeze_inputs(self, node: gs.Node, reason: str) -> None:
+        for tensor in node.inputs:
+            self.freeze_tensor(tensor, reason)
+
+    def pass_on(self, node: gs.Node, channels: Channels, output: int = 0) -> None:
+        if len(node.outputs) > output:
+            self.channels[id(node.outputs[output])] = channels
+
+    # -- layers
+
+    def layer_weight(self, node: gs.Node) -> np.ndarray | None:
+        if len(node.inputs) < 2:
+            return None
+        return constant_value(node.inputs[1])
+
+    def visit_Conv(self, position: int, node: gs.Node, tracked) -> None:
+        weight = self.layer_weight(node)
+        source = tracked[0] if tracked else None
+        if weight is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+            self.freeze_inputs(node, f"read by {_label(node)} (weight not constant or auto_pad)")
+            return
+        group = int(node.attrs.get("group", 1))
+        out_channels, in_per_group = weight.shape[0], weight.shape[1]
+        if group > 1 and group == out_channels and in_per_group == 1:
+            # Depthwise: output channel k is input channel k; it is one of the group's members.
+            if source is None or source.axis != 1:
+                return
+            self.depthwise.append((position, source.groups))
+            self.cuts.append(Cut(position, 1, 0, source.groups, source.block))
+            if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+                self.cuts.append(Cut(position, 2, 0, source.groups, source.block))
+            for gid in source.groups:
+                self.groups[self.find(gid)].consumers.append(node.name)
+            self.pass_on(node, source)
+            return
+        if group > 1:
+            self.freeze_inputs(node, f"read by grouped {_label(node)} (group={group})")
+            return
+        if source is not None:
+            self.consume(position, node, source, weight_axis=1)
+        gid = self.new_group(out_channels, node.name)
+        self.score(gid, weight, axis=0)
+        self.cuts.append(Cut(position, 1, 0, (gid,)))
+        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            self.cuts.append(Cut(position, 2, 0, (gid,)))
+        self.pass_on(node, Channels((gid,), 1, weight.ndim))
+
+    def visit_ConvTranspose(self, position: int, node: gs.Node, tracked) -> None:
+        weight = self.layer_weight(node)
+        source = tracked[0] if tracked else None
+        if weight is None or int(node.attrs.get("group", 1)) != 1 or "output_shape" in node.attrs:
+            self.freeze_inputs(node, f"read by {_label(node)} (grouped, output_shape or weight not constant)")
+            return
+        if source is not None:
+            self.consume(position, node, source, weight_axis=0)
+        gid = self.new_group(weight.shape[1], node.name)
+        self.score(gid, weight, axis=1)
+        self.cuts.append(Cut(position, 1, 1, (gid,)))
+        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            self.cuts.append(Cut(position, 2, 0, (gid,)))
+        self.pass_on(node, Channels((gid,), 1, weight.ndim))
+
+    def visit_Gemm(self, position: int, node: gs.Node, tracked) -> None:
+        weight = self.layer_weight(node)
+        source = tracked[0] if tracked else None
+        if weight is None or node.attrs.get("transA", 0) or (len(tracked) > 1 and tracked[1] is not None):
+            self.freeze_inputs(node, f"read by {_label(node)} (transA or weight not constant)")
+            return
+        out_axis, in_axis = (0, 1) if node.attrs.get("transB", 0) else (1, 0)
+        if source is not None:
+            if source.axis != 1 or source.rank != 2:
+                self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis}")
+                return
+            self.consume(position, node, source, weight_axis=in_axis)
+        gid = self.new_group(weight.shape[out_axis], node.name)
+        self.score(gid, weight, axis=out_axis)
+        self.cuts.append(Cut(position, 1, out_axis, (gid,)))
+        bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
+        if bias is not None and bias.ndim >= 1 and bias.shape[-1] == weight.shape[out_axis]:
+            self.cuts.append(Cut(position, 2, bias.ndim - 1, (gid,)))
+        elif bias is not None and bias.size != 1:
+            self.freeze([gid], f"{_label(node)} bias of shape {list(bias.shape)}")
+        self.pass_on(node, Channels((gid,), 1, 2))
+
+    def visit_MatMul(self, position: int, node: gs.Node, tracked) -> None:
+        weight = self.layer_weight(node)
+        source = tracked[0] if tracked else None
+        if weight is None or weight.ndim != 2 or (len(tracked) > 1 and tracked[1] is not None):
+            self.freeze_inputs(node, f"read by {_label(node)} (weight not a constant matrix)")
+            return
+        rank = source.rank if source is not None else _rank(node.inputs[0])
+        if source is not None:
+            if source.axis != source.rank - 1:
+                self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis} of {source.rank}")
+                return
+            self.consume(position, node, source, weight_axis=0)
+        if rank is None or rank < 2:
+            return
+        gid = self.new_group(weight.shape[1], node.name)
+        self.score(gid, weight, axis=1)
+        self.cuts.append(Cut(position, 1, 1, (gid,)))
+        self.pass_on(node, Channels((gid,), rank - 1, rank))
+
+    def consume(self, position: int, node: gs.Node, source: Channels, weight_axis: int) -> None:
+        self.cuts.append(Cut(position, 1, weight_axis, source.groups, source.block, reads=True))
+        for gid in source.groups:
+            self.groups[self.find(gid)].consumers.append(node.name)
+
+    def score(self, gid: int, weight: np.ndarray, axis: int) -> None:
+        moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
+        norms = np.abs(moved).sum(axis=1) if self.criterion == "l1" else np.sqrt((moved**2).sum(axis=1))
+        mean = norms.mean()
+        self.scores.setdefault(gid, []).append(norms / mean if mean > 0 else norms)
+
+    # -- ops that pass channels on
+
+    def visit_per_channel(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        if source is None:
+            self.freeze_inputs(node, f"read by {_label(node)} as a parameter")
+            return
+        for index in range(1, len(node.inputs)):
+            if not self.per_channel_constant(position, node, index, source):
+                return
+        self.pass_on(node, source)
+
+    def visit_spatial(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        if source is None or source.axis != 1 or source.block != 1:
+            self.freeze_inputs(node, f"read by {_label(node)} off the channel axis")
+            return
+        self.pass_on(node, source)
+
+    def visit_BatchNormalization(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        if source is None or source.axis != 1 or len(node.outputs) > 1 and any(not t.name == "" for t in node.outputs[1:]):
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        for index in range(1, 5):
+            if constant_value(node.inputs[index]) is None:
+                self.freeze_inputs(node, f"{_label(node)} statistics not constant")
+                return
+            self.cuts.append(Cut(position, index, 0, source.groups, source.block))
+        self.pass_on(node, source)
+
+    def visit_InstanceNormalization(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        if source is None or source.axis != 1 or any(constant_value(node.inputs[i]) is None for i in (1, 2)):
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        self.cuts.append(Cut(position, 1, 0, source.groups))
+        self.cuts.append(Cut(position, 2, 0, source.groups))
+        self.pass_on(node, source)
+
+    def visit_Pad(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        pads = constant_value(node.inputs[1]) if len(node.inputs) > 1 else np.array(node.attrs.get("pads", []))
+        axes = constant_value(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3].name else None
+        if source is None or pads is None or axes is not None or any(t is not None for t in tracked[1:]):
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        pads = np.asarray(pads).reshape(-1)
+        if len(pads) != 2 * source.rank or pads[source.axis] != 0 or pads[source.axis + source.rank] != 0:
+            self.freeze_inputs(node, f"{_label(node)} pads the channel axis")
+            return
+        self.pass_on(node, source)
+
+    def visit_Resize(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        scales = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+        sizes = node.inputs[3] if len(node.inputs) > 3 and node.inputs[3].name else None
+        if source is None or sizes is not None or scales is None or scales.size != source.rank or scales[source.axis] != 1:
+            self.freeze_inputs(node, f"read by {_label(node)} (sizes, or scaling the channel axis)")
+            return
+        self.pass_on(node, source)
+
+    def visit_Softmax(self, position: int, node: gs.Node, tracked) -> None:
+        self.visit_softmax_like(node, tracked)
+
+    def visit_LogSoftmax(self, position: int, node: gs.Node, tracked) -> None:
+        self.visit_softmax_like(node, tracked)
+
+    def visit_softmax_like(self, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        axis = int(node.attrs.get("axis", -1 if _opset(self.graph) >= 13 else 1))
+        if source is None or _opset(self.graph) < 13 or axis % source.rank == source.axis:
+            self.freeze_inputs(node, f"read by {_label(node)} across the channel axis")
+            return
+        self.pass_on(node, source)
+
+    def visit_ReduceMean(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            value = constant_value(node.inputs[1])
+            axes = None if value is None else value.tolist()
+        if source is None or axes is None or not node.attrs.get("keepdims", 1) or \
+                any(axis % source.rank == source.axis for axis in axes) or source.block != 1:
+            self.freeze_inputs(node, f"read by {_label(node)} (reduces the channel axis or drops dims)")
+            return
+        self.pass_on(node, source)
+
+    visit_ReduceMax = visit_ReduceMean
+
+    def visit_elementwise(self, position: int, node: gs.Node, tracked) -> None:
+        known = [channels for channels in tracked if channels is not None]
+        first = known[0]
+        for other in known[1:]:
+            if (other.rank - other.axis, other.block) != (first.rank - first.axis, first.block) or \
+                    len(other.groups) != len(first.groups):
+                self.freeze_inputs(node, f"{_label(node)} joins tensors whose channels do not line up")
+                return
+            sizes = [self.groups[self.find(g)].size for g in first.groups]
+            if sizes != [self.groups[self.find(g)].size for g in other.groups]:
+                self.freeze_inputs(node, f"{_label(node)} joins tensors whose channels do not line up")
+                return
+            for mine, theirs in zip(first.groups, other.groups):
+                self.union(mine, theirs)
+        if node.op == "Where" and tracked[0] is not None:
+            self.freeze_inputs(node, f"{_label(node)} condition")
+            return
+        widest = max(known, key=lambda channels: channels.rank)
+        for index, channels in enumerate(tracked):
+            if channels is not None:
+                continue
+            if not self.per_channel_constant(position, node, index, widest):
+                return
+        self.pass_on(node, widest)
+
+    def per_channel_constant(self, position: int, node: gs.Node, index: int, source: Channels) -> bool:
+        """An untracked operand of a per-channel op: constant or not, it must be 1 along the
+        channel axis (broadcast) or hold one value per channel (cut with the channels)."""
+        tensor = node.inputs[index]
+        if not tensor.name:
+            return True
+        value = constant_value(tensor)
+        shape = value.shape if value is not None else (tensor.shape if tensor.shape is not None else None)
+        if shape is None or any(not isinstance(size, (int, np.integer)) for size in shape):
+            self.freeze_inputs(node, f"{_label(node)} operand '{tensor.name}' of unknown shape")
+            return False
+        from_right = source.rank - source.axis
+        if len(shape) < from_right:
+            return True  # broadcast along the channel axis
+        axis = len(shape) - from_right
+        total = sum(self.groups[self.find(g)].size for g in source.groups) * source.block
+        if shape[axis] == 1:
+            return True
+        if value is not None and shape[axis] == total:
+            self.cuts.append(Cut(position, index, axis, source.groups, source.block))
+            return True
+        self.freeze_inputs(node, f"{_label(node)} operand '{tensor.name}' spans the channels")
+        return False
+
+    # -- ops that move the channel axis
+
+    def visit_Concat(self, position: int, node: gs.Node, tracked) -> None:
+        known = [channels for channels in tracked if channels is not None]
+        first = known[0]
+        axis = int(node.attrs.get("axis", 0)) % first.rank
+        if len(known) != len(tracked) or any((c.axis, c.rank, c.block) != (first.axis, first.rank, first.block) for c in known):
+            self.freeze_inputs(node, f"{_label(node)} joins tensors whose channels are not all known")
+            return
+        if axis == first.axis:
+            self.pass_on(node, Channels(tuple(g for channels in known for g in channels.groups), first.axis, first.rank, first.block))
+            return
+        self.visit_elementwise(position, node, tracked)
+
+    def visit_Flatten(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        axis = int(node.attrs.get("axis", 1))
+        block = _trailing_size(node.inputs[0], source.axis + 1) if source is not None else None
+        if source is None or axis % source.rank != source.axis or block is None:
+            self.freeze_inputs(node, f"{_label(node)} does not flatten from the channel axis")
+            return
+        self.pass_on(node, Channels(source.groups, 1, 2, source.block * block))
+
+    def visit_Reshape(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        output = node.outputs[0].shape
+        block = _trailing_size(node.inputs[0], source.axis + 1) if source is not None else None
+        # A flatten written as Reshape: [N, C, ...] -> [N, -1] (or [0, -1] / [N, C*...]).
+        flattens = (
+            source is not None and shape is not None and source.axis == 1 and shape.size == 2 and block is not None
+            and node.attrs.get("allowzero", 0) == 0 and int(shape[0]) in {0, -1, _dim(node.inputs[0], 0)}
+            and (shape[1] == -1 or (output is not None and len(output) == 2))
+        )
+        if not flattens:
+            self.freeze_inputs(node, f"read by {_label(node)} (not a flatten from the channel axis)")
+            return
+        if shape[1] != -1:
+            self.flattens.append(position)  # its shape names the channel count: becomes [N, -1]
+        self.pass_on(node, Channels(source.groups, 1, 2, source.block * block))
+
+    def visit_Squeeze(self, position: int, node: gs.Node, tracked) -> None:
+        self.move_axis(node, tracked, squeeze=True)
+
+    def visit_Unsqueeze(self, position: int, node: gs.Node, tracked) -> None:
+        self.move_axis(node, tracked, squeeze=False)
+
+    def move_axis(self, node: gs.Node, tracked, squeeze: bool) -> None:
+        source = tracked[0]
+        axes = node.attrs.get("axes")
+        if axes is None and len(node.inputs) > 1:
+            value = constant_value(node.inputs[1])
+            axes = None if value is None else value.reshape(-1).tolist()
+        if source is None or axes is None:
+            self.freeze_inputs(node, f"read by {_label(node)} (axes unknown)")
+            return
+        if squeeze:
+            axes = sorted(axis % source.rank for axis in axes)
+            if source.axis in axes or (source.block != 1 and any(axis > source.axis for axis in axes)):
+                self.freeze_inputs(node, f"{_label(node)} squeezes the channel axis")
+                return
+            new_axis = source.axis - sum(axis < source.axis for axis in axes)
+            self.pass_on(node, Channels(source.groups, new_axis, source.rank - len(axes), source.block))
+            return
+        rank = source.rank + len(axes)
+        axes = sorted(axis % rank for axis in axes)
+        new_axis = source.axis
+        for axis in axes:
+            if axis <= new_axis:
+                new_axis += 1
+        if source.block != 1:
+            self.freeze_inputs(node, f"{_label(node)} reshapes a flattened channel axis")
+            return
+        self.pass_on(node, Channels(source.groups, new_axis, rank, source.block))
+
+    def visit_Transpose(self, position: int, node: gs.Node, tracked) -> None:
+        source = tracked[0]
+        perm = node.attrs.get("perm") or list(range(source.rank - 1, -1, -1)) if source is not None else None
+        if source is None or source.block != 1 or len(perm) != source.rank:
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        self.pass_on(node, Channels(source.groups, list(perm).index(source.axis), source.rank))
+
+    # -- result
+
+    def plan(self) -> PrunePlan:
+        roots = {}
+        for gid in range(len(self.groups)):
+            root = self.find(gid)
+            roots.setdefault(root, self.groups[root])
+            if gid in self.scores and gid != root:
+                self.scores.setdefault(root, []).extend(self.scores.pop(gid))
+        cuts = [Cut(c.position, c.index, c.axis, tuple(self.find(g) for g in c.groups), c.block, c.reads) for c in self.cuts]
+        depthwise = [(position, tuple(self.find(g) for g in groups)) for position, groups in self.depthwise]
+        total = 0
+        for tensor in constants(self.graph):
+            total += int(np.prod(tensor.shape))
+        for group in roots.values():
+            parts = self.scores.get(group.id)
+            group.scores = np.sum(parts, axis=0) if parts else None
+            if group.scores is None and not group.frozen:
+                group.frozen = "no layer owns these channels"
+            group.producers = list(dict.fromkeys(group.producers))
+            group.consumers = list(dict.fromkeys(group.consumers))
+        nodes = self.graph.nodes
+        for cut in cuts:
+            value = constant_value(nodes[cut.position].inputs[cut.index])
+            if value is None:
+                continue
+            total_channels = sum(roots[g].size for g in cut.groups) * cut.block
+            per_channel = value.size // max(total_channels, 1)
+            for gid in cut.groups:
+                roots[gid].parameters += per_channel * cut.block
+        return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens)
+
+
+def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """(the pruned model, the zeroed reference): the plan's removed channels cut out, and the
+    original with only the consumers' weight columns for those channels set to zero."""
+    pruned = _apply(model, plan, remove=True)
+    zeroed = _apply(model, plan, remove=False)
+    return pruned, zeroed
+
+
+def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelProto:
+    graph = to_graph(model)
+    nodes = graph.nodes
+    names = unique_names(graph)
+    replaced: dict[tuple[int, int], np.ndarray] = {}
+    for cut in plan.cuts:
+        if not any(gid in plan.kept for gid in cut.groups) or (not remove and not cut.reads):
+            continue
+        node = nodes[cut.position]
+        key = (cut.position, cut.index)
+        value = replaced.get(key)
+        if value is None:
+            value = constant_value(node.inputs[cut.index])
+        indices = _kept_indices(plan, cut)
+        if remove:
+            value = np.take(value, indices, axis=cut.axis)
+        else:
+            removed = np.setdiff1d(np.arange(value.shape[cut.axis]), indices)
+            value = value.copy()
+            index = [slice(None)] * value.ndim
+            index[cut.axis] = removed
+            value[tuple(index)] = 0
+        replaced[key] = value
+    for (position, index), value in replaced.items():
+        node = nodes[position]
+        original = node.inputs[index]
+        set_input(node, index, gs.Constant(names(f"{original.name}_pruned" if remove else f"{original.name}_zeroed"),
+                                           np.ascontiguousarray(value)))
+    if remove:
+        for position, groups in plan.depthwise:
+            if any(gid in plan.kept for gid in groups):
+                nodes[position].attrs["group"] = int(sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in groups))
+        for position in plan.flattens:
+            node = nodes[position]
+            # [0, -1] flattens the same way whatever the first entry was (0, -1 or the batch size).
+            set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), np.array([0, -1], np.int64)))
+        interface = {id(tensor) for tensor in graph.inputs + graph.outputs}
+        for node in nodes:
+            for tensor in node.outputs:
+                if isinstance(tensor, gs.Variable) and id(tensor) not in interface:
+                    tensor.shape = None  # re-inferred: channel dims changed
+    graph.cleanup()
+    return to_model(graph, model)
+
+
+def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
+    """Indices along the cut axis that stay: each group's kept channels at its offset, each
+    expanded to its block of `cut.block` elements."""
+    parts, offset = [], 0
+    for gid in cut.groups:
+        size = plan.groups[gid].size
+        kept = plan.kept.get(gid, np.arange(size))
+        parts.append(offset + kept)
+        offset += size
+    channels = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if cut.block == 1:
+        return channels
+    return (channels[:, None] * cut.block + np.arange(cut.block)[None, :]).reshape(-1)
+
+
+def _label(node: gs.Node) -> str:
+    return f"{node.op} '{node.name}'" if node.name else node.op
+
+
+def _rank(tensor: gs.Tensor) -> int | None:
+    return len(tensor.shape) if tensor.shape is not None else None
+
+
+def _dim(tensor: gs.Tensor, axis: int):
+    if tensor.shape is None or len(tensor.shape) <= axis:
+        return None
+    size = tensor.shape[axis]
+    return int(size) if isinstance(size, (int, np.integer)) else None
+
+
+def _trailing_size(tensor: gs.Tensor, start: int) -> int | None:
+    """The product of the static dims from `start` on, or None if one is unknown."""
+    if tensor.shape is None:
+        return None
+    sizes = tensor.shape[start:]
+    if any(not isinstance(size, (int, np.integer)) or size < 0 for size in sizes):
+        return None
+    return int(np.prod(sizes)) if sizes else 1
+
+
+def _opset(graph: gs.Graph) -> int:
+    return graph.opset or 0
+
+
+# ---- the whole step: plan, cut, check, refit -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """How to prune: `ratio` of each prunable group's channels removed (the strongest kept by
+    `criterion`), kept counts rounded to `round_to`; `reconstruct` refits the layers that lost
+    input channels on the calibration data; `check_surgery` compares the pruned model with the
+    zeroed original (they must be equal)."""
+
+    ratio: float = 0.25
+    criterion: str = "l2"
+    round_to: int = 1
+    reconstruct: bool = True
+    check_surgery: bool = False
+
+    def __post_init__(self):
+        if not 0 <= self.ratio < 1:
+            raise UsageError(f"--prune takes a ratio in [0, 1), not {self.ratio}")
+        if self.criterion not in CRITERIA:
+            raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{self.criterion}'")
+        if self.round_to < 1:
+            raise UsageError(f"--prune-round takes a positive multiple, not {self.round_to}")
+
+
+@dataclass
+class PruneReport:
+    """What pruning did: the groups (channels before/after, frozen and why), parameters, the
+    surgery check, each refit layer's error, and the pruned model's fidelity."""
+
+    ratio: float
+    criterion: str
+    groups: list[dict]
+    prunable_channels: int
+    removed_channels: int
+    parameters_before: int
+    parameters_after: int = 0
+    surgery_check: str = "not run"
+    surgery_exact: bool | None = None
+    reconstruction: dict = field(default_factory=dict)  # layer -> {status, error_before, error_after, reason}
+    fidelity: dict = field(default_factory=dict)  # worst output's sqnr_db / cosine, with and without refit
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        share = self.removed_channels / self.prunable_channels if self.prunable_channels else 0.0
+        frozen = sum(1 for group in self.groups if group["frozen"])
+        text = (f"pruned {self.removed_channels} of {self.prunable_channels} prunable channels ({share:.0%}) in "
+                f"{len(self.groups) - frozen} groups ({frozen} frozen); parameters {self.parameters_before:,} -> "
+                f"{self.parameters_after:,}")
+        refit = [layer for layer in self.reconstruction.values() if layer["status"] == "refit"]
+        if self.reconstruction:
+            text += f"; {len(refit)} of {len(self.reconstruction)} layers refit"
+        if self.fidelity:
+            text += "; " + ", ".join(f"{key} SQNR {value['sqnr_db']:.1f} dB cosine {value['cosine']:.4f}"
+                                     for key, value in self.fidelity.items())
+        return text
+
+    def to_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), *, progress=None,
+          shapes: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+    """Prune a simplified model: plan, cut, optionally check the cut, refit on `data`
+    (a CalibrationData) and return (pruned model, report). The caller reruns the lossless pipeline."""
+    from .verify import FidelityPool, Runner, Verifier
+
+    plan = analyze(model, options.criterion)
+    chosen = plan.choose(options.ratio, round_to=options.round_to)
+    pruned, zeroed = prune_model(model, chosen)
+    report = PruneReport(
+        ratio=options.ratio, criterion=options.criterion, groups=chosen.describe(),
+        prunable_channels=chosen.prunable_channels, removed_channels=chosen.removed_channels,
+        parameters_before=_parameters(model), parameters_after=_parameters(pruned),
+    )
+    if options.check_surgery:
+        feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
+        check = Verifier(zeroed, inputs=feeds, shapes=shapes, samples=2).check(pruned, label="pruned model")
+        report.surgery_exact = check.passed
+        report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed, "
+                                f"{check.message}") if check.passed else f"NOT exact: {check.message}"
+    if data is None:
+        report.notes.append("no calibration data: no reconstruction and no fidelity figures")
+        return pruned, report
+    refit = pruned
+    if options.reconstruct:
+        refit = _reconstruct(model, pruned, chosen, data, report, progress)
+    evaluation = list(data.tail(min(8, len(data))))
+    reference = Runner(model, label="original model")
+    candidates = {"pruned": Runner(pruned, label="pruned model")}
+    if refit is not pruned:
+        candidates["pruned + refit"] = Runner(refit, label="refit model")
+    for key, runner in candidates.items():
+        pools = {}
+        for feed in evaluation:
+            expected, actual = reference.run(feed), runner.run(feed)
+            for name in expected:
+                pools.setdefault(name, FidelityPool()).add(expected[name], actual[name])
+        report.fidelity[key] = {
+            "sqnr_db": min(pool.sqnr_db() for pool in pools.values()),
+            "cosine": min(pool.cosine() for pool in pools.values()),
+        }
+    return refit, report
+
+
+def _reconstruct(model, pruned, plan: PrunePlan, data, report: PruneReport, progress) -> onnx.ModelProto:
+    """Refit every consumer of a pruned group (the layers that lost input channels), in graph order."""
+    try:
+        from .reconstruct import reconstruct
+    except ImportError:  # pragma: no cover - the module ships with the package
+        report.notes.append("reconstruction unavailable")
+        return pruned
+    graph = to_graph(model)
+    layers = []
+    for cut in plan.cuts:
+        node = graph.nodes[cut.position]
+        if cut.reads and any(gid in plan.kept for gid in cut.groups) and node.name not in layers:
+            layers.append(node.name)
+    order = {node.name: index for index, node in enumerate(graph.nodes)}
+    layers.sort(key=order.get)
+    kept_outputs = {}
+    for cut in plan.cuts:
+        node = graph.nodes[cut.position]
+        if node.name in layers and not cut.reads and cut.index == 1 and any(gid in plan.kept for gid in cut.groups):
+            kept_outputs[node.name] = _kept_indices(plan, cut)
+    refit, fits = reconstruct(model, pruned, layers, data, kept_outputs=kept_outputs, progress=progress)
+    for name, fit in fits.items():
+        report.reconstruction[name] = {
+            "status": fit.status, "reason": fit.reason,
+            "error_before": fit.error_before, "error_after": fit.error_after,
+        }
+    return refit
+
+
+def _parameters(model: onnx.ModelProto) -> int:
+    total = sum(int(np.prod(tensor.dims)) for tensor in model.graph.initializer)
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    total += int(np.prod(attribute.t.dims))
+    return total

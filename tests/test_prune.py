@@ -1,0 +1,247 @@
+"""Structured channel pruning: dependency groups, surgery, and the exactness check on every group type.
+
+Each graph is cut at ratio 0.5 and must then equal, output for output, the original with the
+removed channels' consumer weights zeroed (prune_model's second result): a surgery bug shows up
+as a difference, pruning's own cost does not.
+"""
+
+import numpy as np
+import onnx
+import pytest
+from builder import ModelBuilder, assert_equivalent, random
+from click.testing import CliRunner
+
+import onnxslim
+from onnxslim.calibration import CalibrationData
+from onnxslim.cli import cli
+from onnxslim.errors import UsageError
+from onnxslim.prune import PruneOptions, analyze, prune_model
+
+rng_seed = iter(range(1000))
+
+
+def weight(*shape):
+    return random(list(shape), seed=next(rng_seed))
+
+
+def conv(b, x, cin, cout, name, k=3, **attrs):
+    attrs.setdefault("pads", [k // 2] * 4)
+    return b.node("Conv", [x, b.initializer(f"{name}_w", weight(cout, cin, k, k)), b.initializer(f"{name}_b", weight(cout))],
+                  [name], name=name, **attrs)
+
+
+def cut(model, ratio=0.5, **choose):
+    """Prune `model` at `ratio`; check the result is valid and exactly the zeroed original."""
+    plan = analyze(model).choose(ratio, **choose)
+    pruned, zeroed = prune_model(model, plan)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert_equivalent(zeroed, pruned)
+    return plan, pruned
+
+
+def weights(model) -> dict[str, tuple]:
+    return {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
+
+
+def group_of(plan, producer):
+    return next(group for group in plan.groups.values() if producer in group.producers)
+
+
+# ----------------------------------------------------------------------------- group types
+
+
+def test_conv_chain_cuts_rows_of_the_producer_and_columns_of_the_consumer():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, b.node("Relu", [conv(b, x, 3, 8, "c1")]), 8, 4, "c2"))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable and group_of(plan, "c2").frozen == "graph output 'c2'"
+    shapes = [dims for name, dims in weights(pruned).items() if len(dims) == 4]
+    assert sorted(shapes) == [(4, 3, 3, 3), (4, 4, 3, 3)]  # c1 keeps 4 of 8 filters, c2 reads those 4
+
+
+def test_batchnorm_pooling_and_per_channel_constants_are_cut_with_the_channels():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = conv(b, x, 3, 8, "c1")
+    bn = b.node("BatchNormalization", [c1, b.initializer("g", weight(8)), b.initializer("beta", weight(8)),
+                                       b.initializer("mean", weight(8)), b.initializer("var", np.abs(weight(8)) + 0.5)])
+    scaled = b.node("Mul", [b.node("MaxPool", [b.node("Relu", [bn])], kernel_shape=[2, 2]), b.initializer("s", weight(8, 1, 1))])
+    slope = b.node("PRelu", [scaled, b.initializer("slope", weight(8, 1, 1))])
+    b.output(conv(b, slope, 8, 4, "c2"))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable
+    dims = weights(pruned)
+    assert all(dims[name][0] == 4 for name in dims if name.startswith(("g_", "beta_", "mean_", "var_", "s_", "slope_")))
+
+
+def test_residual_add_ties_both_sides_into_one_group():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.node("Relu", [conv(b, x, 3, 8, "a")])
+    inner = conv(b, b.node("Relu", [conv(b, a, 8, 6, "b1")]), 6, 8, "b2")
+    joined = b.node("Add", [a, inner])
+    b.output(conv(b, joined, 8, 4, "c"))
+    plan, pruned = cut(b.build())
+    group = group_of(plan, "a")
+    assert set(group.producers) == {"a", "b2"} and set(group.consumers) >= {"b1", "c"}
+    assert group_of(plan, "b1").prunable and group_of(plan, "b1") is not group
+
+
+def test_depthwise_conv_is_a_member_and_its_group_attribute_follows():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    expand = conv(b, x, 3, 8, "expand", k=1)
+    depthwise = b.node("Conv", [expand, b.initializer("dw_w", weight(8, 1, 3, 3)), b.initializer("dw_b", weight(8))],
+                       ["dw"], name="dw", group=8, pads=[1, 1, 1, 1])
+    b.output(conv(b, b.node("Relu", [depthwise]), 8, 4, "project", k=1))
+    plan, pruned = cut(b.build())
+    node = next(node for node in pruned.graph.node if node.name == "dw")
+    assert next(a.i for a in node.attribute if a.name == "group") == 4
+
+
+def test_squeeze_excitation_mul_ties_the_gate_to_the_features():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    features = b.node("Relu", [conv(b, x, 3, 8, "features")])
+    pooled = b.node("GlobalAveragePool", [features])
+    gate = b.node("Sigmoid", [conv(b, b.node("Relu", [conv(b, pooled, 8, 2, "squeeze", k=1)]), 2, 8, "excite", k=1)])
+    b.output(conv(b, b.node("Mul", [features, gate]), 8, 4, "out", k=1))
+    plan, _ = cut(b.build())
+    assert set(group_of(plan, "features").producers) == {"features", "excite"}
+    assert group_of(plan, "squeeze").prunable
+
+
+def test_concat_lays_groups_side_by_side_at_their_offsets():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    left, right = conv(b, x, 3, 6, "left"), conv(b, x, 3, 4, "right")
+    b.output(conv(b, b.node("Concat", [left, right], axis=1), 10, 4, "fuse", k=1))
+    plan, pruned = cut(b.build())
+    assert weights(pruned)[next(n for n in weights(pruned) if n.startswith("fuse_w"))][1] == 3 + 2
+
+
+@pytest.mark.parametrize("flatten", ["Flatten", "Reshape 0,-1", "Reshape -1,explicit"])
+def test_flatten_into_gemm_cuts_blocks_of_channel_times_spatial(flatten):
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    features = b.node("Relu", [conv(b, x, 3, 6, "c1")])
+    if flatten == "Flatten":
+        flat = b.node("Flatten", [features], axis=1)
+    else:
+        shape = [0, -1] if flatten == "Reshape 0,-1" else [-1, 6 * 16]
+        flat = b.node("Reshape", [features, b.initializer("shape", np.array(shape, np.int64))])
+    b.output(b.node("Gemm", [flat, b.initializer("fc_w", weight(5, 6 * 16)), b.initializer("fc_b", weight(5))],
+                    ["y"], name="fc", transB=1))
+    plan, pruned = cut(b.build())
+    assert weights(pruned)[next(n for n in weights(pruned) if n.startswith("fc_w"))] == (5, 3 * 16)
+
+
+def test_transformer_ffn_intermediate_neurons_are_a_group():
+    b = ModelBuilder()
+    x = b.input("x", [2, 4, 8])
+    hidden = b.node("Add", [b.node("MatMul", [x, b.initializer("w1", weight(8, 16))], name="fc1"), b.initializer("b1", weight(16))])
+    activated = b.node("Mul", [hidden, b.node("Sigmoid", [hidden])])  # SiLU: the group joins itself
+    out = b.node("Add", [b.node("MatMul", [activated, b.initializer("w2", weight(16, 8))], name="fc2"), b.initializer("b2", weight(8))])
+    b.output(b.node("Add", [out, x], ["y"]))  # the residual reads the graph input: the 8 model channels stay
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "fc1").prunable and group_of(plan, "fc2").frozen
+    dims = weights(pruned)
+    assert dims[next(n for n in dims if n.startswith("w1"))] == (8, 8) and dims[next(n for n in dims if n.startswith("w2"))] == (8, 8)
+
+
+# ----------------------------------------------------------------------------- what freezes a group
+
+
+def frozen_reason(model, producer):
+    return group_of(analyze(model), producer).frozen
+
+
+def test_split_on_the_channel_axis_freezes():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    halves = b.node("Split", [conv(b, x, 3, 8, "c1"), b.initializer("sizes", np.array([4, 4], np.int64))], 2, axis=1)
+    b.output(b.node("Add", [halves[0], halves[1]], ["y"]))
+    assert "Split" in frozen_reason(b.build(), "c1")
+
+
+@pytest.mark.parametrize("reader", ["grouped", "softmax", "layernorm"])
+def test_ops_that_mix_channels_freeze(reader):
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = conv(b, x, 3, 8, "c1")
+    if reader == "grouped":
+        b.output(b.node("Conv", [c1, b.initializer("gw", weight(4, 4, 3, 3))], ["y"], group=2, pads=[1, 1, 1, 1]))
+    elif reader == "softmax":
+        b.output(b.node("Softmax", [c1], ["y"], axis=1))
+    else:
+        b.output(b.node("LayerNormalization", [c1, b.initializer("ln", np.ones([8, 8, 8], np.float32))], ["y"], axis=1))
+    model = b.build()
+    assert frozen_reason(model, "c1")
+    assert analyze(model).choose(0.5).kept == {}  # nothing is cut
+
+
+def test_choose_never_empties_a_group_and_rounds_to_a_multiple():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, b.node("Relu", [conv(b, x, 3, 32, "c1")]), 32, 4, "c2"))
+    plan = analyze(b.build())
+    assert len(plan.choose(0.99).kept[0]) == 1
+    assert len(plan.choose(0.3, round_to=8).kept[0]) == 24
+    with pytest.raises(UsageError):
+        plan.choose(1.0)
+
+
+def test_the_weakest_channels_go():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    w = weight(6, 3, 3, 3)
+    w[[1, 4]] *= 1e-3  # two nearly dead filters
+    b.output(b.node("Conv", [b.node("Relu", [b.node("Conv", [x, b.initializer("w", w)], ["c1"], name="c1", pads=[1, 1, 1, 1])]),
+                             b.initializer("w2", weight(4, 6, 1, 1))], ["y"], name="c2"))
+    plan = analyze(b.build()).choose(2 / 6)
+    assert list(plan.kept[0]) == [0, 2, 3, 5]
+
+
+# ----------------------------------------------------------------------------- the whole step
+
+
+def small_net():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.node("Relu", [conv(b, x, 3, 16, "a")])
+    h = b.node("Relu", [conv(b, a, 16, 16, "b")])
+    b.output(b.node("Gemm", [b.node("Flatten", [b.node("GlobalAveragePool", [h])]), b.initializer("fc", weight(10, 16)),
+                             b.initializer("fcb", weight(10))], ["y"], name="fc", transB=1))
+    return b.build()
+
+
+def test_optimize_prunes_checks_the_surgery_and_refits():
+    model = small_net()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=100 + i)} for i in range(48)])
+    options = PruneOptions(ratio=0.5, check_surgery=True)
+    pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    pruning = report.pruning
+    assert pruning.surgery_exact is True and pruning.removed_channels == 16
+    assert pruning.parameters_after < 0.6 * pruning.parameters_before
+    onnx.checker.check_model(pruned, full_check=True)
+    assert pruning.fidelity["pruned + refit"]["sqnr_db"] > pruning.fidelity["pruned"]["sqnr_db"] + 3
+
+
+def test_optimize_without_data_prunes_without_refit():
+    pruned, report = onnxslim.optimize(small_net(), prune=0.25, verify=False, return_report=True)
+    assert report.pruning.removed_channels == 8 and not report.pruning.reconstruction
+    assert any("no calibration data" in note for note in report.pruning.notes)
+
+
+def test_cli_prune_plan_and_bad_ratio(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(small_net(), path)
+    result = CliRunner().invoke(cli, ["prune-plan", str(path)])
+    assert result.exit_code == 0 and "graph output 'y'" in result.output and "2 of 3 groups prunable" in result.output
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "1.5"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5", "--check-surgery",
+                                      "--calibration", "random", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert onnx.load(tmp_path / "out.onnx").graph.initializer
