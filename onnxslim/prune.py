@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -37,7 +37,12 @@ from .graph import constant_value, constants, node_subgraphs, set_input, unique_
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 
-CRITERIA = ("l2", "l1")
+CRITERIA = ("l2", "l1", "activation")
+ALLOCATIONS = ("sensitivity", "uniform")
+# The shares of a group sensitivity allocation measures (linear in between, 0 costs nothing).
+SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
+SENSITIVITY_SAMPLES = 4
+SEARCH_STEPS = 6  # bisection steps of a fidelity-target search: the ratio to within max/64
 
 # Ops that compute each channel from the same channel alone (any axis layout): they pass groups on.
 PER_CHANNEL_OPS = {
@@ -115,16 +120,18 @@ class PrunePlan:
     def removed_channels(self) -> int:
         return sum(self.groups[gid].size - len(kept) for gid, kept in self.kept.items())
 
-    def choose(self, ratio: float, *, round_to: int = 1) -> PrunePlan:
-        """Keep each prunable group's strongest channels, removing `ratio` of them (at least one
-        channel stays; with `round_to` the kept count is a multiple of it where the group allows)."""
+    def choose(self, ratio: float, *, round_to: int = 1, ratios: dict[int, float] | None = None) -> PrunePlan:
+        """Keep each prunable group's strongest channels, removing `ratio` of them, or the group's
+        own share in `ratios` (at least one channel stays; with `round_to` the kept count is a
+        multiple of it where the group allows)."""
         if not 0 <= ratio < 1:
             raise UsageError(f"prune ratio must be in [0, 1), not {ratio}")
         kept = {}
         for gid, group in self.groups.items():
             if not group.prunable or group.scores is None:
                 continue
-            keep = max(1, group.size - int(math.floor(group.size * ratio + 1e-9)))
+            share = ratios.get(gid, 0.0) if ratios is not None else ratio
+            keep = max(1, group.size - int(math.floor(group.size * share + 1e-9)))
             if round_to > 1 and group.size >= round_to:
                 keep = min(group.size, max(round_to, int(round(keep / round_to)) * round_to))
             if keep < group.size:
@@ -720,12 +727,21 @@ class PruneOptions:
     round_to: int = 1
     reconstruct: bool = True
     check_surgery: bool = False
+    # "sensitivity": with calibration data, each group's share follows how much pruning it alone
+    # costs the model's outputs (measured); "uniform": every group loses `ratio`.
+    allocation: str = "sensitivity"
+    # Which layers are refit: those that lost input channels ("consumers"), or also every layer
+    # after the first of them ("downstream").
+    refit: str = "consumers"
+    fidelity_target: object | None = None  # onnxslim.quantize.FidelityTarget: search the ratio (at most `ratio`)
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
             raise UsageError(f"--prune takes a ratio in [0, 1), not {self.ratio}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{self.criterion}'")
+        if self.allocation not in ALLOCATIONS:
+            raise UsageError(f"prune allocation must be one of {', '.join(ALLOCATIONS)}, not '{self.allocation}'")
         if self.round_to < 1:
             raise UsageError(f"--prune-round takes a positive multiple, not {self.round_to}")
 
@@ -747,6 +763,12 @@ class PruneReport:
     reconstruction: dict = field(default_factory=dict)  # layer -> {status, error_before, error_after, reason}
     fidelity: dict = field(default_factory=dict)  # worst output's sqnr_db / cosine, with and without refit
     notes: list[str] = field(default_factory=list)
+    target: str | None = None
+    target_met: bool | None = None
+
+    def final_fidelity(self) -> dict:
+        """The delivered model's figures: refit if there was one."""
+        return self.fidelity.get("pruned + refit") or self.fidelity.get("pruned") or {}
 
     def summary(self) -> str:
         share = self.removed_channels / self.prunable_channels if self.prunable_channels else 0.0
@@ -763,25 +785,73 @@ class PruneReport:
         return text
 
     def to_dict(self) -> dict:
-        from dataclasses import asdict
-
         return asdict(self)
 
 
 def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), *, progress=None,
           shapes: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune a simplified model: plan, cut, optionally check the cut, refit on `data`
-    (a CalibrationData) and return (pruned model, report). The caller reruns the lossless pipeline."""
+    (a CalibrationData) and return (pruned model, report). The caller reruns the lossless pipeline.
+
+    With `options.fidelity_target` the ratio is searched (bisection, at most `options.ratio`):
+    the largest whose result, refit included, meets the target on the evaluation samples."""
+    plan = analyze(model, "l2" if options.criterion == "activation" else options.criterion)
+    if options.criterion == "activation":
+        if data is None:
+            raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
+        activation_scores(model, plan, data)
+    costs = None
+    if options.allocation == "sensitivity" and data is not None:
+        costs = sensitivity_costs(model, plan, data, progress=progress)
+    target = options.fidelity_target
+    if target is None:
+        return _prune_at(model, plan, costs, data, options, options.ratio, progress, shapes)
+    if data is None:
+        raise UsageError("a fidelity target for pruning needs calibration data (--calibration DIR)")
+    tried = []
+    low, high = 0.0, options.ratio
+    best = None
+    candidate = _prune_at(model, plan, costs, data, replace(options, check_surgery=False), high, progress, shapes)
+    tried.append((high, candidate[1].final_fidelity()))
+    if target.met(candidate[1].final_fidelity()):
+        best = (high, candidate)
+    else:
+        for _ in range(SEARCH_STEPS):
+            middle = (low + high) / 2
+            candidate = _prune_at(model, plan, costs, data, replace(options, check_surgery=False), middle, progress, shapes)
+            tried.append((middle, candidate[1].final_fidelity()))
+            if target.met(candidate[1].final_fidelity()):
+                low, best = middle, (middle, candidate)
+            else:
+                high = middle
+    ratio = best[0] if best is not None else 0.0
+    pruned, report = _prune_at(model, plan, costs, data, options, ratio, progress, shapes) if options.check_surgery or best is None \
+        else best[1]
+    report.notes.append(
+        f"fidelity target {target}: ratio {ratio:.3f} is the largest found meeting it (tried "
+        + ", ".join(f"{value:.3f}: SQNR {fidelity['sqnr_db']:.1f} dB" for value, fidelity in tried) + ")"
+    )
+    report.target = str(target)
+    report.target_met = target.met(report.final_fidelity()) if report.fidelity else ratio == 0.0
+    return pruned, report
+
+
+def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio: float, progress, shapes):
     from .verify import FidelityPool, Runner, Verifier
 
-    plan = analyze(model, options.criterion)
-    chosen = plan.choose(options.ratio, round_to=options.round_to)
+    ratios, allocation_note = None, "every group loses the same share (uniform)"
+    if costs is not None and ratio > 0:
+        ratios = allocate_from_costs(plan, costs, ratio)
+        allocation_note = (f"shares by measured sensitivity on {min(SENSITIVITY_SAMPLES, len(data))} calibration "
+                           f"samples (levels {', '.join(f'{level:g}' for level in SENSITIVITY_LEVELS)})")
+    chosen = plan.choose(ratio, round_to=options.round_to, ratios=ratios)
     pruned, zeroed = prune_model(model, chosen)
     report = PruneReport(
-        ratio=options.ratio, criterion=options.criterion, groups=chosen.describe(),
+        ratio=ratio, criterion=options.criterion, groups=chosen.describe(),
         prunable_channels=chosen.prunable_channels, removed_channels=chosen.removed_channels,
         parameters_before=_parameters(model), parameters_after=_parameters(pruned),
     )
+    report.notes.append(f"allocation: {allocation_note}")
     if options.check_surgery:
         feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
         check = Verifier(zeroed, inputs=feeds, shapes=shapes, samples=2).check(pruned, label="pruned model")
@@ -792,8 +862,8 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         report.notes.append("no calibration data: no reconstruction and no fidelity figures")
         return pruned, report
     refit = pruned
-    if options.reconstruct:
-        refit = _reconstruct(model, pruned, chosen, data, report, progress)
+    if options.reconstruct and chosen.kept:
+        refit = _reconstruct(model, pruned, chosen, data, report, progress, options.refit == "downstream")
     evaluation = list(data.tail(min(8, len(data))))
     reference = Runner(model, label="original model")
     candidates = {"pruned": Runner(pruned, label="pruned model")}
@@ -812,7 +882,146 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     return refit, report
 
 
-def _reconstruct(model, pruned, plan: PrunePlan, data, report: PruneReport, progress) -> onnx.ModelProto:
+def activation_scores(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> None:
+    """Replace each prunable group's scores by what its channels feed forward: for every consumer
+    reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer),
+    summed over the group's consumers, each consumer normalised by its mean."""
+    from .calibration import capture_activations
+
+    graph = to_graph(model)
+    reads = [cut for cut in plan.cuts if cut.reads and any(plan.groups[g].prunable for g in cut.groups)]
+    tensors = {cut.position: graph.nodes[cut.position].inputs[0].name for cut in reads}
+    energy: dict[str, np.ndarray] = {}
+    axes = {}
+    for cut in reads:
+        node = graph.nodes[cut.position]
+        # The activation's channel axis: 1 for Conv/Gemm, the last for MatMul.
+        axes[tensors[cut.position]] = -1 if node.op == "MatMul" else 1
+
+    def accumulate(name: str, value: np.ndarray) -> None:
+        axis = axes[name] % value.ndim
+        squared = np.square(np.moveaxis(value.astype(np.float64), axis, 0)).reshape(value.shape[axis], -1).mean(axis=1)
+        energy[name] = energy.get(name, 0) + squared
+
+    capture_activations(model, data.limit(samples), set(tensors.values()), reduce=accumulate)
+    scores: dict[int, np.ndarray] = {}
+    for cut in reads:
+        weight = constant_value(graph.nodes[cut.position].inputs[cut.index])
+        columns = np.moveaxis(weight.astype(np.float64), cut.axis, 0).reshape(weight.shape[cut.axis], -1)
+        carried = np.square(columns).sum(axis=1)  # per input feature of the layer
+        features = energy[tensors[cut.position]]
+        if cut.block > 1:  # a flattened channel: its block of features sums up
+            carried = carried.reshape(-1, cut.block).sum(axis=1)
+        per_channel = carried * features if features.shape == carried.shape else carried
+        per_channel = per_channel / max(per_channel.mean(), 1e-30)
+        offset = 0
+        for gid in cut.groups:
+            size = plan.groups[gid].size
+            scores[gid] = scores.get(gid, 0) + per_channel[offset:offset + size]
+            offset += size
+    for gid, score in scores.items():
+        if plan.groups[gid].prunable:
+            plan.groups[gid].scores = score
+
+
+def allocate(model: onnx.ModelProto, plan: PrunePlan, data, ratio: float, *, progress=None) -> dict[int, float]:
+    """Each prunable group's share, so that `ratio` of all prunable channels go where they cost
+    the outputs least (sensitivity_costs, then allocate_from_costs)."""
+    return allocate_from_costs(plan, sensitivity_costs(model, plan, data, progress=progress), ratio)
+
+
+def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress=None) -> dict[int, list[float]]:
+    """Each prunable group's cost at the shares 0 and SENSITIVITY_LEVELS: the model's outputs
+    with only that group's removed channels zeroed in its consumers (what the cut computes, see
+    prune_model's zeroed reference), as noise energy over signal energy, on a few calibration
+    samples. One session serves every measurement: the consumers' weights are its inputs."""
+    import onnxruntime as ort
+
+    groups = [gid for gid, group in plan.groups.items() if group.prunable and group.scores is not None]
+    graph = to_graph(model)
+    reads = [cut for cut in plan.cuts if cut.reads]
+    weight_names = {(cut.position, cut.index): graph.nodes[cut.position].inputs[cut.index].name for cut in reads}
+    originals = {name: constant_value(graph.nodes[position].inputs[index])
+                 for (position, index), name in weight_names.items()}
+    probe = _weights_as_inputs(model, set(originals))
+    session_options = ort.SessionOptions()
+    session_options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
+    feeds = list(data.limit(SENSITIVITY_SAMPLES))
+    reference = [session.run(None, {**feed, **originals}) for feed in feeds]
+    energy = [max(sum(float(np.sum(np.square(output, dtype=np.float64))) for output in outputs), 1e-30)
+              for outputs in reference]
+
+    def noise(gid: int, share: float) -> float:
+        trial = plan.choose(0.0, ratios={gid: share})
+        weights = dict(originals)
+        for cut in reads:
+            if gid in cut.groups and gid in trial.kept:
+                name = weight_names[(cut.position, cut.index)]
+                value = weights[name].copy()
+                index = [slice(None)] * value.ndim
+                index[cut.axis] = np.setdiff1d(np.arange(value.shape[cut.axis]), _kept_indices(trial, cut))
+                value[tuple(index)] = 0
+                weights[name] = value
+        total = 0.0
+        for feed, expected, signal in zip(feeds, reference, energy):
+            actual = session.run(None, {**feed, **weights})
+            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected)) / signal
+        return total / len(feeds)
+
+    costs = {}
+    for done, gid in enumerate(groups):
+        costs[gid] = [0.0] + [noise(gid, level) for level in SENSITIVITY_LEVELS]
+        if progress:
+            progress("pruning sensitivity", done + 1, len(groups))
+    return costs
+
+
+def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: float) -> dict[int, float]:
+    """Greedily, the group whose next level adds the least noise per channel removed takes it,
+    until `ratio` of the prunable channels are removed (the last step part-way)."""
+    groups = list(costs)
+    budget = ratio * sum(plan.groups[gid].size for gid in groups)
+    levels = (0.0,) + SENSITIVITY_LEVELS
+    step = {gid: 0 for gid in groups}
+    removed = 0.0
+    while removed < budget:
+        best, best_price = None, math.inf
+        for gid in groups:
+            if step[gid] + 1 >= len(levels):
+                continue
+            channels = plan.groups[gid].size * (levels[step[gid] + 1] - levels[step[gid]])
+            price = (costs[gid][step[gid] + 1] - costs[gid][step[gid]]) / channels
+            if price < best_price:
+                best, best_price = gid, price
+        if best is None:
+            break
+        size = plan.groups[best].size
+        take = size * (levels[step[best] + 1] - levels[step[best]])
+        if removed + take > budget:
+            share = levels[step[best]] + (budget - removed) / size
+            return {**{gid: levels[step[gid]] for gid in groups}, best: share}
+        step[best] += 1
+        removed += take
+    return {gid: levels[step[gid]] for gid in groups}
+
+
+def _weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
+    """A copy of `model` in which the named initializers are graph inputs instead."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    kept = [tensor for tensor in probe.graph.initializer if tensor.name not in names]
+    moved = [tensor for tensor in probe.graph.initializer if tensor.name in names]
+    del probe.graph.initializer[:]
+    probe.graph.initializer.extend(kept)
+    listed = {value.name for value in probe.graph.input}
+    probe.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
+                             for tensor in moved if tensor.name not in listed)
+    return probe
+
+
+def _reconstruct(model, pruned, plan: PrunePlan, data, report: PruneReport, progress,
+                 downstream: bool = False) -> onnx.ModelProto:
     """Refit every consumer of a pruned group (the layers that lost input channels), in graph order."""
     try:
         from .reconstruct import reconstruct
@@ -827,6 +1036,13 @@ def _reconstruct(model, pruned, plan: PrunePlan, data, report: PruneReport, prog
             layers.append(node.name)
     order = {node.name: index for index, node in enumerate(graph.nodes)}
     layers.sort(key=order.get)
+    if downstream and layers:
+        # Every later layer too: its input carries the error of the layers before it, which a
+        # refit on the pruned model's own activations takes out as well.
+        first = order[layers[0]]
+        later = [node.name for node in graph.nodes[first:] if node.op in LAYER_OPS and node.name
+                 and len(node.inputs) > 1 and constant_value(node.inputs[1]) is not None]
+        layers = sorted(set(layers) | set(later), key=order.get)
     kept_outputs = {}
     for cut in plan.cuts:
         node = graph.nodes[cut.position]

@@ -219,7 +219,7 @@ def small_net():
 def test_optimize_prunes_checks_the_surgery_and_refits():
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=100 + i)} for i in range(48)])
-    options = PruneOptions(ratio=0.5, check_surgery=True)
+    options = PruneOptions(ratio=0.5, check_surgery=True, allocation="uniform")
     pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
     pruning = report.pruning
     assert pruning.surgery_exact is True and pruning.removed_channels == 16
@@ -245,3 +245,42 @@ def test_cli_prune_plan_and_bad_ratio(tmp_path):
                                       "--calibration", "random", "--quiet"])
     assert result.exit_code == 0, result.output
     assert onnx.load(tmp_path / "out.onnx").graph.initializer
+
+
+def test_sensitivity_allocation_prunes_where_it_costs_least():
+    """Two branches summed: one is scaled by 100 on its way to the output, so its channels matter
+    10^4 times more; the budget (half of all channels) must come out of the other branch."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    loud = b.node("Mul", [conv(b, b.node("Relu", [conv(b, x, 3, 8, "loud")]), 8, 4, "loud_out", k=1), b.initializer("gain", np.array(100, np.float32))])
+    quiet = conv(b, b.node("Relu", [conv(b, x, 3, 8, "quiet")]), 8, 4, "quiet_out", k=1)
+    b.output(b.node("Add", [loud, quiet], ["y"]))
+    model = b.build()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=200 + i)} for i in range(4)])
+    plan = analyze(model)
+    from onnxslim.prune import allocate
+
+    ratios = allocate(model, plan, data, 0.375)  # 6 of the 16 prunable channels
+    assert ratios[group_of(plan, "quiet").id] == 0.75 and ratios[group_of(plan, "loud").id] == 0.0
+    chosen = plan.choose(0.375, ratios=ratios)
+    assert chosen.removed_channels == 6
+
+
+def test_fidelity_target_finds_the_largest_ratio_that_meets_it():
+    """conv1 has 8 filters, 3 of them dead (zero weights and bias): removing up to 3 channels is
+    free, a 4th costs a lot. With a 60 dB target the search must remove exactly the 3 dead ones."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    w, bias = weight(8, 3, 3, 3), weight(8)
+    w[[1, 4, 6]] = 0
+    bias[[1, 4, 6]] = 0
+    c1 = b.node("Conv", [x, b.initializer("w1", w), b.initializer("b1", bias)], ["c1"], name="c1", pads=[1, 1, 1, 1])
+    b.output(conv(b, b.node("Relu", [c1]), 8, 4, "c2", k=1))
+    model = b.build()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=300 + i)} for i in range(8)])
+    from onnxslim.quantize import FidelityTarget
+
+    options = PruneOptions(ratio=0.9, fidelity_target=FidelityTarget.parse("60dB"), reconstruct=False)
+    _, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    assert report.pruning.removed_channels == 3 and report.pruning.target_met
+    assert any("largest found" in note for note in report.pruning.notes)
