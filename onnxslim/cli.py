@@ -156,13 +156,18 @@ def pruning_options(function):
 
     @click.option("--prune", type=float, default=None, metavar="RATIO",
                   help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
-    @click.option("--prune-criterion", type=click.Choice(["l2", "l1", "activation"]), default="l2", show_default=True,
-                  help="Which channels go: the weakest by weight magnitude summed over the group's layers, or by the "
-                       "energy they carry into their consumers on the calibration data (activation).")
+    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "activation"]), default="auto",
+                  show_default=True,
+                  help="Which channels go: the weakest by weight magnitude summed over the group's layers (l2, l1), or "
+                       "by the energy they carry into their consumers on the calibration data (activation); auto: "
+                       "activation with --calibration, else l2.")
     @click.option("--prune-allocation", type=click.Choice(["sensitivity", "uniform"]), default="sensitivity",
                   show_default=True,
                   help="How the ratio is shared among groups: by each group's measured cost to the outputs "
                        "(with --calibration), or the same share everywhere.")
+    @click.option("--prune-macs", type=float, default=None, metavar="SHARE",
+                  help="Instead of a channel ratio: remove this share of the multiply-adds, where it costs least "
+                       "(needs --calibration; --prune still enables pruning and caps nothing).")
     @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
                   help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
     @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
@@ -175,10 +180,11 @@ def pruning_options(function):
     return wrapper
 
 
-def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target) -> dict:
-    if prune is None:
+def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target, macs) -> dict:
+    if prune is None and macs is None:
         return {}
-    return {"prune_options": PruneOptions(ratio=prune, criterion=criterion, round_to=round_to,
+    return {"prune_options": PruneOptions(ratio=prune if prune is not None else 0.0, criterion=criterion, macs=macs,
+                                          round_to=round_to,
                                           reconstruct=not no_reconstruct, check_surgery=check_surgery,
                                           allocation=allocation,
                                           fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None)}
@@ -287,7 +293,8 @@ def optimize(
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
     json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
-    reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_round, no_reconstruct, check_surgery,
+    reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_round, no_reconstruct,
+    check_surgery,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
@@ -296,14 +303,15 @@ def optimize(
     _check_report_path(json_path, source, destination)
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
-    prune_target = fidelity_target if prune is not None and quantize is None else None
+    pruning_asked = prune is not None or prune_macs is not None
+    prune_target = fidelity_target if pruning_asked and quantize is None else None
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
         symmetric_activations, per_tensor, weight_form, exclude, None if prune_target else fidelity_target,
-        no_bias_correction, reduce_range, keep_names, pruning=prune is not None,
+        no_bias_correction, reduce_range, keep_names, pruning=pruning_asked,
     )
     pruning = _pruning_kwargs(prune, prune_criterion, prune_round, no_reconstruct, check_surgery, prune_allocation,
-                              prune_target)
+                              prune_target, prune_macs)
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
     if fold_size_cap is not None:

@@ -36,8 +36,9 @@ from .errors import UsageError
 from .graph import constant_value, constants, node_subgraphs, set_input, unique_names, walk
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
+from .shapes import set_input_shapes
 
-CRITERIA = ("l2", "l1", "activation")
+CRITERIA = ("auto", "l2", "l1", "activation")  # auto: activation with calibration data, else l2
 ALLOCATIONS = ("sensitivity", "uniform")
 # The shares of a group sensitivity allocation measures (linear in between, 0 costs nothing).
 SENSITIVITY_LEVELS = (0.25, 0.5, 0.75)
@@ -94,7 +95,7 @@ class Group:
     frozen: str = ""  # why the group cannot be pruned ("" when it can)
     scores: np.ndarray | None = None
     parameters: int = 0  # weights per channel over the group's cuts (for the share of parameters)
-    macs: int = 0
+    macs: float = 0.0  # multiply-adds per channel over the group's layers
 
     @property
     def prunable(self) -> bool:
@@ -111,6 +112,12 @@ class PrunePlan:
     kept: dict[int, np.ndarray] = field(default_factory=dict)
     total_parameters: int = 0
     flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
+    total_macs: int = 0  # Conv/ConvTranspose/Gemm/MatMul multiply-adds of one sample (0 where shapes are unknown)
+
+    @property
+    def removed_macs(self) -> float:
+        """First-order: each removed channel takes its group's MACs per channel."""
+        return sum(self.groups[gid].macs * (self.groups[gid].size - len(kept)) for gid, kept in self.kept.items())
 
     @property
     def prunable_channels(self) -> int:
@@ -136,7 +143,8 @@ class PrunePlan:
                 keep = min(group.size, max(round_to, int(round(keep / round_to)) * round_to))
             if keep < group.size:
                 kept[gid] = np.sort(np.argsort(-group.scores, kind="stable")[:keep])
-        return PrunePlan(self.groups, self.cuts, self.depthwise, kept, self.total_parameters, self.flattens)
+        return PrunePlan(self.groups, self.cuts, self.depthwise, kept, self.total_parameters, self.flattens,
+                         self.total_macs)
 
     def describe(self) -> list[dict]:
         """One row per group: members, channels before/after, share of parameters, frozen and why."""
@@ -154,11 +162,14 @@ class PrunePlan:
         return rows
 
 
-def analyze(model: onnx.ModelProto, criterion: str = "l2") -> PrunePlan:
-    """The dependency groups of a (simplified) model, with each prunable group's channel scores."""
-    if criterion not in CRITERIA:
-        raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{criterion}'")
+def analyze(model: onnx.ModelProto, criterion: str = "l2", input_shapes: dict[str, list[int]] | None = None) -> PrunePlan:
+    """The dependency groups of a (simplified) model, with each prunable group's channel scores.
+    `input_shapes` (static dims, e.g. a calibration sample's) give dynamic models MAC counts."""
+    if criterion not in ("l2", "l1"):
+        raise UsageError(f"analyze() scores by weight magnitude (l2 or l1), not '{criterion}'")
     graph = to_graph(model)
+    if input_shapes:
+        set_input_shapes(graph, input_shapes)
     get_pass("infer-shapes")(graph, PassContext())  # ranks and spatial sizes for joins and flattens
     return _Analysis(graph, criterion).run()
 
@@ -604,15 +615,23 @@ class _Analysis:
             group.producers = list(dict.fromkeys(group.producers))
             group.consumers = list(dict.fromkeys(group.consumers))
         nodes = self.graph.nodes
+        total_macs = 0
+        for node in nodes:
+            total_macs += _layer_macs(node) or 0
         for cut in cuts:
-            value = constant_value(nodes[cut.position].inputs[cut.index])
+            node = nodes[cut.position]
+            value = constant_value(node.inputs[cut.index])
             if value is None:
                 continue
             total_channels = sum(roots[g].size for g in cut.groups) * cut.block
             per_channel = value.size // max(total_channels, 1)
+            macs = _layer_macs(node) if cut.index == 1 else None
             for gid in cut.groups:
                 roots[gid].parameters += per_channel * cut.block
-        return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens)
+                if macs:
+                    roots[gid].macs += macs * cut.block / max(total_channels, 1)
+        return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
+                         total_macs=total_macs)
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -683,6 +702,28 @@ def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
     return (channels[:, None] * cut.block + np.arange(cut.block)[None, :]).reshape(-1)
 
 
+def _layer_macs(node: gs.Node) -> int | None:
+    """Multiply-adds of one sample of a Conv/ConvTranspose/Gemm/MatMul with a constant weight:
+    weight elements times output positions (None where the sizes needed are unknown)."""
+    if node.op not in LAYER_OPS or len(node.inputs) < 2 or not node.outputs:
+        return None
+    weight = constant_value(node.inputs[1])
+    if weight is None:
+        return None
+    if node.op == "Conv":
+        sizes = (node.outputs[0].shape or [None, None, None])[2:]
+    elif node.op == "ConvTranspose":
+        sizes = (node.inputs[0].shape or [None, None, None])[2:]
+    elif node.op == "MatMul":
+        shape = node.outputs[0].shape
+        sizes = shape[1:-1] if shape is not None else [None]
+    else:
+        sizes = []
+    if any(not isinstance(size, (int, np.integer)) for size in sizes):
+        return None
+    return int(weight.size) * int(np.prod(sizes)) if sizes else int(weight.size)
+
+
 def _label(node: gs.Node) -> str:
     return f"{node.op} '{node.name}'" if node.name else node.op
 
@@ -723,7 +764,7 @@ class PruneOptions:
     zeroed original (they must be equal)."""
 
     ratio: float = 0.25
-    criterion: str = "l2"
+    criterion: str = "auto"
     round_to: int = 1
     reconstruct: bool = True
     check_surgery: bool = False
@@ -734,12 +775,15 @@ class PruneOptions:
     # after the first of them ("downstream").
     refit: str = "consumers"
     fidelity_target: object | None = None  # onnxslim.quantize.FidelityTarget: search the ratio (at most `ratio`)
+    macs: float | None = None  # instead of `ratio`: this share of the model's multiply-adds removed
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
             raise UsageError(f"--prune takes a ratio in [0, 1), not {self.ratio}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{self.criterion}'")
+        if self.macs is not None and not 0 < self.macs < 1:
+            raise UsageError(f"--prune-macs takes the share of multiply-adds to remove, in (0, 1), not {self.macs}")
         if self.allocation not in ALLOCATIONS:
             raise UsageError(f"prune allocation must be one of {', '.join(ALLOCATIONS)}, not '{self.allocation}'")
         if self.round_to < 1:
@@ -765,6 +809,8 @@ class PruneReport:
     notes: list[str] = field(default_factory=list)
     target: str | None = None
     target_met: bool | None = None
+    macs_before: int = 0
+    macs_after: int = 0
 
     def final_fidelity(self) -> dict:
         """The delivered model's figures: refit if there was one."""
@@ -776,6 +822,8 @@ class PruneReport:
         text = (f"pruned {self.removed_channels} of {self.prunable_channels} prunable channels ({share:.0%}) in "
                 f"{len(self.groups) - frozen} groups ({frozen} frozen); parameters {self.parameters_before:,} -> "
                 f"{self.parameters_after:,}")
+        if self.macs_before:
+            text += f"; MACs {self.macs_before / 1e6:,.1f} M -> {self.macs_after / 1e6:,.1f} M"
         refit = [layer for layer in self.reconstruction.values() if layer["status"] == "refit"]
         if self.reconstruction:
             text += f"; {len(refit)} of {len(self.reconstruction)} layers refit"
@@ -795,12 +843,19 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
 
     With `options.fidelity_target` the ratio is searched (bisection, at most `options.ratio`):
     the largest whose result, refit included, meets the target on the evaluation samples."""
-    plan = analyze(model, "l2" if options.criterion == "activation" else options.criterion)
-    if options.criterion == "activation":
+    criterion = options.criterion
+    if criterion == "auto":
+        criterion = "activation" if data is not None else "l2"
+        options = replace(options, criterion=criterion)
+    sample_shapes = {name: list(array.shape) for name, array in next(iter(data)).items()} if data is not None else None
+    plan = analyze(model, "l2" if criterion == "activation" else criterion, input_shapes=sample_shapes)
+    if criterion == "activation":
         if data is None:
             raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
         activation_scores(model, plan, data)
     costs = None
+    if options.macs is not None and (data is None or options.allocation != "sensitivity"):
+        raise UsageError("--prune-macs needs calibration data (--calibration DIR) and sensitivity allocation")
     if options.allocation == "sensitivity" and data is not None:
         costs = sensitivity_costs(model, plan, data, progress=progress)
     target = options.fidelity_target
@@ -840,8 +895,8 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     from .verify import FidelityPool, Runner, Verifier
 
     ratios, allocation_note = None, "every group loses the same share (uniform)"
-    if costs is not None and ratio > 0:
-        ratios = allocate_from_costs(plan, costs, ratio)
+    if costs is not None and (ratio > 0 or options.macs):
+        ratios = allocate_from_costs(plan, costs, ratio, macs=options.macs)
         allocation_note = (f"shares by measured sensitivity on {min(SENSITIVITY_SAMPLES, len(data))} calibration "
                            f"samples (levels {', '.join(f'{level:g}' for level in SENSITIVITY_LEVELS)})")
     chosen = plan.choose(ratio, round_to=options.round_to, ratios=ratios)
@@ -852,6 +907,8 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
         parameters_before=_parameters(model), parameters_after=_parameters(pruned),
     )
     report.notes.append(f"allocation: {allocation_note}")
+    report.macs_before = plan.total_macs
+    report.macs_after = _model_macs(pruned, plan_shapes(data))
     if options.check_surgery:
         feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
         check = Verifier(zeroed, inputs=feeds, shapes=shapes, samples=2).check(pruned, label="pruned model")
@@ -977,11 +1034,19 @@ def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress
     return costs
 
 
-def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: float) -> dict[int, float]:
+def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: float, *,
+                        macs: float | None = None) -> dict[int, float]:
     """Greedily, the group whose next level adds the least noise per channel removed takes it,
-    until `ratio` of the prunable channels are removed (the last step part-way)."""
+    until `ratio` of the prunable channels are removed (the last step part-way). With `macs`
+    the budget is that share of the model's multiply-adds instead, priced per MAC removed."""
     groups = list(costs)
-    budget = ratio * sum(plan.groups[gid].size for gid in groups)
+    if macs is not None:
+        groups = [gid for gid in groups if plan.groups[gid].macs > 0]
+        unit = {gid: plan.groups[gid].macs for gid in groups}
+        budget = macs * plan.total_macs
+    else:
+        unit = {gid: 1.0 for gid in groups}
+        budget = ratio * sum(plan.groups[gid].size for gid in groups)
     levels = (0.0,) + SENSITIVITY_LEVELS
     step = {gid: 0 for gid in groups}
     removed = 0.0
@@ -990,16 +1055,16 @@ def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: f
         for gid in groups:
             if step[gid] + 1 >= len(levels):
                 continue
-            channels = plan.groups[gid].size * (levels[step[gid] + 1] - levels[step[gid]])
-            price = (costs[gid][step[gid] + 1] - costs[gid][step[gid]]) / channels
+            amount = plan.groups[gid].size * (levels[step[gid] + 1] - levels[step[gid]]) * unit[gid]
+            price = (costs[gid][step[gid] + 1] - costs[gid][step[gid]]) / amount
             if price < best_price:
                 best, best_price = gid, price
         if best is None:
             break
         size = plan.groups[best].size
-        take = size * (levels[step[best] + 1] - levels[step[best]])
+        take = size * (levels[step[best] + 1] - levels[step[best]]) * unit[best]
         if removed + take > budget:
-            share = levels[step[best]] + (budget - removed) / size
+            share = levels[step[best]] + (budget - removed) / (size * unit[best])
             return {**{gid: levels[step[gid]] for gid in groups}, best: share}
         step[best] += 1
         removed += take
@@ -1055,6 +1120,18 @@ def _reconstruct(model, pruned, plan: PrunePlan, data, report: PruneReport, prog
             "error_before": fit.error_before, "error_after": fit.error_after,
         }
     return refit
+
+
+def plan_shapes(data) -> dict | None:
+    return {name: list(array.shape) for name, array in next(iter(data)).items()} if data is not None else None
+
+
+def _model_macs(model: onnx.ModelProto, input_shapes: dict | None) -> int:
+    graph = to_graph(model)
+    if input_shapes:
+        set_input_shapes(graph, input_shapes)
+    get_pass("infer-shapes")(graph, PassContext())
+    return sum(_layer_macs(node) or 0 for node in graph.nodes)
 
 
 def _parameters(model: onnx.ModelProto) -> int:

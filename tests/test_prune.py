@@ -284,3 +284,14 @@ def test_fidelity_target_finds_the_largest_ratio_that_meets_it():
     _, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
     assert report.pruning.removed_channels == 3 and report.pruning.target_met
     assert any("largest found" in note for note in report.pruning.notes)
+
+
+def test_macs_budget_removes_that_share_of_multiply_adds():
+    model = small_net()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=400 + i)} for i in range(8)])
+    plan = analyze(model)
+    assert plan.total_macs == 8 * 8 * (16 * 3 * 9 + 16 * 16 * 9) + 16 * 10  # two 3x3 convs on 8x8, the fc
+    _, report = onnxslim.optimize(model, prune_options=PruneOptions(macs=0.3, reconstruct=False), calibration=data,
+                                  verify=False, return_report=True)
+    removed = 1 - report.pruning.macs_after / report.pruning.macs_before
+    assert 0.2 < removed < 0.5, removed  # first-order budget; in and out channels of one layer compound
