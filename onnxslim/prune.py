@@ -113,6 +113,9 @@ class PrunePlan:
     total_parameters: int = 0
     flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
     total_macs: int = 0  # Conv/ConvTranspose/Gemm/MatMul multiply-adds of one sample (0 where shapes are unknown)
+    # Consumer position -> mean of each input feature on calibration data: a removed channel's
+    # mean contribution moves into the consumer's bias (see input_means).
+    means: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
     def removed_macs(self) -> float:
@@ -144,7 +147,7 @@ class PrunePlan:
             if keep < group.size:
                 kept[gid] = np.sort(np.argsort(-group.scores, kind="stable")[:keep])
         return PrunePlan(self.groups, self.cuts, self.depthwise, kept, self.total_parameters, self.flattens,
-                         self.total_macs)
+                         self.total_macs, self.means)
 
     def describe(self) -> list[dict]:
         """One row per group: members, channels before/after, share of parameters, frozen and why."""
@@ -656,6 +659,8 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
         if value is None:
             value = constant_value(node.inputs[cut.index])
         indices = _kept_indices(plan, cut)
+        if cut.reads and cut.position in plan.means:
+            _compensate(node, cut, value, indices, plan.means[cut.position], replaced)
         if remove:
             value = np.take(value, indices, axis=cut.axis)
         else:
@@ -685,6 +690,60 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
                     tensor.shape = None  # re-inferred: channel dims changed
     graph.cleanup()
     return to_model(graph, model)
+
+
+def _compensate(node: gs.Node, cut: Cut, weight: np.ndarray, kept: np.ndarray, means: np.ndarray,
+                replaced: dict) -> None:
+    """Move the removed inputs' mean contribution into the layer's bias: for a Conv,
+    b += Σ_k∈removed mean_k · Σ W[:, k] (the kernel summed; at the zero-padded border this is
+    approximate); for a Gemm, C += alpha/beta · Σ_f mean_f · W[f] oriented as [K, N]. Only
+    layers with a constant bias; the zeroed reference gets the same bias, so the surgery check
+    still compares like with like."""
+    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or len(means) != weight.shape[cut.axis]:
+        return
+    key = (cut.position, 2)
+    bias = replaced.get(key)
+    if bias is None:
+        bias = constant_value(node.inputs[2])
+    if bias is None:
+        return
+    removed = np.setdiff1d(np.arange(weight.shape[cut.axis]), kept)
+    if not len(removed):
+        return
+    columns = np.take(weight.astype(np.float64), removed, axis=cut.axis)  # the weights that read them
+    if node.op == "Conv":
+        kernels = columns.sum(axis=tuple(range(2, columns.ndim))) if columns.ndim > 2 else columns  # [O, removed]
+        shift = kernels @ means[removed]
+    else:
+        oriented = columns if cut.axis == 0 else columns.T  # [removed, N]
+        alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
+        if beta == 0:
+            return
+        shift = alpha / beta * (means[removed] @ oriented)
+    if bias.shape != shift.shape and bias.size != shift.size:
+        return
+    replaced[key] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+
+
+def input_means(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> None:
+    """The mean of every input feature of each pruned group's consumers (Conv and Gemm), on
+    calibration data, into plan.means."""
+    from .calibration import capture_activations
+
+    graph = to_graph(model)
+    consumers = {cut.position for cut in plan.cuts if cut.reads and graph.nodes[cut.position].op in ("Conv", "Gemm")}
+    tensors = {position: graph.nodes[position].inputs[0].name for position in consumers}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def accumulate(name: str, value: np.ndarray) -> None:
+        moved = np.moveaxis(value.astype(np.float64), 1, 0).reshape(value.shape[1], -1)
+        sums[name] = sums.get(name, 0) + moved.sum(axis=1)
+        counts[name] = counts.get(name, 0) + moved.shape[1]
+
+    if tensors:
+        capture_activations(model, data.limit(samples), set(tensors.values()), reduce=accumulate)
+    plan.means.update({position: sums[name] / counts[name] for position, name in tensors.items() if name in sums})
 
 
 def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
@@ -776,6 +835,7 @@ class PruneOptions:
     refit: str = "consumers"
     fidelity_target: object | None = None  # onnxslim.quantize.FidelityTarget: search the ratio (at most `ratio`)
     macs: float | None = None  # instead of `ratio`: this share of the model's multiply-adds removed
+    compensate: bool = True  # with data: removed channels' mean contribution moves into the consumers' biases
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -853,6 +913,8 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         if data is None:
             raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
         activation_scores(model, plan, data)
+    if data is not None and options.compensate:
+        input_means(model, plan, data)
     costs = None
     if options.macs is not None and (data is None or options.allocation != "sensitivity"):
         raise UsageError("--prune-macs needs calibration data (--calibration DIR) and sensitivity allocation")
@@ -998,6 +1060,10 @@ def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress
     graph = to_graph(model)
     reads = [cut for cut in plan.cuts if cut.reads]
     weight_names = {(cut.position, cut.index): graph.nodes[cut.position].inputs[cut.index].name for cut in reads}
+    for cut in reads:  # the biases that mean compensation moves
+        node = graph.nodes[cut.position]
+        if cut.position in plan.means and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            weight_names[(cut.position, 2)] = node.inputs[2].name
     originals = {name: constant_value(graph.nodes[position].inputs[index])
                  for (position, index), name in weight_names.items()}
     probe = _weights_as_inputs(model, set(originals))
@@ -1006,8 +1072,10 @@ def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress
     session = ort.InferenceSession(probe.SerializeToString(), session_options, providers=["CPUExecutionProvider"])
     feeds = list(data.limit(SENSITIVITY_SAMPLES))
     reference = [session.run(None, {**feed, **originals}) for feed in feeds]
-    energy = [max(sum(float(np.sum(np.square(output, dtype=np.float64))) for output in outputs), 1e-30)
-              for outputs in reference]
+    # Pooled over the samples, like the SQNR fidelity reports: a sample whose outputs are all but
+    # zero (a detector's map of an image without text) would make any per-sample ratio explode.
+    signal = max(sum(float(np.sum(np.square(output, dtype=np.float64))) for outputs in reference for output in outputs),
+                 1e-30)
 
     def noise(gid: int, share: float) -> float:
         trial = plan.choose(0.0, ratios={gid: share})
@@ -1015,16 +1083,21 @@ def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress
         for cut in reads:
             if gid in cut.groups and gid in trial.kept:
                 name = weight_names[(cut.position, cut.index)]
+                kept = _kept_indices(trial, cut)
+                if cut.position in plan.means and (cut.position, 2) in weight_names:
+                    biases = {(cut.position, 2): weights[weight_names[(cut.position, 2)]]}
+                    _compensate(graph.nodes[cut.position], cut, weights[name], kept, plan.means[cut.position], biases)
+                    weights[weight_names[(cut.position, 2)]] = biases[(cut.position, 2)]
                 value = weights[name].copy()
                 index = [slice(None)] * value.ndim
-                index[cut.axis] = np.setdiff1d(np.arange(value.shape[cut.axis]), _kept_indices(trial, cut))
+                index[cut.axis] = np.setdiff1d(np.arange(value.shape[cut.axis]), kept)
                 value[tuple(index)] = 0
                 weights[name] = value
         total = 0.0
-        for feed, expected, signal in zip(feeds, reference, energy):
+        for feed, expected in zip(feeds, reference):
             actual = session.run(None, {**feed, **weights})
-            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected)) / signal
-        return total / len(feeds)
+            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected))
+        return total / signal
 
     costs = {}
     for done, gid in enumerate(groups):
