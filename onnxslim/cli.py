@@ -20,7 +20,7 @@ from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import load, same_file
-from .prune import PruneOptions, analyze
+from .prune import PruneOptions, analyze, plot_report
 from .quantize import FidelityTarget, QuantizeOptions
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
@@ -171,6 +171,8 @@ def pruning_options(function):
     @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
                   help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
     @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
+    @click.option("--plot", "prune_plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                  help="Write a PNG of kept channels per group and each refit layer's error (needs matplotlib).")
     @click.option("--check-surgery", is_flag=True,
                   help="Check that the pruned model equals the original with the removed channels' weights zeroed.")
     @functools.wraps(function)
@@ -294,7 +296,7 @@ def optimize(
     json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
     reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_round, no_reconstruct,
-    check_surgery,
+    prune_plot, check_surgery,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
@@ -304,6 +306,8 @@ def optimize(
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
     pruning_asked = prune is not None or prune_macs is not None
+    if prune_plot is not None and not pruning_asked:
+        raise UsageError("--plot draws a pruning report: add --prune RATIO")
     prune_target = fidelity_target if pruning_asked and quantize is None else None
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
@@ -340,6 +344,8 @@ def optimize(
         raise
     if json_path:
         _write_text(json_path, report.to_json())
+    if prune_plot is not None:
+        plot_report(report.pruning, prune_plot)
     if not quiet:
         _print_optimize_report(report)
     console.print(_verdict_line(report))

@@ -241,10 +241,21 @@ def test_cli_prune_plan_and_bad_ratio(tmp_path):
     assert result.exit_code == 0 and "graph output 'y'" in result.output and "2 of 3 groups prunable" in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "1.5"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--plot", str(tmp_path / "p.png")])
+    assert result.exit_code == 2 and "add --prune" in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5", "--check-surgery",
                                       "--calibration", "random", "--quiet"])
     assert result.exit_code == 0, result.output
     assert onnx.load(tmp_path / "out.onnx").graph.initializer
+
+
+def test_cli_plot_writes_a_png(tmp_path):
+    path = tmp_path / "net.onnx"
+    onnx.save(small_net(), path)
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5", "--quiet",
+                                      "--plot", str(tmp_path / "plot.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_sensitivity_allocation_prunes_where_it_costs_least():
