@@ -168,6 +168,9 @@ def pruning_options(function):
     @click.option("--prune-macs", type=float, default=None, metavar="SHARE",
                   help="Instead of a channel ratio: remove this share of the multiply-adds, where it costs least "
                        "(needs --calibration; --prune still enables pruning and caps nothing).")
+    @click.option("--prune-params", type=float, default=None, metavar="SHARE",
+                  help="Instead of a channel ratio: remove this share of the parameters, where it costs least "
+                       "(needs --calibration).")
     @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
                   help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
     @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
@@ -182,10 +185,12 @@ def pruning_options(function):
     return wrapper
 
 
-def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target, macs) -> dict:
-    if prune is None and macs is None:
+def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target, macs,
+                    parameters) -> dict:
+    if prune is None and macs is None and parameters is None:
         return {}
     return {"prune_options": PruneOptions(ratio=prune if prune is not None else 0.0, criterion=criterion, macs=macs,
+                                          parameters=parameters,
                                           round_to=round_to,
                                           reconstruct=not no_reconstruct, check_surgery=check_surgery,
                                           allocation=allocation,
@@ -295,8 +300,8 @@ def optimize(
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
     json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
-    reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_round, no_reconstruct,
-    prune_plot, check_surgery,
+    reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_params, prune_round,
+    no_reconstruct, prune_plot, check_surgery,
 ):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
@@ -305,7 +310,7 @@ def optimize(
     _check_report_path(json_path, source, destination)
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
-    pruning_asked = prune is not None or prune_macs is not None
+    pruning_asked = prune is not None or prune_macs is not None or prune_params is not None
     if prune_plot is not None and not pruning_asked:
         raise UsageError("--plot draws a pruning report: add --prune RATIO")
     prune_target = fidelity_target if pruning_asked and quantize is None else None
@@ -315,7 +320,7 @@ def optimize(
         no_bias_correction, reduce_range, keep_names, pruning=pruning_asked,
     )
     pruning = _pruning_kwargs(prune, prune_criterion, prune_round, no_reconstruct, check_surgery, prune_allocation,
-                              prune_target, prune_macs)
+                              prune_target, prune_macs, prune_params)
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
     if fold_size_cap is not None:

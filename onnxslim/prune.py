@@ -835,6 +835,7 @@ class PruneOptions:
     refit: str = "consumers"
     fidelity_target: object | None = None  # onnxslim.quantize.FidelityTarget: search the ratio (at most `ratio`)
     macs: float | None = None  # instead of `ratio`: this share of the model's multiply-adds removed
+    parameters: float | None = None  # instead of `ratio`: this share of the model's parameters removed
     compensate: bool = True  # with data: removed channels' mean contribution moves into the consumers' biases
 
     def __post_init__(self):
@@ -842,6 +843,8 @@ class PruneOptions:
             raise UsageError(f"--prune takes a ratio in [0, 1), not {self.ratio}")
         if self.criterion not in CRITERIA:
             raise UsageError(f"prune criterion must be one of {', '.join(CRITERIA)}, not '{self.criterion}'")
+        if self.parameters is not None and not 0 < self.parameters < 1:
+            raise UsageError(f"--prune-params takes the share of parameters to remove, in (0, 1), not {self.parameters}")
         if self.macs is not None and not 0 < self.macs < 1:
             raise UsageError(f"--prune-macs takes the share of multiply-adds to remove, in (0, 1), not {self.macs}")
         if self.allocation not in ALLOCATIONS:
@@ -916,8 +919,8 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     if data is not None and options.compensate:
         input_means(model, plan, data)
     costs = None
-    if options.macs is not None and (data is None or options.allocation != "sensitivity"):
-        raise UsageError("--prune-macs needs calibration data (--calibration DIR) and sensitivity allocation")
+    if (options.macs is not None or options.parameters is not None) and (data is None or options.allocation != "sensitivity"):
+        raise UsageError("--prune-macs and --prune-params need calibration data (--calibration DIR) and sensitivity allocation")
     if options.allocation == "sensitivity" and data is not None:
         costs = sensitivity_costs(model, plan, data, progress=progress)
     target = options.fidelity_target
@@ -957,8 +960,8 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     from .verify import FidelityPool, Runner, Verifier
 
     ratios, allocation_note = None, "every group loses the same share (uniform)"
-    if costs is not None and (ratio > 0 or options.macs):
-        ratios = allocate_from_costs(plan, costs, ratio, macs=options.macs)
+    if costs is not None and (ratio > 0 or options.macs or options.parameters):
+        ratios = allocate_from_costs(plan, costs, ratio, macs=options.macs, parameters=options.parameters)
         allocation_note = (f"shares by measured sensitivity on {min(SENSITIVITY_SAMPLES, len(data))} calibration "
                            f"samples (levels {', '.join(f'{level:g}' for level in SENSITIVITY_LEVELS)})")
     chosen = plan.choose(ratio, round_to=options.round_to, ratios=ratios)
@@ -1108,7 +1111,7 @@ def sensitivity_costs(model: onnx.ModelProto, plan: PrunePlan, data, *, progress
 
 
 def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: float, *,
-                        macs: float | None = None) -> dict[int, float]:
+                        macs: float | None = None, parameters: float | None = None) -> dict[int, float]:
     """Greedily, the group whose next level adds the least noise per channel removed takes it,
     until `ratio` of the prunable channels are removed (the last step part-way). With `macs`
     the budget is that share of the model's multiply-adds instead, priced per MAC removed."""
@@ -1117,6 +1120,10 @@ def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: f
         groups = [gid for gid in groups if plan.groups[gid].macs > 0]
         unit = {gid: plan.groups[gid].macs for gid in groups}
         budget = macs * plan.total_macs
+    elif parameters is not None:
+        groups = [gid for gid in groups if plan.groups[gid].parameters > 0]
+        unit = {gid: float(plan.groups[gid].parameters) for gid in groups}
+        budget = parameters * plan.total_parameters
     else:
         unit = {gid: 1.0 for gid in groups}
         budget = ratio * sum(plan.groups[gid].size for gid in groups)

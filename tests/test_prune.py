@@ -306,3 +306,14 @@ def test_macs_budget_removes_that_share_of_multiply_adds():
                                   verify=False, return_report=True)
     removed = 1 - report.pruning.macs_after / report.pruning.macs_before
     assert 0.2 < removed < 0.5, removed  # first-order budget; in and out channels of one layer compound
+
+
+def test_parameters_budget_removes_that_share_of_parameters():
+    model = small_net()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=500 + i)} for i in range(8)])
+    _, report = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.0, parameters=0.3, reconstruct=False),
+                                  calibration=data, verify=False, return_report=True)
+    removed = 1 - report.pruning.parameters_after / report.pruning.parameters_before
+    assert 0.2 < removed < 0.5, removed  # first-order budget, as for MACs
+    with pytest.raises(UsageError):
+        PruneOptions(parameters=1.5)
