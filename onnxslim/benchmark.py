@@ -24,9 +24,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from .calibration import CalibrationData, InputSpec, input_specs
+from .calibration import CalibrationData, input_specs, random_shapes
 from .errors import InputSpecError, UsageError, VerificationUnavailable
-from .model import _external_data_files, load
+from .graph import proto_graphs
+from .model import _external_data_files, load, weightless_copy
 from .quantize import cpu_int8_support
 from .verify import FidelityPool, Runner, _first_line, model_inputs, synthesize_inputs
 
@@ -457,42 +458,8 @@ def _feeds(model, data, preprocess, samples, shapes, seed) -> tuple[list[dict], 
         return list(loaded), loaded.source, []
     if preprocess:
         raise UsageError("--preprocess applies to images given with --inputs")
-    resolved, notes = _random_shapes(input_specs(model), dict(shapes or {}))
+    resolved, notes = random_shapes(input_specs(model), dict(shapes or {}), option="--input-shape")
     return synthesize_inputs(model, resolved, samples, seed), f"RANDOM data (seed {seed}), not real inputs", notes
-
-
-def _random_shapes(specs: list[InputSpec], given: dict[str, list[int]]) -> tuple[dict, list[str]]:
-    unknown = set(given) - {spec.name for spec in specs}
-    if unknown:
-        raise InputSpecError(
-            f"--input-shape names {', '.join(sorted(unknown))}, but the model's inputs are "
-            f"{', '.join(spec.name for spec in specs)}"
-        )
-    resolved, notes = {}, []
-    for spec in specs:
-        if spec.name in given:
-            problems = spec.problems(tuple(given[spec.name]), spec.dtype)
-            if problems:
-                raise InputSpecError(f"--input-shape {spec.name}: {'; '.join(problems)}")
-            resolved[spec.name] = list(given[spec.name])
-            continue
-        if spec.dims is None:
-            raise InputSpecError(f"input '{spec.name}' has no stated shape: give it with --input-shape {spec.name}:DIMS")
-        dims = []
-        for axis, dim in enumerate(spec.dims):
-            if isinstance(dim, int):
-                dims.append(dim)
-            elif axis == 0:
-                dims.append(1)
-                notes.append(f"input '{spec.name}': dynamic batch dim '{dim}' set to 1")
-            else:
-                example = ",".join(str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(spec.dims))
-                raise InputSpecError(
-                    f"input '{spec.name}' {spec.shape_text()} has a dynamic dim {axis} ('{dim}'): "
-                    f"give its size with --input-shape {spec.name}:{example}"
-                )
-        resolved[spec.name] = dims
-    return resolved, notes
 
 
 # ----------------------------------------------------------------------------- size and compute
@@ -507,7 +474,7 @@ def file_bytes(path: str | os.PathLike) -> int:
 
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of every initializer and Constant-node value, If/Loop/Scan bodies included."""
-    return sum(_graph_parameters(graph) for graph in _graphs(model.graph))
+    return sum(_graph_parameters(graph) for graph in proto_graphs(model.graph))
 
 
 def _graph_parameters(graph: onnx.GraphProto) -> int:
@@ -528,23 +495,12 @@ def _graph_parameters(graph: onnx.GraphProto) -> int:
     return total
 
 
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _graphs(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for body in attribute.graphs:
-                    yield from _graphs(body)
-
-
 def count_macs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> MacCount:
     """Multiply-accumulates of the MAC_OPS layers (bodies included) with the inputs at `shapes`,
     from onnx shape inference; a layer with a shape inference cannot tell counts as unknown."""
     known = _inferred_shapes(model, shapes)
     count = MacCount()
-    for graph in _graphs(model.graph):
+    for graph in proto_graphs(model.graph):
         for node in graph.node:
             if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
                 continue
@@ -590,29 +546,15 @@ def _layer_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int
 def _inferred_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:
     """Static shapes of every tensor onnx shape inference (with data propagation) can tell,
     on a copy whose inputs are fixed at `shapes` and whose large weights are typed inputs."""
-    skeleton = onnx.ModelProto(ir_version=max(model.ir_version, 4), producer_name=model.producer_name)
-    skeleton.opset_import.extend(model.opset_import)
-    skeleton.functions.extend(model.functions)
-    graph, source = skeleton.graph, model.graph
-    graph.name = source.name
-    graph.node.extend(source.node)
-    graph.output.extend(source.output)
-    graph.value_info.extend(source.value_info)
-    graph.sparse_initializer.extend(source.sparse_initializer)
-    for value in model_inputs(model):
-        dtype = value.type.tensor_type.elem_type
-        graph.input.append(onnx.helper.make_tensor_value_info(value.name, dtype, shapes.get(value.name)))
-    for tensor in source.initializer:
-        if math.prod(tensor.dims) > INFERENCE_TENSOR_ELEMENTS:
-            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            graph.initializer.append(tensor)
+    inputs = [onnx.helper.make_tensor_value_info(value.name, value.type.tensor_type.elem_type, shapes.get(value.name))
+              for value in model_inputs(model)]
+    skeleton = weightless_copy(model, lambda tensor: math.prod(tensor.dims) > INFERENCE_TENSOR_ELEMENTS, inputs)
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
         inferred = skeleton  # best effort: layers without shapes count as unknown
     known: dict[str, tuple[int, ...]] = {}
-    for body in _graphs(inferred.graph):
+    for body in proto_graphs(inferred.graph):
         for tensor in body.initializer:
             known[tensor.name] = tuple(tensor.dims)
         for value in [*body.input, *body.output, *body.value_info]:

@@ -580,7 +580,7 @@ class CalibrationData:
         model = load(model, check=False)
         if count < 1:
             raise InputSpecError(f"count={count}: give a positive number of random samples")
-        resolved = _random_shapes(input_specs(model), dict(shapes or {}))
+        resolved, _ = random_shapes(input_specs(model), dict(shapes or {}))
         logger.warning(
             "CALIBRATING ON RANDOM DATA (%d samples, seed %d): the ranges will not fit real inputs and the "
             "quantized model's accuracy means nothing; use this for smoke tests only and give real samples "
@@ -694,35 +694,44 @@ def _load_images(files: Sequence[Path], spec: InputSpec, preprocess: Preprocess)
     return {spec.name: batch.astype(spec.dtype)}
 
 
-def _random_shapes(specs: list[InputSpec], shapes: dict[str, Sequence[int]]) -> dict[str, list[int]]:
-    unknown = set(shapes) - {spec.name for spec in specs}
+def random_shapes(
+    specs: list[InputSpec], given: dict[str, Sequence[int]], option: str = "shapes"
+) -> tuple[dict[str, list[int]], list[str]]:
+    """(dims of every input, notes) for random inputs: `given` dims (checked against the model),
+    static dims, a dynamic batch (axis 0) set to 1 (noted); any other dynamic dim is an error that
+    says how to give it with `option` (the caller's name for `given`, e.g. --input-shape)."""
+    unknown = set(given) - {spec.name for spec in specs}
     if unknown:
         raise InputSpecError(
-            f"shapes name {', '.join(sorted(unknown))}, "
-            f"but the model's inputs are {', '.join(spec.name for spec in specs)}"
+            f"{option} names {', '.join(sorted(unknown))}, but the model's inputs are "
+            f"{', '.join(spec.name for spec in specs)}"
         )
-    resolved = {}
+    resolved, notes = {}, []
     for spec in specs:
-        if spec.name in shapes:
-            dims = [int(dim) for dim in shapes[spec.name]]
-            _check_arrays("shapes for random data", {spec.name: (tuple(dims), spec.dtype)}, [spec])
+        if spec.name in given:
+            dims = [int(dim) for dim in given[spec.name]]
+            problems = spec.problems(tuple(dims), spec.dtype)
+            if problems:
+                raise InputSpecError(f"{option} {spec.name}: {'; '.join(problems)}")
             resolved[spec.name] = dims
             continue
         if spec.dims is None:
-            raise InputSpecError(f"input '{spec.name}' has no stated shape: give it in shapes")
+            raise InputSpecError(f"input '{spec.name}' has no stated shape: give it with {option} {spec.name}:DIMS")
         dims = []
         for axis, dim in enumerate(spec.dims):
             if isinstance(dim, int):
                 dims.append(dim)
             elif axis == 0:
                 dims.append(1)
+                notes.append(f"input '{spec.name}': dynamic batch dim '{dim}' set to 1")
             else:
+                example = ",".join(str(d) if isinstance(d, int) else ("1" if i == 0 else "N") for i, d in enumerate(spec.dims))
                 raise InputSpecError(
                     f"input '{spec.name}' {spec.shape_text()} has a dynamic dim {axis} ('{dim}'): "
-                    "give its shape in shapes"
+                    f"give its size with {option} {spec.name}:{example}"
                 )
         resolved[spec.name] = dims
-    return resolved
+    return resolved, notes
 
 
 def _random_feed(model: onnx.ModelProto, shapes: dict[str, list[int]], seed: int) -> Feed:

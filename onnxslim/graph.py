@@ -75,15 +75,21 @@ def op_name(op_type: str, domain: str | None) -> str:
     return op_type if domain in (None, *ONNX_DOMAINS) else f"{domain}::{op_type}"
 
 
-def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A GraphProto and every If/Loop/Scan body in it, at any depth (`walk` for ProtoBufs)."""
+    yield graph
     for node in graph.node:
-        yield node
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from _proto_nodes(attribute.g)
+                yield from proto_graphs(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for subgraph in attribute.graphs:
-                    yield from _proto_nodes(subgraph)
+                for body in attribute.graphs:
+                    yield from proto_graphs(body)
+
+
+def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+    for body in proto_graphs(graph):
+        yield from body.node
 
 
 def find(graph: gs.Graph, *op_types: str) -> list[gs.Node]:

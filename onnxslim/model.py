@@ -100,25 +100,36 @@ def check_structure(model: onnx.ModelProto) -> None:
     protobuf already guarantee. Graph structure, ops, attributes, types, small tensors and
     bodies are checked in full. Raises onnx.checker.ValidationError.
     """
+    def large(tensor: onnx.TensorProto) -> bool:
+        return bool(_itemsize(tensor.data_type)) and math.prod(tensor.dims) * _itemsize(tensor.data_type) > CHECKED_TENSOR_BYTES
+
+    skeleton = weightless_copy(model, large)
+    skeleton.metadata_props.extend(model.metadata_props)
+    onnx.checker.check_model(skeleton)
+
+
+def weightless_copy(model: onnx.ModelProto, large, inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
+    """A copy of `model` for checking or shape inference that leaves the large weights behind:
+    each top-level initializer `large(tensor)` picks becomes a typed graph input (only its dims
+    matter there); nodes, value infos, bodies and small initializers are copied. The graph's
+    inputs are `inputs` when given, else the model's own."""
     skeleton = onnx.ModelProto(ir_version=max(model.ir_version, 4), producer_name=model.producer_name)
     skeleton.opset_import.extend(model.opset_import)
     skeleton.functions.extend(model.functions)
-    skeleton.metadata_props.extend(model.metadata_props)
     graph, source = skeleton.graph, model.graph
     graph.name = source.name
     graph.node.extend(source.node)
-    graph.input.extend(source.input)
+    graph.input.extend(source.input if inputs is None else inputs)
     graph.output.extend(source.output)
     graph.value_info.extend(source.value_info)
     graph.sparse_initializer.extend(source.sparse_initializer)
-    listed = {value.name for value in source.input}
+    listed = {value.name for value in graph.input}
     for tensor in source.initializer:
-        if _itemsize(tensor.data_type) and math.prod(tensor.dims) * _itemsize(tensor.data_type) > CHECKED_TENSOR_BYTES:
-            if tensor.name not in listed:
-                graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
+        if not large(tensor):
             graph.initializer.append(tensor)
-    onnx.checker.check_model(skeleton)
+        elif tensor.name not in listed:
+            graph.input.append(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
 
 
 def _first_line(error: BaseException) -> str:

@@ -25,13 +25,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from .benchmark import count_parameters
 from .errors import UsageError
 from .graph import constant_value, constants, node_subgraphs, set_input, unique_names, walk
 from .manager import PassContext, get_pass
@@ -114,7 +114,7 @@ class PrunePlan:
     flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
     total_macs: int = 0  # Conv/ConvTranspose/Gemm/MatMul multiply-adds of one sample (0 where shapes are unknown)
     # Consumer position -> mean of each input feature on calibration data: a removed channel's
-    # mean contribution moves into the consumer's bias (see input_means).
+    # mean contribution moves into the consumer's bias (see input_moments).
     means: dict[int, np.ndarray] = field(default_factory=dict)
 
     @property
@@ -289,8 +289,7 @@ class _Analysis:
                 return
             self.depthwise.append((position, source.groups))
             self.cuts.append(Cut(position, 1, 0, source.groups, source.block))
-            if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
-                self.cuts.append(Cut(position, 2, 0, source.groups, source.block))
+            self.cut_bias(position, node, source.groups, source.block)
             for gid in source.groups:
                 self.groups[self.find(gid)].consumers.append(node.name)
             self.pass_on(node, source)
@@ -300,11 +299,8 @@ class _Analysis:
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=1)
-        gid = self.new_group(out_channels, node.name)
-        self.score(gid, weight, axis=0)
-        self.cuts.append(Cut(position, 1, 0, (gid,)))
-        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
-            self.cuts.append(Cut(position, 2, 0, (gid,)))
+        gid = self.produce(position, node, weight, axis=0)
+        self.cut_bias(position, node, (gid,))
         self.pass_on(node, Channels((gid,), 1, weight.ndim))
 
     def visit_ConvTranspose(self, position: int, node: gs.Node, tracked) -> None:
@@ -315,11 +311,8 @@ class _Analysis:
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=0)
-        gid = self.new_group(weight.shape[1], node.name)
-        self.score(gid, weight, axis=1)
-        self.cuts.append(Cut(position, 1, 1, (gid,)))
-        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
-            self.cuts.append(Cut(position, 2, 0, (gid,)))
+        gid = self.produce(position, node, weight, axis=1)
+        self.cut_bias(position, node, (gid,))
         self.pass_on(node, Channels((gid,), 1, weight.ndim))
 
     def visit_Gemm(self, position: int, node: gs.Node, tracked) -> None:
@@ -334,9 +327,7 @@ class _Analysis:
                 self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis}")
                 return
             self.consume(position, node, source, weight_axis=in_axis)
-        gid = self.new_group(weight.shape[out_axis], node.name)
-        self.score(gid, weight, axis=out_axis)
-        self.cuts.append(Cut(position, 1, out_axis, (gid,)))
+        gid = self.produce(position, node, weight, axis=out_axis)
         bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 else None
         if bias is not None and bias.ndim >= 1 and bias.shape[-1] == weight.shape[out_axis]:
             self.cuts.append(Cut(position, 2, bias.ndim - 1, (gid,)))
@@ -358,10 +349,20 @@ class _Analysis:
             self.consume(position, node, source, weight_axis=0)
         if rank is None or rank < 2:
             return
-        gid = self.new_group(weight.shape[1], node.name)
-        self.score(gid, weight, axis=1)
-        self.cuts.append(Cut(position, 1, 1, (gid,)))
+        gid = self.produce(position, node, weight, axis=1)
         self.pass_on(node, Channels((gid,), rank - 1, rank))
+
+    def produce(self, position: int, node: gs.Node, weight: np.ndarray, axis: int) -> int:
+        """A new group for the layer's output channels (its weight's `axis`), scored and cut there."""
+        gid = self.new_group(weight.shape[axis], node.name)
+        self.score(gid, weight, axis=axis)
+        self.cuts.append(Cut(position, 1, axis, (gid,)))
+        return gid
+
+    def cut_bias(self, position: int, node: gs.Node, groups: tuple[int, ...], block: int = 1) -> None:
+        """A Conv's constant bias (input 2) goes with its output channels."""
+        if len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            self.cuts.append(Cut(position, 2, 0, groups, block))
 
     def consume(self, position: int, node: gs.Node, source: Channels, weight_axis: int) -> None:
         self.cuts.append(Cut(position, 1, weight_axis, source.groups, source.block, reads=True))
@@ -725,25 +726,38 @@ def _compensate(node: gs.Node, cut: Cut, weight: np.ndarray, kept: np.ndarray, m
     replaced[key] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
 
 
-def input_means(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> None:
-    """The mean of every input feature of each pruned group's consumers (Conv and Gemm), on
-    calibration data, into plan.means."""
+def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """For each layer that reads a group's channels (by position): the mean and the mean square
+    of each of its input features on calibration data, along the channel axis (1, or the last for
+    a MatMul), in one pass over the samples. The means feed mean compensation (plan.means), the
+    mean squares the activation criterion (activation_scores)."""
     from .calibration import capture_activations
 
     graph = to_graph(model)
-    consumers = {cut.position for cut in plan.cuts if cut.reads and graph.nodes[cut.position].op in ("Conv", "Gemm")}
-    tensors = {position: graph.nodes[position].inputs[0].name for position in consumers}
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    keys = {}
+    for cut in plan.cuts:
+        if cut.reads:
+            node = graph.nodes[cut.position]
+            keys[cut.position] = (node.inputs[0].name, -1 if node.op == "MatMul" else 1)
+    axes: dict[str, set[int]] = {}
+    for name, axis in keys.values():
+        axes.setdefault(name, set()).add(axis)
+    sums: dict[tuple, np.ndarray] = {}
+    squares: dict[tuple, np.ndarray] = {}
+    counts: dict[tuple, int] = {}
 
     def accumulate(name: str, value: np.ndarray) -> None:
-        moved = np.moveaxis(value.astype(np.float64), 1, 0).reshape(value.shape[1], -1)
-        sums[name] = sums.get(name, 0) + moved.sum(axis=1)
-        counts[name] = counts.get(name, 0) + moved.shape[1]
+        for axis in axes[name]:
+            along = axis % value.ndim
+            moved = np.moveaxis(value.astype(np.float64), along, 0).reshape(value.shape[along], -1)
+            key = (name, axis)
+            sums[key] = sums.get(key, 0) + moved.sum(axis=1)
+            squares[key] = squares.get(key, 0) + np.square(moved).sum(axis=1)
+            counts[key] = counts.get(key, 0) + moved.shape[1]
 
-    if tensors:
-        capture_activations(model, data.limit(samples), set(tensors.values()), reduce=accumulate)
-    plan.means.update({position: sums[name] / counts[name] for position, name in tensors.items() if name in sums})
+    if axes:
+        capture_activations(model, data.limit(samples), set(axes), reduce=accumulate)
+    return {position: (sums[key] / counts[key], squares[key] / counts[key]) for position, key in keys.items() if key in sums}
 
 
 def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
@@ -912,12 +926,16 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         options = replace(options, criterion=criterion)
     sample_shapes = {name: list(array.shape) for name, array in next(iter(data)).items()} if data is not None else None
     plan = analyze(model, "l2" if criterion == "activation" else criterion, input_shapes=sample_shapes)
-    if criterion == "activation":
-        if data is None:
-            raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
-        activation_scores(model, plan, data)
-    if data is not None and options.compensate:
-        input_means(model, plan, data)
+    if criterion == "activation" and data is None:
+        raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
+    if data is not None and (criterion == "activation" or options.compensate):
+        moments = input_moments(model, plan, data)
+        if criterion == "activation":
+            activation_scores(model, plan, moments)
+        if options.compensate:
+            graph = to_graph(model)
+            plan.means.update({position: mean for position, (mean, _) in moments.items()
+                               if graph.nodes[position].op in ("Conv", "Gemm")})
     costs = None
     if (options.macs is not None or options.parameters is not None) and (data is None or options.allocation != "sensitivity"):
         raise UsageError("--prune-macs and --prune-params need calibration data (--calibration DIR) and sensitivity allocation")
@@ -969,7 +987,7 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     report = PruneReport(
         ratio=ratio, criterion=options.criterion, groups=chosen.describe(),
         prunable_channels=chosen.prunable_channels, removed_channels=chosen.removed_channels,
-        parameters_before=_parameters(model), parameters_after=_parameters(pruned),
+        parameters_before=count_parameters(model), parameters_after=count_parameters(pruned),
     )
     report.notes.append(f"allocation: {allocation_note}")
     report.macs_before = plan.total_macs
@@ -1004,34 +1022,19 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     return refit, report
 
 
-def activation_scores(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> None:
+def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
     """Replace each prunable group's scores by what its channels feed forward: for every consumer
-    reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer),
-    summed over the group's consumers, each consumer normalised by its mean."""
-    from .calibration import capture_activations
-
+    reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer;
+    E[x²] from input_moments), summed over the group's consumers, each consumer normalised by its mean."""
     graph = to_graph(model)
-    reads = [cut for cut in plan.cuts if cut.reads and any(plan.groups[g].prunable for g in cut.groups)]
-    tensors = {cut.position: graph.nodes[cut.position].inputs[0].name for cut in reads}
-    energy: dict[str, np.ndarray] = {}
-    axes = {}
-    for cut in reads:
-        node = graph.nodes[cut.position]
-        # The activation's channel axis: 1 for Conv/Gemm, the last for MatMul.
-        axes[tensors[cut.position]] = -1 if node.op == "MatMul" else 1
-
-    def accumulate(name: str, value: np.ndarray) -> None:
-        axis = axes[name] % value.ndim
-        squared = np.square(np.moveaxis(value.astype(np.float64), axis, 0)).reshape(value.shape[axis], -1).mean(axis=1)
-        energy[name] = energy.get(name, 0) + squared
-
-    capture_activations(model, data.limit(samples), set(tensors.values()), reduce=accumulate)
     scores: dict[int, np.ndarray] = {}
-    for cut in reads:
+    for cut in plan.cuts:
+        if not cut.reads or not any(plan.groups[g].prunable for g in cut.groups) or cut.position not in moments:
+            continue
         weight = constant_value(graph.nodes[cut.position].inputs[cut.index])
         columns = np.moveaxis(weight.astype(np.float64), cut.axis, 0).reshape(weight.shape[cut.axis], -1)
         carried = np.square(columns).sum(axis=1)  # per input feature of the layer
-        features = energy[tensors[cut.position]]
+        features = moments[cut.position][1]
         if cut.block > 1:  # a flattened channel: its block of features sums up
             carried = carried.reshape(-1, cut.block).sum(axis=1)
         per_channel = carried * features if features.shape == carried.shape else carried
@@ -1212,16 +1215,6 @@ def _model_macs(model: onnx.ModelProto, input_shapes: dict | None) -> int:
         set_input_shapes(graph, input_shapes)
     get_pass("infer-shapes")(graph, PassContext())
     return sum(_layer_macs(node) or 0 for node in graph.nodes)
-
-
-def _parameters(model: onnx.ModelProto) -> int:
-    total = sum(int(np.prod(tensor.dims)) for tensor in model.graph.initializer)
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            for attribute in node.attribute:
-                if attribute.name == "value":
-                    total += int(np.prod(attribute.t.dims))
-    return total
 
 
 def plot_report(report: PruneReport, path) -> None:
