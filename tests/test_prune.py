@@ -157,10 +157,48 @@ def frozen_reason(model, producer):
     return group_of(analyze(model), producer).frozen
 
 
-def test_split_on_the_channel_axis_freezes():
+def c2f(b, x, sizes=True):
+    """YOLOv8's C2f shape: a conv's channels (through SiLU) split in halves, the second half
+    through another conv, then all three concatenated into a 1x1 conv."""
+    c1 = conv(b, x, 3, 8, "c1")
+    silu = b.node("Mul", [c1, b.node("Sigmoid", [c1])])
+    inputs = [silu, b.initializer("sizes", np.array([4, 4], np.int64))] if sizes else [silu]
+    first, second = b.node("Split", inputs, 2, axis=1)
+    inner = conv(b, second, 4, 4, "inner")
+    return conv(b, b.node("Concat", [first, second, inner], axis=1), 12, 4, "fuse", k=1)
+
+
+def test_split_on_the_channel_axis_divides_the_group():
+    b = ModelBuilder()
+    b.output(c2f(b, b.input("x", [1, 3, 8, 8])))
+    plan, pruned = cut(b.build())
+    halves = [group for group in plan.groups.values() if "c1" in group.producers]
+    assert sorted(group.size for group in halves) == [4, 4] and all(group.prunable for group in halves)
+    assert weights(pruned)[next(n for n in weights(pruned) if n.startswith("fuse_w"))][1] == 2 + 2 + 2
+    split = next(node for node in pruned.graph.node if node.op_type == "Split")
+    sizes = next(tensor for tensor in pruned.graph.initializer if tensor.name == split.input[1])
+    assert onnx.numpy_helper.to_array(sizes).tolist() == [2, 2]
+
+
+def test_split_without_sizes_gets_them_when_the_parts_are_pruned_unequally():
+    b = ModelBuilder()
+    b.output(c2f(b, b.input("x", [1, 3, 8, 8]), sizes=False))
+    model = b.build()
+    plan = analyze(model)
+    first, second = sorted((group for group in plan.groups.values() if "c1" in group.producers), key=lambda g: g.id)
+    pruned, zeroed = prune_model(model, plan.choose(0.0, ratios={first.id: 0.25, second.id: 0.5}))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert_equivalent(zeroed, pruned)
+    split = next(node for node in pruned.graph.node if node.op_type == "Split")
+    sizes = next(tensor for tensor in pruned.graph.initializer if tensor.name == split.input[1])
+    assert onnx.numpy_helper.to_array(sizes).tolist() == [3, 2]
+
+
+def test_split_inside_a_group_tied_to_another_layer_freezes():
     b = ModelBuilder()
     x = b.input("x", [1, 3, 8, 8])
-    halves = b.node("Split", [conv(b, x, 3, 8, "c1"), b.initializer("sizes", np.array([4, 4], np.int64))], 2, axis=1)
+    joined = b.node("Add", [conv(b, x, 3, 8, "c1"), conv(b, x, 3, 8, "c2")])
+    halves = b.node("Split", [joined, b.initializer("sizes", np.array([4, 4], np.int64))], 2, axis=1)
     b.output(b.node("Add", [halves[0], halves[1]], ["y"]))
     assert "Split" in frozen_reason(b.build(), "c1")
 
@@ -305,7 +343,9 @@ def test_macs_budget_removes_that_share_of_multiply_adds():
     _, report = onnxslim.optimize(model, prune_options=PruneOptions(macs=0.3, reconstruct=False), calibration=data,
                                   verify=False, return_report=True)
     removed = 1 - report.pruning.macs_after / report.pruning.macs_before
-    assert 0.2 < removed < 0.5, removed  # first-order budget; in and out channels of one layer compound
+    # Met, not just priced: the first-order allocation alone undershoots (in and out channels of
+    # one layer compound, kept counts round down), so the budget grows until the cut is there.
+    assert 0.3 <= removed < 0.4, removed
 
 
 def test_parameters_budget_removes_that_share_of_parameters():
@@ -314,6 +354,6 @@ def test_parameters_budget_removes_that_share_of_parameters():
     _, report = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.0, parameters=0.3, reconstruct=False),
                                   calibration=data, verify=False, return_report=True)
     removed = 1 - report.pruning.parameters_after / report.pruning.parameters_before
-    assert 0.2 < removed < 0.5, removed  # first-order budget, as for MACs
+    assert 0.3 <= removed < 0.4, removed  # met, as for MACs
     with pytest.raises(UsageError):
         PruneOptions(parameters=1.5)
