@@ -34,17 +34,17 @@ def walk(graph: gs.Graph) -> Iterator[gs.Graph]:
                 yield from walk(subgraph)
 
 
-def _subgraphs_of(attribute) -> list[gs.Graph]:
-    if isinstance(attribute, gs.Graph):
-        return [attribute]
-    if isinstance(attribute, (list, tuple)):
-        return [item for item in attribute if isinstance(item, gs.Graph)]
-    return []
-
-
 def node_subgraphs(node: gs.Node) -> list[gs.Graph]:
     """The bodies a node owns directly (If branches, Loop/Scan body)."""
-    return [subgraph for attribute in node.attrs.values() for subgraph in _subgraphs_of(attribute)]
+    bodies = []
+    for attribute in node.attrs.values():  # plain loops: passes ask this of every node, many times
+        if isinstance(attribute, gs.Graph):
+            bodies.append(attribute)
+        elif isinstance(attribute, (list, tuple)):
+            for item in attribute:
+                if isinstance(item, gs.Graph):
+                    bodies.append(item)
+    return bodies
 
 
 def all_nodes(graph: gs.Graph) -> Iterator[gs.Node]:
@@ -78,13 +78,20 @@ def op_name(op_type: str, domain: str | None) -> str:
 def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
     """A GraphProto and every If/Loop/Scan body in it, at any depth (`walk` for ProtoBufs)."""
     yield graph
+    for body in proto_bodies(graph):
+        yield from proto_graphs(body)
+
+
+def proto_bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The bodies the nodes of a GraphProto hold directly, in node and attribute order."""
+    bodies = []
     for node in graph.node:
         for attribute in node.attribute:
             if attribute.type == onnx.AttributeProto.GRAPH:
-                yield from proto_graphs(attribute.g)
+                bodies.append(attribute.g)
             elif attribute.type == onnx.AttributeProto.GRAPHS:
-                for body in attribute.graphs:
-                    yield from proto_graphs(body)
+                bodies.extend(attribute.graphs)
+    return bodies
 
 
 def _proto_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
@@ -102,7 +109,7 @@ def find(graph: gs.Graph, *op_types: str) -> list[gs.Node]:
 
 def is_standard(node: gs.Node) -> bool:
     """Whether the node belongs to the default ONNX domain (custom domains are left alone)."""
-    return node.domain in (None, *ONNX_DOMAINS)
+    return node.domain in STANDARD_DOMAINS
 
 
 def producer(tensor: gs.Tensor) -> gs.Node | None:
@@ -303,23 +310,33 @@ def constants(graph: gs.Graph) -> Iterator[gs.Constant]:
 
 def initializer_bytes(graph: gs.Graph) -> int:
     """Bytes of every constant tensor in the graph and its subgraphs (Constant node values included)."""
-    total = sum(tensor_nbytes(tensor) for tensor in constants(graph))
-    for node in all_nodes(graph):
-        # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
-        value = node.attrs.get("value") if node.op == "Constant" and node.outputs else None
-        if isinstance(value, gs.Constant):
-            total += tensor_nbytes(value)
+    # One walk for both kinds: the pass manager measures this after every pass that changed the graph.
+    total = 0
+    seen: set[int] = set()
+    for subgraph in walk(graph):
+        for node in subgraph.nodes:
+            for tensor in node.inputs:
+                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
+                    seen.add(id(tensor))
+                    total += tensor_nbytes(tensor)
+            # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
+            if node.op == "Constant" and node.outputs:
+                value = node.attrs.get("value")
+                if isinstance(value, gs.Constant):
+                    total += tensor_nbytes(value)
     return total
 
 
 def tensor_nbytes(tensor: gs.Constant) -> int:
     """Bytes of a constant without loading lazily-read values."""
-    shape = tensor.shape if tensor.shape is not None else ()
+    values = tensor._values
+    if isinstance(values, np.ndarray):
+        return values.nbytes
     try:
-        itemsize = np.dtype(tensor.dtype).itemsize
+        itemsize = np.dtype(values.dtype).itemsize
     except TypeError:
         itemsize = 1
-    return math.prod(int(dim) for dim in shape) * itemsize
+    return math.prod(values.shape or ()) * itemsize  # a constant's dims are ints
 
 
 def can_merge(kept: gs.Tensor, duplicate: gs.Tensor, interface: set[int], graph: gs.Graph) -> bool:
@@ -443,7 +460,7 @@ def constant_type(tensor: gs.Constant) -> tuple[int, tuple[int, ...]] | None:
         proto = values.tensor
         if not isinstance(proto, onnx.TensorProto) or proto.data_type in (0, onnx.TensorProto.STRING):
             return None
-        return int(proto.data_type), tuple(int(dim) for dim in proto.dims)
+        return proto.data_type, tuple(proto.dims)
     values = np.asarray(values)
     exported = getattr(tensor, "_export_dtype", None)
     if values.dtype == object or (exported is not None and np.dtype(exported) != values.dtype):
@@ -463,8 +480,22 @@ def constant_bytes(tensor: gs.Constant) -> bytes:
         proto = values.tensor
         if proto.HasField("raw_data"):
             return proto.raw_data
+        # to_array's own result for these types, without its generic dispatch: exporters write
+        # every ConstantOfShape value and many small shapes this way, and CSE keys them all.
+        field = _TYPED_FIELDS.get(proto.data_type)
+        if field is not None and proto.data_location != onnx.TensorProto.EXTERNAL and not proto.HasField("segment"):
+            return np.array(getattr(proto, field[0])[:], dtype=field[1]).tobytes()  # a list converts faster
         return np.ascontiguousarray(onnx.numpy_helper.to_array(proto)).tobytes()
     return np.ascontiguousarray(values).tobytes()
+
+
+# Element types stored in a TensorProto field of their own numpy type: (field, dtype).
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", np.float32),
+    onnx.TensorProto.DOUBLE: ("double_data", np.float64),
+    onnx.TensorProto.INT32: ("int32_data", np.int32),
+    onnx.TensorProto.INT64: ("int64_data", np.int64),
+}
 
 
 def equal_constants(tensors: Iterable[gs.Constant]) -> dict[int, gs.Constant]:
@@ -521,6 +552,6 @@ def trusted_symbol(dim) -> str | None:
     symbols only through ops that keep the dim); names like "?", "unk" or "-1" are placeholders.
     """
     # Names and expressions (torch writes dims like "2*height + 1") count; "?" or "-1" do not.
-    if not isinstance(dim, str) or not any(character.isalpha() for character in dim):
+    if not isinstance(dim, str) or not any(map(str.isalpha, dim)):
         return None
     return None if dim.strip().lower() in PLACEHOLDER_SYMBOLS else dim

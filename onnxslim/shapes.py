@@ -11,7 +11,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import InputSpecError
 from .graph import tensor_map, walk
-from .model import node_proto, value_info_proto
+from .model import ProtoWriter
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -36,23 +36,24 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
     their dims matter to inference, and data propagation reads only small, shape-like tensors).
     Disconnected nodes are left out (inference rejects a node without outputs); node order is
     kept, since the caller pairs inferred bodies with the graph's by position."""
-    tensors = tensor_map(graph)
+    writer = ProtoWriter()
+    skeleton = onnx.GraphProto(name=graph.name or "graph")
+    for node in graph.nodes:
+        if node.outputs:
+            writer.node(skeleton.node.add(), node)
+    for tensor in graph.inputs:
+        writer.value_info(skeleton.input.add(), tensor)
+    for tensor in graph.outputs:
+        writer.value_info(skeleton.output.add(), tensor)
     interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
-    initializers, weights, value_info = [], [], []
-    for tensor in tensors.values():
+    for tensor in tensor_map(graph).values():
         if isinstance(tensor, gs.Constant):
             if math.prod(tensor.shape) > DATA_PROPAGATION_ELEMENTS:
-                weights.append(value_info_proto(tensor))
+                writer.value_info(skeleton.input.add(), tensor)
             else:
-                initializers.append(OnnxExporter.export_tensor_proto(tensor))
+                skeleton.initializer.append(OnnxExporter.export_tensor_proto(tensor))
         elif tensor.name not in interface and (tensor.dtype is not None or tensor.shape is not None):
-            value_info.append(value_info_proto(tensor))
-    skeleton = onnx.GraphProto(name=graph.name or "graph")
-    skeleton.node.extend([node_proto(node) for node in graph.nodes if node.outputs])
-    skeleton.input.extend([value_info_proto(tensor) for tensor in graph.inputs] + weights)
-    skeleton.output.extend([value_info_proto(tensor) for tensor in graph.outputs])
-    skeleton.initializer.extend(initializers)
-    skeleton.value_info.extend(value_info)
+            writer.value_info(skeleton.value_info.add(), tensor)
     return skeleton
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -59,27 +60,27 @@ def _merge_duplicates(graph: gs.Graph, interface: set[int]) -> tuple[int, bool]:
     which is rare. Keys are taken as the sweep reaches a node, so a chain of duplicates merges
     in one sweep: the readers of a merged node already read the kept one when they are met.
     """
-    buckets: dict[tuple, list[list]] = {}  # cheap key -> [node, full key or None] in graph order
+    alone: dict[tuple, gs.Node] = {}  # cheap key -> the one node met with it so far
+    # cheap key -> full key -> the first node met with it. A node whose full key is there already
+    # is merged (or skipped), so the first node in graph order stays.
+    shared: dict[tuple, dict[tuple, gs.Node]] = {}
     constant_keys: dict[int, tuple] = {}
     merged, renamed = 0, False
     for node in list(graph.nodes):
         cheap = _cheap_key(node)
         if cheap is None:
             continue
-        bucket = buckets.setdefault(cheap, [])
-        if not bucket:
-            bucket.append([node, None])
-            continue
-        key = _node_key(node, constant_keys)
-        kept = None
-        for entry in bucket:
-            if entry[1] is None:
-                entry[1] = _node_key(entry[0], constant_keys) or ("unmergeable", id(entry[0]))
-            if key is not None and entry[1] == key:
-                kept = entry[0]
-                break
+        if cheap not in shared:
+            if cheap not in alone:
+                alone[cheap] = node
+                continue
+            first = alone.pop(cheap)
+            shared[cheap] = {_full_key(first, constant_keys): first}
+        same = shared[cheap]
+        key = _full_key(node, constant_keys)
+        kept = same.get(key)
         if kept is None:
-            bucket.append([node, key or ("unmergeable", id(node))])
+            same[key] = node
             continue
         pairs = [(a, b) for a, b in zip(kept.outputs, node.outputs) if not is_empty(b)]
         if not all(can_merge(a, b, interface, graph) for a, b in pairs):
@@ -97,11 +98,13 @@ def _cheap_key(node: gs.Node) -> tuple | None:
     attributes or constant values; None if the node must not be merged."""
     if not node.outputs or node.op in NONDETERMINISTIC or node.op in BODY_OPS or not is_standard(node):
         return None
-    return (
-        node.op,
-        tuple("" if is_empty(tensor) else "constant" if isinstance(tensor, gs.Constant) else id(tensor) for tensor in node.inputs),
-        len(node.outputs),
-    )
+    reads = ["" if is_empty(tensor) else "constant" if isinstance(tensor, gs.Constant) else id(tensor) for tensor in node.inputs]
+    return (node.op, tuple(reads), len(node.outputs))
+
+
+def _full_key(node: gs.Node, constant_keys: dict[int, tuple]) -> tuple:
+    """_node_key, or a key equal to no other node's if the node must not be merged."""
+    return _node_key(node, constant_keys) or ("unmergeable", id(node))
 
 
 def _node_key(node: gs.Node, constant_keys: dict[int, tuple]) -> tuple | None:
@@ -119,10 +122,10 @@ def _node_key(node: gs.Node, constant_keys: dict[int, tuple]) -> tuple | None:
         else:
             inputs.append(("tensor", id(tensor)))
     try:
-        attributes = tuple(sorted((name, _attribute_key(value)) for name, value in node.attrs.items()))
+        attributes = tuple(sorted([(name, _attribute_key(value)) for name, value in node.attrs.items()]))
     except _Unmergeable:
         return None
-    outputs = tuple(is_empty(tensor) for tensor in node.outputs)
+    outputs = tuple(map(is_empty, node.outputs))
     return (node.op, tuple(inputs), attributes, outputs)
 
 
@@ -137,7 +140,7 @@ def _constant_key(tensor: gs.Constant) -> tuple:
 
 def _nbytes(signature: tuple[int, tuple[int, ...]]) -> int:
     element_type, shape = signature
-    return int(np.prod(shape, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(element_type).itemsize
+    return math.prod(shape) * onnx.helper.tensor_dtype_to_np_dtype(element_type).itemsize
 
 
 class _Unmergeable(Exception):
@@ -146,6 +149,11 @@ class _Unmergeable(Exception):
 
 def _attribute_key(value):
     """A hashable, exact stand-in for an attribute value (floats by their bits: 0.0 is not -0.0)."""
+    if isinstance(value, gs.Constant):  # first: every ConstantOfShape has one
+        signature = constant_type(value)
+        if signature is None:
+            raise _Unmergeable  # strings, or values held in another type than exported
+        return ("constant", signature, constant_bytes(value))
     if isinstance(value, bool):
         return ("bool", value)
     if isinstance(value, (int, np.integer)):
@@ -157,12 +165,7 @@ def _attribute_key(value):
     if isinstance(value, bytes):
         return ("bytes", value)
     if isinstance(value, (list, tuple)):
-        return ("list", tuple(_attribute_key(item) for item in value))
-    if isinstance(value, gs.Constant):
-        signature = constant_type(value)
-        if signature is None:
-            raise _Unmergeable  # strings, or values held in another type than exported
-        return ("constant", signature, constant_bytes(value))
+        return ("list", tuple([_attribute_key(item) for item in value]))
     if isinstance(value, np.ndarray) and value.dtype != object:
         return ("array", value.dtype.str, value.shape, value.tobytes())
     raise _Unmergeable  # subgraphs, types, anything not known to compare exactly

@@ -11,13 +11,15 @@ from onnxslim.manager import PassContext, PassResult, register_pass
 @register_pass("eliminate-dead-nodes")
 def eliminate_dead_nodes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Remove nodes whose results reach no graph output, and the initializers only they read."""
-    constants_before = sum(1 for _ in constants(graph))
+    constants_before = None  # counted before the first removal: most runs remove nothing
     removed = 0
     # Bodies first: a dead node in a body may be the only reader of an outer tensor.
     for body in reversed(list(walk(graph))):
         live = _live_nodes(body)
         if len(live) == len(body.nodes):
             continue
+        if constants_before is None:
+            constants_before = sum(1 for _ in constants(graph))
         kept = []
         for node in body.nodes:
             if id(node) in live:
@@ -26,6 +28,8 @@ def eliminate_dead_nodes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 removed += 1 + sum(count_nodes(nested) for nested in node_subgraphs(node))
                 disconnect(node)
         body.nodes = kept
+    if constants_before is None:
+        return PassResult(nodes=0, initializers=0)
     # Graph inputs stay even when nothing reads them: they are the model's interface.
     return PassResult(nodes=removed, initializers=constants_before - sum(1 for _ in constants(graph)))
 

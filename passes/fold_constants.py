@@ -55,8 +55,8 @@ def _foldable(node: gs.Node) -> bool:
         and node.op != "Constant"
         and not node.op.startswith(NON_TENSOR_PREFIXES)
         and not node_subgraphs(node)
-        and any(not is_empty(tensor) for tensor in node.inputs)
-        and any(not is_empty(tensor) for tensor in node.outputs)
+        and not all(map(is_empty, node.inputs))
+        and not all(map(is_empty, node.outputs))
     )
 
 
@@ -78,10 +78,15 @@ def _inputs_as_large(node: gs.Node, size: int) -> bool:
 
 
 def _known_nbytes(tensor: gs.Tensor) -> int | None:
-    if tensor.dtype is None or tensor.shape is None or not all(isinstance(dim, (int, np.integer)) for dim in tensor.shape):
+    if tensor.dtype is None or tensor.shape is None:
         return None
+    elements = 1
+    for dim in tensor.shape:
+        if not isinstance(dim, (int, np.integer)):
+            return None
+        elements *= int(dim)
     try:
-        return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(tensor.dtype).itemsize
+        return elements * np.dtype(tensor.dtype).itemsize
     except TypeError:
         return None
 
@@ -91,9 +96,12 @@ def _closed_under_constant_inputs(candidates: list[gs.Node]) -> list[gs.Node]:
     computable: set[int] = set()
     result = []
     for node in candidates:  # nodes are in topological order
-        if all(is_empty(tensor) or isinstance(tensor, gs.Constant) or id(tensor) in computable for tensor in node.inputs):
+        for tensor in node.inputs:
+            if not (is_empty(tensor) or isinstance(tensor, gs.Constant) or id(tensor) in computable):
+                break
+        else:
             result.append(node)
-            computable.update(id(tensor) for tensor in node.outputs)
+            computable.update(map(id, node.outputs))
     return result
 
 

@@ -68,7 +68,7 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
     annotated = 0
     for value in list(proto.value_info) + list(proto.output):
         tensor = tensors.get(value.name)
-        if not isinstance(tensor, gs.Variable) or not value.type.HasField("tensor_type"):
+        if not isinstance(tensor, gs.Variable) or _settled(tensor) or not value.type.HasField("tensor_type"):
             continue
         tensor_type = value.type.tensor_type
         if tensor.dtype is None and tensor_type.elem_type:
@@ -83,10 +83,12 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
                 tensor.shape = refined
                 annotated += 1
     # The inferred proto leaves out disconnected nodes (see onnxslim.shapes), so skip them here too.
-    for node, node_proto in zip([node for node in graph.nodes if node.outputs], proto.node):
+    connected = [node for node in graph.nodes if node.outputs]
+    for index, node in enumerate(connected[: len(proto.node)]):
         bodies = node_subgraphs(node)
         if not bodies:
             continue
+        node_proto = proto.node[index]  # read only for owners of bodies: most nodes are not
         proto_bodies = [
             body
             for attribute in node_proto.attribute
@@ -95,6 +97,15 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
         for body, body_proto in zip(bodies, proto_bodies):
             annotated += _annotate(body, body_proto)
     return annotated
+
+
+def _settled(tensor: gs.Variable) -> bool:
+    """Whether annotation cannot change the tensor: typed, with a list of static dims (see _refine)."""
+    return (
+        tensor.dtype is not None
+        and type(tensor.shape) is list
+        and all(isinstance(dim, (int, np.integer)) for dim in tensor.shape)
+    )
 
 
 def _refine(known: list | None, inferred: list) -> list | None:

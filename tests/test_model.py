@@ -291,3 +291,82 @@ def test_an_invalid_model_proto_is_reported_as_bad_input_not_as_a_pass_bug():
     model.ir_version = 8
     with pytest.raises(onnxslim.ModelLoadError, match="invalid ONNX model"):
         onnxslim.optimize(model, verify=False)
+
+
+# ----------------------------------------------------------------------------- graph conversion
+
+
+def conversion_model() -> onnx.ModelProto:
+    """What import writes directly and what it leaves to onnx-graphsurgeon: initializers (one of a
+    type numpy lacks), tensor attributes, symbolic and unknown dims, an omitted optional input,
+    a custom domain, an If body."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, None])
+    c = helper.make_tensor_value_info("c", TensorProto.BOOL, [])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    shape = numpy_helper.from_array(np.array([2, 3], np.int64), "shape")
+    half = helper.make_tensor("half", TensorProto.BFLOAT16, [1], [16128])
+    branch = helper.make_graph(
+        [helper.make_node("Neg", ["x"], ["n"])], "branch", [], [helper.make_tensor_value_info("n", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("ConstantOfShape", ["shape"], ["w"], value=helper.make_tensor("", TensorProto.FLOAT, [1], [0.5])),
+        helper.make_node("Clip", ["x", "", "m"], ["clipped"], name="clip"),
+        helper.make_node("Mystery", ["clipped", "half"], ["m2"], domain="com.example", alpha=2.0, names=["a", "b"]),
+        helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch),
+        helper.make_node("Conv", ["x", "w"], ["z"], kernel_shape=[1], pads=[0, 0]),
+    ]
+    value_info = [helper.make_tensor_value_info("clipped", TensorProto.FLOAT, ["batch", 3, "n"])]
+    graph = helper.make_graph(
+        nodes, "conversion", [x, c, helper.make_tensor_value_info("m", TensorProto.FLOAT, [])],
+        [y, helper.make_tensor_value_info("z", TensorProto.FLOAT, None), helper.make_tensor_value_info("m2", TensorProto.FLOAT, None)],
+        [shape, half], value_info=value_info,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+
+
+def described(graph) -> list:
+    """A graph as plain data: every node's fields and every tensor's, edges by tensor name, bodies included."""
+
+    def tensor(t):
+        fields = {key: value for key, value in vars(t).items() if key not in ("inputs", "outputs", "_values")}
+        if isinstance(t, onnxslim.model.gs.Constant):
+            fields["values"] = (type(t._values).__name__, list(t._values.shape), str(t._values.dtype), t._values.nbytes)
+        fields["shape"] = None if fields.get("shape") is None else list(fields["shape"])
+        readers = [node.name or node.op for node in t.outputs]
+        writers = [node.name or node.op for node in t.inputs]
+        return type(t).__name__, fields, readers, writers
+
+    def attribute(value):
+        if isinstance(value, onnxslim.model.gs.Graph):
+            return described(value)
+        return tensor(value) if isinstance(value, onnxslim.model.gs.Tensor) else value
+
+    return [
+        (node.op, node.name, node.domain, {key: attribute(value) for key, value in node.attrs.items()},
+         [tensor(t) for t in node.inputs], [tensor(t) for t in node.outputs])
+        for node in graph.nodes
+    ] + [[tensor(t) for t in graph.inputs], [tensor(t) for t in graph.outputs]]
+
+
+def test_import_builds_the_graph_onnx_graphsurgeon_builds():
+    model = conversion_model()
+    assert described(to_graph(model)) == described(onnxslim.model.gs.import_onnx(model))
+
+
+def test_a_proto_writer_reuses_a_tensor_type_only_for_the_same_dims():
+    """Written types are reused by value, and 1 == 1.0 == True: only an int dim is a dim_value."""
+    gs = onnxslim.model.gs
+    tensors = [
+        gs.Variable("a", np.float32, [1, "n", None]),
+        gs.Variable("b", np.float32, [1.0, "n", None]),
+        gs.Variable("c", np.float32, [True, "n", None]),
+        gs.Variable("d", np.float32, [np.int64(1), "n", None]),
+        gs.Variable("e", np.float32, []),
+        gs.Variable("f", np.float32, None),
+        gs.Variable("g", np.float32, [1, "n", None]),
+    ]
+    writer = onnxslim.model.ProtoWriter()
+    for tensor in tensors:
+        alone = onnxslim.model.ProtoWriter().value_info(onnx.ValueInfoProto(), tensor)
+        assert writer.value_info(onnx.ValueInfoProto(), tensor) == alone
+    assert not writer.value_info(onnx.ValueInfoProto(), tensors[1]).type.tensor_type.shape.dim[0].HasField("dim_value")
