@@ -357,3 +357,17 @@ def test_parameters_budget_removes_that_share_of_parameters():
     assert 0.3 <= removed < 0.4, removed  # met, as for MACs
     with pytest.raises(UsageError):
         PruneOptions(parameters=1.5)
+
+
+def test_sensitivity_uses_as_many_samples_as_its_work_budget_allows(monkeypatch):
+    from onnxslim import prune as pruning
+
+    model = small_net()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=600 + i)} for i in range(12)])
+    plan = analyze(model)
+    assert pruning.sensitivity_samples(plan, data) == 12  # a tiny model: every sample
+    runs = sum(group.prunable for group in plan.groups.values()) * len(pruning.SENSITIVITY_LEVELS)
+    monkeypatch.setattr(pruning, "SENSITIVITY_WORK", 6 * runs * plan.total_macs)
+    assert pruning.sensitivity_samples(plan, data) == 6
+    monkeypatch.setattr(pruning, "SENSITIVITY_WORK", 1)
+    assert pruning.sensitivity_samples(plan, data) == pruning.SENSITIVITY_SAMPLES  # never fewer
