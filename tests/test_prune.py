@@ -371,3 +371,15 @@ def test_sensitivity_uses_as_many_samples_as_its_work_budget_allows(monkeypatch)
     assert pruning.sensitivity_samples(plan, data) == 6
     monkeypatch.setattr(pruning, "SENSITIVITY_WORK", 1)
     assert pruning.sensitivity_samples(plan, data) == pruning.SENSITIVITY_SAMPLES  # never fewer
+
+
+def test_split_sizes_in_the_attribute_before_opset_13():
+    b = ModelBuilder(opset=11)
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = conv(b, x, 3, 8, "c1")
+    first, second = b.node("Split", [c1], 2, axis=1, split=[4, 4])
+    b.output(conv(b, b.node("Concat", [first, conv(b, second, 4, 4, "inner")], axis=1), 8, 4, "fuse", k=1))
+    plan, pruned = cut(b.build())
+    split = next(node for node in pruned.graph.node if node.op_type == "Split")
+    assert list(split.input) == [split.input[0]]
+    assert next(attribute.ints for attribute in split.attribute if attribute.name == "split") == [2, 2]
