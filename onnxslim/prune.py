@@ -102,6 +102,8 @@ class Group:
     consumers: list[str] = field(default_factory=list)  # node names reading them
     frozen: str = ""  # why the group cannot be pruned ("" when it can)
     scores: np.ndarray | None = None
+    # A Split's part: producer name -> the output channels [start, end) of it that the group holds
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
     parameters: int = 0  # weights per channel over the group's cuts (for the share of parameters)
     macs: float = 0.0  # multiply-adds per channel over the group's layers
 
@@ -166,7 +168,8 @@ class PrunePlan:
                 "group": gid,
                 "channels": group.size,
                 "kept": int(len(self.kept[gid])) if gid in self.kept else group.size,
-                "producers": list(group.producers),
+                "producers": [f"{name}[{group.spans[name][0]}:{group.spans[name][1]}]" if name in group.spans
+                              else name for name in group.producers],
                 "consumers": list(group.consumers),
                 "parameter_share": group.parameters * group.size / self.total_parameters if self.total_parameters else 0.0,
                 "frozen": group.frozen,
@@ -224,6 +227,7 @@ class _Analysis:
         self.parent[second] = first
         kept.producers += merged.producers
         kept.consumers += merged.consumers
+        kept.spans.update(merged.spans)
         kept.frozen = kept.frozen or merged.frozen
 
     def divide(self, gid: int, at: int) -> tuple[int, int] | None:
@@ -234,10 +238,12 @@ class _Analysis:
             return None
         whole = self.groups[root]
         parts = (self.new_group(at, ""), self.new_group(whole.size - at, ""))
-        for part in parts:
+        for part, (start, end) in zip(parts, ((0, at), (at, whole.size))):
             self.groups[part].producers = list(whole.producers)
             self.groups[part].consumers = list(whole.consumers)
             self.groups[part].frozen = whole.frozen
+            offsets = {name: whole.spans.get(name, (0, 0))[0] for name in whole.producers}
+            self.groups[part].spans = {name: (offset + start, offset + end) for name, offset in offsets.items()}
         self.retired.add(root)
 
         def divided(groups: tuple[int, ...]) -> tuple[int, ...]:

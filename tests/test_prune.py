@@ -174,6 +174,8 @@ def test_split_on_the_channel_axis_divides_the_group():
     plan, pruned = cut(b.build())
     halves = [group for group in plan.groups.values() if "c1" in group.producers]
     assert sorted(group.size for group in halves) == [4, 4] and all(group.prunable for group in halves)
+    assert sorted(row["producers"][0] for row in plan.describe() if row["group"] in {g.id for g in halves}) == \
+        ["c1[0:4]", "c1[4:8]"]
     assert weights(pruned)[next(n for n in weights(pruned) if n.startswith("fuse_w"))][1] == 2 + 2 + 2
     split = next(node for node in pruned.graph.node if node.op_type == "Split")
     sizes = next(tensor for tensor in pruned.graph.initializer if tensor.name == split.input[1])
