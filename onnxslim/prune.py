@@ -739,6 +739,7 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
     graph = to_graph(model)
     nodes = graph.nodes
     names = unique_names(graph)
+    slots = bias_slots(graph)
     replaced: dict[tuple[int, int], np.ndarray] = {}
     for cut in plan.cuts:
         if not any(gid in plan.kept for gid in cut.groups) or (not remove and not cut.reads):
@@ -749,8 +750,8 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
         if value is None:
             value = constant_value(node.inputs[cut.index])
         indices = _kept_indices(plan, cut)
-        if cut.reads and cut.position in plan.means:
-            _compensate(node, cut, value, indices, plan.means[cut.position], replaced)
+        if cut.reads and cut.position in plan.means and cut.position in slots:
+            _compensate(nodes, cut, value, indices, plan.means[cut.position], slots[cut.position], replaced)
         if remove:
             value = np.take(value, indices, axis=cut.axis)
         else:
@@ -813,19 +814,36 @@ def _set_split_sizes(node: gs.Node, sizes: list[int], opset: int, names) -> None
         node.inputs.append(constant)
 
 
-def _compensate(node: gs.Node, cut: Cut, weight: np.ndarray, kept: np.ndarray, means: np.ndarray,
-                replaced: dict) -> None:
-    """Move the removed inputs' mean contribution into the layer's bias: for a Conv,
-    b += Σ_k∈removed mean_k · Σ W[:, k] (the kernel summed; at the zero-padded border this is
-    approximate); for a Gemm, C += alpha/beta · Σ_f mean_f · W[f] oriented as [K, N]. Only
-    layers with a constant bias; the zeroed reference gets the same bias, so the surgery check
-    still compares like with like."""
-    if node.op not in ("Conv", "Gemm") or len(node.inputs) < 3 or len(means) != weight.shape[cut.axis]:
+def bias_slots(graph: gs.Graph) -> dict[int, tuple[int, int]]:
+    """Where each layer's constant bias is, by the layer's position: (position, input index) of a
+    Conv's or Gemm's input 2, or of the constant operand of the Add that alone reads a MatMul."""
+    positions = {id(node): index for index, node in enumerate(graph.nodes)}
+    slots = {}
+    for position, node in enumerate(graph.nodes):
+        if node.op in ("Conv", "Gemm") and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
+            slots[position] = (position, 2)
+        elif node.op == "MatMul" and node.outputs and len(node.outputs[0].outputs) == 1:
+            add = node.outputs[0].outputs[0]
+            if add.op == "Add" and id(add) in positions and len(add.inputs) == 2:
+                other = 1 if add.inputs[0] is node.outputs[0] else 0
+                if constant_value(add.inputs[other]) is not None:
+                    slots[position] = (positions[id(add)], other)
+    return slots
+
+
+def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.ndarray, means: np.ndarray,
+                slot: tuple[int, int], replaced: dict) -> None:
+    """Move the removed inputs' mean contribution into the layer's bias (at `slot`, see
+    bias_slots): for a Conv, b += Σ_k∈removed mean_k · Σ W[:, k] (the kernel summed; at the
+    zero-padded border this is approximate); for a Gemm, C += alpha/beta · Σ_f mean_f · W[f]
+    oriented as [K, N]; for a MatMul, b += Σ_f mean_f · W[f, :]. The zeroed reference gets the
+    same bias, so the surgery check still compares like with like."""
+    node = nodes[cut.position]
+    if node.op not in ("Conv", "Gemm", "MatMul") or len(means) != weight.shape[cut.axis]:
         return
-    key = (cut.position, 2)
-    bias = replaced.get(key)
+    bias = replaced.get(slot)
     if bias is None:
-        bias = constant_value(node.inputs[2])
+        bias = constant_value(nodes[slot[0]].inputs[slot[1]])
     if bias is None:
         return
     removed = np.setdiff1d(np.arange(weight.shape[cut.axis]), kept)
@@ -835,15 +853,19 @@ def _compensate(node: gs.Node, cut: Cut, weight: np.ndarray, kept: np.ndarray, m
     if node.op == "Conv":
         kernels = columns.sum(axis=tuple(range(2, columns.ndim))) if columns.ndim > 2 else columns  # [O, removed]
         shift = kernels @ means[removed]
-    else:
+    elif node.op == "Gemm":
         oriented = columns if cut.axis == 0 else columns.T  # [removed, N]
         alpha, beta = float(node.attrs.get("alpha", 1.0)), float(node.attrs.get("beta", 1.0))
         if beta == 0:
             return
         shift = alpha / beta * (means[removed] @ oriented)
+    else:
+        if columns.ndim != 2:
+            return
+        shift = means[removed] @ np.moveaxis(columns, cut.axis, 0)  # [removed, N]
     if bias.shape != shift.shape and bias.size != shift.size:
         return
-    replaced[key] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+    replaced[slot] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
 
 
 def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 8) -> dict[int, tuple[np.ndarray, np.ndarray]]:
@@ -1053,9 +1075,8 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         if criterion == "activation":
             activation_scores(model, plan, moments)
         if options.compensate:
-            graph = to_graph(model)
-            plan.means.update({position: mean for position, (mean, _) in moments.items()
-                               if graph.nodes[position].op in ("Conv", "Gemm")})
+            slots = bias_slots(to_graph(model))
+            plan.means.update({position: mean for position, (mean, _) in moments.items() if position in slots})
     costs = None
     if (options.macs is not None or options.parameters is not None) and (data is None or options.allocation != "sensitivity"):
         raise UsageError("--prune-macs and --prune-params need calibration data (--calibration DIR) and sensitivity allocation")
@@ -1227,10 +1248,9 @@ class _NoiseProbe:
         self.graph = graph = to_graph(model)
         self.reads = [cut for cut in plan.cuts if cut.reads]
         names = {(cut.position, cut.index): graph.nodes[cut.position].inputs[cut.index].name for cut in self.reads}
-        for cut in self.reads:  # the biases that mean compensation moves
-            node = graph.nodes[cut.position]
-            if cut.position in plan.means and len(node.inputs) > 2 and constant_value(node.inputs[2]) is not None:
-                names[(cut.position, 2)] = node.inputs[2].name
+        self.slots = {position: slot for position, slot in bias_slots(graph).items() if position in plan.means}
+        for slot in self.slots.values():  # the biases that mean compensation moves
+            names[slot] = graph.nodes[slot[0]].inputs[slot[1]].name
         self.names = names
         self.originals = {name: constant_value(graph.nodes[position].inputs[index])
                           for (position, index), name in names.items()}
@@ -1253,12 +1273,11 @@ class _NoiseProbe:
                 continue
             name = self.names[(cut.position, cut.index)]
             kept = _kept_indices(trial, cut)
-            bias = self.names.get((cut.position, 2))
-            if cut.position in self.plan.means and bias is not None:
-                biases = {(cut.position, 2): weights[bias]}
-                _compensate(self.graph.nodes[cut.position], cut, weights[name], kept, self.plan.means[cut.position],
-                            biases)
-                weights[bias] = biases[(cut.position, 2)]
+            slot = self.slots.get(cut.position)
+            if slot is not None:
+                biases = {slot: weights[self.names[slot]]}
+                _compensate(self.graph.nodes, cut, weights[name], kept, self.plan.means[cut.position], slot, biases)
+                weights[self.names[slot]] = biases[slot]
             value = weights[name].copy()
             index = [slice(None)] * value.ndim
             index[cut.axis] = np.setdiff1d(np.arange(value.shape[cut.axis]), kept)
