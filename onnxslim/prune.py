@@ -128,6 +128,8 @@ class PrunePlan:
     means: dict[int, np.ndarray] = field(default_factory=dict)
     # Split positions on a channel axis -> the groups each output carries (its sizes follow them)
     splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = field(default_factory=list)
+    # Layer position -> where its constant bias is (bias_slots): where mean compensation goes
+    biases: dict[int, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def removed_macs(self) -> float:
@@ -724,7 +726,7 @@ class _Analysis:
                 if macs:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
         return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
-                         total_macs=total_macs, splits=splits)
+                         total_macs=total_macs, splits=splits, biases=bias_slots(self.graph))
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -739,7 +741,6 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
     graph = to_graph(model)
     nodes = graph.nodes
     names = unique_names(graph)
-    slots = bias_slots(graph)
     replaced: dict[tuple[int, int], np.ndarray] = {}
     for cut in plan.cuts:
         if not any(gid in plan.kept for gid in cut.groups) or (not remove and not cut.reads):
@@ -750,8 +751,8 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
         if value is None:
             value = constant_value(node.inputs[cut.index])
         indices = _kept_indices(plan, cut)
-        if cut.reads and cut.position in plan.means and cut.position in slots:
-            _compensate(nodes, cut, value, indices, plan.means[cut.position], slots[cut.position], replaced)
+        if cut.reads and cut.position in plan.means and cut.position in plan.biases:
+            _compensate(nodes, cut, value, indices, plan.means[cut.position], plan.biases[cut.position], replaced)
         if remove:
             value = np.take(value, indices, axis=cut.axis)
         else:
@@ -1075,8 +1076,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         if criterion == "activation":
             activation_scores(model, plan, moments)
         if options.compensate:
-            slots = bias_slots(to_graph(model))
-            plan.means.update({position: mean for position, (mean, _) in moments.items() if position in slots})
+            plan.means.update({position: mean for position, (mean, _) in moments.items() if position in plan.biases})
     costs = None
     if (options.macs is not None or options.parameters is not None) and (data is None or options.allocation != "sensitivity"):
         raise UsageError("--prune-macs and --prune-params need calibration data (--calibration DIR) and sensitivity allocation")
@@ -1123,12 +1123,12 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
         allocation_note = (f"shares by measured sensitivity on {sensitivity_samples(plan, data)} calibration "
                            f"samples (levels {', '.join(f'{level:g}' for level in SENSITIVITY_LEVELS)})")
     if costs is not None and (options.macs or options.parameters):
-        chosen, pruned, zeroed = _meet_budget(model, plan, costs, options, plan_shapes(data))
+        chosen, pruned = _meet_budget(model, plan, costs, options, plan_shapes(data))
     else:
         if costs is not None and ratio > 0:
             ratios = allocate_from_costs(plan, costs, ratio)
         chosen = plan.choose(ratio, round_to=options.round_to, ratios=ratios)
-        pruned, zeroed = prune_model(model, chosen)
+        pruned = _apply(model, chosen, remove=True)
     report = PruneReport(
         ratio=ratio, criterion=options.criterion, groups=chosen.describe(),
         prunable_channels=chosen.prunable_channels, removed_channels=chosen.removed_channels,
@@ -1139,6 +1139,7 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     report.macs_after = _model_macs(pruned, plan_shapes(data))
     if options.check_surgery:
         feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
+        zeroed = _apply(model, chosen, remove=False)  # built only for the check: a second export of the model
         check = Verifier(zeroed, inputs=feeds, shapes=shapes, samples=2).check(pruned, label="pruned model")
         report.surgery_exact = check.passed
         report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed, "
@@ -1178,13 +1179,13 @@ def _meet_budget(model, plan: PrunePlan, costs, options: PruneOptions, shapes: d
         ratios = allocate_from_costs(plan, costs, 0.0, **({"parameters": budget} if options.parameters is not None
                                                           else {"macs": budget}))
         chosen = plan.choose(0.0, round_to=options.round_to, ratios=ratios)
-        pruned, zeroed = prune_model(model, chosen)
+        pruned = _apply(model, chosen, remove=True)
         after = count_parameters(pruned) if options.parameters is not None else _model_macs(pruned, shapes)
         cut = 1 - after / before if before else 0.0
         if cut >= target or budget >= 0.99:
             break
         budget = min(0.99, budget * target / max(cut, 1e-3) + 1e-3)
-    return chosen, pruned, zeroed
+    return chosen, pruned
 
 
 def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
@@ -1248,7 +1249,7 @@ class _NoiseProbe:
         self.graph = graph = to_graph(model)
         self.reads = [cut for cut in plan.cuts if cut.reads]
         names = {(cut.position, cut.index): graph.nodes[cut.position].inputs[cut.index].name for cut in self.reads}
-        self.slots = {position: slot for position, slot in bias_slots(graph).items() if position in plan.means}
+        self.slots = {position: slot for position, slot in plan.biases.items() if position in plan.means}
         for slot in self.slots.values():  # the biases that mean compensation moves
             names[slot] = graph.nodes[slot[0]].inputs[slot[1]].name
         self.names = names
