@@ -156,16 +156,27 @@ def matched_share(model: str, ratio: float, results: dict, configs: list[Config]
     onnxsim variant removed, as a share of what ours' pruning counts (its main run's parameters
     before, plus 0.2 % so that rounding never leaves ours below the peer), and on PARAMETER_MODEL
     at least PARAMETER_CUT_TARGET. None when neither applies (onnxsim removed nothing)."""
-    main = next((config for config in configs if config.tool == "ours" and config.reconstruct and not config.matched),
-                None)
-    ours = (results.get(result_key(main.key, ratio)) or {}) if main is not None else {}
+    main = main_config(configs)
+    ours = (results.get(result_key(main, ratio)) or {}) if main is not None else {}
     before = (ours.get("pruning") or {}).get("parameters_before") if ours.get("status") == "ok" else None
-    removed = [value for config in configs if config.tool == "onnxsim" and not config.finetune
-               if (value := _removed(results.get(result_key(config.key, ratio)) or {}))]
-    share = max(removed) / before + 0.002 if removed and before else 0.0
+    peer = best_removed(results, [config.key for config in configs if config.tool == "onnxsim" and not config.finetune],
+                        ratio)
+    share = peer / before + 0.002 if peer and before else 0.0
     if model == PARAMETER_MODEL:
         share = max(share, PARAMETER_CUT_TARGET)
     return min(share, 0.95) if share > 0 else None
+
+
+def main_config(configs: list[Config]) -> str | None:
+    """The configuration the checks judge: ours with refit at the ratio (the first criterion)."""
+    return next((config.key for config in configs if config.tool == "ours" and config.reconstruct
+                 and not config.matched), None)
+
+
+def best_removed(results: dict, peer_keys: list[str], ratio: float) -> int | None:
+    """The most parameters any of these (onnxsim) configurations' pruning removed at `ratio`."""
+    return max((value for key in peer_keys if (value := _removed(results.get(result_key(key, ratio)) or {}))
+                is not None), default=None)
 
 
 def result_key(config_key: str, ratio: float) -> str:
@@ -428,7 +439,7 @@ def bench(models: list[quant.QuantModel], ratios: list[float], configs: list[Con
         "ratios": ratios,
         "target_ratio": TARGET_RATIO,
         "configs": {config.key: config.as_dict() for config in configs},
-        "main_config": next((config.key for config in configs if config.tool == "ours" and config.reconstruct), None),
+        "main_config": main_config(configs),
         "versions": {"ours": None, "onnxsim": None},
         "ours_call": "onnxslim.optimize(FP32, prune=R, calibration=CALIBRATION_DIR, prune_options=PruneOptions("
                      "ratio=R, criterion=C, reconstruct=True|False, check_surgery=True), verify=False, "
@@ -591,11 +602,8 @@ def _cut(result: dict) -> float | None:
     return removed / pruning["parameters_before"] if removed is not None and pruning["parameters_before"] else None
 
 
-def _peer_best_removed(report: dict, name: str, ratio: float) -> int | None:
-    results = _models(report)[name]["results"]
-    removed = [value for key, config in report["configs"].items() if config["tool"] == "onnxsim"
-               and not config["finetune"] if (value := _removed(results.get(result_key(key, ratio)) or {})) is not None]
-    return max(removed, default=None)
+def _peer_keys(report: dict) -> list[str]:
+    return [key for key, config in report["configs"].items() if config["tool"] == "onnxsim" and not config["finetune"]]
 
 
 def _sqnr_check(name: str, target_db: float):
@@ -608,7 +616,7 @@ def _sqnr_check(name: str, target_db: float):
             return {"passed": None, "text": text, "detail": "not benched"}
         strict, matched = _get(report, name, report["main_config"], ratio), _get(report, name, _matched_key(report),
                                                                                 ratio)
-        peer = _peer_best_removed(report, name, ratio)
+        peer = best_removed(_models(report)[name]["results"], _peer_keys(report), ratio)
         parts, passed = [], False
         if strict is not None:
             passed = _worst(strict) >= target_db
@@ -647,16 +655,14 @@ def _parameter_check(report: dict, ratio: float) -> dict:
 def _removed_vs_peer_check(report: dict, ratio: float) -> dict:
     """Parameters removed by the pruning step: ours against the peer configuration that removed most."""
     text = "ours' pruning removes ≥ as many parameters as onnxsim's (its best variant) on each model"
-    peers = [key for key, config in report["configs"].items() if config["tool"] == "onnxsim" and not config["finetune"]]
+    peers = _peer_keys(report)
     if not peers:
         return {"passed": None, "text": text, "detail": "onnxsim did not run (--peer-variants none)"}
     values, failing = [], []
     for name, entry in _models(report).items():
         ours = entry["results"].get(result_key(report["main_config"], ratio)) or {}
         removed = _removed(ours)
-        peer_removed = [value for key in peers if (value := _removed(entry["results"].get(result_key(key, ratio))
-                                                                     or {})) is not None]
-        best = max(peer_removed, default=None)
+        best = best_removed(entry["results"], peers, ratio)
         if removed is None or (best is not None and removed < best):
             failing.append(name)
         values.append(f"{name} {_number(removed, '{:,}') or '–'} vs {_number(best, '{:,}') or '–'}")
