@@ -310,20 +310,12 @@ def constants(graph: gs.Graph) -> Iterator[gs.Constant]:
 
 def initializer_bytes(graph: gs.Graph) -> int:
     """Bytes of every constant tensor in the graph and its subgraphs (Constant node values included)."""
-    # One walk for both kinds: the pass manager measures this after every pass that changed the graph.
-    total = 0
-    seen: set[int] = set()
-    for subgraph in walk(graph):
-        for node in subgraph.nodes:
-            for tensor in node.inputs:
-                if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    total += tensor_nbytes(tensor)
-            # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
-            if node.op == "Constant" and node.outputs:
-                value = node.attrs.get("value")
-                if isinstance(value, gs.Constant):
-                    total += tensor_nbytes(value)
+    total = sum(tensor_nbytes(tensor) for tensor in constants(graph))
+    for node in all_nodes(graph):
+        # A Constant node counts while it is connected (a lifted one waits for dead-node elimination).
+        value = node.attrs.get("value") if node.op == "Constant" and node.outputs else None
+        if isinstance(value, gs.Constant):
+            total += tensor_nbytes(value)
     return total
 
 

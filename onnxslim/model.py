@@ -550,26 +550,8 @@ def _export(graph: gs.Graph, known_value_info: set[str]) -> onnx.ModelProto:
         ):
             writer.value_info(target.value_info.add(), tensor)
     model.functions.extend(OnnxExporter.export_function(function) for function in graph.functions)
-    model.opset_import.extend(_opset_imports(graph))
+    model.opset_import.extend(update_import_domains(graph))
     return model
-
-
-def _opset_imports(graph: gs.Graph) -> list[onnx.OperatorSetIdProto]:
-    """update_import_domains(graph): the graph's opsets plus the domains its nodes use. Without
-    bodies only the graph's own nodes count, and onnx-graphsurgeon's walk (a generator per node)
-    is skipped."""
-    if graph.import_domains is None or any(
-        isinstance(value, gs.Graph) for node in graph.nodes for value in node.attrs.values()
-    ):
-        return update_import_domains(graph)
-    used = {node.domain for node in graph.nodes}
-    used.discard(None)
-    current = {opset.domain for opset in graph.import_domains}
-    for domain in used:  # the same set built the same way: onnx-graphsurgeon's order
-        if domain not in current:
-            graph.import_domains.append(onnx.helper.make_opsetid(domain, 1))
-            current.add(domain)
-    return graph.import_domains
 
 
 _LIST_ATTRIBUTES = {int: ("INTS", "ints"), float: ("FLOATS", "floats")}
