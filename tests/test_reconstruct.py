@@ -10,7 +10,7 @@ from builder import ModelBuilder, random
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import UsageError
-from onnxslim.reconstruct import im2col_rows, reconstruct
+from onnxslim.reconstruct import RIDGES, im2col_rows, reconstruct
 from onnxslim.verify import Runner, model_inputs
 
 KEPT_HIDDEN = np.array([0, 2, 3, 5, 6])  # conv1 / the first layer keeps 5 of its 8 outputs
@@ -336,3 +336,68 @@ def test_independent_layers_share_one_pass_over_the_data():
     assert all(fit.status == "refit" and fit.error_after < fit.error_before for fit in fits.values())  # judged on held-out rows
     _, alone = reconstruct(original, pruned, ["conv_a"], calibration(original))
     assert alone["conv_a"].error_after == pytest.approx(fits["conv_a"].error_after, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- the ridge, by cross-validation
+
+
+def pooled_model(w1, c1, w2, c2, rows: int) -> onnx.ModelProto:
+    """x [rows, 24] (one row a sample, as after global pooling) -> gemm1 -> Relu -> gemm2 -> y."""
+    b = ModelBuilder()
+    x = b.input("x", [rows, 24])
+    hidden = b.node("Gemm", [x, b.initializer("w1", w1), b.initializer("c1", c1)], name="gemm1", transB=1)
+    inputs = [b.node("Relu", [hidden]), b.initializer("w2", w2), b.initializer("c2", c2)]
+    b.output(b.node("Gemm", inputs, ["y"], name="gemm2", transB=1))
+    return b.build()
+
+
+def pooled_pair(rows: int) -> tuple[onnx.ModelProto, onnx.ModelProto]:
+    """The original and gemm1 with half its 40 outputs cut: gemm2 has 21 unknowns per output."""
+    w1, c1, w2, c2 = weight([40, 24], 1), random([40], 2) * 0.5, weight([8, 40], 3), random([8], 4) * 0.1
+    kept = np.arange(0, 40, 2)
+    return pooled_model(w1, c1, w2, c2, rows), pooled_model(w1[kept], c1[kept], w2[:, kept], c2, rows)
+
+
+def test_a_layer_with_few_rows_per_unknown_is_not_refit(monkeypatch):
+    original, pruned = pooled_pair(rows=1)
+    data = calibration(original, count=12)  # 12 rows for 21 unknowns
+
+    rebuilt, fits = reconstruct(original, pruned, ["gemm2"], data)
+
+    assert fits["gemm2"].status == "skipped" and "12 calibration rows for 21 unknowns" in fits["gemm2"].reason
+    assert rebuilt.SerializeToString() == pruned.SerializeToString()
+    # Fitted and judged on those 12 rows, the layer matches them and misses other inputs.
+    monkeypatch.setattr("onnxslim.reconstruct.ROWS_PER_UNKNOWN", 0)
+    monkeypatch.setattr("onnxslim.reconstruct.FOLDS", 1)
+    fitted_to_samples, in_sample = reconstruct(original, pruned, ["gemm2"], data, ridge=1e-4)
+    assert in_sample["gemm2"].status == "refit" and in_sample["gemm2"].error_after < 0.1 * in_sample["gemm2"].error_before
+    assert output_error(original, fitted_to_samples) > output_error(original, pruned)
+
+
+def test_the_ridge_is_chosen_on_held_out_samples():
+    original, pruned = pooled_pair(rows=8)
+    data = calibration(original, count=12)  # 96 rows for 21 unknowns
+
+    chosen, fits = reconstruct(original, pruned, ["gemm2"], data)
+
+    singles = {ridge: reconstruct(original, pruned, ["gemm2"], data, ridge=ridge) for ridge in RIDGES}
+    # The least cross-validated error of the grid is the one chosen and fitted on every sample...
+    assert fits["gemm2"].status == "refit"
+    assert fits["gemm2"].error_after == min(fit["gemm2"].error_after for _, fit in singles.values())
+    np.testing.assert_array_equal(initializer(chosen, "w2"), initializer(singles[fits["gemm2"].ridge][0], "w2"))
+    # ...and on fresh inputs it does about as well as the best single ridge would have.
+    best = min(output_error(original, model) for model, _ in singles.values())
+    assert output_error(original, chosen) <= 1.01 * best
+    with pytest.raises(UsageError, match="positive"):
+        reconstruct(original, pruned, ["gemm2"], data, ridge=[1e-3, 0.0])
+
+
+def test_a_large_ridge_keeps_the_pruned_weights_and_refits_the_bias():
+    original, pruned = conv_model(*conv_weights()), pruned_conv(*conv_weights())
+
+    rebuilt, fits = reconstruct(original, pruned, ["conv2"], calibration(original), ridge=1e9)
+
+    # Pulled to the pruned weights (not to zero); the bias is free and takes up the lost mean.
+    np.testing.assert_allclose(initializer(rebuilt, "w2"), initializer(pruned, "w2"), atol=1e-6)
+    assert not np.allclose(initializer(rebuilt, "b2"), initializer(pruned, "b2"))
+    assert fits["conv2"].status == "refit" and fits["conv2"].error_after < fits["conv2"].error_before

@@ -16,7 +16,8 @@ Configurations, at every ratio of --ratios (the share of each prunable group's c
   ours l2, no refit     the same with reconstruct=False (and l1 likewise with --criteria l2,l1)
   ours l2 + refit, onnxsim's parameter cut   the first criterion with refit and, instead of the
                         ratio, PruneOptions(parameters=P): P is the most parameters an onnxsim variant
-                        removed at that ratio (as a share of ours' count, +0.2 %), at least 20 % on
+                        removed at that ratio in a model that passes onnx.checker (as a share of
+                        ours' count, +0.2 %), at least 20 % on
                         ppocr-cls; run after onnxsim, not run where onnxsim removed nothing
   onnxsim               onnxsim.apply_structured_pruning(model, sparsity=R, importance_norm="l2") on
                         the float32 model as loaded (tools/peers/run_prune_peer.py, peers virtualenv)
@@ -117,7 +118,7 @@ class Config:
     simplify: bool = False  # onnxsim: simplify before pruning
     finetune: bool = False  # onnxsim: apply_pruning_finetune after pruning
     # ours: a --prune-params budget instead of the ratio: onnxsim's parameter cut at the same ratio
-    # (its variant that removed most), at least PARAMETER_CUT_TARGET on PARAMETER_MODEL (matched_share)
+    # (its valid variant that removed most), at least PARAMETER_CUT_TARGET on PARAMETER_MODEL (matched_share)
     matched: bool = False
 
     def as_dict(self) -> dict:
@@ -153,7 +154,7 @@ def configurations(criteria: list[str], peer_variants: list[str]) -> list[Config
 
 def matched_share(model: str, ratio: float, results: dict, configs: list[Config]) -> float | None:
     """The --prune-params share for the matched configuration at `ratio`: the most parameters any
-    onnxsim variant removed, as a share of what ours' pruning counts (its main run's parameters
+    onnxsim variant removed in a valid model, as a share of what ours' pruning counts (its main run's parameters
     before, plus 0.2 % so that rounding never leaves ours below the peer), and on PARAMETER_MODEL
     at least PARAMETER_CUT_TARGET. None when neither applies (onnxsim removed nothing)."""
     main = main_config(configs)
@@ -174,9 +175,11 @@ def main_config(configs: list[Config]) -> str | None:
 
 
 def best_removed(results: dict, peer_keys: list[str], ratio: float) -> int | None:
-    """The most parameters any of these (onnxsim) configurations' pruning removed at `ratio`."""
-    return max((value for key in peer_keys if (value := _removed(results.get(result_key(key, ratio)) or {}))
-                is not None), default=None)
+    """The most parameters any of these (onnxsim) configurations' pruning removed at `ratio`, in a
+    model that passes onnx.checker: an invalid model is no reduction a user can deploy."""
+    found = [results.get(result_key(key, ratio)) or {} for key in peer_keys]
+    return max((value for result in found if result.get("valid") and (value := _removed(result)) is not None),
+               default=None)
 
 
 def result_key(config_key: str, ratio: float) -> str:
@@ -654,7 +657,7 @@ def _parameter_check(report: dict, ratio: float) -> dict:
 
 def _removed_vs_peer_check(report: dict, ratio: float) -> dict:
     """Parameters removed by the pruning step: ours against the peer configuration that removed most."""
-    text = "ours' pruning removes ≥ as many parameters as onnxsim's (its best variant) on each model"
+    text = "ours' pruning removes ≥ as many parameters as onnxsim's (its best valid variant) on each model"
     peers = _peer_keys(report)
     if not peers:
         return {"passed": None, "text": text, "detail": "onnxsim did not run (--peer-variants none)"}
