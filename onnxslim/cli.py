@@ -156,11 +156,12 @@ def pruning_options(function):
 
     @click.option("--prune", type=float, default=None, metavar="RATIO",
                   help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
-    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "activation"]), default="auto",
-                  show_default=True,
-                  help="Which channels go: the weakest by weight magnitude summed over the group's layers (l2, l1), or "
-                       "by the energy they carry into their consumers on the calibration data (activation); auto: "
-                       "activation with --calibration, else l2.")
+    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "activation", "reconstruction"]),
+                  default="auto", show_default=True,
+                  help="Which channels go: the weakest by weight magnitude summed over the group's layers (l2, l1), "
+                       "by the energy they carry into their consumers on the calibration data (activation), or by "
+                       "the part of that energy the other channels cannot predict, which the refit cannot win back "
+                       "(reconstruction); auto: activation with --calibration, else l2.")
     @click.option("--prune-allocation", type=click.Choice(["sensitivity", "uniform"]), default="sensitivity",
                   show_default=True,
                   help="How the ratio is shared among groups: by each group's measured cost to the outputs "

@@ -15,7 +15,8 @@
    channel axis, a Reshape that is not a flatten, LayerNorm over channels...) freezes the group,
    and the plan says why.
 2. **Choice.** Each group keeps its strongest channels (weight magnitude summed over the group's
-   producers, each layer's scores normalised by their mean) and loses `ratio` of them, never all.
+   producers, each layer's scores normalised by their mean; with calibration data, what the
+   channels carry into their consumers, see activation_scores) and loses `ratio` of them, never all.
 3. **Surgery.** Every tensor that carries the channels is cut: producers' weight rows and biases,
    per-channel constants, depthwise weights (and their `group`), Split sizes, consumers' weight
    columns.
@@ -29,6 +30,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -41,7 +43,11 @@ from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 from .shapes import set_input_shapes
 
-CRITERIA = ("auto", "l2", "l1", "activation")  # auto: activation with calibration data, else l2
+CRITERIA = ("auto", "l2", "l1", "activation", "reconstruction")  # auto: activation with calibration data, else l2
+DATA_CRITERIA = ("activation", "reconstruction")  # need calibration data
+# The reconstruction criterion inverts each consumer's channel Gram matrix with this ridge (times
+# its mean diagonal), so that a channel the others predict exactly still costs a little.
+GRAM_RIDGE = 1e-3
 ALLOCATIONS = ("sensitivity", "uniform")
 # The shares of a group sensitivity allocation measures (linear in between, 0 costs nothing).
 # Steps of 1/8: with quarters, PP-OCRv4 det at 7 % fewer parameters was at 19.3 dB, with eighths 20.9.
@@ -50,7 +56,7 @@ SENSITIVITY_LEVELS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 # in this many multiply-adds, at least SENSITIVITY_SAMPLES (PP-OCR cls: all 16; PP-OCRv4 det: 4).
 SENSITIVITY_SAMPLES = 4
 SENSITIVITY_WORK = 2e12
-# The channel means (mean compensation) and mean squares (the activation criterion) come from up
+# The channel means (mean compensation) and mean squares (the data criteria) come from up
 # to this many calibration samples, one forward pass each. With 8 of 16, PP-OCRv4 det at 7 %
 # fewer parameters was at 19.5 dB held out; with all 16, 26.7 dB.
 MOMENT_SAMPLES = 32
@@ -873,24 +879,38 @@ def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.nda
     replaced[slot] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
 
 
-def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = MOMENT_SAMPLES) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """For each layer that reads a group's channels (by position): the mean and the mean square
-    of each of its input features on calibration data, along the channel axis (1, or the last for
-    a MatMul), in one pass over the samples. The means feed mean compensation (plan.means), the
-    mean squares the activation criterion (activation_scores)."""
+class ChannelMoments(NamedTuple):
+    """A layer's input features on calibration data: mean, mean square and (when asked for, for a
+    layer that mixes channels) the Gram matrix E[x xᵀ] over the features."""
+
+    mean: np.ndarray
+    square: np.ndarray
+    gram: np.ndarray | None = None
+
+
+def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = MOMENT_SAMPLES, *,
+                  grams: bool = False) -> dict[int, ChannelMoments]:
+    """For each layer that reads a group's channels (by position): the moments of each of its
+    input features on calibration data, along the channel axis (1, or the last for a MatMul), in
+    one pass over the samples. The means feed mean compensation (plan.means), the mean squares and
+    Gram matrices the data criteria (activation_scores). With `grams`, the Gram matrix of every
+    input read by a Conv of group 1, a Gemm or a MatMul (memory: features² per such input)."""
     from .calibration import capture_activations
 
     graph = to_graph(model)
-    keys = {}
+    keys, mixing = {}, set()
     for cut in plan.cuts:
         if cut.reads:
             node = graph.nodes[cut.position]
             keys[cut.position] = (node.inputs[0].name, -1 if node.op == "MatMul" else 1)
+            if grams and _mixes_channels(node) and cut.block == 1:
+                mixing.add(keys[cut.position])
     axes: dict[str, set[int]] = {}
     for name, axis in keys.values():
         axes.setdefault(name, set()).add(axis)
     sums: dict[tuple, np.ndarray] = {}
     squares: dict[tuple, np.ndarray] = {}
+    products: dict[tuple, np.ndarray] = {}
     counts: dict[tuple, int] = {}
 
     def accumulate(name: str, value: np.ndarray) -> None:
@@ -901,10 +921,20 @@ def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 
             sums[key] = sums.get(key, 0) + moved.sum(axis=1)
             squares[key] = squares.get(key, 0) + np.square(moved).sum(axis=1)
             counts[key] = counts.get(key, 0) + moved.shape[1]
+            if key in mixing:
+                products[key] = products.get(key, 0) + moved @ moved.T
 
     if axes:
         capture_activations(model, data.limit(samples), set(axes), reduce=accumulate)
-    return {position: (sums[key] / counts[key], squares[key] / counts[key]) for position, key in keys.items() if key in sums}
+    return {position: ChannelMoments(sums[key] / counts[key], squares[key] / counts[key],
+                                     products[key] / counts[key] if key in products else None)
+            for position, key in keys.items() if key in sums}
+
+
+def _mixes_channels(node: gs.Node) -> bool:
+    """A layer whose every output reads every input channel: the refit can move a removed
+    channel's work onto the others."""
+    return node.op in ("Gemm", "MatMul") or (node.op == "Conv" and node.attrs.get("group", 1) == 1)
 
 
 def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
@@ -1071,16 +1101,16 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     if criterion == "auto":
         criterion = "activation" if data is not None else "l2"
         options = replace(options, criterion=criterion)
-    if criterion == "activation" and data is None:
-        raise UsageError("--prune-criterion activation needs calibration data (--calibration DIR)")
+    if criterion in DATA_CRITERIA and data is None:
+        raise UsageError(f"--prune-criterion {criterion} needs calibration data (--calibration DIR)")
     sample_shapes = {name: list(array.shape) for name, array in next(iter(data)).items()} if data is not None else None
-    plan = analyze(model, "l2" if criterion == "activation" else criterion, input_shapes=sample_shapes)
-    if data is not None and (criterion == "activation" or options.compensate):
-        moments = input_moments(model, plan, data)
-        if criterion == "activation":
+    plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=sample_shapes)
+    if data is not None and (criterion in DATA_CRITERIA or options.compensate):
+        moments = input_moments(model, plan, data, grams=criterion == "reconstruction")
+        if criterion in DATA_CRITERIA:
             activation_scores(model, plan, moments)
         if options.compensate:
-            plan.means.update({position: mean for position, (mean, _) in moments.items() if position in plan.biases})
+            plan.means.update({position: value.mean for position, value in moments.items() if position in plan.biases})
     costs = None
     if (options.macs is not None or options.parameters is not None) and (data is None or options.allocation != "sensitivity"):
         raise UsageError("--prune-macs and --prune-params need calibration data (--calibration DIR) and sensitivity allocation")
@@ -1192,10 +1222,15 @@ def _meet_budget(model, plan: PrunePlan, costs, options: PruneOptions, shapes: d
     return chosen, pruned
 
 
-def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int, tuple[np.ndarray, np.ndarray]]) -> None:
+def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int, ChannelMoments]) -> None:
     """Replace each prunable group's scores by what its channels feed forward: for every consumer
     reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer;
-    E[x²] from input_moments), summed over the group's consumers, each consumer normalised by its mean."""
+    E[x²] from input_moments), summed over the group's consumers, each consumer normalised by its mean.
+
+    Where the moments hold a Gram matrix G (the reconstruction criterion, for a consumer that mixes
+    channels), E[x_k²] becomes 1 / (G + εI)⁻¹_kk: the part of channel k the other channels cannot
+    predict (its residual's mean square under least squares), which is what a refit of that
+    consumer cannot win back. A channel that copies another costs next to nothing."""
     graph = to_graph(model)
     scores: dict[int, np.ndarray] = {}
     for cut in plan.cuts:
@@ -1204,7 +1239,8 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
         weight = constant_value(graph.nodes[cut.position].inputs[cut.index])
         columns = np.moveaxis(weight.astype(np.float64), cut.axis, 0).reshape(weight.shape[cut.axis], -1)
         carried = np.square(columns).sum(axis=1)  # per input feature of the layer
-        features = moments[cut.position][1]
+        features = _unpredictable(moments[cut.position].gram) if moments[cut.position].gram is not None \
+            else moments[cut.position].square
         if cut.block > 1:  # a flattened channel: its block of features sums up
             carried = carried.reshape(-1, cut.block).sum(axis=1)
         per_channel = carried * features if features.shape == carried.shape else carried
@@ -1217,6 +1253,12 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
     for gid, score in scores.items():
         if plan.groups[gid].prunable:
             plan.groups[gid].scores = score
+
+
+def _unpredictable(gram: np.ndarray) -> np.ndarray:
+    """Each feature's residual mean square when the others predict it by (ridge) least squares."""
+    ridge = GRAM_RIDGE * max(float(np.trace(gram)) / len(gram), 1e-30)
+    return 1.0 / np.diag(np.linalg.inv(gram + ridge * np.eye(len(gram))))
 
 
 def allocate(model: onnx.ModelProto, plan: PrunePlan, data, ratio: float, *, progress=None) -> dict[int, float]:
