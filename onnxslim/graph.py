@@ -72,7 +72,7 @@ def op_histogram(graph: gs.Graph | onnx.ModelProto) -> Counter:
 
 
 def op_name(op_type: str, domain: str | None) -> str:
-    return op_type if domain in (None, *ONNX_DOMAINS) else f"{domain}::{op_type}"
+    return op_type if domain in STANDARD_DOMAINS else f"{domain}::{op_type}"
 
 
 def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -84,13 +84,17 @@ def proto_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
 
 def proto_bodies(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
     """The bodies the nodes of a GraphProto hold directly, in node and attribute order."""
+    return [body for node in graph.node for body in proto_node_bodies(node)]
+
+
+def proto_node_bodies(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The bodies one NodeProto holds (If, Loop, Scan), in attribute order."""
     bodies = []
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
-                bodies.append(attribute.g)
-            elif attribute.type == onnx.AttributeProto.GRAPHS:
-                bodies.extend(attribute.graphs)
+    for attribute in node.attribute:
+        if attribute.type == onnx.AttributeProto.GRAPH:
+            bodies.append(attribute.g)
+        elif attribute.type == onnx.AttributeProto.GRAPHS:
+            bodies.extend(attribute.graphs)
     return bodies
 
 

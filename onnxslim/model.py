@@ -25,7 +25,7 @@ from onnx_graphsurgeon.util.misc import SynchronizedList
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, ModelSaveError, UsageError
-from .graph import proto_bodies, proto_graphs, tensor_map
+from .graph import ONNX_DOMAINS, proto_bodies, proto_graphs, tensor_map
 
 # protobuf refuses to serialize a message of 2 GiB or more; past this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -473,7 +473,7 @@ def _sparse_constants(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     found = []
     for body in proto_graphs(graph):
         for node in body.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
                 found += [node for attribute in node.attribute if attribute.name == "sparse_value"]
     return found
 

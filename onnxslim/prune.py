@@ -250,11 +250,11 @@ class _Analysis:
             return None
         whole = self.groups[root]
         parts = (self.new_group(at, ""), self.new_group(whole.size - at, ""))
+        offsets = {name: whole.spans.get(name, (0, 0))[0] for name in whole.producers}
         for part, (start, end) in zip(parts, ((0, at), (at, whole.size))):
             self.groups[part].producers = list(whole.producers)
             self.groups[part].consumers = list(whole.consumers)
             self.groups[part].frozen = whole.frozen
-            offsets = {name: whole.spans.get(name, (0, 0))[0] for name in whole.producers}
             self.groups[part].spans = {name: (offset + start, offset + end) for name, offset in offsets.items()}
         self.retired.add(root)
 
@@ -881,30 +881,34 @@ def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.nda
 
 class ChannelMoments(NamedTuple):
     """A layer's input features on calibration data: mean, mean square and (when asked for, for a
-    layer that mixes channels) the Gram matrix E[x xᵀ] over the features."""
+    layer the refit supports) the mean square of what the other features cannot predict
+    (_unpredictable, from the Gram matrix E[x xᵀ])."""
 
     mean: np.ndarray
     square: np.ndarray
-    gram: np.ndarray | None = None
+    unpredictable: np.ndarray | None = None
 
 
 def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = MOMENT_SAMPLES, *,
                   grams: bool = False) -> dict[int, ChannelMoments]:
     """For each layer that reads a group's channels (by position): the moments of each of its
     input features on calibration data, along the channel axis (1, or the last for a MatMul), in
-    one pass over the samples. The means feed mean compensation (plan.means), the mean squares and
-    Gram matrices the data criteria (activation_scores). With `grams`, the Gram matrix of every
-    input read by a Conv of group 1, a Gemm or a MatMul (memory: features² per such input)."""
+    one pass over the samples. The means feed mean compensation (plan.means), the mean squares
+    (and unpredictable parts) the data criteria (activation_scores). With `grams`, the Gram matrix
+    of every input read by a layer the refit supports (reconstruct.SUPPORTED_OPS; memory:
+    features² per such input) gives its features' unpredictable parts. Layers that read the same
+    tensor share its moments."""
     from .calibration import capture_activations
+    from .reconstruct import SUPPORTED_OPS
 
     graph = to_graph(model)
-    keys, mixing = {}, set()
+    keys, gram_keys = {}, set()
     for cut in plan.cuts:
-        if cut.reads:
+        if cut.reads:  # a consumer: a layer of group 1, whose every output reads every input channel
             node = graph.nodes[cut.position]
             keys[cut.position] = (node.inputs[0].name, -1 if node.op == "MatMul" else 1)
-            if grams and _mixes_channels(node) and cut.block == 1:
-                mixing.add(keys[cut.position])
+            if grams and node.op in SUPPORTED_OPS and cut.block == 1:
+                gram_keys.add(keys[cut.position])
     axes: dict[str, set[int]] = {}
     for name, axis in keys.values():
         axes.setdefault(name, set()).add(axis)
@@ -921,20 +925,15 @@ def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 
             sums[key] = sums.get(key, 0) + moved.sum(axis=1)
             squares[key] = squares.get(key, 0) + np.square(moved).sum(axis=1)
             counts[key] = counts.get(key, 0) + moved.shape[1]
-            if key in mixing:
+            if key in gram_keys:
                 products[key] = products.get(key, 0) + moved @ moved.T
 
     if axes:
         capture_activations(model, data.limit(samples), set(axes), reduce=accumulate)
-    return {position: ChannelMoments(sums[key] / counts[key], squares[key] / counts[key],
-                                     products[key] / counts[key] if key in products else None)
-            for position, key in keys.items() if key in sums}
-
-
-def _mixes_channels(node: gs.Node) -> bool:
-    """A layer whose every output reads every input channel: the refit can move a removed
-    channel's work onto the others."""
-    return node.op in ("Gemm", "MatMul") or (node.op == "Conv" and node.attrs.get("group", 1) == 1)
+    moments = {key: ChannelMoments(sums[key] / counts[key], squares[key] / counts[key],
+                                   _unpredictable(products[key] / counts[key]) if key in products else None)
+               for key in sums}
+    return {position: moments[key] for position, key in keys.items() if key in moments}
 
 
 def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
@@ -1103,8 +1102,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         options = replace(options, criterion=criterion)
     if criterion in DATA_CRITERIA and data is None:
         raise UsageError(f"--prune-criterion {criterion} needs calibration data (--calibration DIR)")
-    sample_shapes = {name: list(array.shape) for name, array in next(iter(data)).items()} if data is not None else None
-    plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=sample_shapes)
+    plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data))
     if data is not None and (criterion in DATA_CRITERIA or options.compensate):
         moments = input_moments(model, plan, data, grams=criterion == "reconstruction")
         if criterion in DATA_CRITERIA:
@@ -1156,8 +1154,12 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     if costs is not None and (ratio > 0 or options.macs or options.parameters):
         allocation_note = (f"shares by measured sensitivity on {sensitivity_samples(plan, data)} calibration "
                            f"samples (levels {', '.join(f'{level:g}' for level in SENSITIVITY_LEVELS)})")
+    input_shapes = plan_shapes(data)  # a calibration sample is read for them
+    macs_after = None
     if costs is not None and (options.macs or options.parameters):
-        chosen, pruned = _meet_budget(model, plan, costs, options, plan_shapes(data))
+        chosen, pruned, measured = _meet_budget(model, plan, costs, options, input_shapes)
+        if options.parameters is None:
+            macs_after = measured
     else:
         if costs is not None and ratio > 0:
             ratios = allocate_from_costs(plan, costs, ratio)
@@ -1170,7 +1172,7 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     )
     report.notes.append(f"allocation: {allocation_note}")
     report.macs_before = plan.total_macs
-    report.macs_after = _model_macs(pruned, plan_shapes(data))
+    report.macs_after = macs_after if macs_after is not None else _model_macs(pruned, input_shapes)
     if options.check_surgery:
         feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
         zeroed = _apply(model, chosen, remove=False)  # built only for the check: a second export of the model
@@ -1205,7 +1207,8 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
 def _meet_budget(model, plan: PrunePlan, costs, options: PruneOptions, shapes: dict | None):
     """Allocate a --prune-params / --prune-macs budget so that the pruned model really has that
     share fewer parameters (or multiply-adds): the allocation prices each channel at first order
-    and the kept counts round down, so the budget it is given grows until the cut meets the target."""
+    and the kept counts round down, so the budget it is given grows until the cut meets the target.
+    Returns (plan chosen, pruned model, its parameters or multiply-adds, whichever the budget is in)."""
     target = options.parameters if options.parameters is not None else options.macs
     before = count_parameters(model) if options.parameters is not None else plan.total_macs
     budget = target
@@ -1219,7 +1222,7 @@ def _meet_budget(model, plan: PrunePlan, costs, options: PruneOptions, shapes: d
         if cut >= target or budget >= 0.99:
             break
         budget = min(0.99, budget * target / max(cut, 1e-3) + 1e-3)
-    return chosen, pruned
+    return chosen, pruned, after
 
 
 def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int, ChannelMoments]) -> None:
@@ -1227,10 +1230,11 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
     reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer;
     E[x²] from input_moments), summed over the group's consumers, each consumer normalised by its mean.
 
-    Where the moments hold a Gram matrix G (the reconstruction criterion, for a consumer that mixes
-    channels), E[x_k²] becomes 1 / (G + εI)⁻¹_kk: the part of channel k the other channels cannot
-    predict (its residual's mean square under least squares), which is what a refit of that
-    consumer cannot win back. A channel that copies another costs next to nothing."""
+    Where the moments hold unpredictable parts (the reconstruction criterion, for a consumer the
+    refit supports), E[x_k²] becomes 1 / (G + εI)⁻¹_kk, G the Gram matrix: the part of channel k
+    the other channels cannot predict (its residual's mean square under least squares), which is
+    what a refit of that consumer cannot win back. A channel that copies another costs next to
+    nothing."""
     graph = to_graph(model)
     scores: dict[int, np.ndarray] = {}
     for cut in plan.cuts:
@@ -1239,8 +1243,9 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
         weight = constant_value(graph.nodes[cut.position].inputs[cut.index])
         columns = np.moveaxis(weight.astype(np.float64), cut.axis, 0).reshape(weight.shape[cut.axis], -1)
         carried = np.square(columns).sum(axis=1)  # per input feature of the layer
-        features = _unpredictable(moments[cut.position].gram) if moments[cut.position].gram is not None \
-            else moments[cut.position].square
+        features = moments[cut.position].unpredictable
+        if features is None:
+            features = moments[cut.position].square
         if cut.block > 1:  # a flattened channel: its block of features sums up
             carried = carried.reshape(-1, cut.block).sum(axis=1)
         per_channel = carried * features if features.shape == carried.shape else carried

@@ -588,25 +588,15 @@ class _NormalEquations:
         self.energy += float(np.sum(targets * targets))
         self.rows += len(design)
 
-    def __add__(self, other: _NormalEquations) -> _NormalEquations:
-        return self._combine(other, 1.0)
-
-    def __sub__(self, other: _NormalEquations) -> _NormalEquations:
-        return self._combine(other, -1.0)
-
-    def _combine(self, other: _NormalEquations, sign: float) -> _NormalEquations:
-        if other.gram is None:
-            return self
-        combined = _NormalEquations(self.intercept)
-        combined.gram = sign * other.gram if self.gram is None else self.gram + sign * other.gram
-        combined.cross = sign * other.cross if self.cross is None else self.cross + sign * other.cross
-        combined.energy, combined.rows = self.energy + sign * other.energy, self.rows + int(sign) * other.rows
-        return combined
+    def without(self, part: _NormalEquations) -> _NormalEquations:
+        """These sums less those of `part` (rows that were added to these too)."""
+        rest = _NormalEquations(self.intercept)
+        rest.gram, rest.cross = self.gram - part.gram, self.cross - part.cross
+        rest.energy, rest.rows = self.energy - part.energy, self.rows - part.rows
+        return rest
 
     def residual(self, theta: np.ndarray) -> float:
         """‖Y − Zθ‖² = ‖Y‖² − 2 tr(θᵀZᵀY) + tr(θᵀZᵀZθ)."""
-        if self.gram is None:
-            return 0.0
         return max(float(self.energy - 2 * np.sum(theta * self.cross) + np.sum(theta * (self.gram @ theta))), 0.0)
 
     def solve(self, ridge: float, anchor: np.ndarray) -> np.ndarray:
@@ -635,16 +625,20 @@ class _Folds:
 
     def total(self) -> _NormalEquations:
         total = _NormalEquations(self.folds[0].intercept)
-        for fold in self.folds:
-            total = total + fold
+        used = [fold for fold in self.folds if fold.rows]
+        if used:
+            total.gram, total.cross = sum(fold.gram for fold in used), sum(fold.cross for fold in used)
+            total.energy, total.rows = sum(fold.energy for fold in used), sum(fold.rows for fold in used)
         return total
 
-    def held_out_error(self, ridge: float, anchor: np.ndarray, total: _NormalEquations) -> float:
-        """Each fold's residual under the fit without it, summed, over ‖Y‖² (one fold: in-sample)."""
+    def held_out_errors(self, ridges: Sequence[float], anchor: np.ndarray, total: _NormalEquations) -> list[float]:
+        """For each ridge: each fold's residual under the fit without it, summed, over ‖Y‖² (one
+        fold: in-sample)."""
         used = [fold for fold in self.folds if fold.rows]
         if len(used) < 2:
-            return total.residual(total.solve(ridge, anchor)) / total.energy
-        return sum(fold.residual((total - fold).solve(ridge, anchor)) for fold in used) / total.energy
+            return [total.residual(total.solve(ridge, anchor)) / total.energy for ridge in ridges]
+        rests = [(fold, total.without(fold)) for fold in used]
+        return [sum(fold.residual(rest.solve(ridge, anchor)) for fold, rest in rests) / total.energy for ridge in ridges]
 
 
 def _refit(layer: _Layer, statistics: _Folds, weights: dict[str, np.ndarray], ridges: Sequence[float]) -> LayerFit:
@@ -667,8 +661,7 @@ def _refit(layer: _Layer, statistics: _Folds, weights: dict[str, np.ndarray], ri
     bias = weights[layer.bias] if layer.bias is not None else None
     anchor = layer.matrix(weights[layer.weight], bias)
     before = total.residual(anchor) / total.energy
-    scores = [(statistics.held_out_error(ridge, anchor, total), ridge) for ridge in ridges]
-    after, ridge = min(scores)
+    after, ridge = min(zip(statistics.held_out_errors(ridges, anchor, total), ridges))
     if not after < KEEP_BELOW * before:
         reason = f"the refit did not lower the error on held-out samples ({before:.4g} -> {after:.4g} at best)"
         return LayerFit(layer.name, layer.op, KEPT, reason, before, after, total.rows, ridge)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import node_subgraphs, tensor_map, trusted_symbol, walk
+from onnxslim.graph import node_subgraphs, proto_node_bodies, tensor_map, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.shapes import infer_model
 
@@ -88,13 +88,8 @@ def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
         bodies = node_subgraphs(node)
         if not bodies:
             continue
-        node_proto = proto.node[index]  # read only for owners of bodies: most nodes are not
-        proto_bodies = [
-            body
-            for attribute in node_proto.attribute
-            for body in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs))
-        ]
-        for body, body_proto in zip(bodies, proto_bodies):
+        # proto.node is read only for owners of bodies: most nodes are not
+        for body, body_proto in zip(bodies, proto_node_bodies(proto.node[index])):
             annotated += _annotate(body, body_proto)
     return annotated
 
