@@ -766,11 +766,7 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
         if remove:
             value = np.take(value, indices, axis=cut.axis)
         else:
-            removed = np.setdiff1d(np.arange(value.shape[cut.axis]), indices)
-            value = value.copy()
-            index = [slice(None)] * value.ndim
-            index[cut.axis] = removed
-            value[tuple(index)] = 0
+            value = _zero_removed(value, cut.axis, indices)
         replaced[key] = value
     for (position, index), value in replaced.items():
         node = nodes[position]
@@ -934,6 +930,15 @@ def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 
                                    _unpredictable(products[key] / counts[key]) if key in products else None)
                for key in sums}
     return {position: moments[key] for position, key in keys.items() if key in moments}
+
+
+def _zero_removed(value: np.ndarray, axis: int, kept: np.ndarray) -> np.ndarray:
+    """A copy of `value` with the entries along `axis` that are not in `kept` set to 0."""
+    value = value.copy()
+    index = [slice(None)] * value.ndim
+    index[axis] = np.setdiff1d(np.arange(value.shape[axis]), kept)
+    value[tuple(index)] = 0
+    return value
 
 
 def _kept_indices(plan: PrunePlan, cut: Cut) -> np.ndarray:
@@ -1330,11 +1335,7 @@ class _NoiseProbe:
                 biases = {slot: weights[self.names[slot]]}
                 _compensate(self.graph.nodes, cut, weights[name], kept, self.plan.means[cut.position], slot, biases)
                 weights[self.names[slot]] = biases[slot]
-            value = weights[name].copy()
-            index = [slice(None)] * value.ndim
-            index[cut.axis] = np.setdiff1d(np.arange(value.shape[cut.axis]), kept)
-            value[tuple(index)] = 0
-            weights[name] = value
+            weights[name] = _zero_removed(weights[name], cut.axis, kept)
         total = 0.0
         for feed, expected in zip(self.feeds, self.reference):
             actual = self.session.run(None, {**feed, **weights})
