@@ -132,6 +132,10 @@ class PrunePlan:
     kept: dict[int, np.ndarray] = field(default_factory=dict)
     total_parameters: int = 0
     flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
+    # Reshapes that split a tensor's channels into (heads, head size) or merge them back: (node
+    # position, index of the shape entry that counts the heads' elements, the groups of heads, elements
+    # per head in that entry: 1 where the entry is the head count, the head size where it is heads x size)
+    head_reshapes: list[tuple[int, int, tuple[int, ...], int]] = field(default_factory=list)
     total_macs: int = 0  # Conv/ConvTranspose/Gemm/MatMul multiply-adds of one sample (0 where shapes are unknown)
     # Consumer position -> mean of each input feature on calibration data: a removed channel's
     # mean contribution moves into the consumer's bias (see input_moments).
@@ -211,6 +215,7 @@ class _Analysis:
         self.cuts: list[Cut] = []
         self.depthwise: list[tuple[int, tuple[int, ...]]] = []
         self.flattens: list[int] = []
+        self.head_reshapes: list[tuple[int, int, tuple[int, ...], int]] = []
         self.scores: dict[int, list[np.ndarray]] = {}
         self.splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = []
         self.retired: set[int] = set()  # groups a Split divided into two
@@ -271,6 +276,30 @@ class _Analysis:
             self.scores.setdefault(parts[0], []).append(score[:at])
             self.scores.setdefault(parts[1], []).append(score[at:])
         return parts
+
+    def coarsen(self, gid: int, unit: int) -> bool:
+        """Make group `gid` one of `unit` times fewer channels, each the block of `unit` consecutive
+        ones (attention heads out of a projection's features), everywhere it is recorded so far.
+        False (nothing changed) where the group is not laid out alone: in a Concat, a Split, a
+        depthwise Conv, or not a whole number of blocks."""
+        root = self.find(gid)
+        members = [other for other in range(len(self.groups)) if self.find(other) == root]
+        if self.groups[root].size % unit or self.groups[root].spans or any(
+                self.find(g) == root for _, groups in self.depthwise for g in groups) or any(
+                self.find(g) == root for _, outputs in self.splits for part in outputs for g in part):
+            return False
+        holds = [cut for cut in self.cuts if any(self.find(g) == root for g in cut.groups)]
+        tensors = [key for key, channels in self.channels.items() if any(self.find(g) == root for g in channels.groups)]
+        if any(len(cut.groups) != 1 for cut in holds) or any(len(self.channels[key].groups) != 1 for key in tensors):
+            return False
+        for cut in holds:
+            cut.block *= unit
+        for key in tensors:
+            self.channels[key] = replace(self.channels[key], block=self.channels[key].block * unit)
+        for member in members:
+            self.groups[member].size //= unit
+            self.scores[member] = [score.reshape(-1, unit).sum(axis=1) for score in self.scores.get(member, [])]
+        return True
 
     def freeze(self, gids, reason: str) -> None:
         for gid in gids:
@@ -393,6 +422,9 @@ class _Analysis:
         self.pass_on(node, Channels((gid,), 1, 2))
 
     def visit_MatMul(self, position: int, node: gs.Node, tracked) -> None:
+        if len(tracked) == 2 and tracked[0] is not None and tracked[1] is not None:
+            self.visit_batched_matmul(node, tracked)
+            return
         weight = self.layer_weight(node)
         source = tracked[0] if tracked else None
         if weight is None or weight.ndim != 2 or (len(tracked) > 1 and tracked[1] is not None):
@@ -408,6 +440,20 @@ class _Analysis:
             return
         gid = self.produce(position, node, weight, axis=1)
         self.pass_on(node, Channels((gid,), rank - 1, rank))
+
+    def visit_batched_matmul(self, node: gs.Node, tracked) -> None:
+        """Two activations multiplied per head (attention's Q·Kᵀ and weights·V): the channels are a
+        batch axis of both, at the same place, so head h of the product reads head h of each. The
+        two sides' heads are one group and the product carries it."""
+        first, second = tracked
+        if first.block != 1 or second.block != 1 or (first.axis, first.rank) != (second.axis, second.rank) or \
+                first.axis >= first.rank - 2 or len(first.groups) != len(second.groups) or \
+                [self.groups[self.find(g)].size for g in first.groups] != [self.groups[self.find(g)].size for g in second.groups]:
+            self.freeze_inputs(node, f"read by {_label(node)} (two activations whose channels do not line up)")
+            return
+        for mine, theirs in zip(first.groups, second.groups):
+            self.union(mine, theirs)
+        self.pass_on(node, first)
 
     def produce(self, position: int, node: gs.Node, weight: np.ndarray, axis: int) -> int:
         """A new group for the layer's output channels (its weight's `axis`), scored and cut there."""
@@ -555,13 +601,13 @@ class _Analysis:
             return True
         value = constant_value(tensor)
         shape = value.shape if value is not None else (tensor.shape if tensor.shape is not None else None)
-        if shape is None or any(not isinstance(size, (int, np.integer)) for size in shape):
+        from_right = source.rank - source.axis
+        if shape is not None and len(shape) < from_right:
+            return True  # broadcast along the channel axis
+        axis = len(shape) - from_right if shape is not None else 0
+        if shape is None or not isinstance(shape[axis], (int, np.integer)):  # other dims may be symbolic
             self.freeze_inputs(node, f"{_label(node)} operand '{tensor.name}' of unknown shape")
             return False
-        from_right = source.rank - source.axis
-        if len(shape) < from_right:
-            return True  # broadcast along the channel axis
-        axis = len(shape) - from_right
         total = sum(self.groups[self.find(g)].size for g in source.groups) * source.block
         if shape[axis] == 1:
             return True
@@ -646,11 +692,42 @@ class _Analysis:
             and (shape[1] == -1 or (output is not None and len(output) == 2))
         )
         if not flattens:
-            self.freeze_inputs(node, f"read by {_label(node)} (not a flatten from the channel axis)")
+            if source is not None and shape is not None and node.attrs.get("allowzero", 0) == 0 and \
+                    self.reshape_heads(position, node, source, shape.astype(np.int64).reshape(-1)):
+                return
+            self.freeze_inputs(node, f"read by {_label(node)} (not a flatten from the channel axis, nor heads)")
             return
         if shape[1] != -1:
             self.flattens.append(position)  # its shape names the channel count: becomes [N, -1]
         self.pass_on(node, Channels(source.groups, 1, 2, source.block * block))
+
+    def reshape_heads(self, position: int, node: gs.Node, source: Channels, shape: np.ndarray) -> bool:
+        """Attention's reshapes of the last axis: [..., H·D] -> [..., H, D] makes the group's
+        channels H heads of D features (coarsen), and [..., H, D] -> [..., H·D] reads them back as
+        blocks of D. Only the last one or two entries may involve the channels; the leading ones
+        (0 copies, -1 infers) only regroup the rows."""
+        if source.axis == source.rank - 1 and len(shape) == source.rank + 1 and shape[-1] > 0 and shape[-2] > 0:
+            # The split: [..., H·D] -> [..., H, D].
+            if len(source.groups) != 1:
+                return False
+            total = self.groups[self.find(source.groups[0])].size * source.block
+            if source.block != 1 or shape[-1] * shape[-2] != total or not self.coarsen(source.groups[0], int(shape[-1])):
+                return False
+            self.head_reshapes.append((position, len(shape) - 2, source.groups, 1))
+            self.pass_on(node, Channels(source.groups, len(shape) - 2, len(shape)))
+            return True
+        head = _dim(node.inputs[0], source.rank - 1)
+        if source.axis == source.rank - 2 and source.block == 1 and len(shape) == source.rank - 1 and \
+                isinstance(head, (int, np.integer)) and head > 0:
+            # The merge: [..., H, D] -> [..., H·D].
+            total = sum(self.groups[self.find(g)].size for g in source.groups) * int(head)
+            if shape[-1] == total:
+                self.head_reshapes.append((position, len(shape) - 1, source.groups, int(head)))
+            elif not (shape[-1] == -1 and all(entry == 0 for entry in shape[:-1])):
+                return False
+            self.pass_on(node, Channels(source.groups, len(shape) - 1, len(shape), int(head)))
+            return True
+        return False
 
     def visit_Squeeze(self, position: int, node: gs.Node, tracked) -> None:
         self.move_axis(node, tracked, squeeze=True)
@@ -709,6 +786,8 @@ class _Analysis:
         depthwise = [(position, tuple(self.find(g) for g in groups)) for position, groups in self.depthwise]
         splits = [(position, tuple(tuple(self.find(g) for g in part) for part in outputs))
                   for position, outputs in self.splits]
+        head_reshapes = [(position, entry, tuple(self.find(g) for g in groups), unit)
+                         for position, entry, groups, unit in self.head_reshapes]
         total = 0
         for tensor in constants(self.graph):
             total += int(np.prod(tensor.shape))
@@ -736,7 +815,8 @@ class _Analysis:
                 if macs:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
         return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
-                         total_macs=total_macs, splits=splits, biases=bias_slots(self.graph))
+                         total_macs=total_macs, splits=splits, biases=bias_slots(self.graph),
+                         head_reshapes=head_reshapes)
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -785,6 +865,12 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
             node = nodes[position]
             # [0, -1] flattens the same way whatever the first entry was (0, -1 or the batch size).
             set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), np.array([0, -1], np.int64)))
+        for position, entry, groups, unit in plan.head_reshapes:
+            if any(gid in plan.kept for gid in groups):
+                node = nodes[position]
+                shape = constant_value(node.inputs[1]).astype(np.int64).copy()
+                shape[entry] = unit * sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in groups)
+                set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), shape))
         interface = {id(tensor) for tensor in graph.inputs + graph.outputs}
         for node in nodes:
             for tensor in node.outputs:
@@ -1251,9 +1337,9 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
         features = moments[cut.position].unpredictable
         if features is None:
             features = moments[cut.position].square
-        if cut.block > 1:  # a flattened channel: its block of features sums up
-            carried = carried.reshape(-1, cut.block).sum(axis=1)
         per_channel = carried * features if features.shape == carried.shape else carried
+        if cut.block > 1:  # a flattened channel or a head: its block of features sums up
+            per_channel = per_channel.reshape(-1, cut.block).sum(axis=1)
         per_channel = per_channel / max(per_channel.mean(), 1e-30)
         offset = 0
         for gid in cut.groups:
