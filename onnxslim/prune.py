@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
 
@@ -80,12 +81,15 @@ LAYER_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
 class Channels:
     """What is known of a tensor's channel axis: the groups laid along it, in order (each whole),
     the axis and the tensor's rank, and `block`: elements per channel along the axis (1, or the
-    spatial size after a Flatten folded it in)."""
+    spatial size after a Flatten folded it in, or a head's size)."""
 
     groups: tuple[int, ...]
     axis: int
     rank: int
     block: int = 1
+    # A fused projection's parts (Q, K, V) split onto an axis of their own: then the groups lie one
+    # per index along axis `parts`, each with its channels along `axis` (the heads).
+    parts: int | None = None
 
 
 @dataclass
@@ -216,6 +220,7 @@ class _Analysis:
         self.depthwise: list[tuple[int, tuple[int, ...]]] = []
         self.flattens: list[int] = []
         self.head_reshapes: list[tuple[int, int, tuple[int, ...], int]] = []
+        self.fused: list[tuple[int, ...]] = []  # a fused projection's parts: they must end as one group
         self.scores: dict[int, list[np.ndarray]] = {}
         self.splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = []
         self.retired: set[int] = set()  # groups a Split divided into two
@@ -277,28 +282,29 @@ class _Analysis:
             self.scores.setdefault(parts[1], []).append(score[at:])
         return parts
 
-    def coarsen(self, gid: int, unit: int) -> bool:
-        """Make group `gid` one of `unit` times fewer channels, each the block of `unit` consecutive
-        ones (attention heads out of a projection's features), everywhere it is recorded so far.
-        False (nothing changed) where the group is not laid out alone: in a Concat, a Split, a
-        depthwise Conv, or not a whole number of blocks."""
-        root = self.find(gid)
-        members = [other for other in range(len(self.groups)) if self.find(other) == root]
-        if self.groups[root].size % unit or self.groups[root].spans or any(
-                self.find(g) == root for _, groups in self.depthwise for g in groups) or any(
-                self.find(g) == root for _, outputs in self.splits for part in outputs for g in part):
+    def coarsen(self, gids: Sequence[int], unit: int) -> bool:
+        """Make each of the groups `gids` one of `unit` times fewer channels, each the block of
+        `unit` consecutive ones (attention heads out of a projection's features), everywhere they
+        are recorded so far. False (nothing changed) where one is laid out beside another group
+        (a Concat, a Split), in a depthwise Conv, or is not a whole number of blocks."""
+        roots = {self.find(gid) for gid in gids}
+        if any(self.groups[root].size % unit for root in roots) or any(
+                self.find(g) in roots for _, groups in self.depthwise for g in groups) or any(
+                self.find(g) in roots for _, outputs in self.splits for part in outputs for g in part):
             return False
-        holds = [cut for cut in self.cuts if any(self.find(g) == root for g in cut.groups)]
-        tensors = [key for key, channels in self.channels.items() if any(self.find(g) == root for g in channels.groups)]
-        if any(len(cut.groups) != 1 for cut in holds) or any(len(self.channels[key].groups) != 1 for key in tensors):
+        holds = [cut for cut in self.cuts if any(self.find(g) in roots for g in cut.groups)]
+        tensors = [key for key, channels in self.channels.items() if any(self.find(g) in roots for g in channels.groups)]
+        if any(self.find(g) not in roots for cut in holds for g in cut.groups) or \
+                any(self.find(g) not in roots for key in tensors for g in self.channels[key].groups):
             return False
         for cut in holds:
             cut.block *= unit
         for key in tensors:
             self.channels[key] = replace(self.channels[key], block=self.channels[key].block * unit)
-        for member in members:
-            self.groups[member].size //= unit
-            self.scores[member] = [score.reshape(-1, unit).sum(axis=1) for score in self.scores.get(member, [])]
+        for member in range(len(self.groups)):
+            if self.find(member) in roots and member not in self.retired:
+                self.groups[member].size //= unit
+                self.scores[member] = [score.reshape(-1, unit).sum(axis=1) for score in self.scores.get(member, [])]
         return True
 
     def freeze(self, gids, reason: str) -> None:
@@ -332,6 +338,10 @@ class _Analysis:
             return
         if node.domain not in (None, "", "ai.onnx"):
             self.freeze_inputs(node, f"read by {_label(node)} (domain {node.domain})")
+            return
+        if any(channels is not None and channels.parts is not None for channels in tracked) and \
+                node.op not in ("Transpose", "Gather"):
+            self.freeze_inputs(node, f"read by {_label(node)} before the fused projection's parts are taken apart")
             return
         handler = getattr(self, f"visit_{node.op}", None)
         if handler is None:
@@ -549,7 +559,10 @@ class _Analysis:
     def visit_softmax_like(self, node: gs.Node, tracked) -> None:
         source = tracked[0]
         axis = int(node.attrs.get("axis", -1 if _opset(self.graph) >= 13 else 1))
-        if source is None or _opset(self.graph) < 13 or axis % source.rank == source.axis:
+        # From opset 13 the op normalizes along `axis`; before, over every axis from `axis` on.
+        mixes = source is not None and (source.axis >= axis % source.rank if _opset(self.graph) < 13
+                                        else source.axis == axis % source.rank)
+        if source is None or mixes:
             self.freeze_inputs(node, f"read by {_label(node)} across the channel axis")
             return
         self.pass_on(node, source)
@@ -711,10 +724,31 @@ class _Analysis:
             if len(source.groups) != 1:
                 return False
             total = self.groups[self.find(source.groups[0])].size * source.block
-            if source.block != 1 or shape[-1] * shape[-2] != total or not self.coarsen(source.groups[0], int(shape[-1])):
+            if source.block != 1 or shape[-1] * shape[-2] != total or not self.coarsen(source.groups, int(shape[-1])):
                 return False
             self.head_reshapes.append((position, len(shape) - 2, source.groups, 1))
             self.pass_on(node, Channels(source.groups, len(shape) - 2, len(shape)))
+            return True
+        if source.axis == source.rank - 1 and len(shape) == source.rank + 2 and (shape[-3:] > 0).all():
+            # A fused projection: [..., P·H·D] -> [..., P, H, D], P parts (Q, K, V) of H heads.
+            if len(source.groups) != 1 or source.block != 1:
+                return False
+            parts_count, heads, size = (int(value) for value in shape[-3:])
+            if parts_count * heads * size != self.groups[self.find(source.groups[0])].size:
+                return False
+            parts = [source.groups[0]]
+            for _ in range(parts_count - 1):
+                divided = self.divide(parts[-1], heads * size)
+                if divided is None:
+                    return False
+                parts[-1:] = divided
+            if not self.coarsen(parts, size):
+                return False
+            for part in parts:  # the heads' group spans the whole projection: Q, K and V alike
+                self.groups[part].spans = {}
+            self.fused.append(tuple(parts))
+            self.head_reshapes.append((position, len(shape) - 2, (parts[0],), 1))
+            self.pass_on(node, Channels(tuple(parts), len(shape) - 2, len(shape), parts=len(shape) - 3))
             return True
         head = _dim(node.inputs[0], source.rank - 1)
         if source.axis == source.rank - 2 and source.block == 1 and len(shape) == source.rank - 1 and \
@@ -769,7 +803,20 @@ class _Analysis:
         if source is None or source.block != 1 or len(perm) != source.rank:
             self.freeze_inputs(node, f"read by {_label(node)}")
             return
-        self.pass_on(node, Channels(source.groups, list(perm).index(source.axis), source.rank))
+        parts = None if source.parts is None else list(perm).index(source.parts)
+        self.pass_on(node, Channels(source.groups, list(perm).index(source.axis), source.rank, parts=parts))
+
+    def visit_Gather(self, position: int, node: gs.Node, tracked) -> None:
+        """One part of a fused projection (Q, K or V), picked by a constant index on the parts axis."""
+        source = tracked[0]
+        index = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+        axis = int(node.attrs.get("axis", 0)) % source.rank if source is not None else None
+        if source is None or source.parts is None or axis != source.parts or index is None or index.ndim != 0 \
+                or any(t is not None for t in tracked[1:]):
+            self.freeze_inputs(node, f"read by {_label(node)}")
+            return
+        part = int(index) % len(source.groups)
+        self.pass_on(node, Channels((source.groups[part],), source.axis - (source.axis > axis), source.rank - 1))
 
     # -- result
 
@@ -791,6 +838,11 @@ class _Analysis:
         total = 0
         for tensor in constants(self.graph):
             total += int(np.prod(tensor.shape))
+        for parts in self.fused:
+            if len({self.find(part) for part in parts}) > 1:  # Q, K and V must lose the same heads
+                for part in parts:
+                    group = roots[self.find(part)]
+                    group.frozen = group.frozen or "a part of a fused projection whose other parts are not its heads' peers"
         for group in roots.values():
             parts = self.scores.get(group.id)
             group.scores = np.sum(parts, axis=0) if parts else None

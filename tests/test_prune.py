@@ -184,7 +184,7 @@ def test_attention_heads_are_a_group(merge):
     for name in ("q_w", "k_w", "v_w"):
         assert dims[next(n for n in dims if n.startswith(name))] == (16, 8)
     assert dims[next(n for n in dims if n.startswith("o_w"))] == (8, 16)
-    reshapes = {tuple(onnx.numpy_helper.to_array(t).tolist()) for t in pruned.graph.initializer if t.data_type == onnx.TensorProto.INT64}
+    reshapes = {tuple(onnx.numpy_helper.to_array(t).tolist()) for t in pruned.graph.initializer if t.data_type == onnx.TensorProto.INT64 and t.dims}
     assert (0, -1, 2, 4) in reshapes and (merge is not None or (0, 0, 8) in reshapes), reshapes
 
 
@@ -209,6 +209,53 @@ def test_attention_with_keys_from_elsewhere_keeps_its_heads():
     b = ModelBuilder()
     b.output(attention(b, b.input("x", [2, 5, 16]), keys=b.input("keys", [2, 4, 4, 5])))
     assert "MatMul" in frozen_reason(b.build(), "q")
+
+
+def fused_attention(b, x, heads=4, size=4, separate_values=False):
+    """A ViT/SVTR-style block: one projection makes Q, K and V, Reshape [B, N, 3, heads, size],
+    Transpose(2, 0, 3, 1, 4), and Gather picks each part. `separate_values` takes V from a
+    projection of its own instead (the fused V part then goes unused)."""
+    width = heads * size
+    qkv = b.node("Add", [b.node("MatMul", [x, b.initializer("qkv_w", weight(width, 3 * width))], name="qkv"),
+                         b.initializer("qkv_b", weight(3 * width))])
+    shape = b.initializer("parts", np.array([0, 0, 3, heads, size], np.int64))
+    parts = b.node("Transpose", [b.node("Reshape", [qkv, shape])], perm=[2, 0, 3, 1, 4])
+    q, k, v = (b.node("Gather", [parts, b.initializer(f"part{i}", np.array(i, np.int64))], axis=0) for i in range(3))
+    if separate_values:
+        values = b.node("Add", [b.node("MatMul", [x, b.initializer("v_w", weight(width, width))], name="v"),
+                                b.initializer("v_b", weight(width))])
+        split = b.initializer("split", np.array([0, -1, heads, size], np.int64))
+        v = b.node("Transpose", [b.node("Reshape", [values, split])], perm=[0, 2, 1, 3])
+    scores = b.node("Mul", [b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])]),
+                            b.initializer("scale", np.array(size ** -0.5, np.float32))])
+    context = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])
+    merged = b.node("Reshape", [b.node("Transpose", [context], perm=[0, 2, 1, 3]),
+                                b.initializer("merge", np.array([0, 0, width], np.int64))])
+    out = b.node("Add", [b.node("MatMul", [merged, b.initializer("o_w", weight(width, width))], name="o"),
+                         b.initializer("o_b", weight(width))])
+    return b.node("Add", [out, x], ["y"])
+
+
+def test_fused_qkv_projection_heads_are_a_group():
+    b = ModelBuilder()
+    b.output(fused_attention(b, b.input("x", [2, 5, 16])))
+    plan, pruned = cut(b.build())
+    heads = group_of(plan, "qkv")
+    assert heads.size == 4 and heads.prunable and heads.producers == ["qkv"] and heads.consumers == ["o"]
+    dims = weights(pruned)
+    assert dims[next(n for n in dims if n.startswith("qkv_w"))] == (16, 24)  # 2 heads of 4 in each of Q, K, V
+    assert dims[next(n for n in dims if n.startswith("o_w"))] == (8, 16)
+    reshapes = {tuple(onnx.numpy_helper.to_array(t).tolist()) for t in pruned.graph.initializer if t.data_type == onnx.TensorProto.INT64 and t.dims}
+    assert {(0, 0, 3, 2, 4), (0, 0, 8)} <= reshapes, reshapes
+
+
+def test_fused_projection_whose_parts_go_different_ways_is_frozen():
+    b = ModelBuilder()
+    b.output(fused_attention(b, b.input("x", [2, 5, 16]), separate_values=True))
+    plan = analyze(b.build())
+    assert "fused projection" in group_of(plan, "qkv").frozen
+    assert all(group.frozen for group in plan.groups.values() if "qkv" in group.producers)
+    assert group_of(plan, "v").frozen  # tied to Q's and K's heads by the attention
 
 
 # ----------------------------------------------------------------------------- what freezes a group
