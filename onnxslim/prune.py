@@ -146,6 +146,9 @@ class PrunePlan:
     means: dict[int, np.ndarray] = field(default_factory=dict)
     # Split positions on a channel axis -> the groups each output carries (its sizes follow them)
     splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = field(default_factory=list)
+    # Slices of a channel axis: (node position, index of the axis among its starts/ends, the groups
+    # before the start, the groups it keeps); its bounds follow them
+    slices: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     # Layer position -> where its constant bias is (bias_slots): where mean compensation goes
     biases: dict[int, tuple[int, int]] = field(default_factory=dict)
 
@@ -223,6 +226,7 @@ class _Analysis:
         self.fused: list[tuple[int, ...]] = []  # a fused projection's parts: they must end as one group
         self.scores: dict[int, list[np.ndarray]] = {}
         self.splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = []
+        self.slices: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = []
         self.retired: set[int] = set()  # groups a Split divided into two
 
     # -- groups (union-find)
@@ -275,6 +279,7 @@ class _Analysis:
             cut.groups = divided(cut.groups)
         self.depthwise = [(position, divided(groups)) for position, groups in self.depthwise]
         self.splits = [(position, tuple(divided(groups) for groups in outputs)) for position, outputs in self.splits]
+        self.slices = [(position, entry, divided(before), divided(kept)) for position, entry, before, kept in self.slices]
         self.channels = {key: replace(channels, groups=divided(channels.groups)) if root in channels.groups else channels
                          for key, channels in self.channels.items()}
         for score in self.scores.pop(root, []):
@@ -290,7 +295,8 @@ class _Analysis:
         roots = {self.find(gid) for gid in gids}
         if any(self.groups[root].size % unit for root in roots) or any(
                 self.find(g) in roots for _, groups in self.depthwise for g in groups) or any(
-                self.find(g) in roots for _, outputs in self.splits for part in outputs for g in part):
+                self.find(g) in roots for _, outputs in self.splits for part in outputs for g in part) or any(
+                self.find(g) in roots for *_, before, kept in self.slices for g in before + kept):
             return False
         holds = [cut for cut in self.cuts if any(self.find(g) in roots for g in cut.groups)]
         tensors = [key for key, channels in self.channels.items() if any(self.find(g) in roots for g in channels.groups)]
@@ -659,19 +665,9 @@ class _Analysis:
         if sizes is None or source.block != 1:
             self.freeze_inputs(node, f"read by {_label(node)} (split sizes unknown or a flattened block)")
             return
-        bounds = list(itertools.accumulate(sizes))[:-1]
-        for bound in bounds:  # divide the group a split point falls inside of
-            offset = 0
-            for index, gid in enumerate(groups):
-                size = self.groups[gid].size
-                if offset < bound < offset + size:
-                    parts = self.divide(gid, bound - offset)
-                    if parts is None:
-                        self.freeze_inputs(node, f"{_label(node)} splits a group that is tied to other layers")
-                        return
-                    groups[index:index + 1] = parts
-                    break
-                offset += size
+        if not self.divide_at(groups, list(itertools.accumulate(sizes))[:-1]):
+            self.freeze_inputs(node, f"{_label(node)} splits a group that is tied to other layers")
+            return
         outputs, start = [], 0
         for size in sizes:
             part, taken = [], 0
@@ -683,6 +679,60 @@ class _Analysis:
         for output, part in enumerate(outputs):
             self.pass_on(node, Channels(part, source.axis, source.rank), output)
         self.splits.append((position, tuple(outputs)))
+
+    def divide_at(self, groups: list[int], bounds: list[int]) -> bool:
+        """Divide the groups (laid out in order, roots) so that every bound falls between two of
+        them; `groups` is updated in place. False if a group to divide is tied to another."""
+        for bound in bounds:
+            offset = 0
+            for index, gid in enumerate(groups):
+                size = self.groups[gid].size
+                if offset < bound < offset + size:
+                    parts = self.divide(gid, bound - offset)
+                    if parts is None:
+                        return False
+                    groups[index:index + 1] = parts
+                    break
+                offset += size
+        return True
+
+    def visit_Slice(self, position: int, node: gs.Node, tracked) -> None:
+        """Slice along other axes keeps every channel; along the channel axis (step 1) it keeps
+        the groups between its bounds, dividing those a bound falls inside of."""
+        source = tracked[0]
+        given = [node.inputs[index] if len(node.inputs) > index and node.inputs[index].name else None
+                 for index in range(1, 5)]
+        starts, ends, axes, steps = (None if tensor is None else constant_value(tensor) for tensor in given)
+        if source is None or any(t is not None for t in tracked[1:]) or starts is None or ends is None or \
+                (given[2] is not None and axes is None) or (given[3] is not None and steps is None):
+            self.freeze_inputs(node, f"read by {_label(node)} (bounds not constant)")
+            return
+        starts, ends = starts.reshape(-1), ends.reshape(-1)
+        axes = list(range(len(starts))) if axes is None else [int(axis) % source.rank for axis in axes.reshape(-1)]
+        if source.axis not in axes:
+            self.pass_on(node, source)
+            return
+        entry = axes.index(source.axis)
+        step = 1 if steps is None else int(steps.reshape(-1)[entry])
+        groups = [self.find(g) for g in source.groups]
+        total = sum(self.groups[g].size for g in groups)
+        start, end = (min(max(int(value) + (total if value < 0 else 0), 0), total)
+                      for value in (starts[entry], ends[entry]))
+        if step != 1 or source.block != 1 or end <= start:
+            self.freeze_inputs(node, f"{_label(node)} slices the channel axis with a step, empty or over blocks")
+            return
+        if not self.divide_at(groups, [start, end]):
+            self.freeze_inputs(node, f"{_label(node)} slices a group that is tied to other layers")
+            return
+        before, kept, offset = [], [], 0
+        for gid in groups:
+            if offset < start:
+                before.append(gid)
+            elif offset < end:
+                kept.append(gid)
+            offset += self.groups[gid].size
+        self.slices.append((position, entry, tuple(before), tuple(kept)))
+        self.pass_on(node, Channels(tuple(kept), source.axis, source.rank))
 
     def visit_Flatten(self, position: int, node: gs.Node, tracked) -> None:
         source = tracked[0]
@@ -835,6 +885,8 @@ class _Analysis:
                   for position, outputs in self.splits]
         head_reshapes = [(position, entry, tuple(self.find(g) for g in groups), unit)
                          for position, entry, groups, unit in self.head_reshapes]
+        slices = [(position, entry, tuple(self.find(g) for g in before), tuple(self.find(g) for g in kept))
+                  for position, entry, before, kept in self.slices]
         total = 0
         for tensor in constants(self.graph):
             total += int(np.prod(tensor.shape))
@@ -868,7 +920,7 @@ class _Analysis:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
         return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
                          total_macs=total_macs, splits=splits, biases=bias_slots(self.graph),
-                         head_reshapes=head_reshapes)
+                         head_reshapes=head_reshapes, slices=slices)
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -917,6 +969,15 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
             node = nodes[position]
             # [0, -1] flattens the same way whatever the first entry was (0, -1 or the batch size).
             set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), np.array([0, -1], np.int64)))
+        for position, entry, before, sliced in plan.slices:
+            if any(gid in plan.kept for gid in before + sliced):
+                node = nodes[position]
+                start = sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in before)
+                end = start + sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in sliced)
+                for index, bound in ((1, start), (2, end)):
+                    value = constant_value(node.inputs[index]).copy()
+                    value.reshape(-1)[entry] = bound
+                    set_input(node, index, gs.Constant(names(f"{node.inputs[index].name}_pruned"), value))
         for position, entry, groups, unit in plan.head_reshapes:
             if any(gid in plan.kept for gid in groups):
                 node = nodes[position]

@@ -276,6 +276,47 @@ def c2f(b, x, sizes=True):
     return conv(b, b.node("Concat", [first, second, inner], axis=1), 12, 4, "fuse", k=1)
 
 
+def sliced(b, x, starts, ends, axes, steps=None):
+    inputs = [x, b.initializer(f"starts{len(b.nodes)}", np.array(starts, np.int64)),
+              b.initializer(f"ends{len(b.nodes)}", np.array(ends, np.int64)),
+              b.initializer(f"axes{len(b.nodes)}", np.array(axes, np.int64))]
+    if steps is not None:
+        inputs.append(b.initializer(f"steps{len(b.nodes)}", np.array(steps, np.int64)))
+    return b.node("Slice", inputs)
+
+
+@pytest.mark.parametrize("bounds", [(2, 6), (-6, -2), (2, 2**62)])
+def test_slice_on_the_channel_axis_divides_the_group(bounds):
+    """c1's channels [2, 6) go to c2, all eight to c3: three groups, and the Slice's bounds follow the cut."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    c1 = b.node("Relu", [conv(b, x, 3, 8, "c1")])
+    part = conv(b, sliced(b, c1, [bounds[0]], [bounds[1]], [1]), 6 if bounds[1] > 8 else 4, 4, "c2", k=1)
+    b.output(b.node("Add", [part, conv(b, c1, 8, 4, "c3", k=1)], ["y"]))
+    plan, pruned = cut(b.build())
+    sizes = sorted(group.size for group in plan.groups.values() if "c1" in group.producers)
+    assert sizes == ([2, 6] if bounds[1] > 8 else [2, 2, 4]), sizes
+    slice_node = next(node for node in pruned.graph.node if node.op_type == "Slice")
+    bounds_after = [onnx.numpy_helper.to_array(t).tolist() for name in slice_node.input[1:3]
+                    for t in pruned.graph.initializer if t.name == name]
+    assert bounds_after == ([[1], [3]] if bounds[1] <= 8 else [[1], [4]]), bounds_after
+
+
+def test_slice_on_a_spatial_axis_passes_the_channels_on():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, sliced(b, b.node("Relu", [conv(b, x, 3, 8, "c1")]), [1], [7], [2]), 8, 4, "c2"))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable and group_of(plan, "c1").consumers == ["c2"]
+
+
+def test_slice_with_a_step_on_the_channel_axis_freezes_the_group():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, sliced(b, b.node("Relu", [conv(b, x, 3, 8, "c1")]), [0], [8], [1], steps=[2]), 4, 4, "c2"))
+    assert "step" in frozen_reason(b.build(), "c1")
+
+
 def test_split_on_the_channel_axis_divides_the_group():
     b = ModelBuilder()
     b.output(c2f(b, b.input("x", [1, 3, 8, 8])))
