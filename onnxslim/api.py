@@ -191,7 +191,8 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
     """Prune the verified simplified model, rerun the pipeline on it, and verify it in lossy mode
     when a budget is given (pruning's cost is the user's to bound; the surgery check is exact)."""
     report.lossless_verification = report.verification
-    pruned, report.pruning = prune_channels(simplified, data, options, progress=progress, shapes=verify_shapes)
+    pruned, report.pruning = prune_channels(simplified, data, options, progress=progress, shapes=verify_shapes,
+                                            original=original)
     if report.pruning.surgery_exact is False:
         raise VerificationError(f"pruning surgery is not exact: {report.pruning.surgery_check}", report)
     graph = to_graph(pruned)

@@ -20,7 +20,7 @@ from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import load, same_file
-from .prune import PruneOptions, analyze, plot_report
+from .prune import PruneOptions, analyze, bn_gammas, plot_report
 from .quantize import FidelityTarget, QuantizeOptions
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
@@ -156,9 +156,10 @@ def pruning_options(function):
 
     @click.option("--prune", type=float, default=None, metavar="RATIO",
                   help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
-    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "activation", "reconstruction"]),
+    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "bn", "activation", "reconstruction"]),
                   default="auto", show_default=True,
                   help="Which channels go: the weakest by weight magnitude summed over the group's layers (l2, l1), "
+                       "by the |γ| of the BatchNormalization that followed the layer (bn, l2 where there was none), "
                        "by the energy they carry into their consumers on the calibration data (activation), or by "
                        "the part of that energy the other channels cannot predict, which the refit cannot win back "
                        "(reconstruction); auto: activation with --calibration, else l2.")
@@ -444,13 +445,15 @@ def inspect(model, as_json):
 @cli.command(name="prune-plan")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--ratio", type=float, default=0.25, show_default=True, help="Show the channels each group keeps at this ratio.")
-@click.option("--criterion", type=click.Choice(["l2", "l1"]), default="l2", show_default=True)
+@click.option("--criterion", type=click.Choice(["l2", "l1", "bn"]), default="l2", show_default=True,
+              help="Which channels a group keeps: by weight magnitude, or by the |γ| of the BatchNormalization after the layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
 @debug_option
 def prune_plan(model, ratio, criterion, as_json):
     """Show MODEL's channel groups: members, channels, share of parameters, frozen and why."""
     simplified = api.optimize(model, verify=False)
-    plan = analyze(simplified, criterion).choose(ratio)
+    gammas = bn_gammas(load(model, check=False)) if criterion == "bn" else None
+    plan = analyze(simplified, criterion, gammas=gammas).choose(ratio)
     rows = plan.describe()
     if as_json:
         click.echo(json.dumps(rows, indent=2))

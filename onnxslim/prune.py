@@ -44,7 +44,7 @@ from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 from .shapes import set_input_shapes
 
-CRITERIA = ("auto", "l2", "l1", "activation", "reconstruction")  # auto: activation with calibration data, else l2
+CRITERIA = ("auto", "l2", "l1", "bn", "activation", "reconstruction")  # auto: activation with calibration data, else l2
 DATA_CRITERIA = ("activation", "reconstruction")  # need calibration data
 # The reconstruction criterion inverts each consumer's channel Gram matrix with this ridge (times
 # its mean diagonal), so that a channel the others predict exactly still costs a little.
@@ -151,6 +151,7 @@ class PrunePlan:
     slices: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     # Layer position -> where its constant bias is (bias_slots): where mean compensation goes
     biases: dict[int, tuple[int, int]] = field(default_factory=dict)
+    gamma_layers: tuple[int, int] = (0, 0)  # criterion bn: layers scored by their BatchNormalization's γ, of all
 
     @property
     def removed_macs(self) -> float:
@@ -200,22 +201,47 @@ class PrunePlan:
         return rows
 
 
-def analyze(model: onnx.ModelProto, criterion: str = "l2", input_shapes: dict[str, list[int]] | None = None) -> PrunePlan:
+def analyze(model: onnx.ModelProto, criterion: str = "l2", input_shapes: dict[str, list[int]] | None = None,
+            gammas: dict[str, np.ndarray] | None = None) -> PrunePlan:
     """The dependency groups of a (simplified) model, with each prunable group's channel scores.
-    `input_shapes` (static dims, e.g. a calibration sample's) give dynamic models MAC counts."""
-    if criterion not in ("l2", "l1"):
-        raise UsageError(f"analyze() scores by weight magnitude (l2 or l1), not '{criterion}'")
+    `input_shapes` (static dims, e.g. a calibration sample's) give dynamic models MAC counts.
+    Criterion "bn" scores a layer's output channels by `gammas` (|γ| of the BatchNormalization
+    that followed it, by layer name: bn_gammas of the model before simplification fused them);
+    a layer without one is scored by l2."""
+    if criterion not in ("l2", "l1", "bn"):
+        raise UsageError(f"analyze() scores by weight magnitude (l2 or l1) or BatchNormalization γ (bn), not '{criterion}'")
     graph = to_graph(model)
     if input_shapes:
         set_input_shapes(graph, input_shapes)
     get_pass("infer-shapes")(graph, PassContext())  # ranks and spatial sizes for joins and flattens
-    return _Analysis(graph, criterion).run()
+    return _Analysis(graph, criterion, gammas or {}).run()
+
+
+def bn_gammas(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    """|γ| of every inference BatchNormalization with a constant γ that is the only reader of a
+    named Conv / ConvTranspose / Gemm / MatMul's output, by that layer's name (Network Slimming's
+    channel importance, Liu et al. 2017). Read before simplification, which folds them away."""
+    graph = to_graph(model)
+    names = [node.name for node in graph.nodes]
+    gammas = {}
+    for node in graph.nodes:
+        if node.op != "BatchNormalization" or len(node.inputs) < 2 or not node.inputs[0].inputs:
+            continue
+        layer = node.inputs[0].inputs[0]
+        gamma = constant_value(node.inputs[1])
+        if layer.op in LAYER_OPS and layer.name and names.count(layer.name) == 1 and gamma is not None and \
+                gamma.ndim == 1 and len(node.inputs[0].outputs) == 1:
+            gammas[layer.name] = np.abs(gamma.astype(np.float64))
+    return gammas
 
 
 class _Analysis:
-    def __init__(self, graph: gs.Graph, criterion: str):
+    def __init__(self, graph: gs.Graph, criterion: str, gammas: dict[str, np.ndarray] | None = None):
         self.graph = graph
         self.criterion = criterion
+        self.gammas = gammas or {}
+        self.scored_by_gamma = 0  # producers the bn criterion found a γ for
+        self.scored = 0
         self.parent: list[int] = []
         self.groups: list[Group] = []
         self.channels: dict[int, Channels] = {}  # id(tensor) -> its channel axis
@@ -474,7 +500,7 @@ class _Analysis:
     def produce(self, position: int, node: gs.Node, weight: np.ndarray, axis: int) -> int:
         """A new group for the layer's output channels (its weight's `axis`), scored and cut there."""
         gid = self.new_group(weight.shape[axis], node.name)
-        self.score(gid, weight, axis=axis)
+        self.score(gid, weight, axis=axis, name=node.name)
         self.cuts.append(Cut(position, 1, axis, (gid,)))
         return gid
 
@@ -488,9 +514,15 @@ class _Analysis:
         for gid in source.groups:
             self.groups[self.find(gid)].consumers.append(node.name)
 
-    def score(self, gid: int, weight: np.ndarray, axis: int) -> None:
-        moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
-        norms = np.abs(moved).sum(axis=1) if self.criterion == "l1" else np.sqrt((moved**2).sum(axis=1))
+    def score(self, gid: int, weight: np.ndarray, axis: int, name: str = "") -> None:
+        self.scored += 1
+        gamma = self.gammas.get(name) if self.criterion == "bn" and name else None
+        if gamma is not None and gamma.shape == (weight.shape[axis],):
+            norms = gamma
+            self.scored_by_gamma += 1
+        else:
+            moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
+            norms = np.abs(moved).sum(axis=1) if self.criterion == "l1" else np.sqrt((moved**2).sum(axis=1))
         mean = norms.mean()
         self.scores.setdefault(gid, []).append(norms / mean if mean > 0 else norms)
 
@@ -920,7 +952,7 @@ class _Analysis:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
         return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
                          total_macs=total_macs, splits=splits, biases=bias_slots(self.graph),
-                         head_reshapes=head_reshapes, slices=slices)
+                         head_reshapes=head_reshapes, slices=slices, gamma_layers=(self.scored_by_gamma, self.scored))
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:
@@ -1294,9 +1326,11 @@ class PruneReport:
 
 
 def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), *, progress=None,
-          shapes: dict | None = None) -> tuple[onnx.ModelProto, PruneReport]:
+          shapes: dict | None = None, original: onnx.ModelProto | None = None) -> tuple[onnx.ModelProto, PruneReport]:
     """Prune a simplified model: plan, cut, optionally check the cut, refit on `data`
     (a CalibrationData) and return (pruned model, report). The caller reruns the lossless pipeline.
+    Criterion "bn" reads the BatchNormalization γ of `original`, the model before simplification
+    (default: `model`).
 
     With `options.fidelity_target` the ratio is searched (bisection, at most `options.ratio`):
     the largest whose result, refit included, meets the target on the evaluation samples."""
@@ -1306,7 +1340,24 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         options = replace(options, criterion=criterion)
     if criterion in DATA_CRITERIA and data is None:
         raise UsageError(f"--prune-criterion {criterion} needs calibration data (--calibration DIR)")
-    plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data))
+    gammas = bn_gammas(original if original is not None else model) if criterion == "bn" else None
+    plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data),
+                   gammas=gammas)
+    if criterion == "bn":
+        note = (f"criterion bn: {plan.gamma_layers[0]} of {plan.gamma_layers[1]} layers scored by their "
+                "BatchNormalization's |γ|, the others by l2")
+        return _noted(_prune_plan(model, plan, data, options, progress, shapes), note)
+    return _prune_plan(model, plan, data, options, progress, shapes)
+
+
+def _noted(result: tuple[onnx.ModelProto, PruneReport], note: str) -> tuple[onnx.ModelProto, PruneReport]:
+    result[1].notes.insert(0, note)
+    return result
+
+
+def _prune_plan(model, plan: PrunePlan, data, options: PruneOptions, progress, shapes):
+    """prune() once the plan is made: data criteria, allocation, then one ratio or a search."""
+    criterion = options.criterion
     if data is not None and (criterion in DATA_CRITERIA or options.compensate):
         moments = input_moments(model, plan, data, grams=criterion == "reconstruction")
         if criterion in DATA_CRITERIA:

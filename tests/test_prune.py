@@ -258,6 +258,40 @@ def test_fused_projection_whose_parts_go_different_ways_is_frozen():
     assert group_of(plan, "v").frozen  # tied to Q's and K's heads by the attention
 
 
+def test_bn_criterion_keeps_the_channels_of_largest_gamma():
+    """c1 -> BatchNormalization -> Relu -> c2. The simplified model has the BN folded into c1; the
+    bn criterion still ranks c1's channels by the original |γ| (the BN output's scale), where the
+    folded weights' norms (γ/σ·‖w‖) rank the other channels first."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    gamma = np.array([0.01, 5, 0.02, 4, 3, 0.03, 2, 0.04], np.float32)  # channels 1, 3, 4, 6 matter
+    variance = np.where(gamma > 1, 1e4, 1e-4).astype(np.float32)
+    c1 = b.node("Conv", [x, b.initializer("c1_w", weight(8, 3, 3, 3)), b.initializer("c1_b", weight(8))], ["c1"],
+                name="c1", pads=[1, 1, 1, 1])
+    bn = b.node("BatchNormalization", [c1, b.initializer("gamma", gamma), b.initializer("beta", weight(8)),
+                                       b.initializer("mean", weight(8)), b.initializer("var", variance)])
+    b.output(conv(b, b.node("Relu", [bn]), 8, 4, "c2", k=1))
+    model = b.build()
+    options = PruneOptions(ratio=0.5, criterion="bn", reconstruct=False, check_surgery=True)
+    pruned, report = onnxslim.optimize(model, prune_options=options, return_report=True)
+    assert report.pruning.surgery_exact
+    assert any("1 of 2 layers scored by their BatchNormalization" in note for note in report.pruning.notes)
+    kept = next(g["kept"] for g in report.pruning.groups if "c1" in g["producers"])
+    assert kept == 4
+    # The kept filters are c1's channels 1, 3, 4 and 6 (scaled by the folded BatchNormalization).
+    original = weights_of(model)["c1_w"]
+    folded = next(onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer if t.dims[:1] == [4] and len(t.dims) == 4
+                  and t.dims[1] == 3)
+    scale = gamma / np.sqrt(variance + 1e-5)
+    np.testing.assert_allclose(folded, original[[1, 3, 4, 6]] * scale[[1, 3, 4, 6], None, None, None], rtol=1e-5, atol=1e-9)
+    by_norm = analyze(onnxslim.optimize(model, verify=False)).choose(0.5)
+    assert [kept.tolist() for kept in by_norm.kept.values()] == [[0, 2, 5, 7]]
+
+
+def weights_of(model) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
 # ----------------------------------------------------------------------------- what freezes a group
 
 
