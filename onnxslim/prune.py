@@ -306,6 +306,8 @@ class _Analysis:
         self.depthwise = [(position, divided(groups)) for position, groups in self.depthwise]
         self.splits = [(position, tuple(divided(groups) for groups in outputs)) for position, outputs in self.splits]
         self.slices = [(position, entry, divided(before), divided(kept)) for position, entry, before, kept in self.slices]
+        self.head_reshapes = [(position, entry, divided(groups), unit) for position, entry, groups, unit in self.head_reshapes]
+        self.fused = [divided(parts) for parts in self.fused]
         self.channels = {key: replace(channels, groups=divided(channels.groups)) if root in channels.groups else channels
                          for key, channels in self.channels.items()}
         for score in self.scores.pop(root, []):
@@ -319,6 +321,9 @@ class _Analysis:
         are recorded so far. False (nothing changed) where one is laid out beside another group
         (a Concat, a Split), in a depthwise Conv, or is not a whole number of blocks."""
         roots = {self.find(gid) for gid in gids}
+        recorded = [g for _, _, groups, _ in self.head_reshapes for g in groups] + [g for parts in self.fused for g in parts]
+        if any(self.find(g) in roots for g in recorded):
+            return False  # already heads: their Reshapes count them as they are
         if any(self.groups[root].size % unit for root in roots) or any(
                 self.find(g) in roots for _, groups in self.depthwise for g in groups) or any(
                 self.find(g) in roots for _, outputs in self.splits for part in outputs for g in part) or any(
@@ -698,7 +703,7 @@ class _Analysis:
             self.freeze_inputs(node, f"read by {_label(node)} (split sizes unknown or a flattened block)")
             return
         if not self.divide_at(groups, list(itertools.accumulate(sizes))[:-1]):
-            self.freeze_inputs(node, f"{_label(node)} splits a group that is tied to other layers")
+            self.freeze_inputs(node, f"{_label(node)} splits a group that is tied to other layers or laid out twice")
             return
         outputs, start = [], 0
         for size in sizes:
@@ -714,7 +719,10 @@ class _Analysis:
 
     def divide_at(self, groups: list[int], bounds: list[int]) -> bool:
         """Divide the groups (laid out in order, roots) so that every bound falls between two of
-        them; `groups` is updated in place. False if a group to divide is tied to another."""
+        them; `groups` is updated in place. False if a group to divide is tied to another or laid
+        out twice (a Concat of a tensor with itself)."""
+        if len(set(groups)) != len(groups):
+            return False
         for bound in bounds:
             offset = 0
             for index, gid in enumerate(groups):
@@ -754,7 +762,7 @@ class _Analysis:
             self.freeze_inputs(node, f"{_label(node)} slices the channel axis with a step, empty or over blocks")
             return
         if not self.divide_at(groups, [start, end]):
-            self.freeze_inputs(node, f"{_label(node)} slices a group that is tied to other layers")
+            self.freeze_inputs(node, f"{_label(node)} slices a group that is tied to other layers or laid out twice")
             return
         before, kept, offset = [], [], 0
         for gid in groups:

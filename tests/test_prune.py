@@ -249,6 +249,34 @@ def test_fused_qkv_projection_heads_are_a_group():
     assert {(0, 0, 3, 2, 4), (0, 0, 8)} <= reshapes, reshapes
 
 
+def test_heads_split_after_the_reshape_stay_counted_right():
+    """[B, S, 3·H·D] -> [B, S, 3H, D], Transpose, then Split of the heads axis into Q, K and V: the
+    Split divides the heads' group after the Reshape counted it; the Reshape must still count
+    every part's kept heads."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 5, 16])
+    qkv = b.node("MatMul", [x, b.initializer("qkv_w", weight(16, 48))], name="qkv")
+    heads = b.node("Transpose", [b.node("Reshape", [qkv, b.initializer("shape", np.array([0, 0, 12, 4], np.int64))])],
+                   perm=[0, 2, 1, 3])
+    q, k, v = b.node("Split", [heads, b.initializer("sizes", np.array([4, 4, 4], np.int64))], 3, axis=1)
+    scores = b.node("MatMul", [q, b.node("Transpose", [k], perm=[0, 1, 3, 2])])
+    context = b.node("Transpose", [b.node("MatMul", [b.node("Softmax", [scores], axis=-1), v])], perm=[0, 2, 1, 3])
+    merged = b.node("Reshape", [context, b.initializer("merge", np.array([0, 0, 16], np.int64))])
+    b.output(b.node("Add", [b.node("MatMul", [merged, b.initializer("o_w", weight(16, 16))], name="o"), x], ["y"]))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "qkv").prunable
+    reshapes = {tuple(onnx.numpy_helper.to_array(t).tolist()) for t in pruned.graph.initializer
+                if t.data_type == onnx.TensorProto.INT64 and t.dims}
+    assert (0, 0, 6, 4) in reshapes, reshapes  # 2 of 4 heads in each of the three parts
+
+
+def test_slice_of_a_tensor_concatenated_with_itself_freezes_the_group():
+    b = ModelBuilder()
+    c1 = b.node("Relu", [conv(b, b.input("x", [1, 3, 8, 8]), 3, 4, "c1")])
+    b.output(conv(b, sliced(b, b.node("Concat", [c1, c1], axis=1), [2], [6], [1]), 4, 4, "c2", k=1))
+    assert "laid out twice" in frozen_reason(b.build(), "c1")
+
+
 def test_fused_projection_whose_parts_go_different_ways_is_frozen():
     b = ModelBuilder()
     b.output(fused_attention(b, b.input("x", [2, 5, 16]), separate_values=True))
