@@ -11,7 +11,7 @@ its channels (PrunePlan.choose). For every cut:
   exact   the pruned model equals the original with only the removed channels' consumer weights
           zeroed (prune_model's second model): onnxslim.verify.Verifier on 2 random inputs at the
           manifest's first verify shape (float32 tolerance; same input names and output shapes)
-and the share of parameters (initializer elements) removed. A model without prunable groups is
+and the share of parameters (onnxslim.benchmark.count_parameters) removed. A model without prunable groups is
 listed as such. This separates surgery bugs (there must be none) from pruning's accuracy cost,
 which tools/bench_prune.py measures on real images.
 
@@ -28,7 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 TOOLS_DIR = Path(__file__).resolve().parent
@@ -59,6 +58,7 @@ def model_paths(names: list[str] | None) -> dict[str, tuple[Path | None, dict]]:
 
 def check_model(path: Path, shape: dict, ratios: list[float]) -> dict:
     import onnxslim
+    from onnxslim.benchmark import count_parameters
     from onnxslim.prune import analyze, prune_model
     from onnxslim.verify import Verifier
 
@@ -70,7 +70,7 @@ def check_model(path: Path, shape: dict, ratios: list[float]) -> dict:
     if not result["prunable"]:
         result["seconds"] = time.perf_counter() - started
         return result
-    before = parameters(model)
+    before = count_parameters(model)
     for ratio in ratios:
         pruned, zeroed = prune_model(model, plan.choose(ratio))
         try:
@@ -80,13 +80,9 @@ def check_model(path: Path, shape: dict, ratios: list[float]) -> dict:
             invalid = str(error).strip().splitlines()[0][:200]
         check = Verifier(zeroed, shapes=shape, samples=SAMPLES).check(pruned, label="pruned model")
         result["cuts"][str(ratio)] = {"valid": invalid is None, "invalid": invalid, "exact": check.passed,
-                                      "message": check.message, "parameters_removed": 1 - parameters(pruned) / before}
+                                      "message": check.message, "parameters_removed": 1 - count_parameters(pruned) / before}
     result["seconds"] = time.perf_counter() - started
     return result
-
-
-def parameters(model: onnx.ModelProto) -> int:
-    return sum(int(np.prod(tensor.dims)) for tensor in model.graph.initializer)
 
 
 def markdown(report: dict) -> str:
