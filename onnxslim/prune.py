@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import NamedTuple
@@ -166,6 +167,10 @@ class PrunePlan:
     def removed_channels(self) -> int:
         return sum(self.groups[gid].size - len(kept) for gid, kept in self.kept.items())
 
+    def kept_count(self, groups) -> int:
+        """Channels the groups keep, together (all of a group not cut)."""
+        return sum(len(self.kept[gid]) if gid in self.kept else self.groups[gid].size for gid in groups)
+
     def choose(self, ratio: float, *, round_to: int = 1, ratios: dict[int, float] | None = None) -> PrunePlan:
         """Keep each prunable group's strongest channels, removing `ratio` of them, or the group's
         own share in `ratios` (at least one channel stays; with `round_to` the kept count is a
@@ -222,14 +227,14 @@ def bn_gammas(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     named Conv / ConvTranspose / Gemm / MatMul's output, by that layer's name (Network Slimming's
     channel importance, Liu et al. 2017). Read before simplification, which folds them away."""
     graph = to_graph(model)
-    names = [node.name for node in graph.nodes]
+    names = Counter(node.name for node in graph.nodes)
     gammas = {}
     for node in graph.nodes:
         if node.op != "BatchNormalization" or len(node.inputs) < 2 or not node.inputs[0].inputs:
             continue
         layer = node.inputs[0].inputs[0]
         gamma = constant_value(node.inputs[1])
-        if layer.op in LAYER_OPS and layer.name and names.count(layer.name) == 1 and gamma is not None and \
+        if layer.op in LAYER_OPS and layer.name and names[layer.name] == 1 and gamma is not None and \
                 gamma.ndim == 1 and len(node.inputs[0].outputs) == 1:
             gammas[layer.name] = np.abs(gamma.astype(np.float64))
     return gammas
@@ -318,16 +323,16 @@ class _Analysis:
     def coarsen(self, gids: Sequence[int], unit: int) -> bool:
         """Make each of the groups `gids` one of `unit` times fewer channels, each the block of
         `unit` consecutive ones (attention heads out of a projection's features), everywhere they
-        are recorded so far. False (nothing changed) where one is laid out beside another group
-        (a Concat, a Split), in a depthwise Conv, or is not a whole number of blocks."""
+        are recorded so far. False (nothing changed) where one is not a whole number of blocks, is
+        laid out beside another group (a Concat), or is already recorded by a depthwise Conv, a
+        Split or Slice, or as heads (their Reshapes count them as they are)."""
         roots = {self.find(gid) for gid in gids}
-        recorded = [g for _, _, groups, _ in self.head_reshapes for g in groups] + [g for parts in self.fused for g in parts]
-        if any(self.find(g) in roots for g in recorded):
-            return False  # already heads: their Reshapes count them as they are
-        if any(self.groups[root].size % unit for root in roots) or any(
-                self.find(g) in roots for _, groups in self.depthwise for g in groups) or any(
-                self.find(g) in roots for _, outputs in self.splits for part in outputs for g in part) or any(
-                self.find(g) in roots for *_, before, kept in self.slices for g in before + kept):
+        recorded = [g for _, groups in self.depthwise for g in groups]
+        recorded += [g for _, outputs in self.splits for part in outputs for g in part]
+        recorded += [g for *_, before, kept in self.slices for g in before + kept]
+        recorded += [g for _, _, groups, _ in self.head_reshapes for g in groups]
+        recorded += [g for parts in self.fused for g in parts]
+        if any(self.groups[root].size % unit for root in roots) or any(self.find(g) in roots for g in recorded):
             return False
         holds = [cut for cut in self.cuts if any(self.find(g) in roots for g in cut.groups)]
         tensors = [key for key, channels in self.channels.items() if any(self.find(g) in roots for g in channels.groups)]
@@ -809,21 +814,13 @@ class _Analysis:
         channels H heads of D features (coarsen), and [..., H, D] -> [..., H·D] reads them back as
         blocks of D. Only the last one or two entries may involve the channels; the leading ones
         (0 copies, -1 infers) only regroup the rows."""
-        if source.axis == source.rank - 1 and len(shape) == source.rank + 1 and shape[-1] > 0 and shape[-2] > 0:
-            # The split: [..., H·D] -> [..., H, D].
-            if len(source.groups) != 1:
-                return False
-            total = self.groups[self.find(source.groups[0])].size * source.block
-            if source.block != 1 or shape[-1] * shape[-2] != total or not self.coarsen(source.groups, int(shape[-1])):
-                return False
-            self.head_reshapes.append((position, len(shape) - 2, source.groups, 1))
-            self.pass_on(node, Channels(source.groups, len(shape) - 2, len(shape)))
-            return True
-        if source.axis == source.rank - 1 and len(shape) == source.rank + 2 and (shape[-3:] > 0).all():
-            # A fused projection: [..., P·H·D] -> [..., P, H, D], P parts (Q, K, V) of H heads.
+        extra = len(shape) - source.rank  # 1: [..., H·D] -> [..., H, D]; 2: [..., P·H·D] -> [..., P, H, D]
+        if source.axis == source.rank - 1 and extra in (1, 2) and (shape[-1 - extra:] > 0).all():
+            # The split. With P parts (a fused Q, K, V projection) the group is divided into them first.
             if len(source.groups) != 1 or source.block != 1:
                 return False
-            parts_count, heads, size = (int(value) for value in shape[-3:])
+            parts_count = int(shape[-3]) if extra == 2 else 1
+            heads, size = int(shape[-2]), int(shape[-1])
             if parts_count * heads * size != self.groups[self.find(source.groups[0])].size:
                 return False
             parts = [source.groups[0]]
@@ -834,11 +831,13 @@ class _Analysis:
                 parts[-1:] = divided
             if not self.coarsen(parts, size):
                 return False
-            for part in parts:  # the heads' group spans the whole projection: Q, K and V alike
-                self.groups[part].spans = {}
-            self.fused.append(tuple(parts))
+            if extra == 2:
+                for part in parts:  # the heads' group spans the whole projection: Q, K and V alike
+                    self.groups[part].spans = {}
+                self.fused.append(tuple(parts))
             self.head_reshapes.append((position, len(shape) - 2, (parts[0],), 1))
-            self.pass_on(node, Channels(tuple(parts), len(shape) - 2, len(shape), parts=len(shape) - 3))
+            self.pass_on(node, Channels(tuple(parts), len(shape) - 2, len(shape),
+                                        parts=len(shape) - 3 if extra == 2 else None))
             return True
         head = _dim(node.inputs[0], source.rank - 1)
         if source.axis == source.rank - 2 and source.block == 1 and len(shape) == source.rank - 1 and \
@@ -1000,10 +999,10 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
     if remove:
         for position, groups in plan.depthwise:
             if any(gid in plan.kept for gid in groups):
-                nodes[position].attrs["group"] = int(sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in groups))
+                nodes[position].attrs["group"] = plan.kept_count(groups)
         for position, outputs in plan.splits:
             if any(gid in plan.kept for part in outputs for gid in part):
-                sizes = [sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in part) for part in outputs]
+                sizes = [plan.kept_count(part) for part in outputs]
                 _set_split_sizes(nodes[position], sizes, _opset(graph), names)
         for position in plan.flattens:
             node = nodes[position]
@@ -1012,8 +1011,8 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
         for position, entry, before, sliced in plan.slices:
             if any(gid in plan.kept for gid in before + sliced):
                 node = nodes[position]
-                start = sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in before)
-                end = start + sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in sliced)
+                start = plan.kept_count(before)
+                end = start + plan.kept_count(sliced)
                 for index, bound in ((1, start), (2, end)):
                     value = constant_value(node.inputs[index]).copy()
                     value.reshape(-1)[entry] = bound
@@ -1022,7 +1021,7 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
             if any(gid in plan.kept for gid in groups):
                 node = nodes[position]
                 shape = constant_value(node.inputs[1]).astype(np.int64).copy()
-                shape[entry] = unit * sum(len(plan.kept.get(g, range(plan.groups[g].size))) for g in groups)
+                shape[entry] = unit * plan.kept_count(groups)
                 set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), shape))
         interface = {id(tensor) for tensor in graph.inputs + graph.outputs}
         for node in nodes:
@@ -1351,21 +1350,6 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     gammas = bn_gammas(original if original is not None else model) if criterion == "bn" else None
     plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data),
                    gammas=gammas)
-    if criterion == "bn":
-        note = (f"criterion bn: {plan.gamma_layers[0]} of {plan.gamma_layers[1]} layers scored by their "
-                "BatchNormalization's |γ|, the others by l2")
-        return _noted(_prune_plan(model, plan, data, options, progress, shapes), note)
-    return _prune_plan(model, plan, data, options, progress, shapes)
-
-
-def _noted(result: tuple[onnx.ModelProto, PruneReport], note: str) -> tuple[onnx.ModelProto, PruneReport]:
-    result[1].notes.insert(0, note)
-    return result
-
-
-def _prune_plan(model, plan: PrunePlan, data, options: PruneOptions, progress, shapes):
-    """prune() once the plan is made: data criteria, allocation, then one ratio or a search."""
-    criterion = options.criterion
     if data is not None and (criterion in DATA_CRITERIA or options.compensate):
         moments = input_moments(model, plan, data, grams=criterion == "reconstruction")
         if criterion in DATA_CRITERIA:
@@ -1433,6 +1417,9 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
         prunable_channels=chosen.prunable_channels, removed_channels=chosen.removed_channels,
         parameters_before=count_parameters(model), parameters_after=count_parameters(pruned),
     )
+    if options.criterion == "bn":
+        report.notes.append(f"criterion bn: {plan.gamma_layers[0]} of {plan.gamma_layers[1]} layers scored by their "
+                            "BatchNormalization's |γ|, the others by l2")
     report.notes.append(f"allocation: {allocation_note}")
     report.macs_before = plan.total_macs
     report.macs_after = macs_after if macs_after is not None else _model_macs(pruned, input_shapes)
