@@ -8,6 +8,8 @@
 Models and data: those of tools/bench_quant.py (yolov8n-320, ppocr-det, ppocr-rec, ppocr-cls,
 resnet50, mobilenetv2) with its preprocessing and its real images: 16 calibrate (and refit), 13
 are held out for evaluation, one .npz per image in <out>/data/<model>/{calibration,evaluation}/.
+The OCR models get text instead (--ocr-data text, the default): windows of real scanned pages for
+ppocr-det (16 and 13), the text lines in them for ppocr-rec and ppocr-cls (128 and 128).
 
 Configurations, at every ratio of --ratios (the share of each prunable group's channels removed):
   ours l2 + refit       onnxslim.optimize(FP32, prune=R, calibration=CALIBRATION_DIR,
