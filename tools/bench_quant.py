@@ -233,8 +233,8 @@ def load_image_manifest(path: Path = IMAGES_MANIFEST) -> dict:
     roles = ("calibration", "evaluation")
     if not isinstance(text, dict) or any(not isinstance(text.get(role, []), list) for role in roles):
         raise BenchError(f"{path.name}: [text] must have lists 'calibration' and 'evaluation'")
-    sets = [(role, manifest.get(role, [])) for role in ("calibration", "evaluation")]
-    sets += [(f"text {role}", manifest.get("text", {}).get(role, [])) for role in ("calibration", "evaluation")]
+    sets = [(role, manifest.get(role, [])) for role in roles]
+    sets += [(f"text {role}", text.get(role, [])) for role in roles]
     for role, names in sets:
         for name in names:
             if name not in files:
