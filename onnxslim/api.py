@@ -12,9 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.shape_inference
 
 from .calibration import CalibrationData, Preprocess
-from .errors import UsageError, VerificationError
+from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_structure, load, same_file, save, to_graph, to_model
@@ -22,7 +23,7 @@ from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
-from .verify import FidelityBudget, VerificationReport, Verifier
+from .verify import FidelityBudget, Runner, VerificationReport, Verifier, input_shapes, synthesize_inputs
 
 DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
@@ -194,11 +195,12 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
     pruned, report.pruning = prune_channels(simplified, data, options, progress=progress, shapes=verify_shapes,
                                             original=original)
     if report.pruning.surgery_exact is False:
-        raise VerificationError(f"pruning surgery is not exact: {report.pruning.surgery_check}", report)
+        raise VerificationError(f"pruning surgery check failed: {report.pruning.surgery_check}", report)
     graph = to_graph(pruned)
     PassManager(pipeline, context=PassContext(logger=default_logger)).run(graph)
     pruned = to_model(graph, pruned)
-    _check_valid(pruned, original)
+    _check_valid(pruned, original, full=True)  # new weight shapes: strict shape inference checks they fit
+    _check_runs(pruned, original, data, verify_shapes, report.pruning.notes)
     report.after = summarize(pruned)
     report.notes.append(report.pruning.summary())
     if not verify or budget is None or not budget.is_set():
@@ -209,6 +211,26 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
     lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
     report.verification = lossy.check(pruned, label="pruned model")
     return pruned
+
+
+def _check_runs(pruned: onnx.ModelProto, original: onnx.ModelProto, data, shapes, notes: list[str]) -> None:
+    """A pruned model must load and run in onnxruntime and give outputs of the original's shapes
+    (a calibration sample, else a random input); where the original itself cannot run, a note."""
+    try:
+        feed = next(iter(data)) if data is not None else synthesize_inputs(original, input_shapes(original, shapes)[0], 1)[0]
+        expected = Runner(original, label="original model").run(feed)
+    except (VerificationUnavailable, InputSpecError) as error:
+        notes.append(f"the pruned model was not run in onnxruntime: {error}")
+        return
+    try:
+        actual = Runner(pruned, label="pruned model").run(feed)
+    except VerificationUnavailable as error:
+        raise VerificationError(f"pruning broke the model: {error}") from error
+    for name, value in expected.items():
+        if name not in actual or actual[name].shape != value.shape:
+            shape = list(actual[name].shape) if name in actual else "none"
+            raise VerificationError(f"pruning broke the model: output '{name}' has shape {shape}, "
+                                    f"the original's {list(value.shape)}")
 
 
 def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,
@@ -233,12 +255,13 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
     return quantized
 
 
-def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, *, full: bool = False) -> None:
     """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says,
-    unless the input was invalid to begin with (then that is the error)."""
+    unless the input was invalid to begin with (then that is the error). `full`: onnx.checker's
+    full check (strict shape inference too)."""
     try:
-        check_structure(model)
-    except (onnx.checker.ValidationError, ValueError) as error:
+        check_structure(model, full=full)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
         load(original, check=True)  # raises ModelLoadError if the input itself is invalid
         raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
 

@@ -217,7 +217,7 @@ def _quantization_kwargs(
         given = [flag for flag, value in quantize_only.items() if value]
         if given:
             raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
-        return data if pruning else {}
+        return {**data, "progress": _progress_bar()} if pruning else {}
     if weight_form and mode != "weights":
         raise UsageError("--weight-form applies to --quantize-mode weights")
     options = QuantizeOptions(
@@ -450,7 +450,7 @@ def inspect(model, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
 @debug_option
 def prune_plan(model, ratio, criterion, as_json):
-    """Show MODEL's channel groups: members, channels, share of parameters, frozen and why."""
+    """Show MODEL's channel groups: members, channels, share of parameters and MACs, frozen and why."""
     simplified = api.optimize(model, verify=False)
     gammas = bn_gammas(load(model, check=False)) if criterion == "bn" else None
     plan = analyze(simplified, criterion, gammas=gammas).choose(ratio)
@@ -458,11 +458,12 @@ def prune_plan(model, ratio, criterion, as_json):
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
-    table = Table("group", "channels", f"kept at {ratio:g}", "params", "producers", "consumers", "frozen because", box=None)
+    table = Table("group", "channels", f"kept at {ratio:g}", "params", "MACs", "producers", "consumers", "frozen because",
+                  box=None)
     for row in rows:
         table.add_row(
             str(row["group"]), str(row["channels"]), str(row["kept"]), f"{row['parameter_share']:.1%}",
-            _names(row["producers"]), _names(row["consumers"]), row["frozen"] or "",
+            _share(row["mac_share"]), _names(row["producers"]), _names(row["consumers"]), row["frozen"] or "",
         )
     console.print(table)
     prunable = [row for row in rows if not row["frozen"]]
@@ -570,8 +571,7 @@ def _print_optimize_report(report: OptimizeReport) -> None:
         for group in report.run.unconverged:
             console.print(f"[yellow]warning:[/] {group} did not converge")
     if report.pruning is not None:
-        console.print(f"pruning: {report.pruning.summary()}", soft_wrap=True)
-        console.print(f"surgery check: {report.pruning.surgery_check}", soft_wrap=True)
+        _print_pruning(report.pruning)
     if report.quantization is not None:
         _print_quantization(report.quantization)
     if report.verification is not None:
@@ -608,6 +608,38 @@ def _print_quantization(report) -> None:
         console.print(f"  ... {len(report.layers) - 12} more layers in the --json report")
     for note in report.notes:
         console.print(f"  note: {note}", soft_wrap=True)
+
+
+def _print_pruning(report, shown: int = 12) -> None:
+    console.print(f"pruning: {report.summary()}", soft_wrap=True)
+    console.print(f"surgery check: {report.surgery_check}", soft_wrap=True)
+    cut = sorted((group for group in report.groups if group["kept"] < group["channels"]),
+                 key=lambda group: -(group["removed_score_share"] or 0.0))
+    if cut:
+        table = Table("group", "producers", "channels", "params", "MACs", "score removed", title="groups cut (costliest first)",
+                      title_justify="left", box=None)
+        for group in cut[:shown]:
+            table.add_row(str(group["group"]), _names(group["producers"], 2), f"{group['channels']} -> {group['kept']}",
+                          f"{group['parameter_share']:.1%}", _share(group["mac_share"]), _share(group["removed_score_share"]))
+        console.print(table)
+        if len(cut) > shown:
+            console.print(f"  ... {len(cut) - shown} more groups in the --json report")
+    fitted = sorted(((name, layer) for name, layer in report.reconstruction.items() if layer["error_before"] is not None),
+                    key=lambda item: -item[1]["error_before"])
+    if fitted:
+        table = Table("layer", "status", "error before", "after", "ridge", title="refit layers (output error, worst first)",
+                      title_justify="left", box=None)
+        for name, layer in fitted[:shown]:
+            after = layer["error_after"] if layer["status"] == "refit" else layer["error_before"]
+            table.add_row(name, layer["status"], f"{layer['error_before']:.4f}", f"{after:.4f}",
+                          "" if layer["ridge"] is None else f"{layer['ridge']:g}")
+        console.print(table)
+        if len(fitted) > shown:
+            console.print(f"  ... {len(fitted) - shown} more layers in the --json report")
+
+
+def _share(value) -> str:
+    return "" if value is None else f"{value:.1%}"
 
 
 def _decibels(value) -> str:

@@ -93,13 +93,15 @@ def _check(model: onnx.ModelProto, path: Path | None) -> None:
 CHECKED_TENSOR_BYTES = 1 << 16
 
 
-def check_structure(model: onnx.ModelProto) -> None:
+def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
     """onnx.checker on the model with its large top-level weights replaced by typed inputs.
 
     The checker serializes the whole model; for a 350 MB transformer that is over a second,
     spent copying weights whose only checkable property, dims against data size, numpy and
     protobuf already guarantee. Graph structure, ops, attributes, types, small tensors and
-    bodies are checked in full. Raises onnx.checker.ValidationError.
+    bodies are checked in full. `full`: the checker's full check, which adds strict shape
+    inference (the weights' dims take part in it as the inputs' dims). Raises
+    onnx.checker.ValidationError (or onnx.shape_inference.InferenceError with `full`).
     """
     def large(tensor: onnx.TensorProto) -> bool:
         itemsize = _itemsize(tensor.data_type)
@@ -107,7 +109,7 @@ def check_structure(model: onnx.ModelProto) -> None:
 
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
-    onnx.checker.check_model(skeleton)
+    onnx.checker.check_model(skeleton, full_check=full)
 
 
 def weightless_copy(model: onnx.ModelProto, large, inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:

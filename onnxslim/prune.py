@@ -191,9 +191,15 @@ class PrunePlan:
         return replace(self, kept=kept)
 
     def describe(self) -> list[dict]:
-        """One row per group: members, channels before/after, share of parameters, frozen and why."""
+        """One row per group: members, channels before/after, share of the model's parameters and
+        multiply-adds, the share of the group's criterion score its removed channels carried
+        (None for a group not scored), frozen and why."""
         rows = []
         for gid, group in sorted(self.groups.items()):
+            removed_score = None
+            if group.scores is not None and float(np.sum(group.scores)) > 0:
+                kept = self.kept.get(gid, np.arange(group.size))
+                removed_score = 1.0 - float(np.sum(group.scores[kept]) / np.sum(group.scores))
             rows.append({
                 "group": gid,
                 "channels": group.size,
@@ -202,6 +208,8 @@ class PrunePlan:
                               else name for name in group.producers],
                 "consumers": list(group.consumers),
                 "parameter_share": group.parameters * group.size / self.total_parameters if self.total_parameters else 0.0,
+                "mac_share": group.macs * group.size / self.total_macs if self.total_macs else None,
+                "removed_score_share": removed_score,
                 "frozen": group.frozen,
             })
         return rows
@@ -1396,7 +1404,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
 
 
 def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio: float, progress, shapes):
-    from .verify import FidelityPool, Runner, Verifier
+    from .verify import FidelityPool, Runner, Verifier, synthesize_inputs
 
     ratios, allocation_note = None, "every group loses the same share (uniform)"
     if costs is not None and (ratio > 0 or options.macs or options.parameters):
@@ -1425,12 +1433,15 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     report.macs_before = plan.total_macs
     report.macs_after = macs_after if macs_after is not None else _model_macs(pruned, input_shapes)
     if options.check_surgery:
-        feeds = list(data.limit(2)) if data is not None and not data.synthetic else None
         zeroed = _apply(model, chosen, remove=False)  # built only for the check: a second export of the model
-        check = Verifier(zeroed, inputs=feeds, shapes=shapes, samples=2).check(pruned, label="pruned model")
+        feeds = list(data.limit(2)) if data is not None and not data.synthetic else []
+        if feeds:  # the user's samples, and random ones of their shapes (no data: random ones only)
+            feeds += synthesize_inputs(zeroed, {name: list(array.shape) for name, array in feeds[0].items()}, 2)
+        check = Verifier(zeroed, inputs=feeds or None, shapes=shapes, samples=2).check(pruned, label="pruned model")
+        inputs = f"{len(feeds) - 2} calibration samples and 2 random inputs" if feeds else "2 random inputs"
         report.surgery_exact = check.passed
-        report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed, "
-                                f"{check.message}") if check.passed else f"NOT exact: {check.message}"
+        report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed "
+                                f"on {inputs}, {check.message}") if check.passed else f"NOT exact on {inputs}: {check.message}"
     if data is None:
         report.notes.append("no calibration data: no reconstruction and no fidelity figures")
         return pruned, report

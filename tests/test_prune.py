@@ -16,6 +16,7 @@ from onnxslim.calibration import CalibrationData
 from onnxslim.cli import cli
 from onnxslim.errors import UsageError
 from onnxslim.prune import PruneOptions, analyze, prune_model
+from onnxslim.quantize import QuantizeOptions
 
 rng_seed = iter(range(1000))
 
@@ -452,6 +453,63 @@ def test_the_weakest_channels_go():
                              b.initializer("w2", weight(4, 6, 1, 1))], ["y"], name="c2"))
     plan = analyze(b.build()).choose(2 / 6)
     assert list(plan.kept[0]) == [0, 2, 3, 5]
+    row = plan.describe()[0]
+    assert row["removed_score_share"] < 1e-3 and row["kept"] == 4  # the two removed filters carried next to nothing
+    assert row["mac_share"] == pytest.approx(1.0)  # every multiply-add of c1 and c2 makes or reads its channels
+
+
+def between(b, op, c1):
+    """`op` between a producer of 8 channels (c1) and the layer that reads them; returns its output."""
+    if op == "InstanceNormalization":
+        return b.node(op, [c1, b.initializer("in_scale", weight(8)), b.initializer("in_bias", weight(8))])
+    if op == "Resize":
+        return b.node(op, [c1, "", b.initializer("scales", np.array([1, 1, 2, 2], np.float32))], mode="nearest")
+    if op == "Pad":
+        return b.node(op, [c1, b.initializer("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))])
+    if op == "Dropout":
+        return b.node(op, [c1])
+    if op == "ReduceMean":
+        return b.node(op, [c1], axes=[2, 3], keepdims=1)
+    if op == "Squeeze+Unsqueeze":
+        axes = b.initializer("axes", np.array([2, 3], np.int64))
+        return b.node("Unsqueeze", [b.node("Squeeze", [b.node("GlobalAveragePool", [c1]), axes]), axes])
+    raise AssertionError(op)
+
+
+@pytest.mark.parametrize("op", ["InstanceNormalization", "Resize", "Pad", "Dropout", "ReduceMean", "Squeeze+Unsqueeze"])
+def test_ops_that_carry_the_channels_are_cut_exactly(op):
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, b.node("Relu", [between(b, op, conv(b, x, 3, 8, "c1"))]), 8, 4, "c2", k=1, pads=[0, 0, 0, 0]))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable and len(plan.kept[group_of(plan, "c1").id]) == 4
+    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    assert dims["c2_w"] == (4, 4, 1, 1)
+    assert all(dims[name] == (4,) for name in ("in_scale", "in_bias") if name in dims)
+
+
+def test_conv_transpose_produces_and_consumes_channels():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    up = b.node("ConvTranspose", [b.node("Relu", [conv(b, x, 3, 8, "c1")]), b.initializer("ct_w", weight(8, 6, 2, 2)),
+                                  b.initializer("ct_b", weight(6))], ["ct"], name="ct", strides=[2, 2])
+    b.output(conv(b, b.node("Relu", [up]), 6, 4, "c2"))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable and group_of(plan, "ct").prunable
+    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    assert dims["ct_w"] == (4, 3, 2, 2) and dims["ct_b"] == (3,) and dims["c2_w"] == (4, 3, 3, 3)
+
+
+def test_gemm_chain_cuts_columns_of_the_producer_and_rows_of_the_consumer():
+    b = ModelBuilder()
+    x = b.input("x", [2, 6])
+    hidden = b.node("Gemm", [x, b.initializer("g1_w", weight(8, 6)), b.initializer("g1_b", weight(8))], ["g1"],
+                    name="g1", transB=1)
+    b.output(b.node("Gemm", [b.node("Relu", [hidden]), b.initializer("g2_w", weight(8, 4)), b.initializer("g2_b", weight(4))],
+                    ["y"], name="g2"))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "g1").prunable
+    assert {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()} == {"g1_w": (4, 6), "g1_b": (4,), "g2_w": (4, 4), "g2_b": (4,)}
 
 
 # ----------------------------------------------------------------------------- the whole step
@@ -479,6 +537,70 @@ def test_optimize_prunes_checks_the_surgery_and_refits():
     assert pruning.fidelity["pruned + refit"]["sqnr_db"] > pruning.fidelity["pruned"]["sqnr_db"] + 3
 
 
+def test_prune_then_int8_in_one_optimize_call():
+    model = small_net()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=200 + i)} for i in range(24)])
+    options = PruneOptions(ratio=0.5, check_surgery=True, allocation="uniform")
+    out, report = onnxslim.optimize(model, prune_options=options, quantize="int8", calibration=data,
+                                    quantize_options=QuantizeOptions(mode="full"), return_report=True)
+    assert report.pruning.surgery_exact is True and report.pruning.removed_channels == 16
+    assert report.quantization is not None and report.verification.passed
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in out.graph.node}
+    # the int8 weights are the pruned ones: conv "b" keeps 8 of its 16 filters and reads 8 channels
+    int8 = [tuple(t.dims) for t in out.graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+    assert sorted(int8) == [(8, 3, 3, 3), (8, 8, 3, 3)]
+
+
+def test_a_surgery_bug_fails_the_check_and_writes_nothing(tmp_path, monkeypatch):
+    import onnxslim.prune as prune_module
+
+    apply = prune_module._apply
+
+    def broken(model, plan, remove):
+        result = apply(model, plan, remove)
+        if remove:  # one kept weight off by 0.5: what a wrong index in the surgery would do
+            tensor = next(t for t in result.graph.initializer if len(t.dims) == 4)
+            array = onnx.numpy_helper.to_array(tensor).copy()
+            array.flat[0] += 0.5
+            tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+        return result
+
+    monkeypatch.setattr(prune_module, "_apply", broken)
+    data = CalibrationData.from_feeds(small_net(), [{"x": random([1, 3, 8, 8], seed=300 + i)} for i in range(8)])
+    with pytest.raises(onnxslim.VerificationError, match="surgery check failed: NOT exact"):
+        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, check_surgery=True), calibration=data)
+    path, out = tmp_path / "net.onnx", tmp_path / "out.onnx"
+    onnx.save(small_net(), path)
+    before = path.read_bytes()
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(out), "--prune", "0.5", "--check-surgery", "--quiet"])
+    assert result.exit_code == onnxslim.VerificationError.exit_code and "NOT exact" in result.output and "Traceback" not in result.output
+    assert not out.exists() and path.read_bytes() == before
+
+
+@pytest.mark.parametrize("layer, error", [("fc", "not valid ONNX"), ("b_w", "pruning broke the model")])
+def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, error):
+    """A consumer weight that reads one channel too many: onnx.checker's full check (strict shape
+    inference) refuses the Gemm; onnx's Conv inference does not check input channels, so running
+    the pruned model in onnxruntime, which every pruning does, catches the Conv."""
+    import onnxslim.prune as prune_module
+
+    apply = prune_module._apply
+
+    def misfit(model, plan, remove):
+        result = apply(model, plan, remove)
+        if remove:
+            tensor = next(t for t in result.graph.initializer if t.name.startswith(layer))
+            array = onnx.numpy_helper.to_array(tensor)
+            # axis 1 reads the inputs in both: Conv (out, in, k, k) and the transB Gemm (out, in)
+            wider = np.concatenate([array, array[:, :1]], axis=1)  # one input channel more than arrive
+            tensor.CopyFrom(onnx.numpy_helper.from_array(wider, tensor.name))
+        return result
+
+    monkeypatch.setattr(prune_module, "_apply", misfit)
+    with pytest.raises(onnxslim.VerificationError, match=error):
+        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, allocation="uniform"), verify=False)
+
+
 def test_optimize_without_data_prunes_without_refit():
     pruned, report = onnxslim.optimize(small_net(), prune=0.25, verify=False, return_report=True)
     assert report.pruning.removed_channels == 8 and not report.pruning.reconstruction
@@ -490,6 +612,7 @@ def test_cli_prune_plan_and_bad_ratio(tmp_path):
     onnx.save(small_net(), path)
     result = CliRunner().invoke(cli, ["prune-plan", str(path)])
     assert result.exit_code == 0 and "graph output 'y'" in result.output and "2 of 3 groups prunable" in result.output
+    assert "MACs" in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "1.5"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--plot", str(tmp_path / "p.png")])
@@ -498,6 +621,24 @@ def test_cli_prune_plan_and_bad_ratio(tmp_path):
                                       "--calibration", "random", "--quiet"])
     assert result.exit_code == 0, result.output
     assert onnx.load(tmp_path / "out.onnx").graph.initializer
+
+
+def test_cli_pruning_alone_reports_progress_and_the_groups_cut(tmp_path, monkeypatch):
+    seen = {}
+    optimize_file = onnxslim.api.optimize_file
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return optimize_file(*args, **kwargs)
+
+    monkeypatch.setattr(onnxslim.api, "optimize_file", spy)
+    path = tmp_path / "net.onnx"
+    onnx.save(small_net(), path)
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5",
+                                      "--calibration", "random"])
+    assert result.exit_code == 0, result.output
+    assert callable(seen["progress"])  # the refit's and the sensitivity runs' progress bar
+    assert "groups cut" in result.output and "16 -> " in result.output
 
 
 def test_cli_plot_writes_a_png(tmp_path):
