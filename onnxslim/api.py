@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 
-from .calibration import CalibrationData, Preprocess
+from .calibration import CalibrationData, Preprocess, fidelity_split
 from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
@@ -207,7 +207,7 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
         report.verification = None
         report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
         return pruned
-    feeds = list(data.tail(min(8, len(data)))) if data is not None and not data.synthetic else None
+    feeds = list(fidelity_split(data, options.held_out)[1]) if data is not None and not data.synthetic else None
     lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
     report.verification = lossy.check(pruned, label="pruned model")
     return pruned

@@ -603,6 +603,23 @@ class CalibrationData:
         return cls(samples[:limit] if limit else samples, source=source)
 
 
+# Without samples held out, fidelity is measured on this many of the last calibration samples.
+EVALUATION_SAMPLES = 8
+
+
+def fidelity_split(data: CalibrationData | None, held_out: int):
+    """(the samples to calibrate or fit on, the samples fidelity is measured on): with held_out > 0
+    the last samples are kept apart; otherwise all samples serve and the last EVALUATION_SAMPLES
+    of them also measure fidelity."""
+    if data is None:
+        return None, None
+    if held_out > 0:
+        return data.split(held_out)
+    if len(data) <= EVALUATION_SAMPLES:
+        return data, data
+    return data, data.tail(EVALUATION_SAMPLES)
+
+
 def _listing(folder: Path) -> list[Path]:
     files = [entry for entry in folder.iterdir() if entry.is_file() and not entry.name.startswith(".")]
     return sorted(files, key=lambda entry: entry.name)

@@ -118,6 +118,10 @@ def quantization_options(function):
         show_default=True, help="How activation ranges are chosen (auto: minmax, percentile and mse are tried, the most faithful kept).",
     )
     @click.option("--calibration-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
+    @click.option("--held-out", type=click.IntRange(0), default=0, show_default=True, metavar="N",
+                  help="Keep the last N calibration samples apart: quantization and pruning do not fit on them, and "
+                       "fidelity (and --fidelity-target) is measured on them. 0: all samples serve, and fidelity is "
+                       "measured on the last 8 of them.")
     @click.option(
         "--quantize-mode", type=click.Choice(["auto", "full", "weights"]), default="auto", show_default=True,
         help="full: weights and activations (integer kernels); weights: weights only (float speed, 4x smaller); "
@@ -188,23 +192,23 @@ def pruning_options(function):
 
 
 def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target, macs,
-                    parameters) -> dict:
+                    parameters, held_out=0) -> dict:
     if prune is None and macs is None and parameters is None:
         return {}
     return {"prune_options": PruneOptions(ratio=prune if prune is not None else 0.0, criterion=criterion, macs=macs,
                                           parameters=parameters,
                                           round_to=round_to,
                                           reconstruct=not no_reconstruct, check_surgery=check_surgery,
-                                          allocation=allocation,
+                                          allocation=allocation, held_out=held_out,
                                           fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None)}
 
 
 def _quantization_kwargs(
     quantize, calibration, preprocess, method, limit, mode, activation_type, symmetric, per_tensor, weight_form, exclude,
-    fidelity_target, no_bias_correction, reduce_range, keep_names, pruning=False,
+    fidelity_target, no_bias_correction, reduce_range, keep_names, held_out=0, pruning=False,
 ) -> dict:
     quantize_only = {
-        "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit,
+        "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit, "--held-out": held_out,
         "--fidelity-target": fidelity_target, "--weight-form": weight_form,
         "--exclude": exclude, "--symmetric-activations": symmetric, "--per-tensor": per_tensor,
         "--keep-names": keep_names,
@@ -213,7 +217,7 @@ def _quantization_kwargs(
         data = {"calibration": calibration, "preprocess": preprocess, "calibration_limit": limit}
         if pruning:  # calibration data serves pruning's refit too
             quantize_only = {flag: value for flag, value in quantize_only.items()
-                             if flag not in ("--calibration", "--preprocess", "--calibration-limit")}
+                             if flag not in ("--calibration", "--preprocess", "--calibration-limit", "--held-out")}
         given = [flag for flag, value in quantize_only.items() if value]
         if given:
             raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
@@ -232,6 +236,7 @@ def _quantization_kwargs(
         bias_correction=not no_bias_correction,
         reduce_range=reduce_range,
         keep_names=keep_names,
+        held_out=held_out,
     )
     return {
         "quantize": quantize,
@@ -300,7 +305,7 @@ def cli():
 def optimize(
     source, destination, pipeline, passes, skip, fold_size_cap, input_shapes, no_verify, inputs, verify_shapes, samples, seed,
     tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
-    json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode,
+    json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, held_out, quantize_mode,
     activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
     reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_params, prune_round,
     no_reconstruct, prune_plot, check_surgery,
@@ -319,10 +324,10 @@ def optimize(
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
         symmetric_activations, per_tensor, weight_form, exclude, None if prune_target else fidelity_target,
-        no_bias_correction, reduce_range, keep_names, pruning=pruning_asked,
+        no_bias_correction, reduce_range, keep_names, held_out, pruning=pruning_asked,
     )
     pruning = _pruning_kwargs(prune, prune_criterion, prune_round, no_reconstruct, check_surgery, prune_allocation,
-                              prune_target, prune_macs, prune_params)
+                              prune_target, prune_macs, prune_params, held_out)
     skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
     chosen = api.resolve_pipeline(pipeline, passes, skipped)
     if fold_size_cap is not None:
@@ -636,6 +641,8 @@ def _print_pruning(report, shown: int = 12) -> None:
         console.print(table)
         if len(fitted) > shown:
             console.print(f"  ... {len(fitted) - shown} more layers in the --json report")
+    for note in report.notes:
+        console.print(f"  note: {note}", soft_wrap=True)
 
 
 def _share(value) -> str:

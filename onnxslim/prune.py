@@ -39,6 +39,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .benchmark import count_parameters
+from .calibration import fidelity_split
 from .errors import UsageError
 from .graph import constant_value, constants, node_subgraphs, set_input, unique_names, walk
 from .manager import PassContext, get_pass
@@ -1279,6 +1280,10 @@ class PruneOptions:
     macs: float | None = None  # instead of `ratio`: this share of the model's multiply-adds removed
     parameters: float | None = None  # instead of `ratio`: this share of the model's parameters removed
     compensate: bool = True  # with data: removed channels' mean contribution moves into the consumers' biases
+    # Samples kept apart: the last `held_out` calibration samples are not used to choose, allocate
+    # or refit, and the fidelity figures (and the fidelity target's search) are measured on them.
+    # Default 0: every sample serves, and fidelity is measured on the last 8 of them.
+    held_out: int = 0
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -1293,6 +1298,8 @@ class PruneOptions:
             raise UsageError(f"prune allocation must be one of {', '.join(ALLOCATIONS)}, not '{self.allocation}'")
         if self.round_to < 1:
             raise UsageError(f"--prune-round takes a positive multiple, not {self.round_to}")
+        if self.held_out < 0:
+            raise UsageError(f"--held-out takes a number of samples, not {self.held_out}")
 
 
 @dataclass
@@ -1356,6 +1363,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         options = replace(options, criterion=criterion)
     if criterion in DATA_CRITERIA and data is None:
         raise UsageError(f"--prune-criterion {criterion} needs calibration data (--calibration DIR)")
+    data, evaluation = fidelity_split(data, options.held_out)
     gammas = bn_gammas(original if original is not None else model) if criterion == "bn" else None
     plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data),
                    gammas=gammas)
@@ -1372,27 +1380,30 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         costs = sensitivity_costs(model, plan, data, progress=progress)
     target = options.fidelity_target
     if target is None:
-        return _prune_at(model, plan, costs, data, options, options.ratio, progress, shapes)
+        return _prune_at(model, plan, costs, data, evaluation, options, options.ratio, progress, shapes)
     if data is None:
         raise UsageError("a fidelity target for pruning needs calibration data (--calibration DIR)")
     tried = []
     low, high = 0.0, options.ratio
     best = None
-    candidate = _prune_at(model, plan, costs, data, replace(options, check_surgery=False), high, progress, shapes)
+    candidate = _prune_at(model, plan, costs, data, evaluation, replace(options, check_surgery=False), high, progress,
+                          shapes)
     tried.append((high, candidate[1].final_fidelity()))
     if target.met(candidate[1].final_fidelity()):
         best = (high, candidate)
     else:
         for _ in range(SEARCH_STEPS):
             middle = (low + high) / 2
-            candidate = _prune_at(model, plan, costs, data, replace(options, check_surgery=False), middle, progress, shapes)
+            candidate = _prune_at(model, plan, costs, data, evaluation, replace(options, check_surgery=False), middle,
+                                  progress, shapes)
             tried.append((middle, candidate[1].final_fidelity()))
             if target.met(candidate[1].final_fidelity()):
                 low, best = middle, (middle, candidate)
             else:
                 high = middle
     ratio = best[0] if best is not None else 0.0
-    pruned, report = _prune_at(model, plan, costs, data, options, ratio, progress, shapes) if options.check_surgery or best is None \
+    pruned, report = _prune_at(model, plan, costs, data, evaluation, options, ratio, progress, shapes) \
+        if options.check_surgery or best is None \
         else best[1]
     report.notes.append(
         f"fidelity target {target}: ratio {ratio:.3f} is the largest found meeting it (tried "
@@ -1403,7 +1414,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     return pruned, report
 
 
-def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio: float, progress, shapes):
+def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOptions, ratio: float, progress, shapes):
     from .verify import FidelityPool, Runner, Verifier, synthesize_inputs
 
     ratios, allocation_note = None, "every group loses the same share (uniform)"
@@ -1448,7 +1459,9 @@ def _prune_at(model, plan: PrunePlan, costs, data, options: PruneOptions, ratio:
     refit = pruned
     if options.reconstruct and chosen.kept:
         refit = _reconstruct(model, pruned, chosen, data, report, progress, options.refit == "downstream")
-    evaluation = list(data.tail(min(8, len(data))))
+    report.notes.append(f"fidelity measured on {len(evaluation)} held-out samples" if options.held_out else
+                        f"fidelity measured on the last {len(evaluation)} calibration samples, which the refit saw "
+                        "too (--held-out N keeps samples apart)")
     reference = Runner(model, label="original model")
     candidates = {"pruned": Runner(pruned, label="pruned model")}
     if refit is not pruned:

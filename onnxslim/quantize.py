@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibration import CalibrationData, calibrate_range_sets, capture_activations
+from .calibration import CalibrationData, calibrate_range_sets, capture_activations, fidelity_split
 from .errors import InputSpecError, UsageError, VerificationUnavailable
 from .graph import constant_value, is_empty
 from .manager import PassContext, get_pass
@@ -63,7 +63,6 @@ SELECTION_SAMPLES = 8
 # clips nothing it saw, while the others' gains on typical samples can turn into clipping on
 # unusual ones (ResNet-50: percentile +1.2 dB on calibration images, -3.2 dB on held-out ones).
 CLIPPING_MARGIN_DB = 2.0
-EVALUATION_SAMPLES = 8
 PER_CHANNEL_OPSET = 13
 # auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
 # much faster than float its measured latency must be to be chosen.
@@ -183,7 +182,7 @@ class QuantizeOptions:
     reduce_range: bool | None = None  # 7-bit weights in full mode; None: when the CPU is x86 without VNNI
     # Samples kept apart to measure fidelity on. Default 0: every sample calibrates (a sample left
     # out is a range left unseen: on ResNet-50 holding out 3 of 16 cost 6 dB), and fidelity is
-    # measured on the last EVALUATION_SAMPLES of them, which the report says.
+    # measured on the last calibration.EVALUATION_SAMPLES of them, which the report says.
     held_out: int = 0
     keep_names: bool = False  # else internal tensors get short names (see the shorten-names pass)
 
@@ -274,7 +273,7 @@ def quantize_model(
         options = replace(options, reduce_range=cpu.saturates)
     if options.mode == "full" and data is None:
         raise UsageError("full int8 quantization needs calibration data (--calibration DIR)")
-    calibration, evaluation = _split(data, options.held_out)
+    calibration, evaluation = fidelity_split(data, options.held_out)
     report = QuantizationReport(
         mode=options.mode,
         reason="",
@@ -456,20 +455,8 @@ def _latencies_ms(models: dict[str, onnx.ModelProto], feed: dict, runs: int = LA
 
 
 def evaluation_samples(data: CalibrationData, held_out: int = 0) -> CalibrationData:
-    """The samples fidelity is measured on (see _split)."""
-    return _split(data, held_out)[1]
-
-
-def _split(data: CalibrationData | None, held_out: int):
-    """(calibration, evaluation): with held_out > 0 the last samples are kept apart; otherwise
-    all samples calibrate and the last EVALUATION_SAMPLES of them also measure fidelity."""
-    if data is None:
-        return None, None
-    if held_out > 0:
-        return data.split(held_out)
-    if len(data) <= EVALUATION_SAMPLES:
-        return data, data
-    return data, data.tail(EVALUATION_SAMPLES)
+    """The samples fidelity is measured on (see calibration.fidelity_split)."""
+    return fidelity_split(data, held_out)[1]
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -537,6 +537,29 @@ def test_optimize_prunes_checks_the_surgery_and_refits():
     assert pruning.fidelity["pruned + refit"]["sqnr_db"] > pruning.fidelity["pruned"]["sqnr_db"] + 3
 
 
+def test_held_out_samples_are_not_fitted_and_measure_the_fidelity():
+    from onnxslim.verify import FidelityPool, Runner
+
+    model = small_net()
+    feeds = [{"x": random([1, 3, 8, 8], seed=400 + i)} for i in range(24)]
+    data = CalibrationData.from_feeds(model, feeds)
+    options = PruneOptions(ratio=0.5, allocation="uniform", held_out=4)
+    pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    assert any("measured on 4 held-out samples" in note for note in report.pruning.notes)
+    pool = FidelityPool()
+    reference, candidate = Runner(model), Runner(pruned)
+    for feed in feeds[-4:]:
+        pool.add(reference.run(feed)["y"], candidate.run(feed)["y"])
+    assert report.pruning.fidelity["pruned + refit"]["sqnr_db"] == pytest.approx(pool.sqnr_db(), abs=1e-3)
+    # the refit saw 20 samples, not the 4 held out: fitting on all 24 gives other weights
+    everything = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.5, allocation="uniform"), calibration=data,
+                                   verify=False)
+    assert not all(np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
+                   for a, b in zip(pruned.graph.initializer, everything.graph.initializer))
+    with pytest.raises(onnxslim.OnnxSlimError, match="cannot hold out 24 of 24"):
+        onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.5, held_out=24), calibration=data, verify=False)
+
+
 def test_prune_then_int8_in_one_optimize_call():
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=200 + i)} for i in range(24)])
@@ -617,6 +640,8 @@ def test_cli_prune_plan_and_bad_ratio(tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--plot", str(tmp_path / "p.png")])
     assert result.exit_code == 2 and "add --prune" in result.output
+    result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--held-out", "2"])
+    assert result.exit_code == 2 and "--held-out applies" in result.output
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5", "--check-surgery",
                                       "--calibration", "random", "--quiet"])
     assert result.exit_code == 0, result.output
@@ -635,8 +660,9 @@ def test_cli_pruning_alone_reports_progress_and_the_groups_cut(tmp_path, monkeyp
     path = tmp_path / "net.onnx"
     onnx.save(small_net(), path)
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5",
-                                      "--calibration", "random"])
+                                      "--calibration", "random", "--held-out", "2"])
     assert result.exit_code == 0, result.output
+    assert seen["prune_options"].held_out == 2 and "measured on 2 held-out samples" in result.output
     assert callable(seen["progress"])  # the refit's and the sensitivity runs' progress bar
     assert "groups cut" in result.output and "16 -> " in result.output
 
