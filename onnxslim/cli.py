@@ -181,7 +181,7 @@ def pruning_options(function):
                   help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
     @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
     @click.option("--plot", "prune_plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Write a PNG of kept channels per group and each refit layer's error (needs matplotlib).")
+                  help="Write a PNG of the channels kept per layer and each refit layer's error (needs matplotlib).")
     @click.option("--check-surgery", is_flag=True,
                   help="Check that the pruned model equals the original with the removed channels' weights zeroed.")
     @functools.wraps(function)

@@ -1733,8 +1733,8 @@ def _model_macs(model: onnx.ModelProto, input_shapes: dict | None) -> int:
 
 
 def plot_report(report: PruneReport, path) -> None:
-    """A PNG of kept channels per group and each refit layer's error before and after
-    (matplotlib, the `plot` extra)."""
+    """A PNG of the channels kept per layer (per channel group, named by the layer that makes its
+    channels) and each refit layer's error before and after (matplotlib, the `plot` extra)."""
     try:
         import matplotlib
 
@@ -1748,15 +1748,18 @@ def plot_report(report: PruneReport, path) -> None:
     index = np.arange(len(groups))
     top.bar(index, [group["channels"] for group in groups], color="#d0d0d0", label="channels")
     top.bar(index, [group["kept"] for group in groups], color="#3b75af", label="kept")
-    top.set_xticks(index, [str(group["group"]) for group in groups], fontsize=6, rotation=90)
-    top.set_xlabel("prunable group")
+    names = [group["producers"][0] + (f" +{len(group['producers']) - 1}" if len(group["producers"]) > 1 else "")
+             if group["producers"] else str(group["group"]) for group in groups]
+    top.set_xticks(index, names, fontsize=5, rotation=90)
+    top.set_xlabel("layer making the channels (+N: others tied to it)")
     top.set_ylabel("channels")
     top.set_title(f"pruned {report.removed_channels} of {report.prunable_channels} prunable channels")
     top.legend()
     if layers:
         positions = np.arange(len(layers))
         before = [fit["error_before"] for fit in layers.values()]
-        after = [fit["error_after"] if fit["error_after"] is not None else np.nan for fit in layers.values()]
+        # a layer whose refit was not kept keeps its pruned weights, and their error
+        after = [fit["error_after"] if fit["status"] == "refit" else fit["error_before"] for fit in layers.values()]
         bottom.plot(positions, before, "o-", color="#c44e52", label="before refit")
         bottom.plot(positions, after, "o-", color="#55a868", label="after refit")
         bottom.set_yscale("log")
