@@ -1,5 +1,6 @@
 """The bench tools' data preparation: files out of a pinned sdist, the OCR models' text windows and
-text-line boxes, and the image manifest's checks (no network: the sdist is made here)."""
+text-line boxes, and the image manifest's checks (no network: the sdist is made here); and
+bench_prune's acceptance checks on a made-up sweep."""
 
 from __future__ import annotations
 
@@ -192,3 +193,86 @@ def test_shipped_text_sets_are_disjoint_and_pinned():
     for name in text["calibration"] + text["evaluation"]:
         package = manifest["packages"][files[name]["package"]]
         assert "wheel_sha256" in package or "sdist_sha256" in package
+
+
+# ----------------------------------------------------------------------------- bench_prune's checks
+
+bench_prune = _load_tool("bench_prune")
+CONFIGS = {
+    "ours-auto-refit": {"tool": "ours", "finetune": False, "matched": False, "label": "ours auto + refit"},
+    "ours-auto": {"tool": "ours", "finetune": False, "matched": False, "label": "ours auto, no refit"},
+    "ours-auto-refit-matched": {"tool": "ours", "finetune": False, "matched": True, "label": "ours, onnxsim's cut"},
+    "onnxsim": {"tool": "onnxsim", "finetune": False, "matched": False, "label": "onnxsim"},
+}
+
+
+def _result(config: str, ratio: float, sqnr: float, removed: int, size: float = 0.6, latency: float = 0.8,
+            exact: bool = True) -> dict:
+    return {
+        "status": "ok", "error": None, "config": config, "ratio": ratio, "valid": True, "validity_message": None,
+        "inputs_kept": True, "output_shapes_kept": True, "size_ratio": size, "parameters_ratio": 1 - removed / 1000,
+        "latency_ratio": {"median": latency, "low": latency - 0.01, "high": latency + 0.01},
+        "fidelity": {"sqnr_db_worst_output": sqnr},
+        "pruning": {"parameters_before": 1000, "parameters_after": 1000 - removed, "surgery_exact": exact,
+                    "surgery_check": "exact" if exact else "NOT exact"},
+    }
+
+
+def _report(figures: dict) -> dict:
+    """figures: model -> ratio -> config -> (SQNR dB, parameters removed of 1000[, size ×, latency ×])."""
+    models = []
+    for name, by_ratio in figures.items():
+        results = {bench_prune.result_key(config, ratio): _result(config, ratio, *values)
+                   for ratio, by_config in by_ratio.items() for config, values in by_config.items()}
+        models.append({"name": name, "results": results})
+    ratios = sorted({ratio for by_ratio in figures.values() for ratio in by_ratio})
+    return {"configs": CONFIGS, "main_config": "ours-auto-refit", "ratios": ratios, "target_ratio": 0.25,
+            "models": models}
+
+
+def _sweep(det_at_25=(12.5, 450), det_matched=(48.0, 70), cls_budget=(23.9, 201), gains=(4.9, 2.8, 2.6)):
+    """The three models of the checks at ratios 0.1 and 0.25 (onnxsim removes 60 of 1000 on each)."""
+    def model(at_25, matched, gain):
+        return {0.1: {"ours-auto-refit": (40.0, 200), "ours-auto": (40.0 - gain - 1, 200),
+                      "ours-auto-refit-matched": (50.0, 70), "onnxsim": (15.0, 60)},
+                0.25: {"ours-auto-refit": at_25, "ours-auto": (at_25[0] - gain, at_25[1]),
+                       "ours-auto-refit-matched": matched, "onnxsim": (9.0, 60)}}
+    return _report({"yolov8n-320": model((29.1, 390), (35.9, 210), gains[0]),
+                    "ppocr-det": model(det_at_25, det_matched, gains[1]),
+                    "ppocr-cls": model((17.2, 450), cls_budget, gains[2])})
+
+
+def test_a_sqnr_target_is_met_at_the_ratio_or_at_onnxsims_cut_with_at_least_its_reduction():
+    checks = bench_prune.summarize(_sweep())["checks"]
+    assert checks["sqnr_yolov8n-320"]["passed"] is True  # 29.1 dB at 0.25
+    assert checks["sqnr_ppocr-det"]["passed"] is True  # 12.5 dB at 0.25, but 48 dB at onnxsim's cut
+    fewer = bench_prune.summarize(_sweep(det_matched=(48.0, 50)))["checks"]["sqnr_ppocr-det"]
+    assert fewer["passed"] is False  # 50 removed where onnxsim removed 60: not its reduction
+    assert fewer["met_at"] == [0.1]  # the sweep: 40 dB at ratio 0.1
+    assert bench_prune.summarize(_sweep(det_matched=(19.9, 70)))["checks"]["sqnr_ppocr-det"]["passed"] is False
+
+
+def test_cls_must_lose_a_fifth_of_its_parameters_at_20_db():
+    assert bench_prune.summarize(_sweep())["checks"]["parameters"]["passed"] is True
+    assert bench_prune.summarize(_sweep(cls_budget=(23.9, 199)))["checks"]["parameters"]["passed"] is False
+    assert bench_prune.summarize(_sweep(cls_budget=(19.9, 201)))["checks"]["parameters"]["passed"] is False
+
+
+def test_the_reconstruction_gain_is_the_median_over_the_three_models_and_the_sweep_says_where_it_is_met():
+    check = bench_prune.summarize(_sweep(gains=(4.9, 2.8, 2.6)))["checks"]["reconstruction_gain"]
+    assert check["passed"] is False and "median +2.8 dB" in check["detail"]
+    assert check["met_at"] == [0.1]  # gains + 1 dB there: 5.9, 3.8, 3.6
+    assert bench_prune.summarize(_sweep(gains=(4.9, 3.0, 2.6)))["checks"]["reconstruction_gain"]["passed"] is True
+
+
+def test_size_and_latency_hold_for_every_ours_model_and_soundness_for_every_result():
+    report = _sweep()
+    assert bench_prune.summarize(report)["checks"]["size_latency"]["passed"] is True
+    slow = report["models"][1]["results"][bench_prune.result_key("ours-auto-refit-matched", 0.25)]
+    slow["latency_ratio"]["median"] = 1.01
+    check = bench_prune.summarize(report)["checks"]["size_latency"]
+    assert check["passed"] is False and "ppocr-det ours-auto-refit-matched" in check["detail"]
+    assert bench_prune.summarize(report)["checks"]["sound"]["passed"] is True
+    report["models"][0]["results"][bench_prune.result_key("ours-auto", 0.1)]["pruning"]["surgery_exact"] = False
+    sound = bench_prune.summarize(report)["checks"]["sound"]
+    assert sound["passed"] is False and "yolov8n-320 ours-auto@0.1" in sound["detail"]
