@@ -23,7 +23,10 @@ from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
-from .verify import FidelityBudget, Runner, VerificationReport, Verifier, input_shapes, synthesize_inputs
+from .verify import FidelityBudget, Runner, VerificationReport, Verifier, _first_line, input_shapes, synthesize_inputs
+
+# What onnx.checker and its full check (strict shape inference) raise on an invalid model
+INVALID_MODEL = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError)
 
 DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
@@ -199,7 +202,7 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
     graph = to_graph(pruned)
     PassManager(pipeline, context=PassContext(logger=default_logger)).run(graph)
     pruned = to_model(graph, pruned)
-    _check_valid(pruned, original, full=True)  # new weight shapes: strict shape inference checks they fit
+    _check_pruned_structure(pruned, simplified, original, report.pruning.notes)
     _check_runs(pruned, original, data, verify_shapes, report.pruning.notes)
     report.after = summarize(pruned)
     report.notes.append(report.pruning.summary())
@@ -213,24 +216,49 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
     return pruned
 
 
+def _check_pruned_structure(pruned: onnx.ModelProto, simplified: onnx.ModelProto, original: onnx.ModelProto,
+                            notes: list[str]) -> None:
+    """onnx.checker's full check (strict shape inference: the new weight shapes must fit) on the
+    pruned model; where the model fails it before pruning too, the ordinary check, and a note."""
+    try:
+        check_structure(pruned, full=True)
+        return
+    except INVALID_MODEL as error:
+        failure = error
+    try:
+        check_structure(simplified, full=True)
+    except INVALID_MODEL as error:
+        notes.append("the model fails onnx.checker's full check before pruning too "
+                     f"({_first_line(error)}): the pruned model got the ordinary check")
+        _check_valid(pruned, original)
+        return
+    raise VerificationError(f"pruning made the model invalid ONNX: {_first_line(failure)}") from failure
+
+
 def _check_runs(pruned: onnx.ModelProto, original: onnx.ModelProto, data, shapes, notes: list[str]) -> None:
-    """A pruned model must load and run in onnxruntime and give outputs of the original's shapes
-    (a calibration sample, else a random input); where the original itself cannot run, a note."""
+    """A pruned model must load and run in onnxruntime (a calibration sample, else a random input)
+    and give outputs of the original's rank and of its shape on every dim the original's graph
+    declares fixed (a count that follows the data, as NonZero's or NonMaxSuppression's, may
+    change with the values); where the original itself cannot run, a note."""
     try:
         feed = next(iter(data)) if data is not None else synthesize_inputs(original, input_shapes(original, shapes)[0], 1)[0]
         expected = Runner(original, label="original model").run(feed)
     except (VerificationUnavailable, InputSpecError) as error:
-        notes.append(f"the pruned model was not run in onnxruntime: {error}")
+        notes.append(f"the pruned model was not run in onnxruntime: {_first_line(error.__cause__ or error)}")
         return
     try:
         actual = Runner(pruned, label="pruned model").run(feed)
     except VerificationUnavailable as error:
-        raise VerificationError(f"pruning broke the model: {error}") from error
+        raise VerificationError(f"pruning broke the model: onnxruntime cannot load or run it: "
+                                f"{_first_line(error.__cause__ or error)}") from error
+    declared = {output.name: output.type.tensor_type.shape for output in original.graph.output}
     for name, value in expected.items():
-        if name not in actual or actual[name].shape != value.shape:
-            shape = list(actual[name].shape) if name in actual else "none"
-            raise VerificationError(f"pruning broke the model: output '{name}' has shape {shape}, "
-                                    f"the original's {list(value.shape)}")
+        shape = actual[name].shape if name in actual else None
+        fixed = [axis for axis, dim in enumerate(declared[name].dim) if dim.HasField("dim_value")] \
+            if name in declared else []
+        if shape is None or len(shape) != value.ndim or any(shape[axis] != value.shape[axis] for axis in fixed):
+            raise VerificationError(f"pruning broke the model: output '{name}' has shape "
+                                    f"{list(shape) if shape is not None else 'none'}, the original's {list(value.shape)}")
 
 
 def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,
@@ -255,13 +283,12 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
     return quantized
 
 
-def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, *, full: bool = False) -> None:
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
     """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says,
-    unless the input was invalid to begin with (then that is the error). `full`: onnx.checker's
-    full check (strict shape inference too)."""
+    unless the input was invalid to begin with (then that is the error)."""
     try:
-        check_structure(model, full=full)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as error:
+        check_structure(model)
+    except INVALID_MODEL as error:
         load(original, check=True)  # raises ModelLoadError if the input itself is invalid
         raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
 

@@ -219,6 +219,8 @@ def _quantization_kwargs(
             quantize_only = {flag: value for flag, value in quantize_only.items()
                              if flag not in ("--calibration", "--preprocess", "--calibration-limit", "--held-out")}
         given = [flag for flag, value in quantize_only.items() if value]
+        if given == ["--held-out"]:
+            raise UsageError("--held-out applies to quantization and pruning: add --quantize int8 or --prune RATIO")
         if given:
             raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
         return {**data, "progress": _progress_bar()} if pruning else {}
@@ -621,7 +623,7 @@ def _print_pruning(report, shown: int = 12) -> None:
     cut = sorted((group for group in report.groups if group["kept"] < group["channels"]),
                  key=lambda group: -(group["removed_score_share"] or 0.0))
     if cut:
-        table = Table("group", "producers", "channels", "params", "MACs", "score removed", title="groups cut (costliest first)",
+        table = Table("group", "producers", "channels", "params", "MACs", "score removed", title="groups cut (most of their score removed first)",
                       title_justify="left", box=None)
         for group in cut[:shown]:
             table.add_row(str(group["group"]), _names(group["producers"], 2), f"{group['channels']} -> {group['kept']}",
@@ -637,7 +639,7 @@ def _print_pruning(report, shown: int = 12) -> None:
         for name, layer in fitted[:shown]:
             after = layer["error_after"] if layer["status"] == "refit" else layer["error_before"]
             table.add_row(name, layer["status"], f"{layer['error_before']:.4f}", f"{after:.4f}",
-                          "" if layer["ridge"] is None else f"{layer['ridge']:g}")
+                          f"{layer['ridge']:g}" if layer["status"] == "refit" else "")
         console.print(table)
         if len(fitted) > shown:
             console.print(f"  ... {len(fitted) - shown} more layers in the --json report")

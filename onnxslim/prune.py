@@ -1363,6 +1363,8 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         options = replace(options, criterion=criterion)
     if criterion in DATA_CRITERIA and data is None:
         raise UsageError(f"--prune-criterion {criterion} needs calibration data (--calibration DIR)")
+    if options.held_out and data is None:
+        raise UsageError("--held-out needs calibration data (--calibration DIR)")
     data, evaluation = fidelity_split(data, options.held_out)
     gammas = bn_gammas(original if original is not None else model) if criterion == "bn" else None
     plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data),
@@ -1449,7 +1451,8 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
         if feeds:  # the user's samples, and random ones of their shapes (no data: random ones only)
             feeds += synthesize_inputs(zeroed, {name: list(array.shape) for name, array in feeds[0].items()}, 2)
         check = Verifier(zeroed, inputs=feeds or None, shapes=shapes, samples=2).check(pruned, label="pruned model")
-        inputs = f"{len(feeds) - 2} calibration samples and 2 random inputs" if feeds else "2 random inputs"
+        given = len(feeds) - 2
+        inputs = f"{given} calibration sample{'s' if given != 1 else ''} and 2 random inputs" if feeds else "2 random inputs"
         report.surgery_exact = check.passed
         report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed "
                                 f"on {inputs}, {check.message}") if check.passed else f"NOT exact on {inputs}: {check.message}"
@@ -1459,9 +1462,6 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
     refit = pruned
     if options.reconstruct and chosen.kept:
         refit = _reconstruct(model, pruned, chosen, data, report, progress, options.refit == "downstream")
-    report.notes.append(f"fidelity measured on {len(evaluation)} held-out samples" if options.held_out else
-                        f"fidelity measured on the last {len(evaluation)} calibration samples, which the refit saw "
-                        "too (--held-out N keeps samples apart)")
     reference = Runner(model, label="original model")
     candidates = {"pruned": Runner(pruned, label="pruned model")}
     if refit is not pruned:
@@ -1476,6 +1476,16 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
             "sqnr_db": min(pool.sqnr_db() for pool in pools.values()),
             "cosine": min(pool.cosine() for pool in pools.values()),
         }
+    used = [step for step, done in (("the channel choice", options.criterion in DATA_CRITERIA),
+                                    ("the allocation", costs is not None), ("the mean compensation", options.compensate),
+                                    ("the refit", refit is not pruned)) if done]
+    count = f"{len(evaluation)} sample{'s' if len(evaluation) != 1 else ''}"
+    if options.held_out:
+        report.notes.append(f"fidelity measured on {count} held out from pruning")
+    else:
+        report.notes.append(f"fidelity measured on the last {count} of the calibration data"
+                            + (f", which {', '.join(used)} used too" if used else "")
+                            + " (--held-out N keeps samples apart)")
     return refit, report
 
 
@@ -1615,7 +1625,8 @@ class _NoiseProbe:
         total = 0.0
         for feed, expected in zip(self.feeds, self.reference):
             actual = self.session.run(None, {**feed, **weights})
-            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected))
+            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected)
+                         if a.shape == e.shape)  # a count that follows the data (NonZero) may differ
         return total / self.signal
 
 

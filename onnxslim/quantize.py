@@ -273,6 +273,8 @@ def quantize_model(
         options = replace(options, reduce_range=cpu.saturates)
     if options.mode == "full" and data is None:
         raise UsageError("full int8 quantization needs calibration data (--calibration DIR)")
+    if options.held_out and data is None:
+        raise UsageError("--held-out needs calibration data (--calibration DIR)")
     calibration, evaluation = fidelity_split(data, options.held_out)
     report = QuantizationReport(
         mode=options.mode,

@@ -479,15 +479,19 @@ class FidelityPool:
 
     Pooling weighs each sample by its signal: a sample whose output is all but zero (a text
     detector on a photo without text) has an SQNR of pure noise, which a per-sample worst case
-    or median would report as the model's fidelity.
+    or median would report as the model's fidelity. A sample whose two outputs differ in shape (a
+    count that follows the data, as NonZero's or NonMaxSuppression's) is left out (`skipped`).
     """
 
     def __init__(self):
         self.signal = self.noise = self.cross = self.candidate_energy = 0.0
-        self.agreeing = self.rows = 0
+        self.agreeing = self.rows = self.skipped = 0
         self.top1_meaningful = True
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if reference.shape != candidate.shape:
+            self.skipped += 1
+            return
         ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
         self.signal += float(ref @ ref)
         self.candidate_energy += float(cand @ cand)

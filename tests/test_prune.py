@@ -545,7 +545,7 @@ def test_held_out_samples_are_not_fitted_and_measure_the_fidelity():
     data = CalibrationData.from_feeds(model, feeds)
     options = PruneOptions(ratio=0.5, allocation="uniform", held_out=4)
     pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
-    assert any("measured on 4 held-out samples" in note for note in report.pruning.notes)
+    assert any("measured on 4 samples held out from pruning" in note for note in report.pruning.notes)
     pool = FidelityPool()
     reference, candidate = Runner(model), Runner(pruned)
     for feed in feeds[-4:]:
@@ -600,7 +600,7 @@ def test_a_surgery_bug_fails_the_check_and_writes_nothing(tmp_path, monkeypatch)
     assert not out.exists() and path.read_bytes() == before
 
 
-@pytest.mark.parametrize("layer, error", [("fc", "not valid ONNX"), ("b_w", "pruning broke the model")])
+@pytest.mark.parametrize("layer, error", [("fc", "invalid ONNX"), ("b_w", "pruning broke the model")])
 def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, error):
     """A consumer weight that reads one channel too many: onnx.checker's full check (strict shape
     inference) refuses the Gemm; onnx's Conv inference does not check input channels, so running
@@ -612,7 +612,7 @@ def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, e
     def misfit(model, plan, remove):
         result = apply(model, plan, remove)
         if remove:
-            tensor = next(t for t in result.graph.initializer if t.name.startswith(layer))
+            tensor = next(t for t in result.graph.initializer if t.name.removesuffix("_pruned") == layer)
             array = onnx.numpy_helper.to_array(tensor)
             # axis 1 reads the inputs in both: Conv (out, in, k, k) and the transB Gemm (out, in)
             wider = np.concatenate([array, array[:, :1]], axis=1)  # one input channel more than arrive
@@ -622,6 +622,45 @@ def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, e
     monkeypatch.setattr(prune_module, "_apply", misfit)
     with pytest.raises(onnxslim.VerificationError, match=error):
         onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, allocation="uniform"), verify=False)
+
+
+def test_outputs_whose_length_follows_the_data_may_change_it():
+    """NonZero's count depends on the values, which pruning changes: only the rank and the dims the
+    graph declares fixed must stay."""
+    model = small_net()
+    graph = model.graph
+    graph.node.extend([onnx.helper.make_node("Greater", ["y", "zero"], ["positive"]),
+                       onnx.helper.make_node("NonZero", ["positive"], ["where"])])
+    graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero"))
+    graph.output.append(onnx.helper.make_tensor_value_info("where", onnx.TensorProto.INT64, [2, "count"]))
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=500 + i)} for i in range(8)])
+    pruned, report = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.75, allocation="uniform"),
+                                       calibration=data, verify=False, return_report=True)
+    assert report.pruning.removed_channels == 24
+
+
+def test_a_model_that_fails_the_full_check_before_pruning_gets_the_ordinary_one():
+    model = small_net()
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 11  # declared 11, computes 10
+    pruned, report = onnxslim.optimize(model, prune=0.5, verify=False, return_report=True)
+    assert any("fails onnx.checker's full check before pruning too" in note for note in report.pruning.notes)
+
+
+def test_a_model_with_free_input_dims_and_no_data_is_pruned_and_said_not_run():
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, "height", "width"])
+    b.output(conv(b, b.node("Relu", [conv(b, x, 3, 8, "c1")]), 8, 4, "c2"))
+    pruned, report = onnxslim.optimize(b.build(), prune=0.5, verify=False, return_report=True)
+    assert report.pruning.removed_channels == 4
+    assert any("not run in onnxruntime" in note and "height" in note for note in report.pruning.notes)
+
+
+def test_held_out_needs_calibration_data():
+    with pytest.raises(UsageError, match="--held-out needs calibration data"):
+        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, held_out=2), verify=False)
+    with pytest.raises(UsageError, match="--held-out needs calibration data"):
+        onnxslim.optimize(small_net(), quantize="int8", quantize_options=QuantizeOptions(mode="weights", held_out=2),
+                          verify=False)
 
 
 def test_optimize_without_data_prunes_without_refit():
@@ -662,7 +701,7 @@ def test_cli_pruning_alone_reports_progress_and_the_groups_cut(tmp_path, monkeyp
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5",
                                       "--calibration", "random", "--held-out", "2"])
     assert result.exit_code == 0, result.output
-    assert seen["prune_options"].held_out == 2 and "measured on 2 held-out samples" in result.output
+    assert seen["prune_options"].held_out == 2 and "measured on 2 samples held out" in result.output
     assert callable(seen["progress"])  # the refit's and the sensitivity runs' progress bar
     assert "groups cut" in result.output and "16 -> " in result.output
 
