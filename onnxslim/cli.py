@@ -476,6 +476,11 @@ def prune_plan(model, ratio, criterion, as_json):
     prunable = [row for row in rows if not row["frozen"]]
     console.print(f"{len(prunable)} of {len(rows)} groups prunable, {plan.prunable_channels} channels; "
                   f"at {ratio:g}: {plan.removed_channels} removed")
+    reasons: dict[str, list[str]] = {}
+    for layer, why in plan.ownerless:
+        reasons.setdefault(why, []).append(layer)
+    for why, layers in reasons.items():
+        console.print(f"{len(layers)} layer(s) make no channel group ({why}): {_names(layers)}", soft_wrap=True)
 
 
 def _names(names: list[str], shown: int = 3) -> str:

@@ -155,6 +155,7 @@ class PrunePlan:
     # Layer position -> where its constant bias is (bias_slots): where mean compensation goes
     biases: dict[int, tuple[int, int]] = field(default_factory=dict)
     gamma_layers: tuple[int, int] = (0, 0)  # criterion bn: layers scored by their BatchNormalization's γ, of all
+    ownerless: list[tuple[str, str]] = field(default_factory=list)  # (layer, why): layers that make no channel group
 
     @property
     def removed_macs(self) -> float:
@@ -268,6 +269,7 @@ class _Analysis:
         self.scores: dict[int, list[np.ndarray]] = {}
         self.splits: list[tuple[int, tuple[tuple[int, ...], ...]]] = []
         self.slices: list[tuple[int, int, tuple[int, ...], tuple[int, ...]]] = []
+        self.ownerless: list[tuple[str, str]] = []  # (layer, why) for a layer that makes no channel group
         self.retired: set[int] = set()  # groups a Split divided into two
 
     # -- groups (union-find)
@@ -428,6 +430,7 @@ class _Analysis:
         source = tracked[0] if tracked else None
         if weight is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             self.freeze_inputs(node, f"read by {_label(node)} (weight not constant or auto_pad)")
+            self.ownerless.append((node.name, "weight not constant, or auto_pad"))
             return
         group = int(node.attrs.get("group", 1))
         out_channels, in_per_group = weight.shape[0], weight.shape[1]
@@ -444,6 +447,7 @@ class _Analysis:
             return
         if group > 1:
             self.freeze_inputs(node, f"read by grouped {_label(node)} (group={group})")
+            self.ownerless.append((node.name, "grouped Conv (not depthwise)"))
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=1)
@@ -456,6 +460,7 @@ class _Analysis:
         source = tracked[0] if tracked else None
         if weight is None or int(node.attrs.get("group", 1)) != 1 or "output_shape" in node.attrs:
             self.freeze_inputs(node, f"read by {_label(node)} (grouped, output_shape or weight not constant)")
+            self.ownerless.append((node.name, "grouped ConvTranspose, output_shape, or weight not constant"))
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=0)
@@ -468,6 +473,7 @@ class _Analysis:
         source = tracked[0] if tracked else None
         if weight is None or node.attrs.get("transA", 0) or (len(tracked) > 1 and tracked[1] is not None):
             self.freeze_inputs(node, f"read by {_label(node)} (transA or weight not constant)")
+            self.ownerless.append((node.name, "Gemm with transA, or weight not constant"))
             return
         out_axis, in_axis = (0, 1) if node.attrs.get("transB", 0) else (1, 0)
         if source is not None:
@@ -491,6 +497,7 @@ class _Analysis:
         source = tracked[0] if tracked else None
         if weight is None or weight.ndim != 2 or (len(tracked) > 1 and tracked[1] is not None):
             self.freeze_inputs(node, f"read by {_label(node)} (weight not a constant matrix)")
+            self.ownerless.append((node.name, "MatMul weight not a constant matrix"))
             return
         rank = source.rank if source is not None else _rank(node.inputs[0])
         if source is not None:
@@ -969,7 +976,8 @@ class _Analysis:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
         return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
                          total_macs=total_macs, splits=splits, biases=bias_slots(self.graph),
-                         head_reshapes=head_reshapes, slices=slices, gamma_layers=(self.scored_by_gamma, self.scored))
+                         head_reshapes=head_reshapes, slices=slices, gamma_layers=(self.scored_by_gamma, self.scored),
+                         ownerless=self.ownerless)
 
 
 def prune_model(model: onnx.ModelProto, plan: PrunePlan) -> tuple[onnx.ModelProto, onnx.ModelProto]:

@@ -431,6 +431,8 @@ def test_ops_that_mix_channels_freeze(reader):
     model = b.build()
     assert frozen_reason(model, "c1")
     assert analyze(model).choose(0.5).kept == {}  # nothing is cut
+    if reader == "grouped":  # and the grouped Conv's own outputs make no group: the plan says so
+        assert [why for _, why in analyze(model).ownerless] == ["grouped Conv (not depthwise)"]
 
 
 def test_choose_never_empties_a_group_and_rounds_to_a_multiple():
