@@ -446,14 +446,36 @@ class _Analysis:
             self.pass_on(node, source)
             return
         if group > 1:
-            self.freeze_inputs(node, f"read by grouped {_label(node)} (group={group})")
-            self.ownerless.append((node.name, "grouped Conv (not depthwise)"))
+            self.visit_grouped_conv(position, node, weight, group, source)
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=1)
         gid = self.produce(position, node, weight, axis=0)
         self.cut_bias(position, node, (gid,))
         self.pass_on(node, Channels((gid,), 1, weight.ndim))
+
+    def visit_grouped_conv(self, position: int, node: gs.Node, weight: np.ndarray, group: int,
+                           source: Channels | None) -> None:
+        """A grouped Conv ties its input to its output a whole conv-group at a time: group j reads
+        input block j (in_per_group channels) alone and makes output block j. Both groups become
+        groups of blocks, one group of `group` blocks, and a removed block takes its input
+        channels, its filters and one from the `group` attribute; its weight's input axis stays."""
+        out_per_group = weight.shape[0] // group
+        reason = f"read by grouped {_label(node)} (group={group})"
+        if source is None or source.axis != 1 or source.block != 1 or len(source.groups) != 1:
+            self.freeze_inputs(node, reason)
+            self.ownerless.append((node.name, "grouped Conv whose input is not one group of whole channels"))
+            return
+        gid = self.produce(position, node, weight, axis=0)
+        self.cut_bias(position, node, (gid,))
+        blocks = self.coarsen([gid], out_per_group)  # a fresh group: only a size it does not divide refuses
+        if blocks and self.coarsen(source.groups, weight.shape[1]):
+            self.union(source.groups[0], gid)
+            self.depthwise.append((position, (gid,)))  # its `group` attribute follows the kept blocks
+        else:
+            self.freeze([gid], reason)
+            self.freeze_inputs(node, reason)
+        self.pass_on(node, Channels((gid,), 1, weight.ndim, out_per_group if blocks else 1))
 
     def visit_ConvTranspose(self, position: int, node: gs.Node, tracked) -> None:
         weight = self.layer_weight(node)
@@ -567,7 +589,8 @@ class _Analysis:
 
     def visit_spatial(self, position: int, node: gs.Node, tracked) -> None:
         source = tracked[0]
-        if source is None or source.axis != 1 or source.block != 1:
+        # blocks on axis 1 of NCHW features are runs of whole channels (conv-groups): pooling keeps them
+        if source is None or source.axis != 1 or (source.block != 1 and source.rank != 4):
             self.freeze_inputs(node, f"read by {_label(node)} off the channel axis")
             return
         self.pass_on(node, source)
@@ -648,6 +671,9 @@ class _Analysis:
 
     def visit_elementwise(self, position: int, node: gs.Node, tracked) -> None:
         known = [channels for channels in tracked if channels is not None]
+        if len({channels.block for channels in known}) > 1 and self.match_blocks(known):
+            tracked = [self.channels.get(id(tensor)) for tensor in node.inputs]
+            known = [channels for channels in tracked if channels is not None]
         first = known[0]
         for other in known[1:]:
             if (other.rank - other.axis, other.block) != (first.rank - first.axis, first.block) or \
@@ -670,6 +696,17 @@ class _Analysis:
             if not self.per_channel_constant(position, node, index, widest):
                 return
         self.pass_on(node, widest)
+
+    def match_blocks(self, known: list[Channels]) -> bool:
+        """Conv features of whole conv-groups (a grouped Conv's output, in blocks) joined with
+        features of single channels as many in all (a squeeze-excitation gate): the finer side
+        becomes blocks of the same size, so that a removed conv-group takes its gates too. Only on
+        NCHW features (axis 1 of rank 4), where a block is a run of channels, not a Flatten's."""
+        coarsest = max(channels.block for channels in known)
+        if any((channels.rank, channels.axis) != (4, 1) or coarsest % channels.block for channels in known):
+            return False
+        return all(self.coarsen(channels.groups, coarsest // channels.block)
+                   for channels in known if channels.block != coarsest)
 
     def per_channel_constant(self, position: int, node: gs.Node, index: int, source: Channels) -> bool:
         """An untracked operand of a per-channel op: constant or not, it must be 1 along the
@@ -1486,13 +1523,15 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
         }
     used = [step for step, done in (("the channel choice", options.criterion in DATA_CRITERIA),
                                     ("the allocation", costs is not None), ("the mean compensation", options.compensate),
-                                    ("the refit", refit is not pruned)) if done]
+                                    ("the refit", any(fit["status"] == "refit" for fit in report.reconstruction.values())))
+            if done]
     count = f"{len(evaluation)} sample{'s' if len(evaluation) != 1 else ''}"
     if options.held_out:
         report.notes.append(f"fidelity measured on {count} held out from pruning")
     else:
         report.notes.append(f"fidelity measured on the last {count} of the calibration data"
-                            + (f", which {', '.join(used)} used too" if used else "")
+                            + (f", which {', '.join(used[:-1]) + ' and ' if len(used) > 1 else ''}{used[-1]} used too"
+                               if used else "")
                             + " (--held-out N keeps samples apart)")
     return refit, report
 

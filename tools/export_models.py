@@ -285,6 +285,7 @@ _RECIPES: dict[str, Callable[[dict[str, Any]], ExportSpec]] = {
     "resnet50": _torchvision_recipe("resnet50"),
     "mobilenetv2": _torchvision_recipe("mobilenet_v2"),
     "efficientnet-b0": _torchvision_recipe("efficientnet_b0"),
+    "regnet-y-400mf": _torchvision_recipe("regnet_y_400mf"),
     "vit-b16": _torchvision_recipe("vit_b_16"),
     "bert-base": _bert_base,
 }
