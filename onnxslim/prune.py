@@ -437,6 +437,10 @@ class _Analysis:
         if group > 1 and group == out_channels and in_per_group == 1:
             # Depthwise: output channel k is input channel k; it is one of the group's members.
             if source is None or source.axis != 1:
+                self.ownerless.append((node.name, "depthwise Conv on channels no group holds"))
+                return
+            if source.block != 1:  # its `group` counts channels, the group's kept count blocks
+                self.freeze_inputs(node, f"read by depthwise {_label(node)} in blocks of {source.block} channels")
                 return
             self.depthwise.append((position, source.groups))
             self.cuts.append(Cut(position, 1, 0, source.groups, source.block))
@@ -464,7 +468,8 @@ class _Analysis:
         reason = f"read by grouped {_label(node)} (group={group})"
         if source is None or source.axis != 1 or source.block != 1 or len(source.groups) != 1:
             self.freeze_inputs(node, reason)
-            self.ownerless.append((node.name, "grouped Conv whose input is not one group of whole channels"))
+            self.ownerless.append((node.name, "grouped Conv on channels no group holds" if source is None else
+                                   "grouped Conv whose input is not one group of whole channels"))
             return
         gid = self.produce(position, node, weight, axis=0)
         self.cut_bias(position, node, (gid,))
@@ -501,6 +506,7 @@ class _Analysis:
         if source is not None:
             if source.axis != 1 or source.rank != 2:
                 self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis}")
+                self.ownerless.append((node.name, "Gemm reading channels off axis 1 of a matrix"))
                 return
             self.consume(position, node, source, weight_axis=in_axis)
         gid = self.produce(position, node, weight, axis=out_axis)
@@ -525,9 +531,11 @@ class _Analysis:
         if source is not None:
             if source.axis != source.rank - 1:
                 self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis} of {source.rank}")
+                self.ownerless.append((node.name, "MatMul reading channels off its last axis"))
                 return
             self.consume(position, node, source, weight_axis=0)
         if rank is None or rank < 2:
+            self.ownerless.append((node.name, "MatMul input of unknown rank or a vector"))
             return
         gid = self.produce(position, node, weight, axis=1)
         self.pass_on(node, Channels((gid,), rank - 1, rank))
@@ -612,8 +620,8 @@ class _Analysis:
         if source is None or source.axis != 1 or any(constant_value(node.inputs[i]) is None for i in (1, 2)):
             self.freeze_inputs(node, f"read by {_label(node)}")
             return
-        self.cuts.append(Cut(position, 1, 0, source.groups))
-        self.cuts.append(Cut(position, 2, 0, source.groups))
+        self.cuts.append(Cut(position, 1, 0, source.groups, source.block))
+        self.cuts.append(Cut(position, 2, 0, source.groups, source.block))
         self.pass_on(node, source)
 
     def visit_Pad(self, position: int, node: gs.Node, tracked) -> None:
@@ -705,8 +713,15 @@ class _Analysis:
         coarsest = max(channels.block for channels in known)
         if any((channels.rank, channels.axis) != (4, 1) or coarsest % channels.block for channels in known):
             return False
-        return all(self.coarsen(channels.groups, coarsest // channels.block)
-                   for channels in known if channels.block != coarsest)
+        done: set[int] = set()  # a group on two inputs is coarsened once (the second's record is stale)
+        for channels in known:
+            roots = {self.find(gid) for gid in channels.groups}
+            if channels.block == coarsest or roots <= done:
+                continue
+            if not self.coarsen(channels.groups, coarsest // channels.block):
+                return False
+            done |= roots
+        return True
 
     def per_channel_constant(self, position: int, node: gs.Node, index: int, source: Channels) -> bool:
         """An untracked operand of a per-channel op: constant or not, it must be 1 along the

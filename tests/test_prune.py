@@ -142,6 +142,28 @@ def test_squeeze_excitation_gates_of_a_grouped_conv_go_with_its_conv_groups():
     assert dims["se2_b"] == (8,) and dims["c3_w"] == (5, 8, 1, 1)
 
 
+@pytest.mark.parametrize("after", ["InstanceNormalization", "depthwise"])
+def test_what_reads_a_grouped_convs_blocks_is_cut_in_blocks_or_frozen(after):
+    """InstanceNormalization's scale and bias lose whole blocks; a depthwise Conv counts channels
+    in its group attribute, so it freezes the blocks it reads (an invalid model otherwise)."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    grouped = b.node("Conv", [b.node("Relu", [conv(b, x, 3, 16, "c1", k=1, pads=[0, 0, 0, 0])]),
+                              b.initializer("g_w", weight(16, 4, 3, 3))], ["g"], name="g", group=4, pads=[1, 1, 1, 1])
+    if after == "InstanceNormalization":
+        read = b.node(after, [grouped, b.initializer("in_scale", weight(16)), b.initializer("in_bias", weight(16))])
+    else:
+        read = b.node("Conv", [grouped, b.initializer("dw_w", weight(16, 1, 3, 3))], name="dw", group=16, pads=[1, 1, 1, 1])
+    b.output(conv(b, b.node("Relu", [read]), 16, 5, "c3", k=1, pads=[0, 0, 0, 0]))
+    plan, pruned = cut(b.build())
+    group = group_of(plan, "g")
+    if after == "depthwise":
+        assert "depthwise" in group.frozen and plan.kept == {}
+    else:
+        dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+        assert len(plan.kept[group.id]) == 2 and dims["in_scale"] == dims["in_bias"] == (8,)
+
+
 def test_grouped_conv_block_with_a_residual_pruned_end_to_end():
     """The whole step on a ResNeXt block (residual Add around it): choice by activation, refit,
     the surgery check, and a valid model that runs."""
