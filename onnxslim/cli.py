@@ -616,8 +616,7 @@ def _print_quantization(report) -> None:
             layer.name, layer.op, layer.status, _decibels(layer.weight_sqnr_db), _decibels(layer.sensitivity_sqnr_db), layer.reason
         )
     console.print(table)
-    if len(report.layers) > 12:
-        console.print(f"  ... {len(report.layers) - 12} more layers in the --json report")
+    _print_more(len(report.layers) - 12, "layers")
     for note in report.notes:
         console.print(f"  note: {note}", soft_wrap=True)
 
@@ -634,8 +633,7 @@ def _print_pruning(report, shown: int = 12) -> None:
             table.add_row(str(group["group"]), _names(group["producers"], 2), f"{group['channels']} -> {group['kept']}",
                           f"{group['parameter_share']:.1%}", _share(group["mac_share"]), _share(group["removed_score_share"]))
         console.print(table)
-        if len(cut) > shown:
-            console.print(f"  ... {len(cut) - shown} more groups in the --json report")
+        _print_more(len(cut) - shown, "groups")
     fitted = sorted(((name, layer) for name, layer in report.reconstruction.items() if layer["error_before"] is not None),
                     key=lambda item: -item[1]["error_before"])
     if fitted:
@@ -646,10 +644,15 @@ def _print_pruning(report, shown: int = 12) -> None:
             table.add_row(name, layer["status"], f"{layer['error_before']:.4f}", f"{after:.4f}",
                           f"{layer['ridge']:g}" if layer["status"] == "refit" else "")
         console.print(table)
-        if len(fitted) > shown:
-            console.print(f"  ... {len(fitted) - shown} more layers in the --json report")
+        _print_more(len(fitted) - shown, "layers")
     for note in report.notes:
         console.print(f"  note: {note}", soft_wrap=True)
+
+
+def _print_more(count: int, what: str) -> None:
+    """The line under a table cut short: how many rows the --json report has besides."""
+    if count > 0:
+        console.print(f"  ... {count} more {what} in the --json report")
 
 
 def _share(value) -> str:

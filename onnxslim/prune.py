@@ -1511,8 +1511,7 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
         if feeds:  # the user's samples, and random ones of their shapes (no data: random ones only)
             feeds += synthesize_inputs(zeroed, {name: list(array.shape) for name, array in feeds[0].items()}, 2)
         check = Verifier(zeroed, inputs=feeds or None, shapes=shapes, samples=2).check(pruned, label="pruned model")
-        given = len(feeds) - 2
-        inputs = f"{given} calibration sample{'s' if given != 1 else ''} and 2 random inputs" if feeds else "2 random inputs"
+        inputs = f"{_count(len(feeds) - 2, 'calibration sample')} and 2 random inputs" if feeds else "2 random inputs"
         report.surgery_exact = check.passed
         report.surgery_check = ("exact: equal to the original with the removed channels' weights zeroed "
                                 f"on {inputs}, {check.message}") if check.passed else f"NOT exact on {inputs}: {check.message}"
@@ -1540,15 +1539,22 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
                                     ("the allocation", costs is not None), ("the mean compensation", options.compensate),
                                     ("the refit", any(fit["status"] == "refit" for fit in report.reconstruction.values())))
             if done]
-    count = f"{len(evaluation)} sample{'s' if len(evaluation) != 1 else ''}"
+    count = _count(len(evaluation), "sample")
     if options.held_out:
         report.notes.append(f"fidelity measured on {count} held out from pruning")
     else:
         report.notes.append(f"fidelity measured on the last {count} of the calibration data"
-                            + (f", which {', '.join(used[:-1]) + ' and ' if len(used) > 1 else ''}{used[-1]} used too"
-                               if used else "")
-                            + " (--held-out N keeps samples apart)")
+                            + (f", which {_series(used)} used too" if used else "") + " (--held-out N keeps samples apart)")
     return refit, report
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _series(words: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join([", ".join(words[:-1]), words[-1]]) if len(words) > 1 else "".join(words)
 
 
 def _meet_budget(model, plan: PrunePlan, costs, options: PruneOptions, shapes: dict | None):

@@ -44,6 +44,11 @@ def weights(model) -> dict[str, tuple]:
     return {tensor.name: tuple(tensor.dims) for tensor in model.graph.initializer}
 
 
+def pruned_dims(model) -> dict[str, tuple]:
+    """Weight shapes by their names before the cut (the surgery names a cut weight '<name>_pruned')."""
+    return {name.removesuffix("_pruned"): shape for name, shape in weights(model).items()}
+
+
 def group_of(plan, producer):
     return next(group for group in plan.groups.values() if producer in group.producers)
 
@@ -115,7 +120,7 @@ def test_grouped_conv_loses_whole_conv_groups_in_and_out(out_per_group):
     plan, pruned = cut(b.build())
     group = group_of(plan, "c1")
     assert group is group_of(plan, "g") and group.size == 4 and len(plan.kept[group.id]) == 2
-    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    dims = pruned_dims(pruned)
     assert dims["c1_w"] == (8, 3, 1, 1) and dims["g_w"] == (wide // 2, 4, 3, 3) and dims["g_b"] == (wide // 2,)
     assert dims["c3_w"] == (5, wide // 2, 1, 1)
     node = next(node for node in pruned.graph.node if node.op_type == "Conv" and node.input[1].startswith("g_w"))
@@ -137,7 +142,7 @@ def test_squeeze_excitation_gates_of_a_grouped_conv_go_with_its_conv_groups():
     plan, pruned = cut(b.build())
     group = group_of(plan, "g")
     assert group is group_of(plan, "c1") and group is group_of(plan, "se2") and len(plan.kept[group.id]) == 2
-    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    dims = pruned_dims(pruned)
     assert dims["g_w"] == (8, 4, 3, 3) and dims["se1_w"] == (2, 8, 1, 1) and dims["se2_w"] == (8, 2, 1, 1)
     assert dims["se2_b"] == (8,) and dims["c3_w"] == (5, 8, 1, 1)
 
@@ -160,7 +165,7 @@ def test_what_reads_a_grouped_convs_blocks_is_cut_in_blocks_or_frozen(after):
     if after == "depthwise":
         assert "depthwise" in group.frozen and plan.kept == {}
     else:
-        dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+        dims = pruned_dims(pruned)
         assert len(plan.kept[group.id]) == 2 and dims["in_scale"] == dims["in_bias"] == (8,)
 
 
@@ -571,7 +576,7 @@ def test_ops_that_carry_the_channels_are_cut_exactly(op):
     b.output(conv(b, b.node("Relu", [between(b, op, conv(b, x, 3, 8, "c1"))]), 8, 4, "c2", k=1, pads=[0, 0, 0, 0]))
     plan, pruned = cut(b.build())
     assert group_of(plan, "c1").prunable and len(plan.kept[group_of(plan, "c1").id]) == 4
-    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    dims = pruned_dims(pruned)
     assert dims["c2_w"] == (4, 4, 1, 1)
     assert all(dims[name] == (4,) for name in ("in_scale", "in_bias") if name in dims)
 
@@ -584,7 +589,7 @@ def test_conv_transpose_produces_and_consumes_channels():
     b.output(conv(b, b.node("Relu", [up]), 6, 4, "c2"))
     plan, pruned = cut(b.build())
     assert group_of(plan, "c1").prunable and group_of(plan, "ct").prunable
-    dims = {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()}
+    dims = pruned_dims(pruned)
     assert dims["ct_w"] == (4, 3, 2, 2) and dims["ct_b"] == (3,) and dims["c2_w"] == (4, 3, 3, 3)
 
 
@@ -597,7 +602,7 @@ def test_gemm_chain_cuts_columns_of_the_producer_and_rows_of_the_consumer():
                     ["y"], name="g2"))
     plan, pruned = cut(b.build())
     assert group_of(plan, "g1").prunable
-    assert {name.removesuffix("_pruned"): shape for name, shape in weights(pruned).items()} == {"g1_w": (4, 6), "g1_b": (4,), "g2_w": (4, 4), "g2_b": (4,)}
+    assert pruned_dims(pruned) == {"g1_w": (4, 6), "g1_b": (4,), "g2_w": (4, 4), "g2_b": (4,)}
 
 
 # ----------------------------------------------------------------------------- the whole step
