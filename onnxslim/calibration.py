@@ -40,6 +40,8 @@ NPY_SUFFIX = ".npy"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_BINS = 2048
 DEFAULT_RANDOM_SAMPLES = 8
+# Skipped samples named in the warning line; the rest are counted.
+SKIPPED_SHOWN = 3
 
 Feed = dict[str, np.ndarray]
 
@@ -263,6 +265,12 @@ class Preprocess:
             if len(values) not in (1, channels):
                 raise InputSpecError(f"{key} has {len(values)} values, but {where} takes {channels} channel(s)")
         scale = self.scale if self.scale is not None else (1 / 255 if spec.dtype.kind == "f" else 1.0)
+        # The largest value a pixel can become must be a float32 number, or calibration sees infinities.
+        if (255 * scale + max(abs(value) for value in self.mean)) / min(self.std) >= np.finfo(np.float32).max:
+            raise InputSpecError(
+                f"scale={_number_text(scale)}, mean and std give pixel values beyond float32's range: "
+                "check the std (a value, not its inverse)"
+            )
         return dataclasses.replace(self, size=size, layout=layout, color=color, scale=scale)
 
     def apply(self, image) -> np.ndarray:
@@ -481,10 +489,10 @@ class CalibrationData:
         specs = input_specs(model)
         files = sorted((Path(file) for file in files), key=lambda file: file.name)
         samples = []
-        for file in files[:limit] if limit else files:
+        for file in files:
             _check_arrays(str(file), _npz_headers(file), specs)
             samples.append(Sample(str(file), partial(_load_npz, file)))
-        return cls._built(samples, f".npz files in {source_name or _common_folder(files)}", limit)
+        return cls._built(samples, f".npz files in {source_name or _common_folder(files)}", limit, screen=True)
 
     @classmethod
     def from_npy(
@@ -503,8 +511,6 @@ class CalibrationData:
         files = sorted((Path(file) for file in files), key=lambda file: file.name)
         samples: list[Sample] = []
         for file in files:
-            if limit and len(samples) >= limit:
-                break
             shape, dtype = _npy_header(file)
             stacked = spec.dims is not None and len(shape) == len(spec.dims) + 1
             if stacked:
@@ -515,7 +521,7 @@ class CalibrationData:
             else:
                 _check_arrays(str(file), {spec.name: (shape, dtype)}, specs)
                 samples.append(Sample(str(file), partial(_load_npy, file, spec.name, None)))
-        return cls._built(samples, f".npy files in {source_name or _common_folder(files)}", limit)
+        return cls._built(samples, f".npy files in {source_name or _common_folder(files)}", limit, screen=True)
 
     @classmethod
     def from_images(
@@ -564,7 +570,7 @@ class CalibrationData:
             feed = {name: np.asarray(value) for name, value in feed.items()}
             _check_arrays(f"sample {index}", {name: (value.shape, value.dtype) for name, value in feed.items()}, specs)
             samples.append(Sample(f"sample {index}", partial(dict, feed)))
-        return cls._built(samples, source, None)
+        return cls._built(samples, source, None, screen=True)
 
     @classmethod
     def random(
@@ -595,12 +601,19 @@ class CalibrationData:
         return cls(samples, source=f"RANDOM data (seed {seed}), for smoke tests only", synthetic=True)
 
     @classmethod
-    def _built(cls, samples: list[Sample], source: str, limit: int | None) -> CalibrationData:
+    def _built(cls, samples: list[Sample], source: str, limit: int | None, *, screen: bool = False) -> CalibrationData:
+        """The first `limit` samples (all for None); with `screen`, each is loaded once and one
+        holding a NaN or an infinity is skipped with a warning naming it (see _finite_samples)."""
         if limit is not None and limit < 1:
             raise InputSpecError(f"limit={limit}: give a positive number of samples")
         if not samples:
             raise InputSpecError(f"no calibration samples in {source}")
-        return cls(samples[:limit] if limit else samples, source=source)
+        if not screen:
+            return cls(samples[:limit] if limit else samples, source=source)
+        kept, skipped = _finite_samples(samples, source, limit)
+        if skipped:
+            source += f"; {skipped} skipped for NaN or infinite values"
+        return cls(kept, source=source)
 
 
 # Without samples held out, fidelity is measured on this many of the last calibration samples.
@@ -637,6 +650,65 @@ def _kind(file: Path) -> str | None:
 def _common_folder(files: Sequence[Path]) -> str:
     folders = {str(file.parent) for file in files}
     return folders.pop() if len(folders) == 1 else "several folders"
+
+
+def nonfinite_problem(feed: Feed) -> str | None:
+    """What in a feed is not a finite number ('x' holds 2 NaN and 1 infinite value), or None."""
+    problems = []
+    for name, array in feed.items():
+        array = np.asarray(array)
+        if array.dtype.kind not in "fc" or array.size == 0:
+            continue
+        finite = np.isfinite(array)
+        if finite.all():
+            continue
+        nans = int(np.count_nonzero(np.isnan(array)))
+        infinite = int(array.size - np.count_nonzero(finite)) - nans
+        counts = [f"{nans} NaN"] * bool(nans) + [f"{infinite} infinite value{'s' * (infinite != 1)}"] * bool(infinite)
+        problems.append(f"'{name}' holds {' and '.join(counts)}")
+    return "; ".join(problems) or None
+
+
+def check_finite_outputs(outputs: Sequence[dict[str, np.ndarray]], labels: Sequence[str]) -> None:
+    """Fidelity is measured on finite outputs: a sample on which the float model itself gives a
+    NaN or an infinity (its values overflow) can measure nothing, and is the data's fault."""
+    for values, label in zip(outputs, labels):
+        problem = nonfinite_problem({name: value for name, value in values.items() if isinstance(value, np.ndarray)})
+        if problem is not None:
+            raise InputSpecError(
+                f"calibration sample {label}: the float model's output {problem} on it, so no fidelity can be "
+                "measured there: leave the sample out or check what the model expects"
+            )
+
+
+def _finite_samples(samples: list[Sample], source: str, limit: int | None) -> tuple[list[Sample], int]:
+    """(the first `limit` samples whose arrays are all finite, how many were skipped).
+
+    One NaN or infinity in a sample flows through every activation of the model: a range, a
+    bias correction or a refit computed from it would be NaN, and so would the model built
+    from them. Such a sample is skipped, named in one warning line; when none is left, that is
+    the data's fault (InputSpecError, naming the first).
+    """
+    kept, skipped = [], []
+    for sample in samples:
+        if limit and len(kept) >= limit:
+            break
+        problem = nonfinite_problem(sample.load())
+        if problem is None:
+            kept.append(sample)
+        else:
+            skipped.append(f"{sample.label} ({problem})")
+    if not kept:
+        raise InputSpecError(
+            f"no usable calibration sample in {source}: every one holds NaN or infinite values (first: {skipped[0]})"
+        )
+    if skipped:
+        shown = ", ".join(skipped[:SKIPPED_SHOWN]) + (f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else "")
+        logger.warning(
+            "calibration: %d sample%s skipped for NaN or infinite values (calibration takes finite numbers only): %s",
+            len(skipped), "s" * (len(skipped) != 1), shown,
+        )
+    return kept, len(skipped)
 
 
 def _npz_headers(file: Path) -> dict[str, tuple[tuple, np.dtype]]:
@@ -855,6 +927,11 @@ def _run(runner: Runner, names: list[str], feed: Feed) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------- observers
 
 
+# Values beyond this magnitude (float64 only) count as not finite: no float32 scale reaches
+# them, and the span between two of them would overflow the histogram's arithmetic.
+HUGE = 1e300
+
+
 def _finite(array: np.ndarray) -> tuple[np.ndarray, int]:
     """The finite values of `array`, flattened, and how many were not finite."""
     flat = np.asarray(array).ravel()
@@ -864,10 +941,12 @@ def _finite(array: np.ndarray) -> tuple[np.ndarray, int]:
         flat = flat.astype(np.uint8)
     if flat.size == 0 or flat.dtype.kind not in "f":
         return flat, 0
-    # min and max are NaN or infinite exactly when some value is: one cheap pass before masking
-    if math.isfinite(flat.min()) and math.isfinite(flat.max()):
+    # min and max are NaN or out of bounds exactly when some value is: one cheap pass before masking
+    if -HUGE <= float(flat.min()) and float(flat.max()) <= HUGE:
         return flat, 0
     mask = np.isfinite(flat)
+    if flat.dtype == np.float64:
+        mask &= np.abs(flat) <= HUGE
     return flat[mask], int(flat.size - np.count_nonzero(mask))
 
 
@@ -932,8 +1011,10 @@ class Histogram:
             self._cover(low, high)
         self.min, self.max = min(self.min, low), max(self.max, high)
         self.zeros += int(values.size - np.count_nonzero(values))
-        counts, _ = np.histogram(values, bins=self.bins, range=(self.start, self.end))
-        self.counts += counts
+        # Binned in float64 by hand: np.histogram bins in the data's own dtype and refuses a
+        # range whose bins float32 cannot tell apart (a constant activation, or 3e38 next to 1).
+        index = np.floor((values.astype(np.float64) - self.start) / self.width)
+        self.counts += np.bincount(np.clip(index, 0, self.bins - 1).astype(np.int64), minlength=self.bins)
 
     def _start_at(self, low: float, high: float) -> None:
         if high > low:
@@ -964,7 +1045,11 @@ class Histogram:
         while shift + self.bins > self.bins * factor or new_start + self.bins * factor * self.width < new_high:
             factor += 1
         merged = np.zeros(self.bins, np.int64)
-        np.add.at(merged, (shift + np.arange(self.bins)) // factor, self.counts)
+        if shift + self.bins < 2**62 and factor < 2**62:
+            positions = (shift + np.arange(self.bins, dtype=np.int64)) // factor
+        else:  # a range grown by more than 2^62 (3e38 after a constant): Python's integers do it
+            positions = np.array([(shift + index) // factor for index in range(self.bins)], np.int64)
+        np.add.at(merged, positions, self.counts)
         self.counts, self.start, self.width = merged, new_start, self.width * factor
 
     def cdf(self, points) -> np.ndarray:
@@ -1037,6 +1122,10 @@ def entropy_range(histogram: Histogram, *, symmetric: bool = False, levels: int 
     # a one-sided asymmetric range spends all levels on one side; otherwise each side gets half
     quantized = levels if one_sided and not symmetric else levels // 2
     bound = top * _kl_threshold(counts, quantized) / len(counts)
+    if one_sided:
+        # Values all far from 0 (a constant activation) can put the threshold below the smallest
+        # of them, which would clip every value: it stays at least that value.
+        bound = max(bound, histogram.min if histogram.min >= 0 else -histogram.max)
     if symmetric:
         return -bound, bound
     return max(histogram.min, -bound), min(histogram.max, bound)
@@ -1160,11 +1249,7 @@ def calibrate_ranges(
         return dict(observer.ranges)
     histograms = HistogramObserver(bins)
     capture_activations(model, data, tensors, reduce=histograms, progress=progress)
-    return {
-        name: function(histogram, symmetric=symmetric, **options)
-        for name, histogram in histograms.histograms.items()
-        if histogram.total
-    }
+    return _ranges(histograms, partial(function, symmetric=symmetric, **options))
 
 
 def calibrate_range_sets(
@@ -1181,10 +1266,23 @@ def calibrate_range_sets(
     functions = {method: range_method(method) for method in methods}
     histograms = HistogramObserver(bins)
     capture_activations(model, data, tensors, reduce=histograms, progress=progress)
-    return {
-        method: {name: function(histogram, symmetric=symmetric) for name, histogram in histograms.histograms.items() if histogram.total}
-        for method, function in functions.items()
-    }
+    return {method: _ranges(histograms, partial(function, symmetric=symmetric)) for method, function in functions.items()}
+
+
+def _ranges(histograms: HistogramObserver, function) -> dict[str, tuple[float, float]]:
+    """{tensor: function(its histogram)} for every tensor that held a finite value. A range that
+    comes out NaN, infinite or upside down (a bug in a method, never data) is left out: that
+    tensor stays float rather than get a scale of NaN."""
+    ranges = {}
+    for name, histogram in histograms.histograms.items():
+        if not histogram.total:
+            continue
+        low, high = (float(bound) for bound in function(histogram))
+        if math.isfinite(low) and math.isfinite(high) and low <= high:
+            ranges[name] = (low, high)
+        else:
+            logger.warning("calibration: tensor '%s' got the range (%g, %g); it stays float", name, low, high)
+    return ranges
 
 
 def _absolute_counts(histogram: Histogram) -> tuple[np.ndarray, float]:
@@ -1281,9 +1379,11 @@ __all__ = [
     "Sample",
     "calibrate_ranges",
     "capture_activations",
+    "check_finite_outputs",
     "entropy_range",
     "input_specs",
     "minmax_range",
+    "nonfinite_problem",
     "mse_range",
     "percentile_range",
     "range_method",

@@ -39,8 +39,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from .benchmark import count_parameters
-from .calibration import fidelity_split
-from .errors import UsageError
+from .calibration import check_finite_outputs, fidelity_split
+from .errors import UsageError, VerificationError
 from .graph import constant_value, constants, node_subgraphs, set_input, unique_names, walk
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
@@ -1180,7 +1180,10 @@ def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.nda
         shift = means[removed] @ np.moveaxis(columns, cut.axis, 0)  # [removed, N]
     if bias.shape != shift.shape and bias.size != shift.size:
         return
-    replaced[slot] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):
+        compensated = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+    if np.isfinite(compensated).all():  # means too large for the bias's dtype move nothing
+        replaced[slot] = compensated
 
 
 class ChannelMoments(NamedTuple):
@@ -1218,25 +1221,39 @@ def input_moments(model: onnx.ModelProto, plan: PrunePlan, data, samples: int = 
         axes.setdefault(name, set()).add(axis)
     sums: dict[tuple, np.ndarray] = {}
     squares: dict[tuple, np.ndarray] = {}
+    counts: dict[tuple, np.ndarray] = {}
     products: dict[tuple, np.ndarray] = {}
-    counts: dict[tuple, int] = {}
+    product_counts: dict[tuple, int] = {}
 
     def accumulate(name: str, value: np.ndarray) -> None:
         for axis in axes[name]:
             along = axis % value.ndim
             moved = np.moveaxis(value.astype(np.float64), along, 0).reshape(value.shape[along], -1)
+            # An activation the model overflowed (an infinity, a NaN) says nothing about a channel's
+            # moments: only finite values count, and the Gram matrix takes whole finite positions.
+            finite = np.isfinite(moved)
+            whole = finite.all(axis=0)
+            if not whole.all():
+                moved = np.where(finite, moved, 0.0)
             key = (name, axis)
             sums[key] = sums.get(key, 0) + moved.sum(axis=1)
             squares[key] = squares.get(key, 0) + np.square(moved).sum(axis=1)
-            counts[key] = counts.get(key, 0) + moved.shape[1]
+            counts[key] = counts.get(key, 0) + finite.sum(axis=1)
             if key in gram_keys:
-                products[key] = products.get(key, 0) + moved @ moved.T
+                columns = moved if whole.all() else moved[:, whole]
+                products[key] = products.get(key, 0) + columns @ columns.T
+                product_counts[key] = product_counts.get(key, 0) + columns.shape[1]
 
     if axes:
         capture_activations(model, data.limit(samples), set(axes), reduce=accumulate)
-    moments = {key: ChannelMoments(sums[key] / counts[key], squares[key] / counts[key],
-                                   _unpredictable(products[key] / counts[key]) if key in products else None)
-               for key in sums}
+    moments = {}
+    for key in sums:
+        if not counts[key].all() or not np.isfinite(squares[key]).all():
+            continue  # a channel without one finite value (or beyond float64): no moments for this input
+        unpredictable = None
+        if product_counts.get(key) and np.isfinite(products[key]).all():
+            unpredictable = _unpredictable(products[key] / product_counts[key])
+        moments[key] = ChannelMoments(sums[key] / counts[key], squares[key] / counts[key], unpredictable)
     return {position: moments[key] for position, key in keys.items() if key in moments}
 
 
@@ -1426,6 +1443,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     if options.held_out and data is None:
         raise UsageError("--held-out needs calibration data (--calibration DIR)")
     data, evaluation = fidelity_split(data, options.held_out)
+    measured = evaluation, _expected_outputs(model, evaluation)  # first: a sample the model overflows is refused
     gammas = bn_gammas(original if original is not None else model) if criterion == "bn" else None
     plan = analyze(model, "l2" if criterion in DATA_CRITERIA else criterion, input_shapes=plan_shapes(data),
                    gammas=gammas)
@@ -1442,21 +1460,20 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
         costs = sensitivity_costs(model, plan, data, progress=progress)
     target = options.fidelity_target
     if target is None:
-        return _prune_at(model, plan, costs, data, evaluation, options, options.ratio, progress, shapes)
+        return _prune_at(model, plan, costs, data, measured, options, options.ratio, progress, shapes)
     if data is None:
         raise UsageError("a fidelity target for pruning needs calibration data (--calibration DIR)")
     tried = []
     low, high = 0.0, options.ratio
     best = None
-    candidate = _prune_at(model, plan, costs, data, evaluation, replace(options, check_surgery=False), high, progress,
-                          shapes)
+    candidate = _prune_at(model, plan, costs, data, measured, replace(options, check_surgery=False), high, progress, shapes)
     tried.append((high, candidate[1].final_fidelity()))
     if target.met(candidate[1].final_fidelity()):
         best = (high, candidate)
     else:
         for _ in range(SEARCH_STEPS):
             middle = (low + high) / 2
-            candidate = _prune_at(model, plan, costs, data, evaluation, replace(options, check_surgery=False), middle,
+            candidate = _prune_at(model, plan, costs, data, measured, replace(options, check_surgery=False), middle,
                                   progress, shapes)
             tried.append((middle, candidate[1].final_fidelity()))
             if target.met(candidate[1].final_fidelity()):
@@ -1464,7 +1481,7 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
             else:
                 high = middle
     ratio = best[0] if best is not None else 0.0
-    pruned, report = _prune_at(model, plan, costs, data, evaluation, options, ratio, progress, shapes) \
+    pruned, report = _prune_at(model, plan, costs, data, measured, options, ratio, progress, shapes) \
         if options.check_surgery or best is None \
         else best[1]
     report.notes.append(
@@ -1476,8 +1493,23 @@ def prune(model: onnx.ModelProto, data, options: PruneOptions = PruneOptions(), 
     return pruned, report
 
 
-def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOptions, ratio: float, progress, shapes):
+def _expected_outputs(model: onnx.ModelProto, evaluation) -> list[dict] | None:
+    """The model's outputs on the evaluation samples, which must be finite to measure fidelity on."""
+    from .verify import Runner
+
+    if evaluation is None:
+        return None
+    runner = Runner(model, label="original model")
+    outputs = [runner.run(feed) for feed in evaluation]
+    check_finite_outputs(outputs, evaluation.labels)
+    return outputs
+
+
+def _prune_at(model, plan: PrunePlan, costs, data, measured, options: PruneOptions, ratio: float, progress, shapes):
+    """Prune at `ratio`; `measured` is (the evaluation samples, the model's outputs on them)."""
     from .verify import FidelityPool, Runner, Verifier, synthesize_inputs
+
+    evaluation, reference_outputs = measured
 
     ratios, allocation_note = None, "every group loses the same share (uniform)"
     if costs is not None and (ratio > 0 or options.macs or options.parameters):
@@ -1521,20 +1553,30 @@ def _prune_at(model, plan: PrunePlan, costs, data, evaluation, options: PruneOpt
     refit = pruned
     if options.reconstruct and chosen.kept:
         refit = _reconstruct(model, pruned, chosen, data, report, progress, options.refit == "downstream")
-    reference = Runner(model, label="original model")
     candidates = {"pruned": Runner(pruned, label="pruned model")}
     if refit is not pruned:
         candidates["pruned + refit"] = Runner(refit, label="refit model")
     for key, runner in candidates.items():
         pools = {}
-        for feed in evaluation:
-            expected, actual = reference.run(feed), runner.run(feed)
+        for feed, expected in zip(evaluation, reference_outputs):
+            actual = runner.run(feed)
             for name in expected:
                 pools.setdefault(name, FidelityPool()).add(expected[name], actual[name])
         report.fidelity[key] = {
-            "sqnr_db": min(pool.sqnr_db() for pool in pools.values()),
-            "cosine": min(pool.cosine() for pool in pools.values()),
+            "sqnr_db": FidelityPool.worst(pool.sqnr_db() for pool in pools.values()),
+            "cosine": FidelityPool.worst(pool.cosine() for pool in pools.values()),
         }
+    if math.isnan(report.fidelity["pruned"]["cosine"]):
+        raise VerificationError("the pruned model gives NaN or infinity where the original does not, on the "
+                                "evaluation samples: " + "; ".join(pool.problem() or "" for pool in pools.values()))
+    if "pruned + refit" in report.fidelity and math.isnan(report.fidelity["pruned + refit"]["cosine"]):
+        # The refit broke what the cut alone kept finite: the pruned weights stay.
+        del report.fidelity["pruned + refit"]
+        report.notes.append("the refit gave NaN or infinity on the evaluation samples: the pruned weights are kept")
+        for layer in report.reconstruction.values():
+            if layer["status"] == "refit":
+                layer["status"], layer["reason"] = "kept", "the refit model gave NaN or infinity"
+        refit = pruned
     used = [step for step, done in (("the channel choice", options.criterion in DATA_CRITERIA),
                                     ("the allocation", costs is not None), ("the mean compensation", options.compensate),
                                     ("the refit", any(fit["status"] == "refit" for fit in report.reconstruction.values())))
@@ -1674,7 +1716,8 @@ class _NoiseProbe:
         self.reference = [self.session.run(None, {**feed, **self.originals}) for feed in self.feeds]
         # Pooled over the samples, like the SQNR fidelity reports: a sample whose outputs are all
         # but zero (a detector's map of an image without text) would make any per-sample ratio explode.
-        self.signal = max(sum(float(np.sum(np.square(output, dtype=np.float64)))
+        # Outputs the model itself overflows (NaN, infinity) measure nothing and are left out.
+        self.signal = max(sum(float(np.sum(np.square(output[np.isfinite(output)], dtype=np.float64)))
                               for outputs in self.reference for output in outputs), 1e-30)
 
     def noise(self, trial: PrunePlan) -> float:
@@ -1693,9 +1736,19 @@ class _NoiseProbe:
         total = 0.0
         for feed, expected in zip(self.feeds, self.reference):
             actual = self.session.run(None, {**feed, **weights})
-            total += sum(float(np.sum(np.square(a.astype(np.float64) - e))) for a, e in zip(actual, expected)
+            total += sum(_noise(a, e) for a, e in zip(actual, expected)
                          if a.shape == e.shape)  # a count that follows the data (NonZero) may differ
         return total / self.signal
+
+
+def _noise(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Σ (actual − expected)² where the original's output is finite; an infinity or NaN the cut
+    brings where the original has a number is infinite noise (that cut is never the cheapest)."""
+    finite = np.isfinite(expected)
+    difference = actual.astype(np.float64)[finite] - expected[finite]
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = float(np.sum(np.square(difference)))
+    return total if math.isfinite(total) else math.inf
 
 
 def sensitivity_samples(plan: PrunePlan, data) -> int:

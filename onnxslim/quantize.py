@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .calibration import CalibrationData, calibrate_range_sets, capture_activations, fidelity_split
-from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .calibration import CalibrationData, calibrate_range_sets, capture_activations, check_finite_outputs, fidelity_split
+from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .graph import constant_value, is_empty
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
@@ -157,7 +157,7 @@ class FidelityTarget:
         return cls("sqnr_db" if metric == "sqnr" else "cosine", value)
 
     def met(self, fidelity: dict) -> bool:
-        return fidelity[self.metric] >= self.value
+        return fidelity[self.metric] >= self.value  # False for NaN
 
     def __str__(self) -> str:
         return f"SQNR >= {self.value:g} dB" if self.metric == "sqnr_db" else f"cosine >= {self.value:g}"
@@ -245,6 +245,11 @@ class QuantizationReport:
         return f"SQNR {fidelity['sqnr_db']:.1f} dB, cosine {fidelity['cosine']:.5f}" if fidelity else "fidelity not measured"
 
 
+def _rank(value: float) -> float:
+    """A figure as a sort key: NaN ranks below everything (the least faithful)."""
+    return -math.inf if math.isnan(value) else value
+
+
 def _json_safe(value):
     if isinstance(value, dict):
         return {key: _json_safe(item) for key, item in value.items()}
@@ -327,7 +332,7 @@ def quantize_model(
         report.activations, report.unranged = counters.get("activations", 0), counters.get("unranged", 0)
         if reference is not None:
             report.fidelity, report.per_output = reference.fidelity(candidate)
-            hopeless = options.mode == "auto" and report.fidelity["cosine"] < HOPELESS_COSINE
+            hopeless = options.mode == "auto" and not report.fidelity["cosine"] >= HOPELESS_COSINE
             if hopeless:
                 report.notes.append(
                     f"full int8 is far from the floor (cosine {report.fidelity['cosine']:.3f}): "
@@ -335,7 +340,7 @@ def quantize_model(
                 )
             if target is not None and not target.met(report.fidelity) and not hopeless:
                 sensitivity = _sensitivity(build, reference, set(excluded), progress)
-                ranked = sorted(sensitivity, key=lambda name: sensitivity[name][target.metric])
+                ranked = sorted(sensitivity, key=lambda name: _rank(sensitivity[name][target.metric]))
                 candidate, kept_float, report.fidelity, report.per_output, int8_storage = _keep_float_until_met(
                     build, reference, excluded, ranked, target
                 )
@@ -392,6 +397,13 @@ def quantize_model(
             sensitivity = {}
             quantized, build = quantize_weights()
             report.latency_ms["weights int8"] = _latencies_ms({"weights int8": quantized}, feed)["weights int8"]
+    if any(math.isnan(value) for value in report.fidelity.values()):
+        problems = "; ".join(
+            f"{name}: {', '.join(f'{key} {value}' for key, value in figures.items())}" for name, figures in report.per_output.items()
+        )
+        raise VerificationError(
+            f"the int8 model gives NaN or infinity where the float model does not, on the evaluation samples ({problems})"
+        )
     if target is not None and report.fidelity:
         report.target_met = target.met(report.fidelity)
     elif target is not None:
@@ -427,7 +439,7 @@ def _best_ranges(model, options, per_channel, range_sets: dict, calibration, inp
         build = _Builder(model, "full", options, per_channel, ranges, input_means)
         candidate, _ = build(set(_user_excluded(build, options)))
         scores[method] = judge.fidelity(candidate)[0]["sqnr_db"]
-    best = max(scores, key=lambda method: scores[method] - (0.0 if method == "minmax" else CLIPPING_MARGIN_DB))
+    best = max(scores, key=lambda method: _rank(scores[method]) - (0.0 if method == "minmax" else CLIPPING_MARGIN_DB))
     report.notes.append(
         "calibration method chosen on calibration samples: "
         + ", ".join(f"{method} {score:.1f} dB" for method, score in scores.items())
@@ -567,6 +579,7 @@ class _Outputs:
         runner = Runner(model, label="float model", optimized=True)
         self.names = runner.output_names
         self.reference = [runner.run(feed) for feed in self.feeds]
+        check_finite_outputs(self.reference, evaluation.labels)
 
     def fidelity(self, candidate: onnx.ModelProto, samples: int | None = None) -> tuple[dict, dict]:
         """(the worst output's SQNR and cosine, per-output figures), pooled over the samples
@@ -578,11 +591,11 @@ class _Outputs:
             for name in self.names:
                 pools[name].add(reference[name], outputs[name])
         per_output = {name: {"sqnr_db": pool.sqnr_db(), "cosine": pool.cosine(), "top1": pool.top1()} for name, pool in pools.items()}
-        worst = {
-            "sqnr_db": min(figures["sqnr_db"] for figures in per_output.values()),
-            "cosine": min(figures["cosine"] for figures in per_output.values()),
+        figures = {
+            "sqnr_db": FidelityPool.worst(figures["sqnr_db"] for figures in per_output.values()),
+            "cosine": FidelityPool.worst(figures["cosine"] for figures in per_output.values()),
         }
-        return worst, per_output
+        return figures, per_output
 
 
 def _sensitivity(build: _Builder, reference: _Outputs, excluded: set[str], progress) -> dict[str, dict]:
@@ -650,15 +663,17 @@ def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.nd
                 continue
             wanted[node.name] = node.inputs[0].name
     sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
+    counts: dict[str, np.ndarray] = {}
 
     def reduce(name: str, value: np.ndarray) -> None:
         value = np.asarray(value, dtype=np.float64)
         if value.ndim < 2:
             return
-        channels = value.reshape(value.shape[0], value.shape[1], -1).mean(axis=(0, 2)) if value.ndim > 2 else value.mean(axis=0)
-        sums[name] = sums.get(name, 0) + channels
-        counts[name] = counts.get(name, 0) + 1
+        # [channels, values]: axis 1 for Conv, the last axis for Gemm
+        rows = np.moveaxis(value, 1, 0).reshape(value.shape[1], -1) if value.ndim > 2 else value.T
+        finite = np.isfinite(rows)  # an activation the model overflowed to infinity says nothing of the mean
+        sums[name] = sums.get(name, 0) + np.where(finite, rows, 0.0).sum(axis=1)
+        counts[name] = counts.get(name, 0) + finite.sum(axis=1)
 
     try:
         capture_activations(
@@ -671,4 +686,9 @@ def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.nd
     except VerificationUnavailable as error:
         logger.warning("bias correction skipped: %s", error)
         return {}
-    return {layer: sums[tensor] / counts[tensor] for layer, tensor in wanted.items() if tensor in sums}
+    # A layer with a channel that never held a finite value gets no correction.
+    return {
+        layer: sums[tensor] / counts[tensor]
+        for layer, tensor in wanted.items()
+        if tensor in sums and counts[tensor].all() and np.isfinite(sums[tensor]).all()
+    }

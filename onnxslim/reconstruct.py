@@ -523,7 +523,13 @@ def _sampled_rows(
         target_rows = outputs.reshape(-1, outputs.shape[-1])
         (chosen,) = _choose(rng, (len(rows),), count)
         rows, target_rows = rows[chosen], target_rows[chosen]
-    return rows, target_rows[:, layer.kept]
+    target_rows = target_rows[:, layer.kept]
+    # A row holding an activation the model overflowed (an infinity, a NaN) would make the whole
+    # fit NaN: it is left out.
+    finite = np.isfinite(rows).all(axis=1) & np.isfinite(target_rows).all(axis=1)
+    if not finite.all():
+        rows, target_rows = rows[finite], target_rows[finite]
+    return rows, target_rows
 
 
 def _choose(rng: np.random.Generator, shape: tuple[int, ...], count: int) -> tuple[np.ndarray, ...]:
@@ -576,6 +582,8 @@ class _NormalEquations:
         self.rows = 0
 
     def add(self, inputs: np.ndarray, targets: np.ndarray) -> None:
+        if not len(inputs):
+            return
         design = inputs.astype(np.float64)
         if self.intercept:
             design = np.hstack([design, np.ones((len(design), 1))])
@@ -658,14 +666,23 @@ def _refit(layer: _Layer, statistics: _Folds, weights: dict[str, np.ndarray], ri
         # while the calibration images' rose from 15.4 to 29.5 dB.
         reason = f"{total.rows} calibration rows for {unknowns} unknowns: too few to fit without overfitting"
         return LayerFit(layer.name, layer.op, SKIPPED, reason, rows=total.rows)
+    if not (math.isfinite(total.energy) and np.isfinite(total.gram).all() and np.isfinite(total.cross).all()):
+        reason = "the layer's activations are too large for float64 sums"
+        return LayerFit(layer.name, layer.op, SKIPPED, reason, rows=total.rows)
     bias = weights[layer.bias] if layer.bias is not None else None
     anchor = layer.matrix(weights[layer.weight], bias)
     before = total.residual(anchor) / total.energy
-    after, ridge = min(zip(statistics.held_out_errors(ridges, anchor, total), ridges))
+    errors = statistics.held_out_errors(ridges, anchor, total)
+    # A NaN error (a solve that failed) ranks last, never first: min() would keep it if it came first.
+    after, ridge = min(zip((error if math.isfinite(error) else math.inf for error in errors), ridges))
     if not after < KEEP_BELOW * before:
         reason = f"the refit did not lower the error on held-out samples ({before:.4g} -> {after:.4g} at best)"
         return LayerFit(layer.name, layer.op, KEPT, reason, before, after, total.rows, ridge)
-    new_weight, new_bias = layer.weights(total.solve(ridge, anchor))
+    with np.errstate(over="ignore", invalid="ignore"):
+        new_weight, new_bias = layer.weights(total.solve(ridge, anchor))
+    if not np.isfinite(new_weight).all() or (new_bias is not None and not np.isfinite(new_bias).all()):
+        reason = "the refit's weights are not finite in float32"
+        return LayerFit(layer.name, layer.op, KEPT, reason, before, after, total.rows, ridge)
     if not total.residual(layer.matrix(new_weight, new_bias)) < total.residual(anchor):
         # The float32 weights that would be written do no better (a layer that lost nothing).
         reason = "the refit did not lower the error once rounded to float32"

@@ -455,19 +455,22 @@ class Verifier:
 
     def _apply_budget(self, comparison: OutputComparison, pool: FidelityPool | None) -> None:
         """In lossy mode the budget, not the tolerance, decides (shape and dtype must still match),
-        on figures pooled over the samples (see FidelityPool)."""
+        on figures pooled over the samples (see FidelityPool). A figure that is not a number
+        (NaN) meets no threshold: every test is written so that NaN fails it."""
         if comparison.problem.startswith(("shape", "dtype", "NaN")) or pool is None:
             return
         comparison.cosine, comparison.sqnr_db, comparison.top1_agreement = pool.cosine(), pool.sqnr_db(), pool.top1()
         budget, problems = self.budget, []
-        if budget.min_cosine is not None and comparison.cosine < budget.min_cosine:
+        if pool.problem():
+            problems.append(pool.problem())
+        if budget.min_cosine is not None and not comparison.cosine >= budget.min_cosine:
             problems.append(f"cosine {comparison.cosine:.4f} < {budget.min_cosine}")
-        if budget.min_sqnr_db is not None and comparison.sqnr_db < budget.min_sqnr_db:
+        if budget.min_sqnr_db is not None and not comparison.sqnr_db >= budget.min_sqnr_db:
             problems.append(f"SQNR {comparison.sqnr_db:.1f} dB < {budget.min_sqnr_db} dB")
         if (
             budget.min_top1 is not None
             and comparison.top1_agreement is not None
-            and comparison.top1_agreement < budget.min_top1
+            and not comparison.top1_agreement >= budget.min_top1
         ):
             problems.append(f"top-1 agreement {comparison.top1_agreement:.3f} < {budget.min_top1}")
         comparison.passed = not problems
@@ -481,11 +484,17 @@ class FidelityPool:
     detector on a photo without text) has an SQNR of pure noise, which a per-sample worst case
     or median would report as the model's fidelity. A sample whose two outputs differ in shape (a
     count that follows the data, as NonZero's or NonMaxSuppression's) is left out (`skipped`).
+
+    Non-finite values: where both outputs hold the same NaN or infinity they agree and are left
+    out of the sums (as the lossless comparison treats them); anywhere else a NaN or an infinity
+    on either side is a disagreement no figure can measure (`mismatched`): the figures are then
+    NaN, which fails every threshold, and `problem()` says why. Sums too large for float64 are
+    NaN as well, never a pass.
     """
 
     def __init__(self):
         self.signal = self.noise = self.cross = self.candidate_energy = 0.0
-        self.agreeing = self.rows = self.skipped = 0
+        self.agreeing = self.rows = self.skipped = self.mismatched = 0
         self.top1_meaningful = True
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
@@ -493,10 +502,16 @@ class FidelityPool:
             self.skipped += 1
             return
         ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()
-        self.signal += float(ref @ ref)
-        self.candidate_energy += float(cand @ cand)
-        self.cross += float(ref @ cand)
-        self.noise += float((cand - ref) @ (cand - ref))
+        finite = np.isfinite(ref) & np.isfinite(cand)
+        if not finite.all():
+            same = (ref == cand) | (np.isnan(ref) & np.isnan(cand))
+            self.mismatched += int(np.count_nonzero(~finite & ~same))
+            ref, cand = ref[finite], cand[finite]
+        with np.errstate(over="ignore", invalid="ignore"):
+            self.signal += float(ref @ ref)
+            self.candidate_energy += float(cand @ cand)
+            self.cross += float(ref @ cand)
+            self.noise += float((cand - ref) @ (cand - ref))
         agreement = _top1_agreement(reference, candidate)
         if agreement is None:
             self.top1_meaningful = False
@@ -505,13 +520,29 @@ class FidelityPool:
             self.agreeing += round(agreement * rows)
             self.rows += rows
 
+    def _measurable(self) -> bool:
+        sums = (self.signal, self.noise, self.cross, self.candidate_energy)
+        return not self.mismatched and all(math.isfinite(value) for value in sums)
+
+    def problem(self) -> str | None:
+        """Why the figures are NaN, or None when they are numbers."""
+        if self.mismatched:
+            return f"{self.mismatched} value(s) NaN or infinite where the other model's are not"
+        if not self._measurable():
+            return "outputs too large to measure in float64"
+        return None
+
     def cosine(self) -> float:
+        if not self._measurable():
+            return math.nan
         norms = math.sqrt(self.signal * self.candidate_energy)
         if norms == 0:
             return 1.0 if self.noise == 0 else 0.0
         return self.cross / norms
 
     def sqnr_db(self) -> float:
+        if not self._measurable():
+            return math.nan
         if self.noise == 0:
             return math.inf
         if self.signal == 0:
@@ -519,7 +550,16 @@ class FidelityPool:
         return 10.0 * math.log10(self.signal / self.noise)
 
     def top1(self) -> float | None:
-        return self.agreeing / self.rows if self.top1_meaningful and self.rows else None
+        if not (self.top1_meaningful and self.rows):
+            return None
+        return self.agreeing / self.rows if self._measurable() else math.nan
+
+    @staticmethod
+    def worst(figures) -> float:
+        """The smallest of several outputs' figures, NaN if any is NaN (Python's min keeps a NaN
+        only when it comes first, and a NaN figure must never read as a pass)."""
+        figures = list(figures)
+        return math.nan if any(math.isnan(figure) for figure in figures) else min(figures)
 
 
 def verify(

@@ -98,6 +98,13 @@ HALF_NORMAL_MIN = 2.0**-14
 # Clipping ratios tried per output channel for the weight scale (see symmetric_int8).
 CLIP_RATIOS = (1.0, 0.98, 0.96, 0.94, 0.92, 0.9, 0.87, 0.84, 0.8)
 ACTIVATION_TYPES = {"uint8": (np.uint8, 0, 255), "int8": (np.int8, -128, 127)}
+# A range's bounds are capped at half of float32's largest number: dequantizing the range's
+# ends (q - z)·s, rounding z included, must stay a float32 number, not become an infinity.
+RANGE_LIMIT = float(np.finfo(np.float32).max) / 2
+# A scale below float32's smallest normal number is no scale: the runtime flushes it to zero
+# (x / 0) and the requantization of a fused kernel, s_in·s_w / s_out, underflows. Values that
+# small all quantize to the zero point anyway, so such a range gets the scale 1.
+SCALE_FLOOR = float(np.finfo(np.float32).tiny)
 MODES = ("full", "weights")
 # PassContext.options key of an optional dict in which quantized weights are remembered.
 WEIGHT_CACHE = "quantize-int8.weights"
@@ -228,6 +235,8 @@ def float_weight(node: gs.Node) -> np.ndarray | None:
         return None
     if (node.op in ("Gemm", "MatMul") and value.ndim < 2) or (node.op.startswith("Conv") and value.ndim < 3):
         return None
+    if not np.isfinite(value).all():  # no int8 scale holds a NaN or an infinity: the layer stays float
+        return None
     return value
 
 
@@ -328,7 +337,7 @@ def symmetric_int8(
     # whose weights are all below 2^-14 * limit (a channel BatchNormalization switched off) gets
     # the step 2^-14; its weights then err by at most 2^-15, 64 times below the layer's largest
     # step. A layer of tiny weights throughout keeps float32 scales (see half_fits' callers).
-    floor = 0.0
+    floor = SCALE_FLOOR  # a denormal float32 scale is flushed to zero by the runtime
     if scale_type == np.float16 and peak.max(initial=0.0) / limit >= 2.0**-8:
         floor = HALF_NORMAL_MIN
     for ratio in CLIP_RATIOS:
@@ -402,17 +411,25 @@ def _correct_bias(
         if mean.shape != (weight_error.shape[0],):
             return False
         shift = (mean @ weight_error) * float(node.attrs.get("alpha", 1.0))
+    if not np.isfinite(shift).all():  # an input mean too large for its products: no correction
+        return False
     bias_slot = 2
     if len(node.inputs) > bias_slot and not is_empty(node.inputs[bias_slot]):
         bias = constant_value(node.inputs[bias_slot])
         if bias is None or bias.dtype != np.float32 or bias.shape != shift.shape:
             return False
         beta = float(node.attrs.get("beta", 1.0)) if node.op == "Gemm" else 1.0
-        new_bias = (bias.astype(np.float64) - shift / beta).astype(np.float32)
+        if beta == 0:  # the bias is not read
+            return False
+        new_bias = bias.astype(np.float64) - shift / beta
     else:
-        if node.op == "Gemm":
-            node.attrs["beta"] = 1.0
-        new_bias = (-shift).astype(np.float32)
+        new_bias = -shift
+    with np.errstate(over="ignore"):
+        new_bias = new_bias.astype(np.float32)
+    if not np.isfinite(new_bias).all():  # beyond float32: the bias stays as it was
+        return False
+    if node.op == "Gemm" and not (len(node.inputs) > bias_slot and not is_empty(node.inputs[bias_slot])):
+        node.attrs["beta"] = 1.0
     constant = gs.Constant(names(f"{node.inputs[1].name}_b"), new_bias)
     if len(node.inputs) > bias_slot:
         set_input(node, bias_slot, constant)
@@ -432,6 +449,8 @@ def _quantize_tables(graph: gs.Graph, names, excluded: set[str], compact: bool, 
         table = node.inputs[0]
         value = constant_value(table) if isinstance(table, gs.Constant) else None
         if value is None or value.dtype != np.float32 or value.ndim < 2 or value.size < TABLE_ELEMENTS:
+            continue
+        if not np.isfinite(value).all():
             continue
         if int(node.attrs.get("axis", 0)) != 0:
             continue
@@ -713,18 +732,22 @@ def _quantize_activations(
 
 
 def _usable(limits) -> bool:
-    return limits is not None and all(np.isfinite(limits))
+    return limits is not None and len(limits) == 2 and all(np.isfinite(limits)) and limits[0] <= limits[1]
 
 
 def activation_parameters(limits, activation_type: str, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(scale float32 scalar, zero point scalar of the activation type) for a calibrated (low, high)."""
+    """(scale float32 scalar, zero point scalar of the activation type) for a calibrated (low, high):
+    always a normal, finite scale and a zero point in the type's range, whatever the range."""
     dtype, qmin, qmax = ACTIVATION_TYPES[activation_type]
-    low, high = min(float(limits[0]), 0.0), max(float(limits[1]), 0.0)
+    low = min(max(float(limits[0]), -RANGE_LIMIT), 0.0)
+    high = max(min(float(limits[1]), RANGE_LIMIT), 0.0)
     if symmetric:
-        bound = max(-low, high)
-        scale = bound / 127 if bound > 0 else 1.0
+        scale = max(-low, high) / 127
         zero_point = 0 if activation_type == "int8" else 128
     else:
-        scale = (high - low) / (qmax - qmin) if high > low else 1.0
-        zero_point = int(np.clip(qmin - round(low / np.float32(scale)), qmin, qmax))
+        scale = (high - low) / (qmax - qmin)
+    if not np.float32(scale) >= SCALE_FLOOR:  # a zero-width range, or one of denormal numbers
+        scale = 1.0
+    if not symmetric:
+        zero_point = int(np.clip(qmin - round(low / float(np.float32(scale))), qmin, qmax))
     return np.array(scale, dtype=np.float32), np.array(zero_point, dtype=dtype)

@@ -7,20 +7,175 @@ reads are byte-identical afterwards. Each section below is one class of hostile 
 
 from __future__ import annotations
 
+import hashlib
+import math
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from builder import ModelBuilder
+from click.testing import CliRunner
+
+from onnxslim.cli import cli
+from onnxslim.verify import FidelityBudget, FidelityPool, Verifier
+
+
+def _run_cli(*args):
+    return CliRunner().invoke(cli, [str(arg) for arg in args], prog_name="onnxslim")
+
+
+def _digests(*paths: Path) -> dict[Path, str]:
+    """sha256 of every file under the given paths (a folder: all its files)."""
+    files = [file for path in paths for file in ([path] if path.is_file() else sorted(path.iterdir()))]
+    return {file: hashlib.sha256(file.read_bytes()).hexdigest() for file in files}
+
 
 # ----------------------------------------------------------------------------- calibration data: NaN, Inf, huge and zero-width ranges
 
 
-# ----------------------------------------------------------------------------- thresholds, tolerances and other usage
+def _calibration_net() -> onnx.ModelProto:
+    """Conv -> BatchNormalization -> Relu -> Conv -> Relu -> pool -> Gemm: every quantizer and every
+    pruning criterion (bn reads the γ) has something to work on."""
+    rng = np.random.default_rng(1700)
+
+    def weight(*shape, scale=0.3):
+        return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.node("Conv", [x, b.initializer("wa", weight(8, 3, 3, 3)), b.initializer("ba", weight(8))], pads=[1] * 4, name="a")
+    normalized = b.node("BatchNormalization", [a, b.initializer("g", np.abs(weight(8)) + 0.1), b.initializer("beta", weight(8)),
+                                               b.initializer("mu", weight(8)), b.initializer("var", np.abs(weight(8)) + 0.5)],
+                        name="bn")
+    h = b.node("Relu", [b.node("Conv", [b.node("Relu", [normalized]), b.initializer("wb", weight(8, 8, 3, 3)),
+                                        b.initializer("bb", weight(8))], pads=[1] * 4, name="b")])
+    pooled = b.node("Flatten", [b.node("GlobalAveragePool", [h])])
+    b.output(b.node("Gemm", [pooled, b.initializer("fc", weight(4, 8)), b.initializer("fcb", weight(4))], ["y"], name="fc",
+                    transB=1))
+    return b.build()
 
 
-# ----------------------------------------------------------------------------- the model's interface: overridable inputs, dynamic dims, types
+def _hostile_sample(kind: str, index: int) -> np.ndarray:
+    rng = np.random.default_rng(index)
+    normal = rng.standard_normal([1, 3, 8, 8]).astype(np.float32)
+    if kind == "one-inf":  # one infinity in the first sample only
+        if index == 0:
+            normal[0, 1, 2, 3] = np.inf
+        return normal
+    if kind == "all-nan":
+        return np.full([1, 3, 8, 8], np.nan, np.float32)
+    if kind == "huge":  # finite, but the model's sums overflow float32
+        normal[0, :, 2, 3] = 3e38
+        return normal
+    if kind == "constant":  # a constant input: constant activations
+        return np.full([1, 3, 8, 8], 0.5, np.float32)
+    if kind == "denormal":
+        return (normal * 1e-40).astype(np.float32)
+    assert kind == "zeros"
+    return np.zeros([1, 3, 8, 8], np.float32)
 
 
-# ----------------------------------------------------------------------------- the user's files
+# What each set must give: exit 2 naming the first bad file, or a written, finite, valid model.
+HOSTILE_SETS = {
+    "one-inf": 0,  # the sample is skipped, with a warning naming it
+    "all-nan": 2,
+    "huge": 2,  # the float model's own outputs are NaN on it: no fidelity can be measured
+    "constant": 0,
+    "denormal": 0,
+    "zeros": 0,
+}
+LOSSY_RUNS = {
+    **{f"int8-{method}": ["--quantize", "int8", "--quantize-mode", "full", "--calibration-method", method]
+       for method in ("minmax", "percentile", "entropy", "mse", "auto")},
+    **{f"prune-{criterion}": ["--prune", "0.25", "--prune-criterion", criterion]
+       for criterion in ("l2", "l1", "bn", "activation", "reconstruction")},
+    "prune-activation-no-refit": ["--prune", "0.25", "--prune-criterion", "activation", "--no-reconstruct"],
+    "prune-uniform": ["--prune", "0.5", "--prune-criterion", "reconstruction", "--prune-allocation", "uniform"],
+}
 
 
-# ----------------------------------------------------------------------------- onnxruntime in a worker: crashes, hangs, memory
+@pytest.fixture(scope="module")
+def hostile_sets(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("hostile")
+    onnx.save(_calibration_net(), root / "net.onnx")
+    for kind in HOSTILE_SETS:
+        (root / kind).mkdir()
+        for index in range(4):
+            np.savez(root / kind / f"s{index}.npz", x=_hostile_sample(kind, index))
+    return root
 
 
-# ----------------------------------------------------------------------------- generated graphs and models onnxruntime already optimized
+@pytest.mark.parametrize("run", LOSSY_RUNS)
+@pytest.mark.parametrize("kind", HOSTILE_SETS)
+def test_hostile_calibration_data_is_refused_or_gives_a_finite_valid_model(hostile_sets, tmp_path, caplog, kind, run):
+    source, data, output = hostile_sets / "net.onnx", hostile_sets / kind, tmp_path / "out.onnx"
+    before = _digests(source, data)
+    result = _run_cli("optimize", source, output, "--calibration", data, *LOSSY_RUNS[run])
+    assert _digests(source, data) == before
+    assert "Traceback" not in result.output + result.stderr
+    assert result.exit_code == HOSTILE_SETS[kind], result.output + result.stderr
+    if result.exit_code == 2:
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("onnxslim: error: ") and "s0.npz" in lines[0], result.stderr
+        assert not output.exists()
+        return
+    if kind == "one-inf":  # one warning line names the skipped file (on stderr outside pytest)
+        (warning,) = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+        assert "s0.npz" in warning and "infinite" in warning and "s1.npz" not in warning
+    assert "nan" not in result.output.lower().replace("nan or infinite", "")
+    model = onnx.load(output)
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = [np.random.default_rng(seed).standard_normal([1, 3, 8, 8]).astype(np.float32) for seed in range(3)]
+    feeds += [_hostile_sample(kind, index) for index in range(1, 4)]  # the samples it calibrated on
+    for feed in feeds:
+        (values,) = session.run(None, {"x": feed})
+        assert np.isfinite(values).all()
+    for tensor in model.graph.initializer:  # scales, zero points, corrected biases, refit weights
+        array = onnx.numpy_helper.to_array(tensor)
+        if array.dtype.kind == "f":
+            assert np.isfinite(array).all(), tensor.name
+
+
+def test_a_nan_fidelity_figure_fails_every_threshold():
+    pool = FidelityPool()
+    pool.add(np.ones([2, 4], np.float32), np.array([[1, 1, 1, 1], [1, np.nan, 1, 1]], np.float32))
+    assert math.isnan(pool.cosine()) and math.isnan(pool.sqnr_db()) and math.isnan(pool.top1())
+    assert "1 value(s) NaN or infinite" in pool.problem()
+    assert math.isnan(FidelityPool.worst([0.9, pool.cosine()])) and math.isnan(FidelityPool.worst([pool.cosine(), 0.9]))
+    agreeing = FidelityPool()  # the same NaN and the same infinity on both sides agree, like the lossless check
+    agreeing.add(np.array([1.0, np.nan, -np.inf, 2.0]), np.array([1.0, np.nan, -np.inf, 2.0]))
+    assert agreeing.problem() is None and agreeing.cosine() == pytest.approx(1.0) and agreeing.sqnr_db() == math.inf
+
+
+@pytest.mark.parametrize("threshold", [{"min_cosine": 0.5}, {"min_sqnr_db": 0.0}, {"min_top1": 0.75}])
+def test_lossy_verification_judges_the_finite_values_when_both_models_give_nan(threshold):
+    """Both models give NaN at the same place (the lossless check lets that pass), and the
+    candidate negates every other value: its figures once came out NaN, and NaN < threshold is
+    False, so it passed; now the matching NaN is left out and the rest judged."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 4])
+    b.output(b.node("Mul", [x, b.initializer("k", np.ones([1, 4], np.float32))], ["y"]))
+    reference = b.build()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(reference)
+    candidate.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(-np.ones([1, 4], np.float32), "k"))
+    feeds = [{"x": np.array([[1, 2, 3, np.nan], [4, 3, 2, 1]], np.float32)}]
+    report = Verifier(reference, inputs=feeds, budget=FidelityBudget(**threshold)).check(candidate)
+    assert not report.passed and "nan" not in report.message.lower()
+    assert report.outputs[0].cosine == pytest.approx(-1.0)
+
+
+def test_lossy_verification_fails_nan_where_the_reference_is_finite():
+    b = ModelBuilder()
+    x = b.input("x", [1, 4])
+    b.output(b.node("Mul", [x, b.initializer("k", np.ones([1, 4], np.float32))], ["y"]))
+    reference = b.build()
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(reference)
+    candidate.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.array([[1, 1, np.nan, 1]], np.float32), "k"))
+    feeds = [{"x": np.array([[1, 2, 3, 4]], np.float32)}]
+    report = Verifier(reference, inputs=feeds, budget=FidelityBudget(min_cosine=-1.0)).check(candidate)
+    assert not report.passed
