@@ -266,7 +266,7 @@ class Preprocess:
                 raise InputSpecError(f"{key} has {len(values)} values, but {where} takes {channels} channel(s)")
         scale = self.scale if self.scale is not None else (1 / 255 if spec.dtype.kind == "f" else 1.0)
         # The largest value a pixel can become must be a float32 number, or calibration sees infinities.
-        if (255 * scale + max(abs(value) for value in self.mean)) / min(self.std) >= np.finfo(np.float32).max:
+        if (255 * scale + max(abs(value) for value in self.mean)) / min(self.std) >= float(np.finfo(np.float32).max):
             raise InputSpecError(
                 f"scale={_number_text(scale)}, mean and std give pixel values beyond float32's range: "
                 "check the std (a value, not its inverse)"
@@ -1354,16 +1354,22 @@ def _clip_errors(start: float, width: float, counts: np.ndarray):
         return mass * t * t - 2 * (sum1[last] - sum1[first]) * t + (sum2[last] - sum2[first]) + mass * variance
 
     def locate(thresholds):
-        t = np.clip(np.asarray(thresholds, np.float64) - origin, edges[0], edges[-1])
-        return t, np.clip(((t - edges[0]) // width).astype(np.int64), 0, bins - 1)
+        # t itself stays where it is: a threshold beyond the histogram clips every value on that
+        # side by its whole distance (a constant activation, whose bins span 1e-6 of its value).
+        t = np.asarray(thresholds, np.float64) - origin
+        k = np.clip((np.clip(t, edges[0], edges[-1]) - edges[0]) // width, 0, bins - 1).astype(np.int64)
+        return t, k
 
-    def below(thresholds):
-        t, k = locate(thresholds)
-        return whole(t, 0, k) + counts[k] / width * np.clip(t - edges[k], 0, None) ** 3 / 3
+    def cube(distance):
+        return np.clip(distance, 0, None) ** 3 / 3
 
-    def above(thresholds):
+    def below(thresholds):  # bin k holds the values from edges[k] up to t at most
         t, k = locate(thresholds)
-        return whole(t, k + 1, bins) + counts[k] / width * np.clip(edges[k + 1] - t, 0, None) ** 3 / 3
+        return whole(t, 0, k) + counts[k] / width * (cube(t - edges[k]) - cube(t - edges[k + 1]))
+
+    def above(thresholds):  # bin k holds the values from t at least up to edges[k + 1]
+        t, k = locate(thresholds)
+        return whole(t, k + 1, bins) + counts[k] / width * (cube(edges[k + 1] - t) - cube(edges[k] - t))
 
     return below, above
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -515,3 +517,104 @@ def test_mse_range_beats_the_other_methods_on_real_quantization(case):
         for method in (minmax_range, percentile_range, entropy_range, mse_range)
     }
     assert errors["mse_range"] <= 1.01 * min(errors.values()), errors
+
+
+# ----------------------------------------------------------------------------- degenerate and extreme ranges
+
+
+def _extreme_values(case: str) -> list[np.ndarray]:
+    """Chunks added one after another to a histogram (the order matters: it widens as they come)."""
+    normal = np.random.default_rng(3).standard_normal(4000).astype(np.float32)
+    if case == "constant":
+        return [np.full(1000, 0.5, np.float32)] * 2
+    if case == "negative-constant":
+        return [np.full(1000, -2.0, np.float32)]
+    if case == "zeros":
+        return [np.zeros(1000, np.float32)]
+    if case == "denormal":
+        return [normal * np.float32(1e-40)]
+    if case == "huge":  # float32's extremes among ordinary values
+        return [np.concatenate([normal, np.float32([3e38, -3e38, 3.4e38])])]
+    if case == "constant-then-huge":
+        return [np.full(1000, 0.5, np.float32), np.float32([-3e38, 1.0]), normal]
+    assert case == "tiny-then-huge"
+    return [normal * np.float32(1e-30), np.float32([3e38])]
+
+
+EXTREME_CASES = ("constant", "negative-constant", "zeros", "denormal", "huge", "constant-then-huge", "tiny-then-huge")
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("case", EXTREME_CASES)
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_range_method_copes_with_zero_width_tiny_and_huge_ranges(method, case, symmetric):
+    """Once np.histogram raised 'Too many bins for data range' on a constant or on 3e38 next to 1
+    (it bins in float32); every method must give a finite range, low <= high, that holds the
+    constant it saw, and the quantizer a normal, finite scale."""
+    from onnxslim.passes.quantize_qdq import activation_parameters
+
+    chunks = _extreme_values(case)
+    histogram = Histogram()
+    for chunk in chunks:
+        histogram.add(chunk)
+    values = np.concatenate(chunks)
+    assert histogram.total == values.size and (histogram.min, histogram.max) == (values.min(), values.max())
+    low, high = range_method(method)(histogram, symmetric=symmetric)
+    assert math.isfinite(low) and math.isfinite(high) and low <= high
+    if values.min() == values.max():  # a constant: its value is inside the range, give or take a step
+        step = (high - low) / 255
+        assert low - step <= values[0] <= high + step
+    if case == "huge" and method == "minmax":
+        assert high == pytest.approx(3.4e38, rel=1e-6)
+    for activation_type in ("uint8", "int8"):
+        scale, zero_point = activation_parameters((low, high), activation_type, symmetric)
+        assert scale.dtype == np.float32 and np.isfinite(scale) and scale >= np.finfo(np.float32).tiny
+        levels = np.arange(*((0, 256) if activation_type == "uint8" else (-128, 128)), dtype=np.float32)
+        assert np.isfinite((levels - np.float32(zero_point)) * scale).all()  # every dequantized level is a number
+
+
+def test_calibrate_ranges_on_a_constant_activation_with_every_method():
+    model = relu_mul_model()
+    feeds = [{"x": np.full([1, 4], 0.25, np.float32)}] * 3
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        ranges = calibrate_ranges(model, feeds, ["x"], method=method)
+        low, high = ranges["x"]
+        assert low <= 0.25 <= high, method
+
+
+def test_non_finite_samples_are_skipped_with_one_warning_naming_them(tmp_path, caplog):
+    model = relu_mul_model()
+    good = np.ones([1, 4], np.float32)
+    feeds = [{"x": good}, {"x": np.float32([[1, np.inf, 2, np.nan]])}, {"x": good * 2}]
+    with caplog.at_level(logging.WARNING, logger="onnxslim"):
+        data = CalibrationData.from_feeds(model, feeds)
+    assert len(data) == 2 and data.labels == ["sample 0", "sample 2"]
+    (warning,) = [record.getMessage() for record in caplog.records if "skipped" in record.getMessage()]
+    assert "sample 1 ('x' holds 1 NaN and 1 infinite value)" in warning
+    assert "1 skipped for NaN or infinite values" in data.description
+    with pytest.raises(InputSpecError, match=r"no usable calibration sample .* \(first: sample 0 \('x' holds 4 NaN\)\)"):
+        CalibrationData.from_feeds(model, [{"x": np.full([1, 4], np.nan, np.float32)}] * 2)
+
+
+def test_non_finite_npz_and_npy_samples_are_skipped_and_the_limit_counts_usable_ones(tmp_path):
+    model = relu_mul_model()
+    (tmp_path / "npz").mkdir()
+    for index, value in enumerate([np.inf, 1.0, 2.0, 3.0]):
+        np.savez(tmp_path / "npz" / f"{index}.npz", x=np.full([1, 4], value, np.float32))
+    data = CalibrationData.from_path(model, tmp_path / "npz", limit=2)
+    assert [Path(label).name for label in data.labels] == ["1.npz", "2.npz"]
+    stack = np.ones([3, 1, 4], np.float32)
+    stack[1, 0, 2] = -np.inf
+    np.save(tmp_path / "stack.npy", stack)
+    data = CalibrationData.from_path(model, tmp_path / "stack.npy")
+    assert [label.rsplit("/", 1)[-1] for label in data.labels] == ["stack.npy[0]", "stack.npy[2]"]
+    np.save(tmp_path / "nan.npy", np.full([2, 1, 4], np.nan, np.float32))
+    with pytest.raises(InputSpecError, match=r"nan\.npy\[0\]"):
+        CalibrationData.from_path(model, tmp_path / "nan.npy")
+
+
+def test_preprocessing_that_leaves_float32_is_refused():
+    spec = input_specs(image_model([1, 3, 8, 8]))[0]
+    with pytest.raises(InputSpecError, match="beyond float32"):
+        Preprocess(std=(1e-40,)).resolve(spec)
+    assert Preprocess(std=(1e-3,)).resolve(spec).std == (1e-3,)

@@ -139,6 +139,50 @@ def test_hostile_calibration_data_is_refused_or_gives_a_finite_valid_model(hosti
             assert np.isfinite(array).all(), tensor.name
 
 
+def _overflowing_net() -> onnx.ModelProto:
+    """Exp -> Conv -> Relu -> Conv -> Sigmoid -> pool, all weights positive: an input of 100
+    makes Exp, both Convs and the second Conv's input infinite, and the Sigmoid turns that back
+    into 1, so the outputs stay finite while activations do not."""
+    rng = np.random.default_rng(1701)
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    a = b.node("Conv", [b.node("Exp", [x]), b.initializer("wa", rng.uniform(0.01, 0.3, [8, 3, 3, 3]).astype(np.float32)),
+                        b.initializer("ba", rng.uniform(0, 0.1, [8]).astype(np.float32))], pads=[1] * 4, name="a")
+    h = b.node("Conv", [b.node("Relu", [a]), b.initializer("wb", rng.uniform(0.01, 0.1, [8, 8, 3, 3]).astype(np.float32)),
+                        b.initializer("bb", -rng.uniform(1, 2, [8]).astype(np.float32))], pads=[1] * 4, name="b")
+    b.output(b.node("Flatten", [b.node("GlobalAveragePool", [b.node("Sigmoid", [h])])], ["y"]))
+    return b.build()
+
+
+@pytest.mark.parametrize("run", LOSSY_RUNS)
+def test_activations_the_model_overflows_do_not_poison_calibration(tmp_path, run):
+    model = _overflowing_net()
+    onnx.save(model, tmp_path / "net.onnx")
+    (tmp_path / "data").mkdir()
+    for index in range(8):
+        sample = np.random.default_rng(index).standard_normal([1, 3, 8, 8]).astype(np.float32)
+        sample[0, index % 3, index, 7 - index] = 100.0  # exp(100) overflows float32
+        np.savez(tmp_path / "data" / f"s{index}.npz", x=sample)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    probe = np.load(tmp_path / "data" / "s0.npz")["x"]
+    assert np.isfinite(session.run(None, {"x": probe})[0]).all()  # the premise: finite outputs, infinite activations
+    result = _run_cli("optimize", tmp_path / "net.onnx", tmp_path / "out.onnx", "--calibration", tmp_path / "data",
+                      *LOSSY_RUNS[run])
+    assert result.exit_code in (0, 1), result.output + result.stderr  # 1: a fidelity budget honestly missed
+    if result.exit_code == 1:
+        assert "verification failed" in result.stderr and "nan" not in result.stderr.lower()
+        return
+    written = onnx.load(tmp_path / "out.onnx")
+    onnx.checker.check_model(written, full_check=True)
+    for tensor in written.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor)
+        assert array.dtype.kind != "f" or np.isfinite(array).all(), tensor.name
+    session = ort.InferenceSession(written.SerializeToString(), providers=["CPUExecutionProvider"])
+    for index in range(8):
+        (values,) = session.run(None, {"x": np.load(tmp_path / "data" / f"s{index}.npz")["x"]})
+        assert np.isfinite(values).all()
+
+
 def test_a_nan_fidelity_figure_fails_every_threshold():
     pool = FidelityPool()
     pool.add(np.ones([2, 4], np.float32), np.array([[1, 1, 1, 1], [1, np.nan, 1, 1]], np.float32))

@@ -4,6 +4,7 @@ sensitive layers kept in float for a target, bias correction; and `optimize --qu
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
@@ -269,3 +270,31 @@ def test_auto_does_not_search_layers_to_rescue_a_hopeless_full_model():
     assert report.mode == "weights" and report.fidelity["cosine"] > 0.99
     assert any("far from the floor" in note for note in report.notes)
     assert all(layer.sensitivity_sqnr_db is None for layer in report.layers)  # no layer-by-layer search ran
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("activation_type", ["uint8", "int8"])
+@pytest.mark.parametrize(
+    "limits", [(0.0, 0.0), (0.5, 0.5), (-2.0, -2.0), (1e-42, 1e-41), (-1e-39, 1e-39), (-3.4e38, 3.4e38), (0.0, 3.4e38)]
+)
+def test_activation_scales_are_normal_finite_numbers_for_any_range(limits, activation_type, symmetric):
+    """A zero-width range (a constant activation), one of denormal numbers and one at float32's
+    ends: the scale is a normal float32 (never 0, denormal, inf or NaN) and every level dequantizes
+    to a finite number."""
+    from onnxslim.passes.quantize_qdq import _usable, activation_parameters
+
+    assert _usable(limits)
+    scale, zero_point = activation_parameters(limits, activation_type, symmetric)
+    assert np.isfinite(scale) and scale >= np.finfo(np.float32).tiny
+    info = np.iinfo(zero_point.dtype)
+    levels = np.arange(info.min, info.max + 1, dtype=np.float32)
+    assert np.isfinite((levels - np.float32(zero_point)) * scale).all()
+    if 0 < abs(limits[1]) < 1e30 and limits[1] > 1e-30:  # an ordinary range is still held
+        assert (info.max - float(zero_point)) * float(scale) >= limits[1] * (1 - 1e-6)
+
+
+def test_ranges_that_are_not_numbers_leave_the_tensor_float():
+    from onnxslim.passes.quantize_qdq import _usable
+
+    for limits in [(math.nan, 1.0), (0.0, math.inf), (2.0, 1.0), None]:
+        assert not _usable(limits)
