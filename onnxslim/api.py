@@ -131,7 +131,8 @@ def optimize(
     verifier = None
     if verify or verify_each:
         verifier = Verifier(
-            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget,
+            static_inputs=list(input_shapes or ()),
         )
     instruments = []
     if verify_each:
@@ -149,7 +150,7 @@ def optimize(
     if report.run.stopped_at_limit:
         report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
 
-    _check_valid(optimized, original)
+    _check_valid(optimized, original, report.notes)
     if verify:
         report.verification = verifier.check(optimized)
     else:
@@ -211,7 +212,8 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
         report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
         return pruned
     feeds = list(fidelity_split(data, options.held_out)[1]) if data is not None and not data.synthetic else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
+                     static_inputs=_made_static(simplified, original))
     report.verification = lossy.check(pruned, label="pruned model")
     return pruned
 
@@ -230,8 +232,11 @@ def _check_pruned_structure(pruned: onnx.ModelProto, simplified: onnx.ModelProto
     except INVALID_MODEL as error:
         notes.append("the model fails onnx.checker's full check before pruning too "
                      f"({_first_line(error)}): the pruned model got the ordinary check")
-        _check_valid(pruned, original)
-        return
+        try:
+            check_structure(pruned)
+            return
+        except INVALID_MODEL as ordinary:
+            failure = ordinary
     raise VerificationError(f"pruning made the model invalid ONNX: {_first_line(failure)}") from failure
 
 
@@ -267,7 +272,7 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
     options = options or QuantizeOptions()
     report.lossless_verification = report.verification
     quantized, report.quantization = quantize_model(simplified, data, options, progress=progress)
-    _check_valid(quantized, original)
+    _check_valid(quantized, original, report.notes)
     report.after = summarize(quantized)
     report.notes.append(report.quantization.summary())
     if not verify:
@@ -278,19 +283,44 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
         field = "min_sqnr_db" if target.metric == "sqnr_db" else "min_cosine"
         budget = replace(budget, **{field: max(getattr(budget, field) or -math.inf, target.value)})
     feeds = list(evaluation_samples(data, options.held_out)) if data is not None else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
+                     static_inputs=_made_static(simplified, original))
     report.verification = lossy.check(quantized, label="quantized model")
     return quantized
 
 
-def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says,
-    unless the input was invalid to begin with (then that is the error)."""
+def _made_static(simplified: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """The inputs --input-shape made static: their dims are not run at a second size."""
+    def dynamic(value: onnx.ValueInfoProto) -> bool:
+        shape = value.type.tensor_type.shape
+        return not value.type.tensor_type.HasField("shape") or any(not dim.HasField("dim_value") for dim in shape.dim)
+
+    before = {value.name: dynamic(value) for value in original.graph.input}
+    return [value.name for value in simplified.graph.input if before.get(value.name) and not dynamic(value)]
+
+
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, notes: list[str]) -> None:
+    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says
+    (and with or without verification), unless the input was invalid to begin with (then that is
+    the error). The check is onnx.checker's full one (strict shape inference); where the input
+    fails that too, the ordinary check, and a note."""
     try:
-        check_structure(model)
+        check_structure(model, full=True)
+        return
     except INVALID_MODEL as error:
-        load(original, check=True)  # raises ModelLoadError if the input itself is invalid
-        raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
+        failure = error
+    load(original, check=True)  # raises ModelLoadError if the input itself is invalid
+    try:
+        check_structure(original, full=True)
+    except INVALID_MODEL as error:
+        notes.append(f"the model fails onnx.checker's full check before optimization too ({_first_line(error)}): "
+                     "the result got the ordinary check")
+        try:
+            check_structure(model)
+            return
+        except INVALID_MODEL as ordinary:
+            failure = ordinary
+    raise VerificationError(f"the optimized model is not valid ONNX: {_first_line(failure)}") from failure
 
 
 def verify(
