@@ -151,6 +151,7 @@ def optimize(
         report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
 
     _check_valid(optimized, original, report.notes)
+    _check_interface(optimized, original, input_shapes or {})
     if verify:
         report.verification = verifier.check(optimized)
     else:
@@ -287,6 +288,56 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
                      static_inputs=_made_static(simplified, original))
     report.verification = lossy.check(quantized, label="quantized model")
     return quantized
+
+
+def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_static: dict) -> None:
+    """The model's inputs (overridable ones included) and outputs keep their names, order and
+    types; an input's dims change only where --input-shape set them. Checked with or without
+    verification: a caller feeding the optimized model as it fed the original must not break."""
+    def interface(values, initializers):
+        return [value for value in values if value.name not in initializers]
+
+    old_ir3 = {tensor.name for tensor in original.graph.initializer} if original.ir_version < 4 else set()
+    new_ir3 = {tensor.name for tensor in model.graph.initializer} if model.ir_version < 4 else set()
+    for kind, before, after in (
+        ("inputs", interface(original.graph.input, old_ir3), interface(model.graph.input, new_ir3)),
+        ("outputs", list(original.graph.output), list(model.graph.output)),
+    ):
+        if [value.name for value in before] != [value.name for value in after]:
+            raise VerificationError(f"the optimized model's {kind} are {[value.name for value in after]}, "
+                                    f"the original's {[value.name for value in before]}")
+        for old, new in zip(before, after):
+            static = made_static.get(old.name) if kind == "inputs" else None
+            if old.type == new.type or ((kind == "outputs" or static is not None) and _same_but_dims(old, new, static)):
+                continue
+            raise VerificationError(f"the optimized model changed the type of {kind[:-1]} '{old.name}': "
+                                    f"{_type_text(new.type)}, the original's {_type_text(old.type)}")
+
+
+def _same_but_dims(old: onnx.ValueInfoProto, new: onnx.ValueInfoProto, static: list[int] | None) -> bool:
+    """Same element type and rank, and only dims the original leaves dynamic changed: to the
+    --input-shape dims for an input, to a static size inference proved for an output."""
+    old_type, new_type = old.type.tensor_type, new.type.tensor_type
+    if old.type.WhichOneof("value") != "tensor_type" or new.type.WhichOneof("value") != "tensor_type":
+        return False
+    if old_type.elem_type != new_type.elem_type:
+        return False
+    if not old_type.HasField("shape"):
+        return True
+    if not new_type.HasField("shape") or len(old_type.shape.dim) != len(new_type.shape.dim):
+        return False
+    for axis, (before, after) in enumerate(zip(old_type.shape.dim, new_type.shape.dim)):
+        if before == after or not before.HasField("dim_value"):
+            if static is not None and after.dim_value != static[axis] and before != after:
+                return False
+            continue
+        return False
+    return True
+
+
+def _type_text(kind: onnx.TypeProto) -> str:
+    text = onnx.helper.printable_type(kind)
+    return text if len(text) < 120 else text[:117] + "..."
 
 
 def _made_static(simplified: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:

@@ -662,7 +662,7 @@ def _export(graph: gs.Graph, known_value_info: set[str]) -> onnx.ModelProto:
     target.name = graph.name or "graph"
     if graph.doc_string:
         target.doc_string = graph.doc_string
-    writer = ProtoWriter()
+    writer = ProtoWriter(graph.__dict__.get(DECLARED_TYPES))
     for node in graph.nodes:
         if any(tensor.name for tensor in node.outputs):
             writer.node(target.node.add(), node)
@@ -706,8 +706,9 @@ class ProtoWriter:
     few dozen shapes), several times faster than writing it field by field.
     """
 
-    def __init__(self):
+    def __init__(self, declared: dict[str, onnx.TypeProto] | None = None):
         self._types: dict[tuple, bytes] = {}
+        self._declared = declared or {}  # a graph's DECLARED_TYPES: non-tensor types are written as declared
 
     def node(self, proto: onnx.NodeProto, node: gs.Node) -> onnx.NodeProto:
         proto.op_type = node.op
@@ -723,6 +724,11 @@ class ProtoWriter:
         return proto
 
     def value_info(self, proto: onnx.ValueInfoProto, tensor: gs.Tensor) -> onnx.ValueInfoProto:
+        declared = self._declared.get(tensor.name) if isinstance(tensor, gs.Variable) and tensor.type != "tensor_type" else None
+        if declared is not None and declared.WhichOneof("value") not in (None, "tensor_type"):
+            proto.name = tensor.name
+            proto.type.CopyFrom(declared)
+            return proto
         if tensor.dtype is not None and not (isinstance(tensor, gs.Constant) or tensor.type == "tensor_type"):
             proto.CopyFrom(OnnxExporter.export_value_info_proto(tensor, False))  # sequences, sparse tensors
             return proto
