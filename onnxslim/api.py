@@ -131,7 +131,8 @@ def optimize(
     verifier = None
     if verify or verify_each:
         verifier = Verifier(
-            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget,
+            static_inputs=list(input_shapes or ()),
         )
     instruments = []
     if verify_each:
@@ -149,7 +150,8 @@ def optimize(
     if report.run.stopped_at_limit:
         report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
 
-    _check_valid(optimized, original)
+    _check_valid(optimized, original, report.notes)
+    _check_interface(optimized, original, input_shapes or {})
     if verify:
         report.verification = verifier.check(optimized)
     else:
@@ -211,7 +213,8 @@ def _prune(simplified, original, report, options, data, progress, pipeline, *, v
         report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
         return pruned
     feeds = list(fidelity_split(data, options.held_out)[1]) if data is not None and not data.synthetic else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
+                     static_inputs=_made_static(simplified, original))
     report.verification = lossy.check(pruned, label="pruned model")
     return pruned
 
@@ -230,8 +233,11 @@ def _check_pruned_structure(pruned: onnx.ModelProto, simplified: onnx.ModelProto
     except INVALID_MODEL as error:
         notes.append("the model fails onnx.checker's full check before pruning too "
                      f"({_first_line(error)}): the pruned model got the ordinary check")
-        _check_valid(pruned, original)
-        return
+        try:
+            check_structure(pruned)
+            return
+        except INVALID_MODEL as ordinary:
+            failure = ordinary
     raise VerificationError(f"pruning made the model invalid ONNX: {_first_line(failure)}") from failure
 
 
@@ -267,7 +273,7 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
     options = options or QuantizeOptions()
     report.lossless_verification = report.verification
     quantized, report.quantization = quantize_model(simplified, data, options, progress=progress)
-    _check_valid(quantized, original)
+    _check_valid(quantized, original, report.notes)
     report.after = summarize(quantized)
     report.notes.append(report.quantization.summary())
     if not verify:
@@ -278,19 +284,94 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
         field = "min_sqnr_db" if target.metric == "sqnr_db" else "min_cosine"
         budget = replace(budget, **{field: max(getattr(budget, field) or -math.inf, target.value)})
     feeds = list(evaluation_samples(data, options.held_out)) if data is not None else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget)
+    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
+                     static_inputs=_made_static(simplified, original))
     report.verification = lossy.check(quantized, label="quantized model")
     return quantized
 
 
-def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto) -> None:
-    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says,
-    unless the input was invalid to begin with (then that is the error)."""
+def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_static: dict) -> None:
+    """The model's inputs (overridable ones included) and outputs keep their names, order and
+    types; an input's dims change only where --input-shape set them. Checked with or without
+    verification: a caller feeding the optimized model as it fed the original must not break."""
+    def interface(values, initializers):
+        return [value for value in values if value.name not in initializers]
+
+    old_ir3 = {tensor.name for tensor in original.graph.initializer} if original.ir_version < 4 else set()
+    new_ir3 = {tensor.name for tensor in model.graph.initializer} if model.ir_version < 4 else set()
+    for kind, before, after in (
+        ("inputs", interface(original.graph.input, old_ir3), interface(model.graph.input, new_ir3)),
+        ("outputs", list(original.graph.output), list(model.graph.output)),
+    ):
+        if [value.name for value in before] != [value.name for value in after]:
+            raise VerificationError(f"the optimized model's {kind} are {[value.name for value in after]}, "
+                                    f"the original's {[value.name for value in before]}")
+        for old, new in zip(before, after):
+            static = made_static.get(old.name) if kind == "inputs" else None
+            if old.type == new.type or ((kind == "outputs" or static is not None) and _same_but_dims(old, new, static)):
+                continue
+            raise VerificationError(f"the optimized model changed the type of {kind[:-1]} '{old.name}': "
+                                    f"{_type_text(new.type)}, the original's {_type_text(old.type)}")
+
+
+def _same_but_dims(old: onnx.ValueInfoProto, new: onnx.ValueInfoProto, static: list[int] | None) -> bool:
+    """Same element type and rank, and only dims the original leaves dynamic changed: to the
+    --input-shape dims for an input, to a static size inference proved for an output."""
+    old_type, new_type = old.type.tensor_type, new.type.tensor_type
+    if old.type.WhichOneof("value") != "tensor_type" or new.type.WhichOneof("value") != "tensor_type":
+        return False
+    if old_type.elem_type != new_type.elem_type:
+        return False
+    if not old_type.HasField("shape"):
+        return True
+    if not new_type.HasField("shape") or len(old_type.shape.dim) != len(new_type.shape.dim):
+        return False
+    for axis, (before, after) in enumerate(zip(old_type.shape.dim, new_type.shape.dim)):
+        if before == after or not before.HasField("dim_value"):
+            if static is not None and after.dim_value != static[axis] and before != after:
+                return False
+            continue
+        return False
+    return True
+
+
+def _type_text(kind: onnx.TypeProto) -> str:
+    text = onnx.helper.printable_type(kind)
+    return text if len(text) < 120 else text[:117] + "..."
+
+
+def _made_static(simplified: onnx.ModelProto, original: onnx.ModelProto) -> list[str]:
+    """The inputs --input-shape made static: their dims are not run at a second size."""
+    def dynamic(value: onnx.ValueInfoProto) -> bool:
+        shape = value.type.tensor_type.shape
+        return not value.type.tensor_type.HasField("shape") or any(not dim.HasField("dim_value") for dim in shape.dim)
+
+    before = {value.name: dynamic(value) for value in original.graph.input}
+    return [value.name for value in simplified.graph.input if before.get(value.name) and not dynamic(value)]
+
+
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, notes: list[str]) -> None:
+    """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says
+    (and with or without verification), unless the input was invalid to begin with (then that is
+    the error). The check is onnx.checker's full one (strict shape inference); where the input
+    fails that too, the ordinary check, and a note."""
     try:
-        check_structure(model)
+        check_structure(model, full=True)
+        return
     except INVALID_MODEL as error:
-        load(original, check=True)  # raises ModelLoadError if the input itself is invalid
-        raise VerificationError(f"the optimized model is not valid ONNX: {str(error).strip().splitlines()[0]}") from error
+        failure = error
+    load(original, check=True)  # raises ModelLoadError if the input itself is invalid
+    try:
+        check_structure(original, full=True)
+    except INVALID_MODEL as error:
+        notes.append(f"the model fails onnx.checker's full check before optimization too ({_first_line(error)}): "
+                     "the result got the ordinary check")
+        try:
+            check_structure(model)
+            return
+        except INVALID_MODEL as ordinary:
+            failure = ordinary
+    raise VerificationError(f"the optimized model is not valid ONNX: {_first_line(failure)}") from failure
 
 
 def verify(

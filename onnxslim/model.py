@@ -8,6 +8,7 @@ graph does not model (metadata, doc strings, old-IR input listings) intact.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import tempfile
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.defs
 import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
@@ -25,7 +27,7 @@ from onnx_graphsurgeon.util.misc import SynchronizedList
 from google.protobuf.message import DecodeError
 
 from .errors import ModelLoadError, ModelSaveError, UsageError
-from .graph import ONNX_DOMAINS, proto_bodies, proto_graphs, tensor_map
+from .graph import ONNX_DOMAINS, proto_bodies, proto_graphs, tensor_map, walk
 
 # protobuf refuses to serialize a message of 2 GiB or more; past this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -109,7 +111,52 @@ def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
 
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
+    set_aside_runtime_ops(skeleton)
     onnx.checker.check_model(skeleton, full_check=full)
+
+
+# The domain runtime_only ops are moved to for the checker, which checks no node of a domain it does not know.
+RUNTIME_DOMAIN = "onnxslim.runtime-registered"
+
+
+def set_aside_runtime_ops(model: onnx.ModelProto) -> None:
+    """Move the nodes of the ONNX domain that onnx has no schema for at the model's opset, but
+    onnxruntime registers there, to a domain of their own, in place. onnxruntime's offline
+    optimizer writes such nodes (LayerNormalization at opset 12, say, one of its own kernels
+    registered under the ONNX domain); onnxruntime runs them, so the model is as checkable as one
+    with custom ops: everything around them is checked, and they are left to onnxruntime."""
+    opset = next((entry.version for entry in model.opset_import if entry.domain in ONNX_DOMAINS), None)
+    if opset is None:
+        return
+    moved = False
+    for body in proto_graphs(model.graph):
+        for node in body.node:
+            if node.domain in ONNX_DOMAINS and _runtime_only(node.op_type, opset):
+                node.domain = RUNTIME_DOMAIN
+                moved = True
+    if moved:
+        model.opset_import.append(onnx.helper.make_opsetid(RUNTIME_DOMAIN, 1))
+
+
+@functools.cache
+def _runtime_only(op_type: str, opset: int) -> bool:
+    try:
+        onnx.defs.get_schema(op_type, opset, "")
+        return False
+    except onnx.defs.SchemaError:
+        return (op_type, opset) in _runtime_registered(opset)
+
+
+@functools.cache
+def _runtime_registered(opset: int) -> frozenset[tuple[str, int]]:
+    """The ONNX-domain ops onnxruntime registers at or below `opset`, as (op, opset) pairs."""
+    from onnxruntime.capi import _pybind_state  # onnxruntime's schema list has no public name
+
+    return frozenset(
+        (schema.name, opset)
+        for schema in _pybind_state.get_all_operator_schema()
+        if schema.domain in ONNX_DOMAINS and schema.since_version <= opset
+    )
 
 
 def weightless_copy(model: onnx.ModelProto, large, inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
@@ -253,25 +300,93 @@ def model_bytes(model: onnx.ModelProto) -> int:
     return tensor_bytes(model)
 
 
+# What the graph does not model, kept on the gs.Graph for export (see to_graph and to_model).
+# Initializers that are also graph inputs (IR >= 4): defaults the caller may override, so the
+# graph holds them as inputs (variables no pass can fold) and export writes the default back.
+INPUT_DEFAULTS = "_onnxslim_input_defaults"
+# The main graph's declared output types, and every non-tensor type (sequence, map, optional,
+# sparse tensor) of any graph: onnx-graphsurgeon models tensor types only.
+DECLARED_TYPES = "_onnxslim_declared_types"
+
+
 def to_graph(model: onnx.ModelProto) -> gs.Graph:
     """Import `model` as an onnx-graphsurgeon graph (subgraphs included).
 
     onnx-graphsurgeon silently drops `sparse_value` attributes, which would leave Constant nodes
     without a value; such nodes are imported with their dense value instead (same result).
+
+    Only the graph inputs keep their declared shapes: every other tensor's shape is left for
+    shape inference to compute from the graph. A value_info or an output declaration is a claim
+    the runtime does not enforce (onnxruntime warns and goes on), and a pass that folded a wrong
+    one (an `[N,4]` tensor declared `[1,4]`) would bake it into the model. Declared element types
+    stay: onnxruntime refuses a model whose declared and computed types differ.
     """
-    if any(_sparse_constants(model.graph)):
+    defaults = overridable_defaults(model)
+    if any(_sparse_constants(model.graph)) or (defaults and model.functions):
         model = copy.deepcopy(model)
         for node in _sparse_constants(model.graph):
             attribute = next(attribute for attribute in node.attribute if attribute.name == "sparse_value")
             dense = onnx.numpy_helper.from_array(_dense(attribute.sparse_tensor), node.output[0])
             node.attribute.remove(attribute)
             node.attribute.append(onnx.helper.make_attribute("value", dense))
-    if model.functions:
-        return gs.import_onnx(model)
-    return _import(model)
+        if model.functions:
+            kept = [tensor for tensor in model.graph.initializer if tensor.name not in defaults]
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(kept)
+    graph = gs.import_onnx(model) if model.functions else _import(model, set(defaults))
+    graph.__dict__[INPUT_DEFAULTS] = defaults
+    graph.__dict__[DECLARED_TYPES] = _declared_types(model.graph)
+    _keep_input_shapes_only(graph, model.graph)
+    return graph
 
 
-def _import(model: onnx.ModelProto) -> gs.Graph:
+def overridable_defaults(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """The initializers that are also graph inputs, by name, where the input may be fed (IR >= 4;
+    IR 3 lists every initializer as an input, and they are constants)."""
+    if model.ir_version < 4 or not model.graph.input:
+        return {}
+    listed = {value.name for value in model.graph.input}
+    return {tensor.name: tensor for tensor in model.graph.initializer if tensor.name in listed}
+
+
+def _declared_types(graph: onnx.GraphProto) -> dict[str, onnx.TypeProto]:
+    declared = {value.name: value.type for value in graph.output}
+    for body in proto_graphs(graph):
+        for value in (*body.input, *body.output, *body.value_info):
+            if value.type.WhichOneof("value") not in (None, "tensor_type"):
+                declared[value.name] = value.type
+    return {name: _copied(kind) for name, kind in declared.items()}
+
+
+def _copied(kind: onnx.TypeProto) -> onnx.TypeProto:
+    held = onnx.TypeProto()
+    held.CopyFrom(kind)
+    return held
+
+
+def _keep_input_shapes_only(graph: gs.Graph, source: onnx.GraphProto) -> None:
+    """Forget every declared shape but the graph inputs' (see to_graph); a body's inputs keep
+    theirs too (Loop and Scan bodies declare what they are given)."""
+    declared = {value.name: value for value in source.input}
+    kept: set[int] = set()
+    for tensor in graph.inputs:
+        kept.add(id(tensor))
+        value = declared.get(tensor.name)
+        if isinstance(tensor, gs.Variable) and value is not None and value.type.HasField("tensor_type"):
+            # A value_info of the same name must not stand in for the input's own declaration.
+            read = _read_tensor_type(value.type.tensor_type)
+            if read is not None:
+                tensor.shape = None if read[1] is None else list(read[1])
+    for body in walk(graph):
+        if body is not graph:
+            kept.update(id(tensor) for tensor in body.inputs)
+    for body in walk(graph):
+        for tensor in tensor_map(body).values():
+            if isinstance(tensor, gs.Variable) and id(tensor) not in kept:
+                tensor.shape = None
+
+
+def _import(model: onnx.ModelProto, overridable: set[str] = frozenset()) -> gs.Graph:
     """gs.import_onnx for a model without functions: the same Graph, with the common cases (tensors,
     nodes, tensor value infos, plain and tensor attributes) built directly. onnx-graphsurgeon's
     importer logs and converts through generic helpers for every tensor and node, a quarter of a
@@ -281,7 +396,7 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
     tensors: dict[str, gs.Tensor] = {}
     types: dict[bytes, tuple | None] = {}  # see _import_value
     for initializer in source.initializer:
-        if initializer.name not in tensors:
+        if initializer.name not in tensors and initializer.name not in overridable:
             tensors[initializer.name] = _import_constant(initializer)
     for sparse in source.sparse_initializer:
         if sparse.values.name not in tensors:
@@ -294,7 +409,7 @@ def _import(model: onnx.ModelProto) -> gs.Graph:
             imported = _import_value(value, types)
             known.dtype = known.dtype or imported.dtype
             known.shape = known.shape or imported.shape
-    initializer_names = {tensor.name for tensor in source.initializer} | {
+    initializer_names = {tensor.name for tensor in source.initializer if tensor.name not in overridable} | {
         tensor.values.name for tensor in source.sparse_initializer
     }
 
@@ -394,8 +509,12 @@ def _import_value(value: onnx.ValueInfoProto, types: dict[bytes, tuple | None]) 
 
 
 def _read_tensor_type(tensor_type: onnx.TypeProto.Tensor) -> tuple | None:
-    """(numpy dtype, dims or None) as onnx-graphsurgeon reads them; None for a type numpy lacks."""
+    """(numpy dtype, dims or None) as onnx-graphsurgeon reads them; None for a type neither numpy
+    nor ml_dtypes has. bfloat16 and float8 tensors are typed with ml_dtypes' types, which passes
+    can ask numpy about (onnx-graphsurgeon would keep the ONNX enum, which numpy cannot read)."""
     dtype = _numpy_type(tensor_type.elem_type)
+    if dtype is None:
+        dtype = _extended_type(tensor_type.elem_type)
     if dtype is None:
         return None
     if not tensor_type.HasField("shape"):
@@ -409,6 +528,16 @@ def _read_tensor_type(tensor_type: onnx.TypeProto.Tensor) -> tuple | None:
         else:
             shape.append(None)
     return dtype, tuple(shape)
+
+
+@functools.cache
+def _extended_type(elem_type: int) -> np.dtype | None:
+    if elem_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+        return None
+    try:
+        return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _import_constant(proto: onnx.TensorProto) -> gs.Constant:
@@ -500,6 +629,11 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     for body in bodies:
         drop_disconnected_nodes(body)
         _keep_known_value_info(body, known_value_info)
+    _restore_declared_types(model.graph, graph.__dict__.get(DECLARED_TYPES, {}))
+    defaults = graph.__dict__.get(INPUT_DEFAULTS, {})
+    if defaults:
+        inputs = {value.name for value in model.graph.input}
+        model.graph.initializer.extend(tensor for name, tensor in defaults.items() if name in inputs)
     if bodies:  # one graph has nothing to share
         _share_outer_initializers(model.graph)
     # Only the fields the template sets: an empty string written out still costs bytes.
@@ -528,7 +662,7 @@ def _export(graph: gs.Graph, known_value_info: set[str]) -> onnx.ModelProto:
     target.name = graph.name or "graph"
     if graph.doc_string:
         target.doc_string = graph.doc_string
-    writer = ProtoWriter()
+    writer = ProtoWriter(graph.__dict__.get(DECLARED_TYPES))
     for node in graph.nodes:
         if any(tensor.name for tensor in node.outputs):
             writer.node(target.node.add(), node)
@@ -572,8 +706,9 @@ class ProtoWriter:
     few dozen shapes), several times faster than writing it field by field.
     """
 
-    def __init__(self):
+    def __init__(self, declared: dict[str, onnx.TypeProto] | None = None):
         self._types: dict[tuple, bytes] = {}
+        self._declared = declared or {}  # a graph's DECLARED_TYPES: non-tensor types are written as declared
 
     def node(self, proto: onnx.NodeProto, node: gs.Node) -> onnx.NodeProto:
         proto.op_type = node.op
@@ -589,6 +724,11 @@ class ProtoWriter:
         return proto
 
     def value_info(self, proto: onnx.ValueInfoProto, tensor: gs.Tensor) -> onnx.ValueInfoProto:
+        declared = self._declared.get(tensor.name) if isinstance(tensor, gs.Variable) and tensor.type != "tensor_type" else None
+        if declared is not None and declared.WhichOneof("value") not in (None, "tensor_type"):
+            proto.name = tensor.name
+            proto.type.CopyFrom(declared)
+            return proto
         if tensor.dtype is not None and not (isinstance(tensor, gs.Constant) or tensor.type == "tensor_type"):
             proto.CopyFrom(OnnxExporter.export_value_info_proto(tensor, False))  # sequences, sparse tensors
             return proto
@@ -715,6 +855,38 @@ def _enclosing(indices: list[int], parents: list[int | None]) -> int:
     for index in indices[1:]:
         common &= set(chain(index))
     return next(index for index in chain(indices[0]) if index in common)
+
+
+def _restore_declared_types(graph: onnx.GraphProto, declared: dict[str, onnx.TypeProto]) -> None:
+    """Write back what onnx-graphsurgeon cannot hold (see DECLARED_TYPES): non-tensor types as
+    they were declared, and the main graph's outputs as declared (the model's interface), with
+    a dynamic dim that inference found static filled in, as the graph has it."""
+    for output in graph.output:
+        kind = declared.get(output.name)
+        if kind is not None:
+            output.type.CopyFrom(_refined(kind, output.type))
+    for body in proto_graphs(graph):
+        for value in (*body.input, *body.output, *body.value_info):
+            kind = declared.get(value.name)
+            if kind is not None and kind.WhichOneof("value") not in (None, "tensor_type"):
+                value.type.CopyFrom(kind)
+
+
+def _refined(declared: onnx.TypeProto, computed: onnx.TypeProto) -> onnx.TypeProto:
+    if declared.WhichOneof("value") != "tensor_type" or computed.WhichOneof("value") != "tensor_type":
+        return declared
+    refined = _copied(declared)
+    if not computed.tensor_type.HasField("shape"):
+        return refined
+    if not refined.tensor_type.HasField("shape"):
+        refined.tensor_type.shape.CopyFrom(computed.tensor_type.shape)
+        return refined
+    dims, known = refined.tensor_type.shape.dim, computed.tensor_type.shape.dim
+    if len(dims) == len(known):
+        for dim, found in zip(dims, known):
+            if not dim.HasField("dim_value") and found.HasField("dim_value") and found.dim_value > 0:
+                dim.dim_value = found.dim_value
+    return refined
 
 
 def _value_info_names(graph: onnx.GraphProto) -> set[str]:

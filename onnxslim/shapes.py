@@ -11,7 +11,7 @@ from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from .errors import InputSpecError
 from .graph import tensor_map, walk
-from .model import ProtoWriter
+from .model import DECLARED_TYPES, ProtoWriter
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -36,7 +36,7 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
     their dims matter to inference, and data propagation reads only small, shape-like tensors).
     Disconnected nodes are left out (inference rejects a node without outputs); node order is
     kept, since the caller pairs inferred bodies with the graph's by position."""
-    writer = ProtoWriter()
+    writer = ProtoWriter(graph.__dict__.get(DECLARED_TYPES))
     skeleton = onnx.GraphProto(name=graph.name or "graph")
     for node in graph.nodes:
         if node.outputs:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import numpy as np
@@ -17,6 +18,7 @@ Element = int | str | None
 Partial = tuple[tuple[Element, ...], bool]  # (elements, is_scalar)
 Rule = Callable[[gs.Node, Callable[[gs.Tensor], "Partial | None"]], "Partial | None"]
 RULES = RuleTable()
+INT64_MAX = 2**63 - 1
 rule = RULES.rule
 
 
@@ -55,13 +57,25 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
             output = node.outputs[0]
             elements, scalar = partial
             if all(_known(element) for element in elements) and not isinstance(output, gs.Constant):
-                dtype = np.dtype(output.dtype) if output.dtype is not None else np.dtype(np.int64)
-                value = np.array(elements, dtype=dtype).reshape(() if scalar else (len(elements),))
-                make_constant(output, value, interface, body)
-                folded += 1
-            else:
-                partials[id(output)] = partial
+                value = _as_array(elements, scalar, output.dtype)
+                if value is not None:
+                    make_constant(output, value, interface, body)
+                    folded += 1
+                    continue
+            partials[id(output)] = partial
     return PassResult(folded=folded, reshape_targets=targets)
+
+
+def _as_array(elements: tuple[int, ...], scalar: bool, dtype) -> np.ndarray | None:
+    """The folded value in the output's integer type; None when an element does not fit it (the
+    rules compute in Python ints, and only Cast wraps, so this is a value no rule should have)."""
+    dtype = np.dtype(dtype) if dtype is not None else np.dtype(np.int64)
+    if dtype.kind not in "iu":
+        return None
+    limits = np.iinfo(dtype)
+    if any(not limits.min <= element <= limits.max for element in elements):
+        return None
+    return np.array(elements, dtype=dtype).reshape(() if scalar else (len(elements),))
 
 
 def _unknown_elements(tensor: gs.Tensor) -> Partial | None:
@@ -103,7 +117,8 @@ def size(node: gs.Node, partial_of) -> Partial | None:
     dims = _static_dims(node.inputs[0])
     if dims is None or not all(_known(dim) for dim in dims):
         return None
-    return (int(np.prod(dims, dtype=np.int64)),), True
+    count = math.prod(dims)  # Python ints: numpy's int64 product wraps around silently
+    return ((count,), True) if count <= INT64_MAX else None
 
 
 @rule("Gather")
@@ -176,11 +191,25 @@ def squeeze(node: gs.Node, partial_of) -> Partial | None:
 
 @rule("Cast")
 def cast(node: gs.Node, partial_of) -> Partial | None:
+    """Integer to integer: known elements wrap as onnxruntime's casts do (two's complement, the
+    target's width); a symbolic dim survives only a target that holds any size a dim can have
+    in practice (32 bits or more)."""
     data = partial_of(node.inputs[0])
     target = node.outputs[0].dtype
     if data is None or target is None or np.dtype(target).kind not in "iu":
         return None
-    return data
+    target = np.dtype(target)
+    bits, signed = 8 * target.itemsize, target.kind == "i"
+
+    def converted(element: Element) -> Element:
+        if isinstance(element, str):
+            return element if bits >= 32 else None
+        if element is None:
+            return None
+        wrapped = element % (1 << bits)
+        return wrapped - (1 << bits) if signed and wrapped >= 1 << (bits - 1) else wrapped
+
+    return tuple(converted(element) for element in data[0]), data[1]
 
 
 @rule("Identity")
