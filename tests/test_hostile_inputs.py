@@ -126,8 +126,11 @@ BAD_OPTIONS = (
         ["--passes", "fold-constants{size_cap=abc}"], ["--passes", "fold-constants{size_cap=nan}"],
         ["--pipeline", "eliminate-dead-nodes,fixpoint(fold-constants{size_cap=true})"],
     )]
-    + [("verify", ["--json", "fifo"])]
-    + [("bench", options) for options in (["--runs", "0"], ["--markdown", "model.onnx"], ["--markdown", "/dev/null"])]
+    + [("optimize", [*lossy, "--calibration", data]) for lossy in (["--quantize", "int8"], ["--prune", "0.25"])
+       for data in ("fifo", "/dev/zero", "zip_garbage.npz", "truncated.npz", "missing.npz", "x" * 300 + ".npz")]
+    + [("bench", options) for options in (["--runs", "0"], ["--markdown", "model.onnx"], ["--markdown", "/dev/null"],
+                                          ["--inputs", "fifo"], ["--inputs", "/dev/zero"], ["--calibration", "fifo"],
+                                          ["--inputs", "zip_garbage.npz"], ["--inputs", "truncated.npz"])]
     + [("prune-plan", ["--ratio", value]) for value in ("nan", "inf", "-inf", "1", "-0.5")]
 )
 
