@@ -191,10 +191,9 @@ def optimize(
 def _check_dump_folders(source, *folders) -> None:
     """A dump folder must be a folder, and no dump may land on a file the input reads (the input
     may itself be a dump of an earlier run, in the folder this run dumps into)."""
-    reads = files_read(source)
+    folders = [folder for folder in folders if folder is not None]
+    reads = files_read(source) if folders else []
     for folder in folders:
-        if folder is None:
-            continue
         folder = Path(folder)
         try:
             if folder.exists() and not folder.is_dir():

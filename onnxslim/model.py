@@ -302,13 +302,21 @@ def files_read(path: str | os.PathLike) -> list[tuple[Path, str]]:
     itself and its external data files (locations are relative to the model's folder)."""
     path = Path(path)
     try:
-        if not path.is_file():
-            return []
+        status = path.stat()
     except OSError:
         return []
+    if not stat.S_ISREG(status.st_mode):
+        return []
+    # The command line and the API both ask before a run; parsing a large model twice costs.
+    key = (os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+    if _last_files_read[0] != key:
+        _last_files_read[:] = [key, _external_data_files(Path(os.path.abspath(path)))]  # cwd may change
     return [(path, "the input model")] + [
-        (file, f"the input model's external data file {file.name}") for file in _external_data_files(path)
+        (file, f"the input model's external data file {file.name}") for file in _last_files_read[1]
     ]
+
+
+_last_files_read: list = [None, []]  # [(realpath, inode, size, mtime), external data files]
 
 
 def check_output_path(path: str | os.PathLike, what: str, protected: list[tuple[Path, str]] = ()) -> None:
