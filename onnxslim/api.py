@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -18,7 +20,7 @@ from .calibration import CalibrationData, Preprocess, fidelity_split
 from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
-from .model import check_structure, load, same_file, save, to_graph, to_model
+from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
 from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
 from .report import OptimizeReport, summarize
@@ -30,6 +32,9 @@ INVALID_MODEL = (onnx.checker.ValidationError, onnx.shape_inference.InferenceErr
 
 DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
+# The names DumpEach and VerifyEach give their files: NNN-<pass>.onnx, NNN-<pass>-before/after.onnx
+# and the external data files beside them.
+DUMP_NAME = re.compile(r"\d{3,}-.+\.onnx(\.data)?")
 # The lossy check of a quantized model when no threshold is given: catches a broken model.
 DEFAULT_MIN_COSINE = 0.95
 
@@ -106,6 +111,9 @@ def optimize(
     started = time.perf_counter()
     if quantize is not None and quantize != "int8":
         raise UsageError(f"quantize='{quantize}': only int8 is supported")
+    check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
+    if not isinstance(model, onnx.ModelProto):
+        _check_dump_folders(model, dump_dir, VERIFY_EACH_FOLDER if verify_each and dump_dir is None else None)
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     # A ModelProto from the caller is checked only if the result fails the checker (see
     # _check_valid): the check costs as much as a small model's whole optimization.
@@ -180,6 +188,35 @@ def optimize(
             raise VerificationError(report.verification.message, report)
         report.notes.append("verification failed; result kept because force was set")
     return (optimized, report) if return_report else optimized
+
+
+def _check_dump_folders(source, *folders) -> None:
+    """A dump folder must be a folder, and no dump may land on a file the input reads (the input
+    may itself be a dump of an earlier run, in the folder this run dumps into)."""
+    folders = [folder for folder in folders if folder is not None]
+    reads = files_read(source) if folders else []
+    for folder in folders:
+        folder = Path(folder)
+        try:
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"the dump folder {folder} is a file, not a folder")
+        except OSError as error:
+            raise UsageError(f"cannot use the dump folder {folder}: {error.strerror or error}") from error
+        for file, description in reads:
+            if DUMP_NAME.fullmatch(file.name) and same_file(file.parent, folder):
+                raise UsageError(f"the dump folder {folder} holds {description} ({file.name}), which a dump "
+                                 "of this run could overwrite; choose another folder")
+
+
+def check_verification_options(*, samples: int = 2, seed: int = 0, tolerance: float | None = None) -> None:
+    """Raise UsageError for options verification cannot use: a NaN tolerance would pass anything."""
+    if tolerance is not None and not (isinstance(tolerance, numbers.Real) and math.isfinite(tolerance)
+                                      and tolerance >= 0):
+        raise UsageError(f"the tolerance must be a finite number >= 0, not {tolerance}")
+    if not isinstance(samples, numbers.Integral) or samples < 1:
+        raise UsageError(f"samples must be a positive number, not {samples}")
+    if not isinstance(seed, numbers.Integral) or seed < 0:
+        raise UsageError(f"the seed must be a non-negative integer, not {seed}")
 
 
 def _calibration_data(model, calibration, preprocess, shapes, limit) -> CalibrationData | None:
@@ -386,6 +423,7 @@ def verify(
     budget: FidelityBudget | None = None,
 ) -> VerificationReport:
     """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
+    check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
     verifier = Verifier(
         load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )
@@ -406,7 +444,14 @@ def optimize_file(
     report says so). Writing over the input is refused unless overwrite_input is set.
     """
     if not overwrite_input and same_file(source, destination):
-        raise UsageError(f"the output path is the input model ({destination}); choose another path")
+        raise UsageError(f"the output path is the input model ({destination}); choose another path (or allow it "
+                         "with --overwrite)")
+    # Found now, not after a long run: a path that cannot be written or is a file the input reads.
+    reads = files_read(source)
+    protected = [] if overwrite_input and same_file(source, destination) else reads
+    check_output_path(destination, "output model", protected)
+    if external_data:
+        check_output_path(Path(f"{destination}.data"), "output model's external data", protected)
     optimized, report = optimize(source, return_report=True, **options)
     save(optimized, destination, external_data=external_data, protect=source, overwrite_input=overwrite_input)
     report.output = str(destination)

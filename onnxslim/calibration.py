@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import stat
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -463,8 +464,14 @@ class CalibrationData:
         """Samples from a folder (its own files, not subfolders; hidden files skipped) or one
         file: .npz, .npy or images (png, jpg, jpeg, bmp). A folder holds one kind."""
         path = Path(path)
-        if not path.exists():
-            raise InputSpecError(f"calibration data not found: {path}")
+        try:
+            status = path.stat()
+        except FileNotFoundError:
+            raise InputSpecError(f"calibration data not found: {path}") from None
+        except OSError as error:  # a name too long, a loop of links
+            raise InputSpecError(f"cannot read calibration data {path}: {error.strerror or error}") from error
+        if not (stat.S_ISREG(status.st_mode) or stat.S_ISDIR(status.st_mode)):  # a FIFO blocks, /dev/zero never ends
+            raise InputSpecError(f"calibration data {path} is not a regular file or a folder")
         files = [path] if path.is_file() else _listing(path)
         kinds = {_kind(file) for file in files} - {None}
         if not kinds:

@@ -5,11 +5,16 @@ Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal e
 
 from __future__ import annotations
 
+import errno
 import functools
+import importlib.util
+import io
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from rich.console import Console
@@ -19,20 +24,68 @@ from . import api
 from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
-from .model import load, same_file
+from .model import check_output_path, files_read, load
 from .prune import PruneOptions, analyze, bn_gammas, plot_report
 from .quantize import FidelityTarget, QuantizeOptions
 from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
+INTERRUPTED = 130
+# Writing failed for want of room: the user's disk, not our bug.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class _Console(Console):
+    """rich's Console, except that a closed stdout (`onnxslim inspect m.onnx | head -1`) stops the
+    printing, not the command: it still finishes and exits with its own code (rich exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _silence_stdout()
+
 
 # Not a terminal (CI logs, pipes): wide enough that tables do not wrap.
-console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
+console = _Console(highlight=False, width=None if sys.stdout.isatty() else 140)
 
 
 class OnnxSlimGroup(click.Group):
     """Turns onnxslim's errors into one line and an exit code (a traceback only with --debug)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, with every way of ending said in one line: a usage error is one line and a
+        hint (click prints the usage and a blank line first), Ctrl-C exits 130, a reader that
+        closed our stdout (`| head -1`) ends us quietly, and a full disk under stdout is one line."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            sys.stdout.flush()  # a write error on stdout surfaces here, not at interpreter exit
+        except click.exceptions.NoArgsIsHelpError as error:  # `onnxslim` alone: the help, as click shows it
+            error.show()
+            code = error.exit_code
+        except click.UsageError as error:
+            _print_error(error.format_message())
+            if error.ctx is not None and error.ctx.command.get_help_option(error.ctx) is not None:
+                click.echo(f"Try '{error.ctx.command_path} --help'.", err=True)
+            code = error.exit_code
+        except click.ClickException as error:
+            _print_error(error.format_message())
+            code = error.exit_code
+        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+            _print_error("interrupted")
+            code = INTERRUPTED
+        except OSError as error:
+            if error.errno == errno.EPIPE:  # the reader has all it wanted: not an error
+                _silence_stdout()
+                code = 0
+            elif error.errno in DISK_FULL:
+                _print_error(f"cannot write the output: {error.strerror}")
+                _silence_stdout()
+                code = UsageError.exit_code
+            else:
+                raise
+        sys.exit(code or 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -44,11 +97,36 @@ class OnnxSlimGroup(click.Group):
                 raise
             _print_error(str(error))
             ctx.exit(error.exit_code)
+        except OSError as error:
+            if ctx.meta.get("onnxslim.debug"):
+                raise
+            if error.errno == errno.EPIPE:  # click.echo to a closed stdout (click itself would exit 1)
+                _silence_stdout()
+                ctx.exit(0)
+            if error.errno not in DISK_FULL:
+                _report_bug(error)
+            _print_error(f"cannot write the output: {error.strerror}")  # e.g. `onnxslim inspect m.onnx > /dev/full`
+            _silence_stdout()  # what stdout still holds would fail again at exit
+            ctx.exit(UsageError.exit_code)
         except Exception as error:  # a bug: still one line unless --debug
             if ctx.meta.get("onnxslim.debug"):
                 raise
-            _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)")
-            ctx.exit(INTERNAL_ERROR)
+            _report_bug(error)
+
+
+def _report_bug(error: BaseException) -> NoReturn:
+    _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)")
+    sys.exit(INTERNAL_ERROR)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the flush at interpreter exit finds no closed pipe to complain of."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, io.UnsupportedOperation):  # not a real file (CliRunner): nothing to flush
+        pass
 
 
 def _print_error(message: str) -> None:
@@ -68,6 +146,22 @@ debug_option = click.option(
 )
 
 
+class FiniteFloat(click.FloatRange):
+    """A number option that refuses NaN and the infinities: every comparison with NaN is false, so a
+    NaN threshold or tolerance passes anything, and an infinite one means nothing."""
+
+    name = "finite float"
+
+    def __init__(self, min=None, max=None, min_open=False, max_open=False):
+        super().__init__(min, max, min_open, max_open)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if number is not None and not math.isfinite(number):
+            self.fail(f"{value} is not a finite number.", param, ctx)
+        return number
+
+
 def verification_options(function):
     """Options shared by every command that runs models in onnxruntime."""
 
@@ -77,14 +171,16 @@ def verification_options(function):
         help="Shape of a dynamic input for verification only, e.g. x:1,3,640,640 (the model stays dynamic).",
     )
     @click.option("--samples", default=2, show_default=True, type=click.IntRange(1), help="Random input samples to compare on.")
-    @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+    @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random inputs.")
     @click.option(
-        "--tolerance", type=click.FloatRange(min=0), default=None,
+        "--tolerance", type=FiniteFloat(min=0), default=None,
         help="Relative tolerance for float outputs (default by dtype: float32 1e-3, float16 1e-2).",
     )
-    @click.option("--min-cosine", type=float, default=None, help="Lossy mode: smallest cosine similarity accepted per output.")
-    @click.option("--min-sqnr", type=float, default=None, help="Lossy mode: smallest SQNR (dB) accepted per output.")
-    @click.option("--min-top1", type=float, default=None, help="Lossy mode: smallest top-1 agreement accepted (class scores).")
+    @click.option("--min-cosine", type=FiniteFloat(-1, 1), default=None,
+                  help="Lossy mode: smallest cosine similarity accepted per output.")
+    @click.option("--min-sqnr", type=FiniteFloat(), default=None, help="Lossy mode: smallest SQNR (dB) accepted per output.")
+    @click.option("--min-top1", type=FiniteFloat(0, 1), default=None,
+                  help="Lossy mode: smallest top-1 agreement accepted (class scores).")
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         return function(*args, **kwargs)
@@ -158,7 +254,7 @@ def quantization_options(function):
 def pruning_options(function):
     """The options of `optimize --prune RATIO`."""
 
-    @click.option("--prune", type=float, default=None, metavar="RATIO",
+    @click.option("--prune", type=FiniteFloat(0, 1, max_open=True), default=None, metavar="RATIO",
                   help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
     @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "bn", "activation", "reconstruction"]),
                   default="auto", show_default=True,
@@ -171,10 +267,10 @@ def pruning_options(function):
                   show_default=True,
                   help="How the ratio is shared among groups: by each group's measured cost to the outputs "
                        "(with --calibration), or the same share everywhere.")
-    @click.option("--prune-macs", type=float, default=None, metavar="SHARE",
+    @click.option("--prune-macs", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="SHARE",
                   help="Instead of a channel ratio: remove this share of the multiply-adds, where it costs least "
                        "(needs --calibration; --prune still enables pruning and caps nothing).")
-    @click.option("--prune-params", type=float, default=None, metavar="SHARE",
+    @click.option("--prune-params", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="SHARE",
                   help="Instead of a channel ratio: remove this share of the parameters, where it costs least "
                        "(needs --calibration).")
     @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
@@ -284,7 +380,7 @@ def cli():
 @click.option("--passes", default=None, help="Run exactly these passes, e.g. 'fold-constants,eliminate-dead-nodes'.")
 @click.option("--skip", multiple=True, help="Leave this pass out of the pipeline (repeatable, or comma-separated).")
 @click.option(
-    "--fold-size-cap", type=int, default=None, metavar="BYTES",
+    "--fold-size-cap", type=click.IntRange(-1), default=None, metavar="BYTES",
     help="Let constant folding store results up to this size even if the model grows (-1: no cap).",
 )
 @click.option(
@@ -316,12 +412,19 @@ def optimize(
 
     With --quantize int8 the simplified model is then quantized, calibrated on --calibration.
     """
-    _check_report_path(json_path, source, destination)
-    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
     pruning_asked = prune is not None or prune_macs is not None or prune_params is not None
     if prune_plot is not None and not pruning_asked:
         raise UsageError("--plot draws a pruning report: add --prune RATIO")
+    if prune_plot is not None:
+        _check_plot_path(prune_plot)
+    # Every output is checked before any work: the model is written before the report and the plot.
+    outputs = [(destination, "output model")]
+    if external_data is not False:  # where the model's tensors go when they do not fit in it
+        outputs.append((Path(f"{destination}.data"), "output model's external data"))
+    _check_outputs([source], [*outputs, (json_path, "--json report"), (prune_plot, "--plot image")],
+                   checked=len(outputs))
+    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     prune_target = fidelity_target if pruning_asked and quantize is None else None
     quantization = _quantization_kwargs(
         quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
@@ -359,7 +462,10 @@ def optimize(
     if json_path:
         _write_text(json_path, report.to_json())
     if prune_plot is not None:
-        plot_report(report.pruning, prune_plot)
+        try:
+            plot_report(report.pruning, prune_plot)
+        except OSError as error:
+            raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
     if not quiet:
         _print_optimize_report(report)
     console.print(_verdict_line(report))
@@ -386,14 +492,26 @@ def _write_failure_json(path: Path | None, error: VerificationError) -> None:
     _write_text(path, json.dumps(data, indent=2, default=str))
 
 
-def _check_report_path(path: Path | None, *models: Path) -> None:
-    """The JSON report must not land on a model: the input is never modified, the output not replaced."""
-    if not path:
-        return
-    if not path.parent.is_dir():  # found now, not after a long run whose output is already written
-        raise UsageError(f"cannot write the --json report {path}: folder {path.parent} does not exist")
-    if any(same_file(path, model) for model in models):
-        raise UsageError(f"the --json report path is a model file ({path}); choose another path")
+def _check_outputs(models: list[Path], outputs: list[tuple[Path | None, str]], checked: int = 0) -> None:
+    """Before any work: each output path (with what it is, e.g. "--json report") can be written and
+    is neither a file the input models read (the models and their external data) nor another
+    output. The first `checked` outputs only protect the others: the API checks them itself (the
+    output model may replace the input with --overwrite)."""
+    taken = [entry for model in models for entry in files_read(model)]
+    for index, (path, what) in enumerate(outputs):
+        if path is None:
+            continue
+        if index >= checked:
+            check_output_path(path, what, taken)
+        taken.append((path, f"the {what}"))
+
+
+def _check_plot_path(path: Path) -> None:
+    """Found before the model is written: matplotlib picks the format from the name, and fails late."""
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--plot writes a PNG image: give a path ending in .png, not {path}")
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib: pip install 'onnxslim[plot]'")
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -411,7 +529,7 @@ def _write_text(path: Path, text: str) -> None:
 @debug_option
 def verify(reference, candidate, inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1, json_path):
     """Check that CANDIDATE computes what REFERENCE computes (exit 1 if it does not)."""
-    _check_report_path(json_path, reference, candidate)
+    _check_outputs([reference, candidate], [(json_path, "--json report")])
     verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
     report = api.verify(reference, candidate, **verification)
     if json_path:
@@ -451,7 +569,8 @@ def inspect(model, as_json):
 
 @cli.command(name="prune-plan")
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--ratio", type=float, default=0.25, show_default=True, help="Show the channels each group keeps at this ratio.")
+@click.option("--ratio", type=FiniteFloat(0, 1, max_open=True), default=0.25, show_default=True,
+              help="Show the channels each group keeps at this ratio.")
 @click.option("--criterion", type=click.Choice(["l2", "l1", "bn"]), default="l2", show_default=True,
               help="Which channels a group keeps: by weight magnitude, or by the |γ| of the BatchNormalization after the layer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the groups as JSON.")
@@ -500,7 +619,7 @@ def _names(names: list[str], shown: int = 3) -> str:
     "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
     help="Shape of a dynamic input for the random inputs, e.g. x:1,3,640,640 (without --inputs).",
 )
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the random inputs.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random inputs.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as markdown.")
 @debug_option
@@ -510,14 +629,7 @@ def bench(models, runs, warmup, inputs, calibration, preprocess, samples, input_
     if inputs and calibration:
         raise UsageError("--inputs and --calibration mean the same: give one of them")
     data = inputs or calibration
-    for flag, path in (("--json", json_path), ("--markdown", markdown_path)):
-        if path is None:
-            continue
-        if any(same_file(path, model) for model in models):
-            raise UsageError(f"the {flag} path is a model file ({path}); choose another path")
-        writable = os.access(path, os.W_OK) if path.exists() else os.access(path.parent, os.W_OK | os.X_OK)
-        if not path.parent.is_dir() or not writable:  # found now, not after the measuring
-            raise UsageError(f"cannot write the {flag} file {path}: its folder does not exist or is not writable")
+    _check_outputs(list(models), [(json_path, "--json file"), (markdown_path, "--markdown file")])
     report = benchmark(
         models, runs=runs, warmup=warmup, data=None if data == "random" else data, preprocess=preprocess,
         samples=samples, input_shapes=parse_shape_specs(input_shapes), seed=seed, progress=_progress_bar(),

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import math
+import numbers
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +32,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 ENTRY_POINT_GROUP = "onnxslim.passes"
 DEFAULT_FIXPOINT_ROUNDS = 8
+MAX_NESTING = 32  # fixpoint groups inside fixpoint groups
 PIPELINES_FOLDER = Path(__file__).parent / "pipelines"
 
 logger = logging.getLogger("onnxslim")
@@ -73,16 +76,49 @@ class PassSpec:
     options: dict
 
     def __call__(self, graph: gs.Graph, ctx: PassContext, **options) -> PassResult:
+        result = self.function(graph, ctx, **self.check_options(options))
+        if not isinstance(result, PassResult):
+            raise PassFailure(f"pass '{self.name}' returned {type(result).__name__}, not a PassResult")
+        return result
+
+
+    def check_options(self, options: dict) -> dict:
+        """`options` checked against the ones the pass declares, by the types of their defaults, and
+        converted where that loses nothing (an integer where a float is declared, a number where text
+        is). Raises PipelineError: a wrong value is refused before the pass runs, not only when it
+        happens to be read (size_cap=abc went unnoticed when nothing folded)."""
         unknown = set(options) - set(self.options)
         if unknown:
             raise PipelineError(
                 f"pass '{self.name}' has no option {', '.join(sorted(unknown))}"
                 f" (it takes: {', '.join(self.options) or 'none'})"
             )
-        result = self.function(graph, ctx, **options)
-        if not isinstance(result, PassResult):
-            raise PassFailure(f"pass '{self.name}' returned {type(result).__name__}, not a PassResult")
-        return result
+        return {key: _checked_option(self.name, key, value, self.options[key]) for key, value in options.items()}
+
+
+def _checked_option(pass_name: str, key: str, value, default):
+    def refuse(expected: str):
+        return PipelineError(f"pass '{pass_name}' option {key} takes {expected}, not {_format_value(value)!r}")
+
+    if default is None:  # nothing declared
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise refuse("true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # 1e6
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise refuse("an integer")
+        return int(value)
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise refuse("a finite number")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        return _format_value(value)  # a node name such as 123 was read as a number
+    return value
 
 
 _REGISTRY: dict[str, PassSpec] = {}
@@ -219,15 +255,10 @@ class Pipeline:
         return Pipeline(_set_options(self.steps, name, options))
 
     def validate(self) -> None:
-        """Raise PipelineError if a pass is unknown or given an option it does not take."""
+        """Raise PipelineError if a pass is unknown or given an option it does not take or a value
+        of another type than the option's."""
         for call in _calls(self.steps):
-            spec = get_pass(call.name)
-            unknown = {key for key, _ in call.options} - set(spec.options)
-            if unknown:
-                raise PipelineError(
-                    f"pass '{call.name}' has no option {', '.join(sorted(unknown))}"
-                    f" (it takes: {', '.join(spec.options) or 'none'})"
-                )
+            get_pass(call.name).check_options(dict(call.options))
 
     def is_lossless(self) -> bool:
         return all(get_pass(name).lossless for name in self.pass_names())
@@ -306,6 +337,7 @@ class _PipelineParser:
         self.text = text
         self.tokens = self._tokenize(text)
         self.position = 0
+        self.depth = 0
 
     def _tokenize(self, text: str) -> list[str]:
         tokens, position = [], 0
@@ -353,7 +385,11 @@ class _PipelineParser:
                 rounds = int(bound)
                 self._take("]")
             self._take("(")
+            self.depth += 1
+            if self.depth > MAX_NESTING:  # no pipeline needs more; Python's recursion limit would be next
+                raise PipelineError(f"cannot parse pipeline: fixpoint groups nested more than {MAX_NESTING} deep")
             inner = self.steps(closing=")")
+            self.depth -= 1
             self._take(")")
             return Fixpoint(tuple(inner), rounds)
         options: list[tuple[str, object]] = []

@@ -11,7 +11,9 @@ import copy
 import functools
 import math
 import os
+import stat
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,20 +39,16 @@ EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
     """Return the model at `source` (a path or a ModelProto), external data included.
 
-    Raises ModelLoadError with one line saying what is wrong: no such file, a directory,
-    an empty file, not a protobuf, a missing external data file, an invalid model.
+    Raises ModelLoadError with one line saying what is wrong: no such file, a directory or
+    another file that is not a regular one, an empty file, not a protobuf, a missing or
+    malformed external data reference, an invalid model.
     """
     if isinstance(source, onnx.ModelProto):
         if check:
             _check(source, None)
         return source
     path = Path(source)
-    if not path.exists():
-        raise ModelLoadError(f"no such file: {path}")
-    if path.is_dir():
-        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
-    if path.stat().st_size == 0:
-        raise ModelLoadError(f"{path} is empty")
+    _check_model_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
@@ -65,29 +63,76 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> 
     return model
 
 
+def _check_model_file(path: Path) -> None:
+    """A model must be a regular, non-empty file. A FIFO or a device is refused from its stat
+    alone: opening a FIFO blocks until someone writes to it, and /dev/zero never ends."""
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"no such file: {path}") from None
+    except OSError as error:  # a name too long, a loop of links, a folder we may not enter
+        raise ModelLoadError(f"cannot read {_shortened(path)}: {error.strerror or error}") from error
+    if stat.S_ISDIR(status.st_mode):
+        raise ModelLoadError(f"{path} is a directory, not an ONNX model file")
+    if not stat.S_ISREG(status.st_mode):
+        raise ModelLoadError(f"{path} is not a regular file (a device, FIFO or socket), not an ONNX model file")
+    if status.st_size == 0:
+        raise ModelLoadError(f"{path} is empty")
+
+
 def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
     base = path.parent
     for tensor in onnx.external_data_helper._get_all_tensors(model):
         if not onnx.external_data_helper.uses_external_data(tensor):
             continue
-        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        info = _external_data_info(tensor, path)
         data_file = base / info.location
-        if not data_file.is_file():
-            raise ModelLoadError(
-                f"{path}: external data file '{info.location}' (tensor '{tensor.name}') "
-                f"not found in {base}"
-            )
+        named = f"{path}: external data file '{_shortened(info.location)}' (tensor '{tensor.name}')"
+        try:
+            status = data_file.stat()
+        except FileNotFoundError:
+            raise ModelLoadError(f"{named} not found in {base}") from None
+        except OSError as error:  # e.g. a location longer than the file system allows
+            raise ModelLoadError(f"{named} cannot be read: {error.strerror or error}") from error
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
+            raise ModelLoadError(f"{named} is not a regular file")
     try:
-        onnx.external_data_helper.load_external_data_for_model(model, str(base))
+        with warnings.catch_warnings():  # onnx warns about (and ignores) unknown keys
+            warnings.simplefilter("ignore")
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelLoadError(f"{path}: cannot read external data: {_first_line(error)}") from error
 
 
+def _external_data_info(tensor: onnx.TensorProto, path: Path) -> onnx.external_data_helper.ExternalDataInfo:
+    """The tensor's external data reference; an offset or length that is not a non-negative
+    integer is the model's fault (onnx raises a bare ValueError for it)."""
+    for entry in tensor.external_data:
+        if entry.key in ("offset", "length") and not (entry.value.isascii() and entry.value.isdigit()):
+            raise ModelLoadError(
+                f"{path}: tensor '{tensor.name}' has external data {entry.key} '{_shortened(entry.value)}', "
+                "not a non-negative integer"
+            )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return onnx.external_data_helper.ExternalDataInfo(tensor)
+    except ValueError as error:
+        raise ModelLoadError(f"{path}: tensor '{tensor.name}': {_first_line(error)}") from error
+
+
+def _shortened(text, limit: int = 80) -> str:
+    """A name as long as the file system refuses, cut to fit the one-line error."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check(model: onnx.ModelProto, path: Path | None) -> None:
+    where = f"{path}: " if path else ""
     try:
         check_structure(model)
+        _check_weight_sizes(model)
     except (onnx.checker.ValidationError, ValueError) as error:
-        where = f"{path}: " if path else ""
         raise ModelLoadError(f"{where}invalid ONNX model: {_first_line(error)}") from error
 
 
@@ -109,6 +154,9 @@ def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
         itemsize = _itemsize(tensor.data_type)
         return bool(itemsize) and math.prod(tensor.dims) * itemsize > CHECKED_TENSOR_BYTES
 
+    # The skeleton gets an IR version of its own (see weightless_copy): the model's is checked here.
+    if not model.HasField("ir_version"):
+        raise onnx.checker.ValidationError("the model has no ir_version")
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
     set_aside_runtime_ops(skeleton)
@@ -157,6 +205,44 @@ def _runtime_registered(opset: int) -> frozenset[tuple[str, int]]:
         for schema in _pybind_state.get_all_operator_schema()
         if schema.domain in ONNX_DOMAINS and schema.since_version <= opset
     )
+# The field holding a tensor's values when it has no raw_data, and how many entries one element takes.
+_TYPED_FIELDS = {
+    onnx.TensorProto.FLOAT: ("float_data", 1),
+    onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1),
+    onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1),
+    onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1),
+    **{data_type: ("int32_data", 1) for data_type in (
+        onnx.TensorProto.INT32, onnx.TensorProto.INT16, onnx.TensorProto.INT8, onnx.TensorProto.UINT16,
+        onnx.TensorProto.UINT8, onnx.TensorProto.BOOL, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
+    )},
+}
+
+
+def _check_weight_sizes(model: onnx.ModelProto) -> None:
+    """The check check_structure leaves out: each large top-level weight holds as many values as its
+    dims say. A short one would otherwise reach the passes (and `inspect` would count parameters
+    that are not there). Reading raw_data's length copies the bytes, so this runs once, on load.
+    Raises ValueError."""
+    for tensor in model.graph.initializer:
+        itemsize = _itemsize(tensor.data_type)
+        expected = math.prod(tensor.dims)
+        if not itemsize or expected * itemsize <= CHECKED_TENSOR_BYTES:
+            continue  # the checker saw it, or its size is not a whole number of bytes per element
+        if tensor.HasField("raw_data"):
+            held, needed = len(tensor.raw_data), expected * itemsize
+            unit = "bytes"
+        elif tensor.data_type in _TYPED_FIELDS:
+            field_name, per_element = _TYPED_FIELDS[tensor.data_type]
+            held, needed = len(getattr(tensor, field_name)), expected * per_element
+            unit = "values"
+        else:
+            continue
+        if held != needed:
+            dims = "x".join(str(dim) for dim in tensor.dims)
+            raise ValueError(f"weight '{tensor.name}' holds {held:,} {unit}, but its dims {dims} need {needed:,}")
 
 
 def weightless_copy(model: onnx.ModelProto, large, inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
@@ -200,25 +286,22 @@ def save(
 
     external_data: True writes the tensors to `<name>.data` beside the model, False keeps
     them inside, None decides by size (protobuf cannot hold 2 GiB). `protect` is the input
-    model's path: writing over it is refused unless overwrite_input is set.
+    model's path: writing over it or over any file it reads (its external data) is refused,
+    unless overwrite_input is set and `path` is the input model itself. A device node, FIFO or
+    folder at `path` is refused too (the atomic rename would replace it).
     """
     path = Path(path)
-    if protect is not None and not overwrite_input and same_file(path, Path(protect)):
-        raise UsageError(f"the output path is the input model ({path}); choose another path")
-    if path.is_dir():
-        raise ModelSaveError(f"cannot write {path}: it is a directory")
+    protected = files_read(protect) if protect is not None else []
+    replaces_input = overwrite_input and protect is not None and same_file(path, protect)
+    if replaces_input:  # the user's choice: the input model goes, and the files only it read with it
+        protected = []
+    check_output_path(path, "output model", protected)
     folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelSaveError(f"cannot write {path}: folder {folder} does not exist")
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD
     data_file = folder / (path.name + ".data")
-    if external_data and protect is not None and not overwrite_input and data_file.exists():
-        if any(same_file(data_file, used) for used in _external_data_files(Path(protect))):
-            raise UsageError(
-                f"{data_file} holds the input model's external data and writing the output would overwrite it; "
-                "choose another output name"
-            )
+    if external_data:
+        check_output_path(data_file, "output model's external data", protected)
     try:
         with tempfile.TemporaryDirectory(dir=folder, prefix=".onnxslim-") as staging:
             staged = Path(staging) / path.name
@@ -248,19 +331,76 @@ def _external_data_files(path: Path) -> list[Path]:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, RuntimeError, ValueError, OSError):
         return []
-    return [
-        path.parent / onnx.external_data_helper.ExternalDataInfo(tensor).location
-        for tensor in onnx.external_data_helper._get_all_tensors(model)
-        if onnx.external_data_helper.uses_external_data(tensor)
+    files = []
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if not onnx.external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        file = path.parent / location
+        if location and file not in files:
+            files.append(file)
+    return files
+
+
+def files_read(path: str | os.PathLike) -> list[tuple[Path, str]]:
+    """The files loading the model at `path` reads, each with what it is to the user: the model
+    itself and its external data files (locations are relative to the model's folder)."""
+    path = Path(path)
+    try:
+        status = path.stat()
+    except OSError:
+        return []
+    if not stat.S_ISREG(status.st_mode):
+        return []
+    # The command line and the API both ask before a run; parsing a large model twice costs.
+    key = (os.path.realpath(path), status.st_ino, status.st_size, status.st_mtime_ns)
+    if _last_files_read[0] != key:
+        _last_files_read[:] = [key, _external_data_files(Path(os.path.abspath(path)))]  # cwd may change
+    return [(path, "the input model")] + [
+        (file, f"the input model's external data file {file.name}") for file in _last_files_read[1]
     ]
 
 
+_last_files_read: list = [None, []]  # [(realpath, inode, size, mtime), external data files]
+
+
+def check_output_path(path: str | os.PathLike, what: str, protected: list[tuple[Path, str]] = ()) -> None:
+    """Refuse, before any work, an output `path` (`what` names it: "output model", "--json report")
+    that cannot be written as a new regular file or that names a file in `protected` (the files
+    the input reads, the other outputs). Raises UsageError with one line."""
+    path = Path(path)
+    try:
+        status = path.stat()
+    except FileNotFoundError:
+        status = None
+    except NotADirectoryError:
+        raise UsageError(f"cannot write the {what} {_shortened(path)}: a folder on its path is a file") from None
+    except OSError as error:  # a name longer than the file system allows, a loop of links
+        raise UsageError(f"cannot write the {what} {_shortened(path)}: {error.strerror or error}") from error
+    if status is not None and stat.S_ISDIR(status.st_mode):
+        raise UsageError(f"cannot write the {what} {path}: it is a directory")
+    if status is not None and not stat.S_ISREG(status.st_mode):
+        # An atomic write would replace a device node or FIFO with a file (as root, /dev/null too).
+        raise UsageError(f"cannot write the {what} {path}: it is not a regular file (a device, FIFO or socket)")
+    for file, description in protected:
+        if same_file(path, file):
+            raise UsageError(f"the {what} path {path} is {description}; choose another path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"cannot write the {what} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write the {what} {path}: folder {folder} is not writable")
+
+
 def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """Whether two paths name the same file (links and relative paths resolved)."""
+    """Whether two paths name the same file (links, hard links and relative paths resolved)."""
     a, b = Path(a), Path(b)
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:  # a name the file system refuses names no existing file
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import platform
 import re
 import time
@@ -137,6 +138,15 @@ class FidelityTarget:
     metric: str  # "sqnr_db" or "cosine"
     value: float
 
+    def __post_init__(self):
+        # A NaN target is met by nothing and fails no comparison: refused like an unknown metric.
+        if self.metric not in ("sqnr_db", "cosine"):
+            raise InputSpecError(f"a fidelity target's metric is sqnr_db or cosine, not '{self.metric}'")
+        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) or not math.isfinite(self.value):
+            raise InputSpecError(f"a fidelity target is a finite number, not {self.value}")
+        if self.metric == "cosine" and not -1 <= self.value <= 1:
+            raise InputSpecError(f"a cosine target lies in [-1, 1], not {self.value}")
+
     @classmethod
     def parse(cls, text: str) -> FidelityTarget:
         """'30dB', 'sqnr=30', 'cosine=0.999' (or a bare number: below 1 a cosine, else dB)."""
@@ -148,6 +158,8 @@ class FidelityTarget:
             value = float(number)
         except ValueError:
             raise InputSpecError(f"--fidelity-target '{text}': expected e.g. 30dB, sqnr=30 or cosine=0.999") from None
+        if not math.isfinite(value):
+            raise InputSpecError(f"--fidelity-target '{text}': the target must be a finite number")
         if not metric:
             metric = "cosine" if value < 1 else "sqnr"
         if metric not in ("sqnr", "cosine"):

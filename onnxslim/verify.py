@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import math
+import numbers
 import os
+import stat
 import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +24,7 @@ import onnx
 import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 
-from .errors import InputSpecError, VerificationUnavailable
+from .errors import InputSpecError, UsageError, VerificationUnavailable
 from .graph import trusted_symbol
 from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
 
@@ -43,6 +47,19 @@ class FidelityBudget:
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None
+
+    def __post_init__(self):
+        # A NaN threshold passes anything (every comparison with NaN is false, so nothing fails it).
+        for name, flag, low, high in (("min_cosine", "--min-cosine", -1.0, 1.0),
+                                      ("min_sqnr_db", "--min-sqnr", -math.inf, math.inf),
+                                      ("min_top1", "--min-top1", 0.0, 1.0)):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            bounds = "a finite number" if math.isinf(low) else f"a number in [{low:g}, {high:g}]"
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                    math.isfinite(value) and low <= value <= high):
+                raise UsageError(f"{flag} ({name}) must be {bounds}, not {value}")
 
     def is_set(self) -> bool:
         return any(value is not None for value in (self.min_cosine, self.min_sqnr_db, self.min_top1))
@@ -328,13 +345,25 @@ def describe_sizes(shapes: dict[str, list[int]], dims: list[DynamicDim]) -> str:
 def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
     """Inputs from an .npz file (one array per input name; a leading 'sample' axis is not implied)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputSpecError(f"inputs file not found: {path}")
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        status = path.stat()
+    except FileNotFoundError:
+        raise InputSpecError(f"inputs file not found: {path}") from None
+    except OSError as error:
+        raise InputSpecError(f"cannot read the inputs file {path}: {error.strerror or error}") from error
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block, /dev/zero never ends
+        kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
+        raise InputSpecError(f"the inputs file {path} is {kind}; give an .npz file")
+    # A truncated or corrupt archive raises from zipfile and zlib; pickled objects are refused.
+    try:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise InputSpecError(f"{path} holds one array (an .npy file): give an .npz file with one array "
+                                 "per input name")
+        with loaded as archive:
             return [{name: archive[name] for name in archive.files}]
-    except (OSError, ValueError) as error:
-        raise InputSpecError(f"{path} is not a readable .npz file: {error}") from error
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise InputSpecError(f"{path} is not a readable .npz file: {_first_line(error)}") from error
 
 
 def overridable_inputs(model: onnx.ModelProto) -> set[str]:

@@ -246,4 +246,4 @@ def test_cli_unwritable_report_path_fails_before_measuring(tmp_path):
     line = one_line_error(CliRunner().invoke(cli, ["bench", str(path), "--markdown", str(tmp_path / "no" / "b.md")]))
     assert "--markdown" in line
     line = one_line_error(CliRunner().invoke(cli, ["bench", str(path), "--json", str(path)]))
-    assert "is a model file" in line
+    assert "is the input model" in line
