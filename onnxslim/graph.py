@@ -291,7 +291,12 @@ def make_constant(tensor: gs.Tensor, value: np.ndarray, interface: set[int], gra
     An interface tensor keeps its name and becomes the output of a new Constant node in `graph`
     (a model output is never an initializer); any other tensor becomes an initializer.
     """
+    computed_by = producer(tensor)
     tensor.inputs.clear()
+    if computed_by is not None and not computed_by.outputs:
+        # Every result of the producer is a constant now: left reading its inputs, it would be a
+        # reader without outputs, which the fusions (Cast/Transpose chains) would try to rewire.
+        disconnect(computed_by)
     value = np.asarray(value)
     if id(tensor) in interface:
         held = gs.Constant(f"{tensor.name}__value", value)

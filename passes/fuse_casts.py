@@ -97,6 +97,8 @@ def _fusable(second: gs.Node, between: gs.Tensor, source_type: int, between_type
     """Whether `second` casts `between` (its first input only) to a type the source can go to directly."""
     if second.op not in ("Cast", "CastLike") or not is_standard(second) or second.inputs[0] is not between:
         return False
+    if not second.outputs:  # a node some rewrite left without results: dead-node elimination's, not ours
+        return False
     if second.op == "CastLike" and second.inputs[1] is between:
         return False
     target = _target(second)

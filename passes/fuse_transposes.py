@@ -56,7 +56,8 @@ def fuse_transposes(graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 
 def _is_transpose(node: gs.Node) -> bool:
-    return node.op == "Transpose" and is_standard(node) and len(node.inputs) == 1
+    # A Transpose some rewrite left without its result is dead-node elimination's, not ours to rewire.
+    return node.op == "Transpose" and is_standard(node) and len(node.inputs) == 1 and len(node.outputs) == 1
 
 
 def _perm(node: gs.Node, source: gs.Tensor) -> list[int] | None:

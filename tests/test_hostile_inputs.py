@@ -44,6 +44,12 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxslim
 from onnxslim.cli import cli
+import numpy as np
+import onnx
+import pytest
+
+import onnxslim
+from builder import ModelBuilder, assert_equivalent
 
 
 # ----------------------------------------------------------------------------- calibration data: NaN, Inf, huge and zero-width ranges
@@ -1043,3 +1049,21 @@ def test_corpus_models_onnxruntime_optimized_optimize_and_verify(tmp_path, name,
     result, destination = _optimize_cli(tmp_path, _onnx.load(fused), *(["--verify-shape", shape] if shape else []))
     assert result.exit_code == 0, result.output
     assert destination.is_file()
+@pytest.mark.parametrize("op, attrs", [("Cast", {"to": onnx.TensorProto.FLOAT16}), ("Transpose", {"perm": [1, 0]})])
+def test_chain_whose_last_result_folds_to_a_model_output(op, attrs):
+    """Found by tools/fuzz.py: Expand(c, Shape(x)) is a constant once x's shape is static, so
+    fold-constants gives the model output (the chain's last result) to a Constant node; its old
+    producer kept reading the chain's middle, and fuse-casts / fuse-transposes rewired that reader
+    without results (IndexError, exit 3)."""
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [2, 3], np.bool_)
+    shape = b.node("Shape", [x])
+    expanded = b.node("Expand", [b.initializer("c", np.zeros([1, 1], np.bool_)), shape])
+    first_attrs = {"to": onnx.TensorProto.FLOAT} if op == "Cast" else {"perm": [1, 0]}
+    middle = b.node(op, [expanded], **first_attrs)
+    b.output(b.node(op, [middle], **attrs))
+    model = b.build()
+    optimized = onnxslim.optimize(model)
+    assert [node.op_type for node in optimized.graph.node] == ["Constant"]
+    assert_equivalent(model, optimized)
+

@@ -1,0 +1,690 @@
+"""Differential fuzzer: random valid ONNX models, optimized by onnxslim, compared in onnxruntime.
+
+    python tools/fuzz.py --minutes 60 --jobs 2            # the lossless pipeline
+    python tools/fuzz.py --minutes 10 --quantize int8     # the lossy paths: invalid, crash, hang, NaN
+    python tools/fuzz.py --minutes 10 --prune 0.3
+
+Each case is a model from tools/fuzz_graphs.py (hypothesis strategies). The oracle runs it in a
+forked child with a time limit, so a segfault, SIGFPE or hang in onnxruntime or onnxslim is a
+class, never the fuzzer's death:
+  ok        the optimized model computes what the original computes (at both sizes of N); where
+            onnxruntime's results differ but onnx.reference says the two models agree, also ok
+            (counted as "reference-decided")
+  wrong     different outputs, or onnxruntime fails on the optimized model where the original ran
+  invalid   the optimized model fails onnx.checker's full check, or onnxruntime cannot load it
+  crash     onnxslim raised something other than a clean refusal, or its process died
+  refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs
+  timeout   onnxslim (or the optimized model) did not finish within the time limit
+  fidelity-nan   lossy modes: the optimized model gives NaN where the original is finite
+A generated model that fails the checker or onnxruntime itself is "skipped" (a generator bug:
+there should be none). Lossy modes count invalid, crash, refused, timeout and fidelity-nan only.
+
+Each failure is shrunk by hypothesis and saved under .cache/fuzz/ as NAME.onnx plus NAME.py, a
+pytest case to paste. Exit code: 0 when nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import dataclasses
+import faulthandler
+import hashlib
+import importlib.util
+import json
+import math
+import multiprocessing
+import os
+import pickle
+import resource
+import select
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+CACHE = REPO / ".cache" / "fuzz"
+
+
+def _load_sibling(name: str):
+    # tools/ is not a package and not installed: load fuzz_graphs by path, once.
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz_graphs = _load_sibling("fuzz_graphs")
+
+FAILURES = ("wrong", "invalid", "crash", "refused", "timeout", "fidelity-nan")
+CLASSES = ("ok",) + FAILURES + ("skipped",)
+# Per-dtype tolerance on float outputs, relative to the output's largest finite magnitude (at least 1):
+# rewrites reassociate (a fused BatchNormalization rounds once where the original rounded twice).
+TOLERANCE = {"float16": 2e-2, "float32": 1e-4, "float64": 1e-9}
+CASE_SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Outcome:
+    kind: str  # one of CLASSES
+    stage: str = ""  # where it happened: check-original, run-original, optimize, check-optimized, ...
+    detail: str = ""
+    reference_decided: bool = False
+    fired: tuple = ()  # the passes that changed something: whether the generator reaches them
+
+    def line(self) -> str:
+        return f"{self.kind} at {self.stage}: {self.detail}" if self.stage else self.kind
+
+
+@dataclasses.dataclass
+class Mode:
+    quantize: str | None = None
+    prune: float | None = None
+
+    @property
+    def lossy(self) -> bool:
+        return self.quantize is not None or self.prune is not None
+
+    def label(self) -> str:
+        return f"quantize-{self.quantize}" if self.quantize else (f"prune-{self.prune}" if self.prune else "lossless")
+
+
+# -- the oracle (runs in a forked child) -------------------------------------------------------
+
+
+def _session(model: onnx.ModelProto):
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(4)  # its own log lines (a failing node) would flood the fuzzer's output
+    options = ort.SessionOptions()
+    # onnxruntime's own rewrites would hide a bad one of ours; one thread: the fuzzer runs jobs in parallel.
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 4
+    options.enable_mem_pattern = False  # its buffer plan from one size of N misfires at the other
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session, feeds) -> dict[str, np.ndarray]:
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def mismatch(expected: np.ndarray, actual: np.ndarray, tolerance: float | None = None) -> str | None:
+    """Why `actual` is not `expected` (None when it is): dtype, shape, NaN/Inf positions, values
+    within `tolerance` (default: the dtype's) times the largest finite magnitude (at least 1)."""
+    expected, actual = np.asarray(expected), np.asarray(actual)
+    if expected.dtype != actual.dtype:
+        return f"dtype {actual.dtype} instead of {expected.dtype}"
+    if expected.shape != actual.shape:
+        return f"shape {list(actual.shape)} instead of {list(expected.shape)}"
+    if expected.dtype.kind != "f":
+        differ = int(np.sum(expected != actual))
+        return f"{differ} of {expected.size} elements differ" if differ else None
+    wide_expected, wide_actual = expected.astype(np.float64), actual.astype(np.float64)
+    nan_expected, nan_actual = np.isnan(wide_expected), np.isnan(wide_actual)
+    if (nan_expected != nan_actual).any():
+        return f"NaN at {int(np.sum(nan_expected != nan_actual))} other positions"
+    infinite = np.isinf(wide_expected) | np.isinf(wide_actual)
+    if (wide_expected[infinite] != wide_actual[infinite]).any():
+        return "an infinity differs"
+    finite = ~(nan_expected | infinite)
+    if not finite.any():
+        return None
+    scale = max(1.0, float(np.abs(wide_expected[finite]).max()))
+    error = float(np.abs(wide_expected[finite] - wide_actual[finite]).max())
+    allowed = max(tolerance or 0.0, TOLERANCE[expected.dtype.name]) * scale
+    return f"max abs difference {error:.3g} > {allowed:.3g}" if error > allowed else None
+
+
+def _compare(expected: dict, actual: dict, tolerance: float | None = None) -> str | None:
+    if list(expected) != list(actual):
+        return f"outputs {list(actual)} instead of {list(expected)}"
+    for name in expected:
+        why = mismatch(expected[name], actual[name], tolerance)
+        if why is not None:
+            return f"output {name}: {why}"
+    return None
+
+
+def _reference_outputs(model: onnx.ModelProto, feeds: dict) -> dict:
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(model)
+    names = [output.name for output in model.graph.output]
+    return dict(zip(names, evaluator.run(None, feeds)))
+
+
+def _optimize(model: onnx.ModelProto, mode: Mode, report_stage):
+    """onnxslim.optimize with its own verification, forced: the oracle judges the model it returns
+    and also holds the verifier to account (a correct model it calls wrong is "refused", a wrong
+    one it calls verified is a silent wrong result)."""
+    import onnxslim
+
+    report_stage("optimize")
+    initialized = {init.name for init in model.graph.initializer}
+    shapes = {}
+    for value_info in model.graph.input:
+        if value_info.name not in initialized:
+            dims = value_info.type.tensor_type.shape.dim
+            shapes[value_info.name] = [d.dim_value if d.HasField("dim_value") else fuzz_graphs.SIZES[0] for d in dims]
+    kwargs = dict(calibration="random", quantize=mode.quantize, prune=mode.prune) if mode.lossy else {}
+    optimized, report = onnxslim.optimize(model, verify=True, force=True, return_report=True, verify_shapes=shapes,
+                                          **kwargs)
+    fired = tuple(sorted({execution.name for execution in report.run.executions if execution.changed}))
+    return optimized, fired, report.verification
+
+
+def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, report_stage=lambda stage: None) -> Outcome:
+    """The oracle, in this process: classify what onnxslim does to `model` (see the module docstring)."""
+    import onnxslim
+
+    stage = "check-original"
+    report_stage(stage)
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return Outcome("skipped", stage, _first_line(error))
+    stage = "run-original"
+    report_stage(stage)
+    try:
+        session = _session(model)
+        feeds = {size: fuzz_graphs.make_feeds(model, size, input_seed) for size in fuzz_graphs.SIZES}
+        expected = {size: _run(session, feeds[size]) for size in fuzz_graphs.SIZES}
+    except Exception as error:  # onnxruntime's errors are untyped: any failure means the generator erred
+        return Outcome("skipped", stage, _first_line(error))
+
+    try:
+        optimized, fired, verification = _optimize(model, mode, report_stage)
+    except onnxslim.VerificationError as error:  # with verify=False: only the checker's verdict
+        return Outcome("invalid", "optimize", _first_line(error))
+    except onnxslim.OnnxSlimError as error:
+        kind = "refused" if error.exit_code == 2 else "crash"
+        return Outcome(kind, "optimize", f"{type(error).__name__} (exit {error.exit_code}): {_first_line(error)}")
+    except Exception as error:  # everything else is our bug: the class being looked for
+        return Outcome("crash", "optimize", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]")
+
+    stage = "check-optimized"
+    report_stage(stage)
+    try:
+        onnx.checker.check_model(optimized, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
+        return Outcome("invalid", stage, _first_line(error))
+    stage = "load-optimized"
+    report_stage(stage)
+    try:
+        candidate = _session(optimized)
+    except Exception as error:
+        return Outcome("invalid", stage, _first_line(error))
+    changed = _interface_change(model, optimized)
+    if changed is not None:
+        return Outcome("wrong", "interface", changed, fired=fired)
+    stage = "run-optimized"
+    report_stage(stage)
+    actual = {}
+    for size in fuzz_graphs.SIZES:
+        try:
+            actual[size] = _run(candidate, feeds[size])
+        except Exception as error:
+            return Outcome("wrong", stage, f"N={size}: onnxruntime fails where the original ran: {_first_line(error)}")
+    outcome = _judge_lossy(expected, actual) if mode.lossy else _judge(model, optimized, feeds, expected, actual, report_stage)
+    outcome.fired = fired
+    if mode.lossy or verification is None:
+        return outcome
+    if outcome.kind == "ok" and not verification.passed:
+        return Outcome("refused", "verify", f"onnxslim's verification fails a correct model: {verification.message}",
+                       fired=fired)
+    if outcome.kind == "wrong" and verification.passed:
+        outcome.detail += " (and onnxslim's verification passed it)"
+    return outcome
+
+
+def _interface_change(original: onnx.ModelProto, optimized: onnx.ModelProto) -> str | None:
+    """The model's inputs and outputs never change: names, element types and ranks."""
+    def interface(model):
+        return [(info.name, info.type.tensor_type.elem_type, len(info.type.tensor_type.shape.dim))
+                for info in model.graph.input], [
+                (info.name, info.type.tensor_type.elem_type, len(info.type.tensor_type.shape.dim))
+                for info in model.graph.output]
+    (inputs, outputs), (new_inputs, new_outputs) = interface(original), interface(optimized)
+    if inputs != new_inputs:
+        return f"inputs {[i[0] for i in new_inputs]} instead of {[i[0] for i in inputs]}" if [
+            i[0] for i in inputs] != [i[0] for i in new_inputs] else "an input's type or rank changed"
+    if outputs != new_outputs:
+        return "an output's name, type or rank changed"
+    return None
+
+
+def coarsest_float(model: onnx.ModelProto) -> str:
+    """The least precise float type the model computes in: a float64 output computed in float32
+    carries float32's rounding, so it gets float32's tolerance."""
+    elem_types = {init.data_type for init in model.graph.initializer}
+    elem_types |= {info.type.tensor_type.elem_type for info in [*model.graph.input, *model.graph.output]}
+    for node in _all_nodes(model.graph):
+        elem_types |= {attribute.i for attribute in node.attribute if attribute.name == "to"}
+        if node.op_type == "ConstantOfShape":
+            elem_types.add(onnx.TensorProto.FLOAT)
+    for name, elem in (("float16", onnx.TensorProto.FLOAT16), ("float32", onnx.TensorProto.FLOAT)):
+        if elem in elem_types:
+            return name
+    return "float64"
+
+
+def _all_nodes(graph: onnx.GraphProto):
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.g.node:
+                yield from _all_nodes(attribute.g)
+
+
+def _judge(model, optimized, feeds, expected, actual, report_stage) -> Outcome:
+    tolerance = TOLERANCE[coarsest_float(model)]
+    for size in fuzz_graphs.SIZES:
+        why = _compare(expected[size], actual[size], tolerance)
+        if why is None:
+            continue
+        report_stage("reference")
+        try:
+            agreed = _compare(_reference_outputs(model, feeds[size]), _reference_outputs(optimized, feeds[size]), tolerance)
+        except Exception as error:  # the reference evaluator lacks some kernels: onnxruntime's verdict stands
+            return Outcome("wrong", "compare", f"N={size}: {why} (onnx.reference could not decide: {_first_line(error)})")
+        if agreed is not None:
+            return Outcome("wrong", "compare", f"N={size}: {why}; onnx.reference agrees they differ: {agreed}")
+        return Outcome("ok", "compare", f"N={size}: onnxruntime: {why}; onnx.reference: the same", reference_decided=True)
+    return Outcome("ok")
+
+
+def _judge_lossy(expected: dict, actual: dict) -> Outcome:
+    for size in expected:
+        if list(expected[size]) != list(actual[size]):
+            return Outcome("wrong", "compare", f"outputs {list(actual[size])} instead of {list(expected[size])}")
+        for name, value in expected[size].items():
+            got = actual[size][name]
+            if value.shape != got.shape or value.dtype != got.dtype:
+                return Outcome("wrong", "compare", f"N={size}: output {name}: {mismatch(value, got)}")
+            if value.dtype.kind == "f" and (np.isnan(got) & ~np.isnan(value)).any():
+                return Outcome("fidelity-nan", "compare", f"N={size}: output {name} is NaN where the original is not")
+    return Outcome("ok")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return (text.splitlines()[0] if text else type(error).__name__)[:300]
+
+
+def _where(error: BaseException) -> str:
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if "site-packages" not in frame.filename] or frames
+    frame = ours[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno}"
+
+
+# -- isolation: one forked child per case ------------------------------------------------------
+
+
+def preload() -> None:
+    """Import what every child needs once, in the parent: a child that imports onnxruntime and
+    onnxslim itself spends half a second on it, twenty times a small case's work."""
+    import onnx.reference  # noqa: F401
+    import onnxruntime  # noqa: F401
+
+    import onnxslim  # noqa: F401
+
+
+def isolated(function, *args, timeout: float = CASE_SECONDS):
+    """function(*args, report_stage=...) in a forked child: (result, None), or (None, Outcome) when the
+    child died or ran out of time (the Outcome says at which stage).
+
+    fork, not spawn: the child inherits onnx, onnxslim and onnxruntime already imported (milliseconds
+    instead of a second). The parent never opens an onnxruntime session, so no runtime thread is
+    forked mid-flight.
+    """
+    preload()
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report stages, then the result, and leave without cleanup
+        os.close(read_end)
+        # A SIGFPE or SIGSEGV is a result here: no core dump of a few hundred MB for each.
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        faulthandler.disable()  # pytest's would print every crash's stack; the parent reports it
+        # Warnings (random calibration) and onnxruntime's own prints, once per case, would bury the
+        # fuzzer's output; what matters comes back through the pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        code = 0
+        try:
+            def report_stage(stage):
+                _send(write_end, ("stage", stage))
+            result = function(*args, report_stage=report_stage)
+            _send(write_end, ("result", result))
+        except BaseException as error:  # reported to the parent, which classifies it
+            _send(write_end, ("error", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]"))
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    stage, result, error = "start", None, None
+    buffer = b""
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ready, _, _ = select.select([pipe], [], [], remaining)
+            if not ready:
+                continue
+            chunk = pipe.read(1 << 16)
+            if not chunk:
+                break
+            buffer += chunk
+            while len(buffer) >= 4 and len(buffer) >= 4 + int.from_bytes(buffer[:4], "little"):
+                size = int.from_bytes(buffer[:4], "little")
+                kind, payload = pickle.loads(buffer[4:4 + size])
+                buffer = buffer[4 + size:]
+                if kind == "stage":
+                    stage = payload
+                elif kind == "result":
+                    result = payload
+                else:
+                    error = payload
+    if timed_out:
+        os.kill(pid, signal.SIGKILL)
+    _, status = os.waitpid(pid, 0)
+    if timed_out:
+        return None, Outcome("timeout", stage, f"no result within {timeout:g} s")
+    if os.WIFSIGNALED(status):
+        name = signal.Signals(os.WTERMSIG(status)).name
+        return None, Outcome("crash", stage, f"the process died of {name}")
+    if error is not None:
+        return None, Outcome("crash", stage, f"the oracle raised {error}")
+    return result, None
+
+
+def _send(fd: int, message) -> None:
+    data = pickle.dumps(message)
+    os.write(fd, len(data).to_bytes(4, "little") + data)
+
+
+def run_case(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, timeout: float = CASE_SECONDS) -> Outcome:
+    """check_model in a forked child. A death or hang while the original runs is the generator's
+    fault (skipped); anywhere after, it is onnxslim's or its output's."""
+    outcome, failure = isolated(_check_in_child, model.SerializeToString(), mode, input_seed, timeout=timeout)
+    if failure is None:
+        return outcome
+    if failure.stage in ("start", "check-original", "run-original"):
+        return Outcome("skipped", failure.stage, failure.detail)
+    return failure
+
+
+def _check_in_child(model_bytes: bytes, mode: Mode, input_seed: int, report_stage) -> Outcome:
+    return check_model(onnx.load_from_string(model_bytes), mode, input_seed, report_stage)
+
+
+# -- onnxruntime's CPU kernels -----------------------------------------------------------------
+
+
+def supported_kernels() -> dict[str, dict[str, list[str]]]:
+    """Per opset and op, the dtypes onnxruntime's CPU provider loads (probed once, cached per version)."""
+    import onnxruntime
+
+    path = CACHE / f"kernels-onnx{onnx.__version__}-ort{onnxruntime.__version__}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    kernels, failure = isolated(_probe_kernels, timeout=120)
+    if failure is not None:
+        raise RuntimeError(f"probing onnxruntime's kernels failed: {failure.line()}")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(kernels, indent=1, sort_keys=True))
+    os.replace(temporary, path)
+    return kernels
+
+
+def _probe_kernels(report_stage) -> dict[str, dict[str, list[str]]]:
+    kernels: dict[str, dict[str, list[str]]] = {}
+    for opset in fuzz_graphs.OPSETS:
+        found = kernels.setdefault(str(opset), {})
+        for op, dtype, model in fuzz_graphs.kernel_probe_models(opset):
+            found.setdefault(op, [])
+            try:
+                _session(model)
+            except Exception:  # NOT_IMPLEMENTED: no kernel for this type at this opset
+                continue
+            found[op].append(dtype)
+    return kernels
+
+
+# -- hypothesis: generate, check, shrink -------------------------------------------------------
+
+
+class CaseFailed(Exception):
+    """Raised inside a hypothesis test so it shrinks the case; one subclass per class (see FAILURE_TYPES)."""
+
+
+# Failures whose fix is another change's: the CI profile (tests/test_fuzz.py) tolerates an outcome
+# whose detail contains one of these; delete an entry when its fix lands. tools/fuzz.py reports them.
+KNOWN_OPEN_SIGNATURES = {
+    "Too many bins for data range": "the calibration histogram of a constant or huge-range activation",
+    "math domain error": "a fidelity figure of a quantized model whose outputs are zero or NaN",
+}
+
+FAILURE_TYPES = {kind: type(f"Fuzz_{kind.replace('-', '_')}", (CaseFailed,), {}) for kind in FAILURES}
+
+
+def failure_repr(outcome: Outcome) -> str:
+    return outcome.line()
+
+
+def search(seed: int, examples: int, mode: Mode, features, kernels, on_outcome, shrink_budget: int = 300,
+           database=None, derandomize: bool = False, deadline_at: float | None = None):
+    """One hypothesis run of `examples` cases. Calls on_outcome(case, outcome) for every case it
+    generates (not for shrink steps) and returns {kind: (case, outcome)} of the shrunk failures."""
+    from hypothesis import HealthCheck, Phase, Verbosity, given, seed as hypothesis_seed, settings
+
+    strategy = fuzz_graphs.models(features=features, kernels=kernels, lossy=mode.lossy)
+    best: dict[str, tuple] = {}
+    state = {"shrinking": 0}
+
+    @settings(max_examples=examples, deadline=None, database=database, derandomize=derandomize,
+              phases=[Phase.generate, Phase.shrink], suppress_health_check=list(HealthCheck), print_blob=False,
+              report_multiple_bugs=True, verbosity=Verbosity.quiet)
+    @given(case=strategy)
+    def fuzz(case):
+        model_bytes = case.model.SerializeToString()
+        if best:
+            state["shrinking"] += 1
+            # Past the budget only the best repro so far still fails: hypothesis stops shrinking
+            # (and its final replay of that repro fails as before).
+            if state["shrinking"] > shrink_budget and all(model_bytes != seen[2] for seen in best.values()):
+                return
+        elif deadline_at is not None and time.monotonic() > deadline_at:
+            return
+        outcome = run_case(case.model, mode, case.input_seed)
+        if not best:
+            on_outcome(case, outcome)
+        if outcome.kind in FAILURES and (outcome.kind != "wrong" or not mode.lossy or "outputs" in outcome.detail):
+            best[outcome.kind] = (case, outcome, model_bytes)
+            raise FAILURE_TYPES[outcome.kind](outcome.line())
+
+    if not derandomize:
+        fuzz = hypothesis_seed(seed)(fuzz)
+    try:
+        fuzz()
+    except (CaseFailed, BaseExceptionGroup):
+        pass
+    return {kind: (case, outcome) for kind, (case, outcome, _) in best.items()}
+
+
+# -- saving a repro ----------------------------------------------------------------------------
+
+
+def save_repro(case, outcome: Outcome, mode: Mode, folder: Path = CACHE) -> Path:
+    """NAME.onnx and NAME.py (a pytest case to paste) in `folder`; returns the .onnx path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = case.model.SerializeToString()
+    name = f"{mode.label()}-{outcome.kind}-{hashlib.sha256(data).hexdigest()[:10]}"
+    path = folder / f"{name}.onnx"
+    path.write_bytes(data)
+    (folder / f"{name}.py").write_text(pytest_case(case, outcome, mode, name))
+    return path
+
+
+def pytest_case(case, outcome: Outcome, mode: Mode, name: str) -> str:
+    """A test function that rebuilds the model (onnx's text syntax where it round-trips, else the
+    serialized bytes) and asserts the oracle calls it ok."""
+    text = None
+    try:
+        import onnx.parser
+        import onnx.printer
+
+        printed = onnx.printer.to_text(case.model)
+        if onnx.parser.parse_model(printed).SerializeToString() == case.model.SerializeToString():
+            text = printed
+    except Exception:  # the printer or parser does not cover this model: embed its bytes instead
+        text = None
+    if text is not None:
+        build = f"    model = onnx.parser.parse_model('''\n{text}\n''')\n"
+    else:  # the bytes, with the text (floats rounded) to read
+        encoded = base64.b64encode(case.model.SerializeToString()).decode()
+        try:
+            readable = "".join(f"    # {line}\n" for line in onnx.printer.to_text(case.model.graph).splitlines())
+        except Exception:  # the printer does not cover this model; the bytes are enough
+            readable = ""
+        build = f"{readable}    model = onnx.load_from_string(base64.b64decode('{encoded}'))\n"
+    mode_text = f"fuzz.Mode(quantize={mode.quantize!r}, prune={mode.prune!r})"
+    function = name.replace("-", "_").replace(".", "_")
+    return (
+        "# Found by tools/fuzz.py; paste into tests/ (fuzz = tools/fuzz.py loaded by path, as tests/test_fuzz.py does).\n"
+        "import base64\n\nimport onnx\nimport onnx.parser\n\n\n"
+        f"def test_{function}():\n"
+        f"    {outcome.line()!r}\n"
+        f"{build}"
+        f"    outcome = fuzz.run_case(model, {mode_text}, input_seed={case.input_seed})\n"
+        "    assert outcome.kind == 'ok', outcome.line()\n"
+    )
+
+
+# -- the command line --------------------------------------------------------------------------
+
+
+def _worker(job: int, args, kernels, features, queue) -> None:
+    """One job: hypothesis runs of `chunk` cases with fresh seeds until the time is up."""
+    mode = Mode(quantize=args.quantize, prune=args.prune)
+    deadline = time.monotonic() + args.minutes * 60
+    for run in range(10**9):
+        if time.monotonic() >= deadline:
+            break
+        seed = args.seed * 1_000_003 + job * 10_007 + run
+
+        def on_outcome(case, outcome):
+            queue.put(("outcome", outcome.kind, outcome.reference_decided, outcome.line() if outcome.kind != "ok" else "",
+                       outcome.fired))
+
+        found = search(seed, args.chunk, mode, features, kernels, on_outcome, deadline_at=deadline)
+        for kind, (case, outcome) in found.items():
+            path = save_repro(case, outcome, mode)
+            queue.put(("repro", kind, str(path), outcome.line()))
+    queue.put(("done", job))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--chunk", type=int, default=200, help="cases per hypothesis run (fresh seed each)")
+    parser.add_argument("--quantize", choices=["int8"])
+    parser.add_argument("--prune", type=float, metavar="RATIO")
+    parser.add_argument("--skip-feature", action="append", default=[], choices=fuzz_graphs.FEATURES,
+                        help="leave a generator feature out (repeatable)")
+    parser.add_argument("--skip-known", action="store_true",
+                        help="leave out the features that make known open bugs fire (fuzz_graphs.KNOWN_OPEN)")
+    args = parser.parse_args(argv)
+    if args.prune is not None and not 0 < args.prune < 1:
+        parser.error("--prune takes a ratio between 0 and 1")
+    features = set(fuzz_graphs.FEATURES) - set(args.skip_feature)
+    if args.skip_known:
+        features -= set(fuzz_graphs.KNOWN_OPEN)
+    kernels = supported_kernels()
+    mode = Mode(quantize=args.quantize, prune=args.prune)
+    print(f"fuzzing {mode.label()} for {args.minutes:g} min with {args.jobs} jobs, seed {args.seed}; "
+          f"features: {', '.join(sorted(features)) or 'none'}", flush=True)
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    workers = [context.Process(target=_worker, args=(job, args, kernels, frozenset(features), queue), daemon=True)
+               for job in range(args.jobs)]
+    started = time.monotonic()
+    for worker in workers:
+        worker.start()
+    counts = {kind: 0 for kind in CLASSES}
+    decided = 0
+    repros = []
+    details: dict[str, int] = {}
+    fired: dict[str, int] = {}
+    running = len(workers)
+    last_print = started
+    try:
+        while running:
+            try:
+                message = queue.get(timeout=5)
+            except Exception:  # queue.Empty: print progress below
+                message = None
+            if message is not None:
+                if message[0] == "outcome":
+                    counts[message[1]] += 1
+                    for name in message[4]:
+                        fired[name] = fired.get(name, 0) + 1
+                    decided += message[2]
+                    if message[1] != "ok":
+                        details[message[3]] = details.get(message[3], 0) + 1
+                elif message[0] == "repro":
+                    repros.append(message[1:])
+                    print(f"  {message[1]}: {message[3]}\n    saved {message[2]}", flush=True)
+                else:
+                    running -= 1
+            if time.monotonic() - last_print > 30:
+                last_print = time.monotonic()
+                print(_summary(counts, decided, last_print - started), flush=True)
+    except KeyboardInterrupt:
+        for worker in workers:
+            worker.terminate()
+        print("interrupted", flush=True)
+    for worker in workers:
+        worker.join(timeout=10)
+    elapsed = time.monotonic() - started
+    print(_summary(counts, decided, elapsed), flush=True)
+    for line, count in sorted(details.items(), key=lambda item: -item[1])[:20]:
+        print(f"  {count:5d}  {line}")
+    total = sum(counts.values()) or 1
+    print("passes that changed the graph (share of graphs): " + ", ".join(
+        f"{name} {count / total:.0%}" for name, count in sorted(fired.items(), key=lambda item: -item[1])))
+    failed = sum(counts[kind] for kind in FAILURES)
+    print(f"{len(repros)} shrunk repro(s) in {CACHE}" if repros else "no failures", flush=True)
+    return 1 if failed else 0
+
+
+def _summary(counts: dict, decided: int, elapsed: float) -> str:
+    total = sum(counts.values())
+    rate = total / elapsed if elapsed else 0.0
+    classes = ", ".join(f"{kind} {counts[kind]}" for kind in CLASSES if counts[kind] or kind in ("ok", "wrong"))
+    return (f"{total} graphs in {elapsed:.0f} s ({rate:.2f}/s, {rate * 3600:.0f}/h): {classes}"
+            f" (reference-decided {decided})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
