@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 ONNX_DOMAINS = ("", "ai.onnx")
 STANDARD_DOMAINS = frozenset({None, *ONNX_DOMAINS})
@@ -131,7 +132,9 @@ def only_producer(tensor: gs.Tensor, op: str | None = None) -> gs.Node | None:
 def constant_value(tensor: gs.Tensor) -> np.ndarray | None:
     """The value of `tensor` if it is an initializer or the output of a Constant node, else None."""
     if isinstance(tensor, gs.Constant):
-        return tensor.values
+        # Reading `values` replaces a constant's lazily read values with the array; a sparse
+        # initializer would then be written dense, so its dense value is computed each time.
+        return tensor._values.load() if isinstance(tensor._values, SparseValues) else tensor.values
     node = producer(tensor)
     if node is not None and node.op == "Constant" and is_standard(node):
         return constant_node_value(node)

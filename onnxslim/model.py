@@ -14,6 +14,7 @@ import os
 import stat
 import tempfile
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter, dtype_to_onnx, update_import_domains
 from onnx_graphsurgeon.importers.onnx_importer import OnnxImporter, get_numpy_type
 from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+from onnx_graphsurgeon.logger import G_LOGGER
 from onnx_graphsurgeon.util.misc import SynchronizedList
 from google.protobuf.message import DecodeError
 
@@ -462,8 +464,11 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
     stay: onnxruntime refuses a model whose declared and computed types differ.
     """
     defaults = overridable_defaults(model)
-    if any(_sparse_constants(model.graph)) or (defaults and model.functions):
+    binary = _binary_strings(model)
+    if any(_sparse_constants(model.graph)) or (defaults and model.functions) or binary:
         model = copy.deepcopy(model)
+        if binary:
+            _encode_binary_strings(model)
         for node in _sparse_constants(model.graph):
             attribute = next(attribute for attribute in node.attribute if attribute.name == "sparse_value")
             dense = onnx.numpy_helper.from_array(_dense(attribute.sparse_tensor), node.output[0])
@@ -473,7 +478,13 @@ def to_graph(model: onnx.ModelProto) -> gs.Graph:
             kept = [tensor for tensor in model.graph.initializer if tensor.name not in defaults]
             del model.graph.initializer[:]
             model.graph.initializer.extend(kept)
-    graph = gs.import_onnx(model) if model.functions else _import(model, set(defaults))
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR  # its warnings about skipped attributes
+    try:
+        graph = gs.import_onnx(model) if model.functions else _import(model, set(defaults))
+    finally:
+        G_LOGGER.severity = severity
+    _restore_skipped_attributes(graph, model, binary)  # which this restores
+    _settle_constants(graph)
     graph.__dict__[INPUT_DEFAULTS] = defaults
     graph.__dict__[DECLARED_TYPES] = _declared_types(model.graph)
     _keep_input_shapes_only(graph, model.graph)
@@ -602,14 +613,37 @@ def _import(model: onnx.ModelProto, overridable: set[str] = frozenset()) -> gs.G
 
 
 _NOT_PLAIN = object()
+# Attribute types onnx-graphsurgeon's importer skips with a warning (Optional's `type`, and
+# whatever a custom op carries): the node would lose them silently. They are held as the protos
+# they are, which onnx.helper.make_attribute writes back as they were.
+_SKIPPED_ATTRIBUTES = {
+    onnx.AttributeProto.TYPE_PROTO: lambda attribute: _copied(attribute.tp),
+    onnx.AttributeProto.TYPE_PROTOS: lambda attribute: [_copied(kind) for kind in attribute.type_protos],
+    onnx.AttributeProto.SPARSE_TENSOR: lambda attribute: copy.deepcopy(attribute.sparse_tensor),
+    onnx.AttributeProto.SPARSE_TENSORS: lambda attribute: [copy.deepcopy(item) for item in attribute.sparse_tensors],
+    onnx.AttributeProto.TENSORS: lambda attribute: [copy.deepcopy(item) for item in attribute.tensors],
+    onnx.AttributeProto.GRAPHS: lambda attribute: [copy.deepcopy(item) for item in attribute.graphs],
+}
+
+
+def _text(value: bytes) -> str | bytes:
+    """A string attribute as onnx-graphsurgeon reads it; bytes that are not UTF-8 (a custom op's
+    binary blob) stay bytes, which are written back as they were."""
+    try:
+        return value.decode()
+    except UnicodeDecodeError:
+        return value
+
+
 _PLAIN_ATTRIBUTES = {
     onnx.AttributeProto.INT: lambda attribute: attribute.i,
     onnx.AttributeProto.FLOAT: lambda attribute: attribute.f,
-    onnx.AttributeProto.STRING: lambda attribute: attribute.s.decode(),
-    onnx.AttributeProto.INTS: lambda attribute: list(attribute.ints),
-    onnx.AttributeProto.FLOATS: lambda attribute: list(attribute.floats),
-    onnx.AttributeProto.STRINGS: lambda attribute: [item.decode() for item in attribute.strings],
+    onnx.AttributeProto.STRING: lambda attribute: _text(attribute.s),
+    onnx.AttributeProto.INTS: lambda attribute: list(attribute.ints) or EmptyList(attribute.type),
+    onnx.AttributeProto.FLOATS: lambda attribute: list(attribute.floats) or EmptyList(attribute.type),
+    onnx.AttributeProto.STRINGS: lambda attribute: [_text(item) for item in attribute.strings] or EmptyList(attribute.type),
     onnx.AttributeProto.TENSOR: lambda attribute: _import_constant(attribute.t),
+    **{kind: lambda attribute, read=read: read(attribute) for kind, read in _SKIPPED_ATTRIBUTES.items() if kind != onnx.AttributeProto.GRAPHS},
 }
 
 
@@ -681,8 +715,10 @@ def _extended_type(elem_type: int) -> np.dtype | None:
 
 
 def _import_constant(proto: onnx.TensorProto) -> gs.Constant:
-    """OnnxImporter.import_tensor for a TensorProto, for element types numpy has."""
-    dtype = _numpy_type(proto.data_type)
+    """OnnxImporter.import_tensor for a TensorProto, for element types numpy or ml_dtypes has
+    (bfloat16, float8, int4...: onnx-graphsurgeon would keep the ONNX enum as the dtype, which
+    no pass can hand to numpy)."""
+    dtype = _numpy_type(proto.data_type) or _extended_type(proto.data_type)
     if dtype is None:
         return OnnxImporter.import_tensor(proto)
     values = object.__new__(LazyValues)
@@ -740,6 +776,133 @@ def _new_node(op: str, name: str, attrs: dict, inputs: list, outputs: list, doma
     return node
 
 
+def _restore_skipped_attributes(graph: gs.Graph, model: onnx.ModelProto, binary: bool = False) -> None:
+    """Give back the attributes onnx-graphsurgeon skipped (see _SKIPPED_ATTRIBUTES), and with
+    `binary` the bytes of strings that are not UTF-8 (see _encode_binary_strings), in the main
+    graph, its bodies and the model's functions: import makes one node per NodeProto, in order."""
+    pairs = [(graph.nodes, model.graph.node)]
+    pairs += [(function.nodes, proto.node) for function, proto in zip(graph.functions, model.functions)]
+    while pairs:
+        nodes, protos = pairs.pop()
+        if len(nodes) != len(protos):
+            continue
+        for node, proto in zip(nodes, protos):
+            for attribute in proto.attribute:
+                held = node.attrs.get(attribute.name)
+                if binary and isinstance(held, (str, list)):
+                    node.attrs[attribute.name] = _decoded(held)
+                if attribute.type == onnx.AttributeProto.GRAPH and isinstance(held, gs.Graph):
+                    pairs.append((held.nodes, attribute.g.node))
+                elif attribute.ref_attr_name:
+                    continue
+                elif attribute.type in _SKIPPED_ATTRIBUTES and held is None:
+                    node.attrs[attribute.name] = _SKIPPED_ATTRIBUTES[attribute.type](attribute)
+                elif type(held) is list and not held:
+                    node.attrs[attribute.name] = EmptyList(attribute.type)
+
+
+def _model_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    for body in proto_graphs(model.graph):
+        yield from body.node
+    for function in model.functions:
+        yield from function.node
+
+
+def _binary_strings(model: onnx.ModelProto) -> bool:
+    """Whether a string attribute somewhere is not UTF-8 (onnx-graphsurgeon's importer would raise)."""
+    for node in _model_nodes(model):
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.STRING and isinstance(_text(attribute.s), bytes):
+                return True
+            if attribute.type == onnx.AttributeProto.STRINGS and any(isinstance(_text(item), bytes) for item in attribute.strings):
+                return True
+    return False
+
+
+# onnx-graphsurgeon decodes every string attribute as UTF-8: one that is not (a custom op's
+# binary blob) is given to it as this prefix and its bytes in hex, and read back as the bytes.
+_BINARY = "\x00onnxslim-binary:"
+
+
+def _encode_binary_strings(model: onnx.ModelProto) -> None:
+    """Write the string attributes that are not UTF-8 as _BINARY text, in place."""
+    def encoded(item: bytes) -> bytes:
+        return item if isinstance(_text(item), str) else (_BINARY + item.hex()).encode()
+
+    for node in _model_nodes(model):
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.STRING:
+                attribute.s = encoded(attribute.s)
+            elif attribute.type == onnx.AttributeProto.STRINGS:
+                items = [encoded(item) for item in attribute.strings]
+                del attribute.strings[:]
+                attribute.strings.extend(items)
+
+
+def _decoded(value):
+    """An attribute value as it was before _encode_binary_strings."""
+    if isinstance(value, str) and value.startswith(_BINARY):
+        return bytes.fromhex(value[len(_BINARY):])
+    if isinstance(value, list) and any(isinstance(item, str) and item.startswith(_BINARY) for item in value):
+        return [_decoded(item) for item in value]
+    return value
+
+
+class _SparseValues(SparseValues):
+    """A sparse initializer's values. onnx-graphsurgeon's reader ignores raw_data and makes every
+    value float64, so a pass folding a sparse weight folded zeros of the wrong type."""
+
+    def load(self):
+        return _dense(self.tensor)
+
+
+def _every_constant(graph: gs.Graph) -> Iterator[gs.Constant]:
+    """Every constant of the graph and its bodies: initializers and node attribute values."""
+    for body in walk(graph):
+        for tensor in tensor_map(body).values():
+            if isinstance(tensor, gs.Constant):
+                yield tensor
+        for node in body.nodes:
+            for value in node.attrs.values():
+                if isinstance(value, gs.Constant):
+                    yield value
+
+
+def _settle_constants(graph: gs.Graph) -> None:
+    """Constants and tensors onnx-graphsurgeon's own importer made (bodies, functions, sparse
+    initializers) made like _import's: a sparse initializer reads its values right, and a type
+    numpy lacks but ml_dtypes has (bfloat16, float8, int4) is that type, not the ONNX enum."""
+    for constant in _every_constant(graph):
+        values = constant._values
+        if type(values) is SparseValues:
+            settled = object.__new__(_SparseValues)
+            settled.__dict__.update(values.__dict__)
+            constant._values = values = settled
+        if isinstance(values, LazyValues) and isinstance(values.dtype, (int, np.integer)):
+            values.dtype = _extended_type(int(values.dtype)) or values.dtype
+    for body in walk(graph):
+        for tensor in tensor_map(body).values():
+            if isinstance(tensor, gs.Variable) and tensor.type == "tensor_type" and isinstance(tensor.dtype, (int, np.integer)):
+                tensor.dtype = _extended_type(int(tensor.dtype)) or tensor.dtype
+
+
+def exportable_constants(graph: gs.Graph) -> None:
+    """Hold every constant onnx-graphsurgeon cannot write from a numpy array as a TensorProto,
+    in place: strings (it writes raw data, which a string tensor cannot have) and ml_dtypes'
+    types (int4, float4 and int2 pack several values per byte). A pass may fold such a value."""
+    for constant in _every_constant(graph):
+        values = constant._values
+        if isinstance(values, np.ndarray) and (values.dtype.kind in "OUS" or _is_extended(values.dtype)):
+            proto = onnx.numpy_helper.from_array(values.astype(object) if values.dtype.kind in "US" else values, constant.name)
+            held = LazyValues(proto)
+            held.dtype = values.dtype if values.dtype.kind not in "US" else np.dtype(object)
+            constant._values = held
+
+
+def _is_extended(dtype: np.dtype) -> bool:
+    return type(dtype.type).__module__.startswith("ml_dtypes") or dtype.type.__module__.startswith("ml_dtypes")
+
+
 def _sparse_constants(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     found = []
     for body in proto_graphs(graph):
@@ -764,6 +927,7 @@ def _dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     """Export `graph` as a ModelProto that keeps everything of `template` the graph does not hold."""
     known_value_info = _value_info_names(template.graph)
+    exportable_constants(graph)
     model = _export(graph, known_value_info)
     bodies = proto_bodies(model.graph)
     for body in bodies:
@@ -790,44 +954,27 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _export(graph: gs.Graph, known_value_info: set[str]) -> onnx.ModelProto:
-    """onnx-graphsurgeon's export_onnx, writing the main graph straight into the ModelProto,
-    without the nodes passes disconnected (see drop_disconnected_nodes) and with value_info only
-    for the names in `known_value_info` (see _keep_known_value_info).
+    """onnx-graphsurgeon's export_onnx, writing the graph straight into the ModelProto (see
+    ProtoWriter.graph), with value_info only for the names in `known_value_info` (see
+    _keep_known_value_info).
 
     export_onnx builds a GraphProto and make_model copies it: two copies of every weight
-    (0.2 s on a 350 MB model). Bodies are exported by onnx-graphsurgeon as usual.
+    (0.2 s on a 350 MB model).
     """
     model = onnx.ModelProto()
-    target = model.graph
-    target.name = graph.name or "graph"
-    if graph.doc_string:
-        target.doc_string = graph.doc_string
-    writer = ProtoWriter(graph.__dict__.get(DECLARED_TYPES))
-    for node in graph.nodes:
-        if any(tensor.name for tensor in node.outputs):
-            writer.node(target.node.add(), node)
-    for tensor in graph.inputs:
-        writer.value_info(target.input.add(), tensor)
-    for tensor in graph.outputs:
-        writer.value_info(target.output.add(), tensor)
-    tensors = tensor_map(graph)
-    constants = [tensor for tensor in tensors.values() if isinstance(tensor, gs.Constant)]
-    target.initializer.extend(_tensor_proto(tensor) for tensor in constants if not isinstance(tensor._values, SparseValues))
-    target.sparse_initializer.extend(
-        OnnxExporter.export_sparse_tensor_proto(tensor) for tensor in constants if isinstance(tensor._values, SparseValues)
-    )
-    interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
-    for name, tensor in tensors.items():
-        if (
-            name in known_value_info
-            and name not in interface
-            and isinstance(tensor, gs.Variable)
-            and (tensor.dtype is not None or tensor.shape is not None)
-        ):
-            writer.value_info(target.value_info.add(), tensor)
+    ProtoWriter(graph.__dict__.get(DECLARED_TYPES), known_value_info).graph(model.graph, graph)
     model.functions.extend(OnnxExporter.export_function(function) for function in graph.functions)
     model.opset_import.extend(update_import_domains(graph))
     return model
+
+
+class EmptyList(list):
+    """An empty list attribute, which remembers its type (INTS, FLOATS, STRINGS...): onnx cannot
+    write an empty list without being told, and a node of a custom domain may carry one."""
+
+    def __init__(self, attr_type: int):
+        super().__init__()
+        self.attr_type = attr_type
 
 
 _LIST_ATTRIBUTES = {int: ("INTS", "ints"), float: ("FLOATS", "floats")}
@@ -846,9 +993,42 @@ class ProtoWriter:
     few dozen shapes), several times faster than writing it field by field.
     """
 
-    def __init__(self, declared: dict[str, onnx.TypeProto] | None = None):
+    def __init__(self, declared: dict[str, onnx.TypeProto] | None = None, known_value_info: set[str] | None = None):
         self._types: dict[tuple, bytes] = {}
         self._declared = declared or {}  # a graph's DECLARED_TYPES: non-tensor types are written as declared
+        self._known = known_value_info  # the tensors that get a value_info (None: every typed one)
+
+    def graph(self, target: onnx.GraphProto, graph: gs.Graph) -> onnx.GraphProto:
+        """Write `graph` (the main graph or a body) into the empty `target` as onnx-graphsurgeon's
+        export_graph would, without the nodes passes disconnected (see drop_disconnected_nodes).
+        Bodies are written by this writer too, so what it writes that onnx-graphsurgeon cannot
+        (empty list attributes, constants it cannot hold) may sit at any depth."""
+        target.name = graph.name or "graph"
+        if graph.doc_string:
+            target.doc_string = graph.doc_string
+        for node in graph.nodes:
+            if any(tensor.name for tensor in node.outputs):
+                self.node(target.node.add(), node)
+        for tensor in graph.inputs:
+            self.value_info(target.input.add(), tensor)
+        for tensor in graph.outputs:
+            self.value_info(target.output.add(), tensor)
+        tensors = tensor_map(graph)
+        constants = [tensor for tensor in tensors.values() if isinstance(tensor, gs.Constant)]
+        target.initializer.extend(_tensor_proto(tensor) for tensor in constants if not isinstance(tensor._values, SparseValues))
+        target.sparse_initializer.extend(
+            OnnxExporter.export_sparse_tensor_proto(tensor) for tensor in constants if isinstance(tensor._values, SparseValues)
+        )
+        interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
+        for name, tensor in tensors.items():
+            if (
+                (self._known is None or name in self._known)
+                and name not in interface
+                and isinstance(tensor, gs.Variable)
+                and (tensor.dtype is not None or tensor.shape is not None)
+            ):
+                self.value_info(target.value_info.add(), tensor)
+        return target
 
     def node(self, proto: onnx.NodeProto, node: gs.Node) -> onnx.NodeProto:
         proto.op_type = node.op
@@ -859,7 +1039,13 @@ class ProtoWriter:
         proto.input.extend([tensor.name for tensor in node.inputs])
         proto.output.extend([tensor.name for tensor in node.outputs])
         for key, value in node.attrs.items():
-            if not _add_plain_attribute(proto, key, value):
+            if isinstance(value, gs.Graph):
+                self.graph(proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPH).g, value)
+            elif isinstance(value, list) and value and all(isinstance(item, gs.Graph) for item in value):
+                attribute = proto.attribute.add(name=key, type=onnx.AttributeProto.GRAPHS)
+                for body in value:
+                    self.graph(attribute.graphs.add(), body)
+            elif not _add_plain_attribute(proto, key, value):
                 proto.attribute.extend(OnnxExporter.export_attributes({key: value}))
         return proto
 
@@ -920,7 +1106,9 @@ def _add_plain_attribute(proto: onnx.NodeProto, key: str, value) -> bool:
         getattr(attribute, field).extend(value)
     elif kind is gs.Constant:  # a Constant's or ConstantOfShape's value
         attribute = proto.attribute.add(name=key, type=onnx.AttributeProto.TENSOR)
-        attribute.t.CopyFrom(OnnxExporter.export_tensor_proto(value))
+        attribute.t.CopyFrom(_tensor_proto(value))
+    elif kind is EmptyList:
+        proto.attribute.add(name=key, type=value.attr_type)
     else:
         return False
     return True

@@ -8,10 +8,11 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
+from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from .errors import InputSpecError
 from .graph import tensor_map, walk
-from .model import DECLARED_TYPES, ProtoWriter
+from .model import DECLARED_TYPES, ProtoWriter, exportable_constants
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -36,6 +37,7 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
     their dims matter to inference, and data propagation reads only small, shape-like tensors).
     Disconnected nodes are left out (inference rejects a node without outputs); node order is
     kept, since the caller pairs inferred bodies with the graph's by position."""
+    exportable_constants(graph)
     writer = ProtoWriter(graph.__dict__.get(DECLARED_TYPES))
     skeleton = onnx.GraphProto(name=graph.name or "graph")
     for node in graph.nodes:
@@ -48,7 +50,8 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
     interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
     for tensor in tensor_map(graph).values():
         if isinstance(tensor, gs.Constant):
-            if math.prod(tensor.shape) > DATA_PROPAGATION_ELEMENTS:
+            # A sparse initializer is typed, not written: the skeleton's initializers are dense.
+            if math.prod(tensor.shape) > DATA_PROPAGATION_ELEMENTS or isinstance(tensor._values, SparseValues):
                 writer.value_info(skeleton.input.add(), tensor)
             else:
                 skeleton.initializer.append(OnnxExporter.export_tensor_proto(tensor))

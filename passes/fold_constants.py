@@ -152,7 +152,23 @@ def _run(nodes: list[gs.Node], opset: int, root: gs.Graph, known: dict[int, np.n
     options.log_severity_level = 4
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     results = session.run(None, {})
-    return {id(tensor): value for tensor, value in zip(outputs, results)}
+    return {id(tensor): _as_computed(value, output.type) for tensor, value, output in zip(outputs, results, session.get_outputs())}
+
+
+def _as_computed(value: np.ndarray, kind: str) -> np.ndarray:
+    """The value as the type onnxruntime computed: its numpy bridge hands float8e4m3fn back as
+    the uint8 bits, which stored as they are would be a uint8 weight (a DequantizeLinear reads
+    either, and computes something else). A value of another type that cannot be viewed so
+    raises, and its node is not folded."""
+    elem_type = getattr(onnx.TensorProto, kind.removeprefix("tensor(").removesuffix(")").upper(), None)
+    if elem_type is None:
+        return value
+    expected = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+    if value.dtype == expected or (expected == np.dtype(object) and value.dtype.kind in "OUS"):
+        return value
+    if value.dtype.itemsize != expected.itemsize:
+        raise TypeError(f"onnxruntime returned {value.dtype} for a {kind}")
+    return value.view(expected)
 
 
 class _Materialization:

@@ -1067,3 +1067,143 @@ def test_chain_whose_last_result_folds_to_a_model_output(op, attrs):
     assert [node.op_type for node in optimized.graph.node] == ["Constant"]
     assert_equivalent(model, optimized)
 
+
+
+# ----------------------------------------------------------------------------- red team: types and attributes onnx-graphsurgeon cannot hold
+
+
+def _outputs_agree(original, destination, feeds):
+    """The written model computes what the original computes on every feed (onnxruntime, no optimizations)."""
+    optimized = _onnx.load(destination)
+    for feed in feeds:
+        for expected, actual in zip(_session(original).run(None, feed), _session(optimized).run(None, feed)):
+            assert expected.dtype == actual.dtype and expected.shape == actual.shape
+            assert _np.array_equal(expected, actual), (expected, actual)
+    return optimized
+
+
+def test_a_string_constant_output_is_written(tmp_path):
+    """An output that a Constant node holds as strings: onnx-graphsurgeon writes constants as raw data, which a
+    string tensor cannot have (an internal error in infer-shapes)."""
+    model = _model(
+        [_helper.make_node("Relu", ["x"], ["y"]),
+         _helper.make_node("Constant", [], ["labels"], value=_helper.make_tensor("v", _T.STRING, [2], [b"cat", b"dog"])),
+         _helper.make_node("Identity", ["labels"], ["copy"])],
+        [_helper.make_tensor_value_info("x", _T.FLOAT, ["N", 4])],
+        [_helper.make_tensor_value_info("y", _T.FLOAT, ["N", 4]), _helper.make_tensor_value_info("labels", _T.STRING, [2]),
+         _helper.make_tensor_value_info("copy", _T.STRING, [2])],
+    )
+    result, destination = _optimize_cli(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    optimized = _outputs_agree(model, destination, [{"x": _np.ones([3, 4], _np.float32)}])
+    assert [output.name for output in optimized.graph.output] == ["y", "labels", "copy"]
+
+
+def test_optional_keeps_its_type_attribute(tmp_path):
+    """Optional's `type` is a TYPE_PROTO attribute, which onnx-graphsurgeon's importer skips: the empty
+    Optional came out without it, an invalid model (verification failed on a correct rewrite)."""
+    model = _model(
+        [_helper.make_node("Optional", [], ["none"], type=_helper.make_tensor_type_proto(_T.FLOAT, [4])),
+         _helper.make_node("OptionalHasElement", ["none"], ["has"]), _helper.make_node("Relu", ["x"], ["y"])],
+        [_helper.make_tensor_value_info("x", _T.FLOAT, [4])],
+        [_helper.make_tensor_value_info("y", _T.FLOAT, [4]), _helper.make_tensor_value_info("has", _T.BOOL, [])],
+        opset=18,
+    )
+    result, destination = _optimize_cli(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    optimized = _outputs_agree(model, destination, [{"x": _np.arange(4, dtype=_np.float32) - 2}])
+    assert any(node.op_type == "Optional" and node.attribute[0].name == "type" for node in optimized.graph.node)
+
+
+def _custom_node(output: str) -> _onnx.NodeProto:
+    """A custom op with every attribute kind onnx-graphsurgeon cannot read or write as it is."""
+    node = _helper.make_node("Bar", ["x"], [output], domain="foo")
+    node.attribute.extend([
+        _helper.make_attribute("no_ints", [], attr_type=_onnx.AttributeProto.INTS),
+        _helper.make_attribute("no_floats", [], attr_type=_onnx.AttributeProto.FLOATS),
+        _helper.make_attribute("no_strings", [], attr_type=_onnx.AttributeProto.STRINGS),
+        _helper.make_attribute("blob", b"\xff\xfe\x00binary"),
+        _helper.make_attribute("blobs", [b"ok", b"\xff"]),
+        _helper.make_attribute("tensors", [_numpy_helper.from_array(_np.ones(2, _np.float32), "t")]),
+        _helper.make_attribute("sparse", _helper.make_sparse_tensor(
+            _numpy_helper.from_array(_np.ones(1, _np.float32), "v"), _numpy_helper.from_array(_np.array([1], _np.int64), "i"), [3])),
+        _helper.make_attribute("kind", _helper.make_tensor_type_proto(_T.FLOAT, [2])),
+        _helper.make_attribute("kinds", [_helper.make_tensor_type_proto(_T.INT64, None)]),
+        _helper.make_attribute("graphs", [_helper.make_graph(
+            [_helper.make_node("Relu", ["a"], ["b"])], "inner", [_helper.make_tensor_value_info("a", _T.FLOAT, [2])],
+            [_helper.make_tensor_value_info("b", _T.FLOAT, [2])])]),
+    ])
+    return node
+
+
+def test_custom_op_attributes_survive_in_the_main_graph_and_in_bodies(tmp_path):
+    """Empty lists, binary strings, tensor lists, sparse tensors, types and graph lists: onnx-graphsurgeon
+    skipped some (the node silently lost them), could not write others (an internal error), and decoded
+    every string as UTF-8 (an internal error)."""
+    value = lambda name: _helper.make_tensor_value_info(name, _T.FLOAT, [4])  # noqa: E731
+    then_branch = _helper.make_graph([_custom_node("inside")], "then", [], [value("inside")])
+    else_branch = _helper.make_graph([_helper.make_node("Neg", ["x"], ["negated"])], "else", [], [value("negated")])
+    model = _model(
+        [_helper.make_node("If", ["c"], ["y"], then_branch=then_branch, else_branch=else_branch), _custom_node("z")],
+        [_helper.make_tensor_value_info("c", _T.BOOL, []), value("x")], [value("y"), value("z")],
+        domains=[_helper.make_opsetid("foo", 1)],
+    )
+    result, destination = _optimize_cli(tmp_path, model, "--no-verify")  # onnxruntime has no foo::Bar
+    assert result.exit_code == 0, result.output
+    optimized = _onnx.load(destination)
+    for before, after in ((model.graph.node[1], optimized.graph.node[1]),
+                          (model.graph.node[0].attribute[0].g.node[0], optimized.graph.node[0].attribute[0].g.node[0])):
+        assert sorted(before.attribute, key=lambda a: a.name) == sorted(after.attribute, key=lambda a: a.name)
+
+
+@_pytest.mark.parametrize("folded", [False, True])
+@_pytest.mark.parametrize("indices", [[1, 3], [[0, 1], [0, 3]]], ids=["linear", "coordinates"])
+def test_a_sparse_initializer_is_kept_sparse_and_read_right(tmp_path, folded, indices):
+    """graph.sparse_initializer: an internal error in infer-shapes; and onnx-graphsurgeon's reader ignores
+    raw_data and makes every value float64, so a pass folding it would fold the wrong values."""
+    values = _numpy_helper.from_array(_np.array([5.0, -7.0], _np.float32), "w")  # raw_data, as exporters write it
+    indices = _numpy_helper.from_array(_np.array(indices, _np.int64), "w_indices")
+    sparse = _helper.make_sparse_tensor(values, indices, [4] if indices.dims[0] == 2 and len(indices.dims) == 1 else [1, 4])
+    nodes = [_helper.make_node("Neg", ["w"], ["negated"]), _helper.make_node("Add", ["x", "negated"], ["y"])] if folded else \
+        [_helper.make_node("Add", ["x", "w"], ["y"])]
+    x, y = (_helper.make_tensor_value_info(name, _T.FLOAT, ["N", 4]) for name in ("x", "y"))
+    model = _helper.make_model(_helper.make_graph(nodes, "g", [x], [y], sparse_initializer=[sparse]),
+                               opset_imports=[_helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result, destination = _optimize_cli(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    optimized = _outputs_agree(model, destination, [{"x": _np.arange(12, dtype=_np.float32).reshape(3, 4)}])
+    if not folded:  # read by eliminate-noops (is it Add of zero?), still written sparse
+        assert [tensor.values.name for tensor in optimized.graph.sparse_initializer] == ["w"]
+
+
+_NARROW_TYPES = [_T.BFLOAT16, _T.FLOAT8E4M3FN, _T.FLOAT8E5M2, _T.INT4, _T.UINT4, _T.INT2]
+
+
+@_pytest.mark.parametrize("elem_type", _NARROW_TYPES, ids=[_T.DataType.Name(kind) for kind in _NARROW_TYPES])
+def test_initializers_of_types_numpy_lacks_are_read_and_folded(tmp_path, elem_type):
+    """bfloat16, float8, int4, int2 weights: onnx-graphsurgeon typed them with the ONNX enum (an internal
+    error in every pass that asked numpy about it) and wrote folded sub-byte values unpacked (invalid)."""
+    weight = _helper.make_tensor("w", elem_type, [4], [1, 1, -1, 0] if elem_type != _T.UINT4 else [1, 2, 3, 0])
+    opset, ir_version = (25, 12) if elem_type == _T.INT2 else (21, 10)
+    model = _model([_helper.make_node("Cast", ["w"], ["wide"], to=_T.FLOAT), _helper.make_node("Add", ["x", "wide"], ["y"])],
+                   [_helper.make_tensor_value_info("x", _T.FLOAT, ["N", 4])], [_helper.make_tensor_value_info("y", _T.FLOAT, ["N", 4])],
+                   [weight], opset=opset, ir_version=ir_version)
+    result, destination = _optimize_cli(tmp_path, model)
+    assert result.exit_code == 0, result.output
+    _outputs_agree(model, destination, [{"x": _np.ones([2, 4], _np.float32)}])
+    _onnxslim.model.check_structure(_onnx.load(destination), full=True)
+
+
+@_pytest.mark.parametrize("verify", [True, False])
+def test_a_folded_float8_value_keeps_its_type(tmp_path, verify):
+    """onnxruntime hands float8e4m3fn results back as their uint8 bits: folding Cast(w, float8) stored a uint8
+    weight, which DequantizeLinear also reads, silently wrong under --no-verify (a false failure with it)."""
+    model = _model([_helper.make_node("Cast", ["w"], ["narrow"], to=_T.FLOAT8E4M3FN),
+                    _helper.make_node("DequantizeLinear", ["narrow", "s"], ["y"])],
+                   [_helper.make_tensor_value_info("s", _T.FLOAT, [])], [_helper.make_tensor_value_info("y", _T.FLOAT, [4])],
+                   [_numpy_helper.from_array(_np.array([1.0, 2.0, -0.5, 0.25], _np.float32), "w")], opset=21, ir_version=10)
+    result, destination = _optimize_cli(tmp_path, model, *([] if verify else ["--no-verify"]))
+    assert result.exit_code == 0, result.output
+    optimized = _outputs_agree(model, destination, [{"s": _np.array(2.0, _np.float32)}])
+    assert [tensor.data_type for tensor in optimized.graph.initializer] == [_T.FLOAT8E4M3FN]
