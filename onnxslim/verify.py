@@ -330,11 +330,26 @@ def other_size(size: int) -> int:
     return 2 if size == 1 else size + size // 2
 
 
-def with_other_sizes(shapes: dict[str, list[int]], dims: list[DynamicDim]) -> dict[str, list[int]]:
+def fallback_size(size: int) -> int | None:
+    """Where the original does not run at other_size: a size on the other side of `size` that
+    keeps the same power-of-two factor (a model that needs at least 3 rows runs at 4, one that
+    needs an even size at 2 more): 3 -> 4, 640 -> 768, 256 -> 128, 2 -> 1, 1 -> 3; None for 0."""
+    size = int(size)
+    if size <= 0:
+        return None
+    low = size & -size
+    if low != size:
+        return size + low
+    return 3 if size == 1 else size // 2
+
+
+def with_other_sizes(shapes: dict[str, list[int]], dims: list[DynamicDim], fallback: frozenset[str] = frozenset()) -> dict[str, list[int]]:
+    """`shapes` with each of `dims` at its other_size, or at its fallback_size where `fallback` names its label."""
     changed = {name: list(shape) for name, shape in shapes.items()}
     for dim in dims:
         for name, axis in dim.members:
-            changed[name][axis] = other_size(shapes[name][axis])
+            size = shapes[name][axis]
+            changed[name][axis] = (fallback_size(size) if dim.label in fallback else None) or other_size(size)
     return changed
 
 
@@ -589,7 +604,19 @@ class Verifier:
             resolved, self.notes = input_shapes(reference, shapes)
             dims = dynamic_dims(reference, resolved, frozenset(static_inputs))
             firsts = synthesize_inputs(reference, resolved, (samples + 1) // 2 if dims else samples, seed)
-            first_outputs = [runner.run(feed) for feed in firsts]
+            try:
+                first_outputs = [runner.run(feed) for feed in firsts]
+            except VerificationUnavailable as error:
+                defaulted = [name for name in resolved if name not in (shapes or {})
+                             and any(dim.members[0][0] == name for dim in dims)]
+                if not defaulted:
+                    raise
+                # The sizes were our guess, not the model's fault: say which, and how to give others.
+                raise VerificationUnavailable(
+                    f"{error} (its dynamic dims ran at default sizes ({describe_sizes(resolved, dims)}); if it needs "
+                    f"others, give them with --verify-shape, e.g. --verify-shape {defaulted[0]}:"
+                    f"{','.join(map(str, resolved[defaulted[0]]))})"
+                ) from error
             seconds, second_outputs = self._other_sizes(runner, resolved, dims, max(samples // 2, 1), seed) if dims else ([], [])
             self.feeds, self.reference_outputs = _interleave(firsts, seconds), _interleave(first_outputs, second_outputs)
             self.input_source = f"random (seed {seed})"
@@ -599,32 +626,47 @@ class Verifier:
 
     def _other_sizes(self, runner: Runner, shapes: dict[str, list[int]], dims: list[DynamicDim], count: int, seed: int):
         """Samples with the dynamic dims at a second size (so a rewrite that baked one in is
-        caught), and the original's outputs on them. Every dim is changed at once; where the
-        original does not run that way, each dim is tried alone and kept if the original runs with
-        it and those kept before. A dim left at one size is named in the notes, never skipped silently."""
-        attempts = [dims] + ([[dim] for dim in dims] if len(dims) > 1 else [])
+        caught), and the original's outputs on them. Every dim is changed at once, to its
+        other_size, then to its fallback_size (a model that needs at least so many rows, or an
+        even count); where the original runs neither way, each dim is tried alone, both ways, and
+        kept if the original runs with it and those kept before. A dim left at one size is named
+        in the notes, never skipped silently."""
+        everything = frozenset(dim.label for dim in dims)
+        attempts = [(dims, frozenset()), (dims, everything)]
+        if len(dims) > 1:
+            attempts += [([dim], fallback) for dim in dims for fallback in (frozenset(), frozenset([dim.label]))]
         varied: list[DynamicDim] = []
+        fallbacks: frozenset[str] = frozenset()
         found, problem = None, ""
-        for attempt in attempts:
-            trial = attempt if attempt is dims else varied + attempt
+        for attempt, fallback in attempts:
+            alone = attempt is not dims
+            if alone and any(dim is attempt[0] for dim in varied):
+                continue  # this dim already runs at its other size
+            if fallback and not any(fallback_size(shapes[name][axis]) for dim in attempt for name, axis in dim.members):
+                continue
+            trial, trial_fallbacks = (varied + attempt, fallbacks | fallback) if alone else (attempt, fallback)
             try:
-                feeds = synthesize_inputs(self.reference, with_other_sizes(shapes, trial), count, seed + 1)
+                feeds = synthesize_inputs(self.reference, with_other_sizes(shapes, trial, trial_fallbacks), count, seed + 1)
                 outputs = [runner.run(feed) for feed in feeds]
             except (VerificationUnavailable, InputSpecError) as error:
                 problem = problem or _first_line(error)
                 continue
-            varied, found = trial, (feeds, outputs)
-            if attempt is dims:
+            varied, fallbacks, found = trial, trial_fallbacks, (feeds, outputs)
+            if not alone:
                 break
         unchecked = [dim for dim in dims if all(dim is not kept for kept in varied)]
         if unchecked:
+            tried = describe_sizes(with_other_sizes(shapes, unchecked), unchecked)
+            if any(fallback_size(shapes[name][axis]) for dim in unchecked for name, axis in dim.members):
+                tried += " or " + describe_sizes(with_other_sizes(shapes, unchecked, everything), unchecked)
             self.notes.append(
                 f"dynamic dims checked at one size only: {describe_sizes(shapes, unchecked)} (the original model "
-                f"does not run at {describe_sizes(with_other_sizes(shapes, unchecked), unchecked)}: {problem})"
+                f"does not run at {tried}: {problem})"
             )
         if found is None:
             return [], []
-        self.notes.append(f"dynamic dims also checked at a second size: {describe_sizes(with_other_sizes(shapes, varied), varied)}")
+        self.notes.append("dynamic dims also checked at a second size: "
+                          f"{describe_sizes(with_other_sizes(shapes, varied, fallbacks), varied)}")
         return found
 
     def check(self, candidate: onnx.ModelProto, *, label: str = "optimized model") -> VerificationReport:

@@ -1068,7 +1068,6 @@ def test_chain_whose_last_result_folds_to_a_model_output(op, attrs):
     assert_equivalent(model, optimized)
 
 
-
 # ----------------------------------------------------------------------------- red team: types and attributes onnx-graphsurgeon cannot hold
 
 
@@ -1207,3 +1206,44 @@ def test_a_folded_float8_value_keeps_its_type(tmp_path, verify):
     assert result.exit_code == 0, result.output
     optimized = _outputs_agree(model, destination, [{"s": _np.array(2.0, _np.float32)}])
     assert [tensor.data_type for tensor in optimized.graph.initializer] == [_T.FLOAT8E4M3FN]
+
+
+# ----------------------------------------------------------------------------- red team: dynamic dims at two sizes
+
+
+def _third_row_model():
+    """y = x[2]: runs only where N >= 3."""
+    return _model([_helper.make_node("Gather", ["x", "index"], ["y"])],
+                  [_helper.make_tensor_value_info("x", _T.FLOAT, ["N", 4])], [_helper.make_tensor_value_info("y", _T.FLOAT, [4])],
+                  [_numpy_helper.from_array(_np.array(2, _np.int64), "index")])
+
+
+def test_a_model_that_needs_a_larger_size_is_checked_at_one():
+    """N=3 given: the second size 2 does not run, 4 does; a candidate that baked N=3 in fails there."""
+    model = _third_row_model()
+    report = _onnxslim.verify(model, model, verify_shapes={"x": [3, 4]})
+    assert report.passed and report.samples == 2
+    assert any("second size: 'N' 4" in note for note in report.notes), report.notes
+    baked = _model([_helper.make_node("Reshape", ["x", "shape"], ["fixed"]), _helper.make_node("Gather", ["fixed", "index"], ["y"])],
+                   list(model.graph.input), list(model.graph.output),
+                   [_numpy_helper.from_array(_np.array(2, _np.int64), "index"), _numpy_helper.from_array(_np.array([3, 4], _np.int64), "shape")])
+    assert not _onnxslim.verify(model, baked, verify_shapes={"x": [3, 4]}).passed
+
+
+def test_dims_that_vary_only_together_with_a_fallback_size():
+    """x:[N,4] needs N >= 3 and z:[M,4] is added to x (M = N, under another name): every dim at its
+    fallback size at once is what runs."""
+    model = _model([_helper.make_node("Add", ["x", "z"], ["sum"]), _helper.make_node("Gather", ["sum", "index"], ["y"])],
+                   [_helper.make_tensor_value_info("x", _T.FLOAT, ["N", 4]), _helper.make_tensor_value_info("z", _T.FLOAT, ["M", 4])],
+                   [_helper.make_tensor_value_info("y", _T.FLOAT, [4])],
+                   [_numpy_helper.from_array(_np.array(2, _np.int64), "index")])
+    report = _onnxslim.verify(model, model, verify_shapes={"x": [3, 4], "z": [3, 4]})
+    assert report.passed and report.samples == 2
+    assert any("second size: 'N' 4, 'M' 4" in note for note in report.notes), report.notes
+
+
+def test_a_model_that_does_not_run_at_the_default_batch_says_how_to_give_one(tmp_path):
+    result, destination = _optimize_cli(tmp_path, _third_row_model())
+    line = _one_line_error(result)
+    assert "default sizes ('N' 1)" in line and "--verify-shape x:" in line, line
+    assert not destination.exists()
