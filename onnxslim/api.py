@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 
+from . import runtime
 from .calibration import CalibrationData, Preprocess, fidelity_split
 from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
@@ -104,6 +105,7 @@ def optimize(
     on `calibration` when given, and reruns the pipeline; quantization, if asked, comes after.
     """
     started = time.perf_counter()
+    runtime.start()  # its onnxruntime import overlaps loading the model and the passes
     if quantize is not None and quantize != "int8":
         raise UsageError(f"quantize='{quantize}': only int8 is supported")
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
@@ -305,6 +307,7 @@ def verify(
     budget: FidelityBudget | None = None,
 ) -> VerificationReport:
     """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
+    runtime.start()
     verifier = Verifier(
         load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
-from .errors import InputSpecError, VerificationUnavailable
-from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
+from .errors import InputSpecError, RuntimeFailure, VerificationUnavailable
+from .runtime import Session
 
 # Relative tolerance per dtype; the absolute part is a tenth of it times the output's scale,
 # so |candidate - reference| <= t * (0.1 * scale + |reference|), scale = max(1, max |reference|).
@@ -220,38 +218,26 @@ def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
 
 
 class Runner:
-    """An onnxruntime CPU session, with graph optimizations disabled unless `optimized` (then
-    onnxruntime fuses as it would in deployment, e.g. QDQ groups into integer kernels)."""
+    """An onnxruntime CPU session (in the worker process, see onnxslim.runtime), with graph
+    optimizations disabled unless `optimized` (then onnxruntime fuses as it would in deployment,
+    e.g. QDQ groups into integer kernels)."""
 
     def __init__(self, model: onnx.ModelProto, *, label: str = "model", threads: int = 0, optimized: bool = False):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self._staging = None
         try:
-            if model_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-                source = model.SerializeToString()
-            else:
-                self._staging = tempfile.TemporaryDirectory(prefix="onnxslim-verify-")
-                source = str(save(model, Path(self._staging.name) / "model.onnx", external_data=True))
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            raise VerificationUnavailable(
-                f"onnxruntime cannot load the {label}: {_first_line(error)} (use --no-verify to skip verification)"
-            ) from error
+            self.session = Session(model, label=label, threads=threads, optimized=optimized)
+        except RuntimeFailure:
+            raise  # a crash, a time-out or an allocation failure says so itself
+        except VerificationUnavailable as error:
+            raise VerificationUnavailable(f"{error} (use --no-verify to skip verification)") from error.__cause__
         self.label = label
-        self.output_names = [output.name for output in self.session.get_outputs()]
+        self.output_names = self.session.output_names
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            values = self.session.run(None, feed)
-        except Exception as error:
-            raise VerificationUnavailable(f"onnxruntime cannot run the {self.label}: {_first_line(error)}") from error
-        return dict(zip(self.output_names, values))
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+    def seconds(self, feed: dict[str, np.ndarray], runs: int = 1) -> list[float]:
+        """The time of each of `runs` runs, measured where onnxruntime runs (no transfer counted)."""
+        return self.session.seconds(feed, runs)
 
 
 def _first_line(error: BaseException) -> str:

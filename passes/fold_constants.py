@@ -1,4 +1,6 @@
-"""Constant folding: subgraphs that read only constants are evaluated once, with onnxruntime."""
+"""Constant folding: subgraphs that read only constants are evaluated once, with onnxruntime (in
+its worker process: an evaluation that crashes, hangs or runs out of memory there is a fold not
+taken, and the node stays)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,12 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
+from onnxslim.errors import VerificationUnavailable
 from onnxslim.graph import interface_tensors, is_empty, is_standard, make_constant, node_subgraphs, tensor_nbytes, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
+from onnxslim.runtime import Session
 
 # Never folded: their value is not a function of their inputs.
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -109,7 +112,7 @@ def _evaluate(nodes: list[gs.Node], opset: int, root: gs.Graph) -> dict[int, np.
     """Values of every output of `nodes`, by tensor id; nodes onnxruntime cannot run are left out."""
     try:
         return _run(nodes, opset, root)
-    except Exception:  # onnxruntime's errors are untyped; fall back to one node at a time
+    except VerificationUnavailable:  # onnxruntime cannot (or did not) evaluate them all: one node at a time
         pass
     values: dict[int, np.ndarray] = {}
     for node in nodes:
@@ -117,7 +120,7 @@ def _evaluate(nodes: list[gs.Node], opset: int, root: gs.Graph) -> dict[int, np.
             continue
         try:
             values.update(_run([node], opset, root, known=values))
-        except Exception:
+        except VerificationUnavailable:
             continue  # this node stays; its readers then stay too
     return values
 
@@ -147,11 +150,7 @@ def _run(nodes: list[gs.Node], opset: int, root: gs.Graph, known: dict[int, np.n
     opsets = list(root.import_domains or [onnx.helper.make_opsetid("", opset)])
     model = onnx.helper.make_model(evaluation, opset_imports=opsets)
     model.ir_version = EVALUATION_IR_VERSION
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    results = session.run(None, {})
+    results = Session(model, label="constants to fold").run(None, {})
     return {id(tensor): value for tensor, value in zip(outputs, results)}
 
 
