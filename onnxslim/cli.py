@@ -26,6 +26,7 @@ from .report import OptimizeReport, summarize
 from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
+INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 # Not a terminal (CI logs, pipes): wide enough that tables do not wrap.
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 140)
@@ -39,6 +40,9 @@ class OnnxSlimGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # click would say "Aborted!" and exit 1
+            _print_error("interrupted")
+            ctx.exit(INTERRUPTED)
         except OnnxSlimError as error:
             if ctx.meta.get("onnxslim.debug"):
                 raise

@@ -186,6 +186,12 @@ def shutdown() -> None:
 atexit.register(shutdown)
 
 
+def worker_pid() -> int | None:
+    """The running worker's process id (None: none is running)."""
+    with _lock:
+        return _worker.process.pid if _worker is not None and _worker.owner == os.getpid() else None
+
+
 def _current() -> _Worker:
     global _worker, _generation
     memory = memory_limit()
