@@ -13,6 +13,10 @@ raises RuntimeCrash, RuntimeTimeout or RuntimeOutOfMemory (exit 2: the model's f
 caller that ran a model of our making turns it into a failed verification or a fold not taken.
 The next call starts a new worker; sessions of the old one reload themselves from their source.
 Ctrl-C while waiting kills the worker and raises KeyboardInterrupt at once.
+
+`import onnxslim` starts the worker (start_early): a fresh process would otherwise wait for it
+at its first fold or verification, a third of a second that is most of a small model's optimize().
+So this module imports only the standard library at the top.
 """
 
 from __future__ import annotations
@@ -31,12 +35,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-import onnx
+from typing import TYPE_CHECKING
 
 from .errors import RuntimeCrash, RuntimeOutOfMemory, RuntimeTimeout, VerificationUnavailable, WorkerFailure
-from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
 from .runtime_worker import OUT_OF_MEMORY_STATUS, SOCKET_BUFFER_BYTES, ChannelClosed, receive, send
+
+if TYPE_CHECKING:  # imported where used: `import onnxslim` starts the worker before its heavy imports
+    import numpy as np
+    import onnx
 
 TIME_LIMIT_VARIABLE = "ONNXSLIM_RUN_TIMEOUT"
 MEMORY_LIMIT_VARIABLE = "ONNXSLIM_MEMORY_LIMIT"
@@ -174,6 +180,16 @@ def start() -> None:
         _current()
 
 
+def start_early() -> None:
+    """start() for `import onnxslim`: the worker's onnxruntime import then overlaps onnx's and
+    onnx-graphsurgeon's in ours. A failure here (a bad limit in the environment, no process to
+    be had) is raised again, typed, by the first call that needs the worker, not by an import."""
+    try:
+        start()
+    except WorkerFailure:
+        pass
+
+
 def shutdown() -> None:
     """Stop the worker (sessions reload into a new one if used again)."""
     global _worker
@@ -300,6 +316,10 @@ class Session:
 
     def __init__(self, model: onnx.ModelProto | bytes | str | os.PathLike, *, label: str = "model",
                  optimized: bool = False, threads: int = 0, defaults: dict[str, np.ndarray] | None = None):
+        import onnx
+
+        from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
+
         self.label = label
         self._staging = None
         if isinstance(model, onnx.ModelProto):
