@@ -63,6 +63,26 @@ def receive(sock: socket.socket, wait=None):
     return pickle.loads(data, buffers=buffers)
 
 
+def read_message(reader):
+    """One message from a buffered reader over the socket (the worker's side, which has no
+    deadline). Out-of-band buffers arrive as bytes, read straight into place: onnxruntime takes
+    model bytes only as `bytes`, and the arrays are inputs it only reads."""
+    head = reader.read(HEADER.size)
+    if len(head) < HEADER.size:
+        raise ChannelClosed
+    length, count = HEADER.unpack(head)
+    sizes = [size for (size,) in LENGTH.iter_unpack(_exactly(reader, LENGTH.size * count))]
+    data = _exactly(reader, length)
+    return pickle.loads(data, buffers=[_exactly(reader, size) for size in sizes])
+
+
+def _exactly(reader, size: int) -> bytes:
+    data = reader.read(size)
+    if len(data) < size:
+        raise ChannelClosed
+    return data
+
+
 def _read(sock: socket.socket, size: int, wait) -> bytes:
     buffer = bytearray(size)
     _read_into(sock, memoryview(buffer), wait)
@@ -131,9 +151,10 @@ class Worker:
         self.next_handle = 1
 
     def loop(self, sock: socket.socket) -> None:
+        reader = sock.makefile("rb")
         while True:
             try:
-                request = receive(sock)
+                request = read_message(reader)
             except ChannelClosed:
                 return
             except MemoryError:
@@ -166,8 +187,6 @@ class Worker:
         options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
-        if not isinstance(source, str):
-            source = bytes(source)  # onnxruntime takes a path or bytes, not another buffer
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         handle, self.next_handle = self.next_handle, self.next_handle + 1
         self.sessions[handle] = session

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -52,13 +54,21 @@ def time_once(path: Path, shapes: dict, verify: bool, tree: Path | None) -> dict
     environment = dict(os.environ)
     if tree is not None:
         environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(tree), environment.get("PYTHONPATH")]))
+    cpu_before = _children_cpu()
     begin = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", CHILD, str(path), json.dumps(shapes), "1" if verify else "0"],
                           capture_output=True, text=True, env=environment, cwd="/")
     process = time.perf_counter() - begin
     if done.returncode != 0:
         raise SystemExit(f"{path.name}: exit {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process": process}
+    # CPU of the process and of the children it reaped (the worker): what the worker adds even
+    # where it overlaps, and a figure that load from elsewhere on the machine barely moves.
+    return {**json.loads(done.stdout.strip().splitlines()[-1]), "process": process, "cpu": _children_cpu() - cpu_before}
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def bench(names: list[str], runs: int, verify: bool, trees: list[Path | None]) -> list[dict]:
@@ -82,18 +92,28 @@ def bench(names: list[str], runs: int, verify: bool, trees: list[Path | None]) -
 
 
 def compare(before: dict, after: dict) -> str:
-    rows = ["| model | optimize() before | after | change | process before | after | change |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    """Medians (and the fastest run of optimize(), which load from elsewhere inflates least)."""
+    rows = ["| model | optimize() before | after | change | fastest before | after | change "
+            "| process before | after | change | CPU before | after | change |",
+            "|---|" + "---:|" * 12]
+    totals = {key: [0.0, 0.0] for key in ("optimize", "fastest", "process", "cpu")}
     for name, old in before["models"].items():
         new = after["models"].get(name)
         if new is None:
             continue
-        rows.append(f"| {name} | {old['optimize']:.3f} s | {new['optimize']:.3f} s | {_change(old['optimize'], new['optimize'])} "
-                    f"| {old['process']:.3f} s | {new['process']:.3f} s | {_change(old['process'], new['process'])} |")
-    old_total = sum(model["optimize"] for model in before["models"].values())
-    new_total = sum(after["models"][name]["optimize"] for name in before["models"] if name in after["models"])
-    rows.append(f"| total | {old_total:.3f} s | {new_total:.3f} s | {_change(old_total, new_total)} | | | |")
+        cells = [name]
+        for key in totals:
+            pair = [_figure(old, key), _figure(new, key)]
+            totals[key] = [total + value for total, value in zip(totals[key], pair)]
+            cells += [f"{pair[0]:.3f} s", f"{pair[1]:.3f} s", _change(*pair)]
+        rows.append("| " + " | ".join(cells) + " |")
+    cells = ["total"] + [cell for pair in totals.values() for cell in (f"{pair[0]:.3f} s", f"{pair[1]:.3f} s", _change(*pair))]
+    rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def _figure(model: dict, key: str) -> float:
+    return min(model["optimize_runs"]) if key == "fastest" else model.get(key, math.nan)
 
 
 def _change(old: float, new: float) -> str:
