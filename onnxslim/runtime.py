@@ -22,6 +22,7 @@ So this module imports only the standard library at the top.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import re
@@ -33,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from typing import TYPE_CHECKING
@@ -172,6 +174,7 @@ _lock = threading.RLock()
 _worker: _Worker | None = None
 _generation = 0  # of the current worker: a session made in another one must reload
 _closed: list[tuple[int, int]] = []  # (generation, handle) of sessions garbage-collected since the last call
+_released: list[tuple[int, int]] = []  # (generation, region) of shared memory whose arrays are all gone
 
 
 def start() -> None:
@@ -216,7 +219,6 @@ def _current() -> _Worker:
     if _worker is None:
         _worker = _Worker(memory)
         _generation += 1
-        _closed.clear()
     return _worker
 
 
@@ -227,8 +229,7 @@ def _call(op: str, label: str, action: str, **args):
     deadline = time.monotonic() + seconds
     with _lock:
         worker = _current()
-        closed = [handle for generation, handle in _closed if generation == _generation]
-        _closed.clear()
+        closed, released = _drain(_closed), _drain(_released)
 
         def wait(sock: socket.socket) -> None:
             while True:
@@ -242,8 +243,8 @@ def _call(op: str, label: str, action: str, **args):
 
         try:
             worker.sock.settimeout(seconds)
-            send(worker.sock, {"op": op, "args": args, "close": closed})
-            reply = receive(worker.sock, wait)
+            send(worker.sock, {"op": op, "args": args, "close": closed, "released": released})
+            reply = receive(worker.sock, wait, functools.partial(_watch_region, _generation))
         except (_Expired, socket.timeout):
             worker.stop()
             _worker = None
@@ -271,6 +272,21 @@ def _call(op: str, label: str, action: str, **args):
     verb = "load" if kind == "load" else "run"
     raise VerificationUnavailable(f"onnxruntime cannot {verb} the {label}: {_first_line(value)}") \
         from OnnxRuntimeMessage(value)
+
+
+def _drain(items: list[tuple[int, int]]) -> list[int]:
+    """The current worker's entries, taken out one by one: a finalizer may append meanwhile."""
+    current = []
+    while items:
+        generation, value = items.pop()
+        if generation == _generation:
+            current.append(value)
+    return current
+
+
+def _watch_region(generation: int, mapping, number: int) -> None:
+    """When the last array of a reply in shared memory is gone, its region may be written again."""
+    weakref.finalize(mapping, _released.append, (generation, number))
 
 
 def _death(status: int, label: str, action: str, memory: int) -> Exception:

@@ -5,14 +5,19 @@ Run as a script, not imported as part of the package: the worker needs only the 
 numpy and onnxruntime, and importing `onnxslim` would cost it a second of onnx and graphsurgeon
 imports. So this file imports nothing from onnxslim.
 
-Wire format, both ways, on a Unix stream socket: a header of two little-endian uint64 (pickle
-length, number of buffers), the buffer lengths (uint64 each), the pickle (protocol 5) and
-then each out-of-band buffer's raw bytes. numpy arrays and model bytes travel out of band, so
-neither side copies them into a pickle; the receiver reads each straight into a fresh array.
+Wire format, both ways, on a Unix stream socket: a header of four little-endian uint64 (pickle
+length, number of buffers, bytes of shared memory, its region number), the buffer lengths (uint64 each), the pickle
+(protocol 5), then each out-of-band buffer's raw bytes. numpy arrays and model bytes travel out
+of band, so neither side copies them into a pickle. A reply whose buffers are large (a
+calibration sample's activations are hundreds of megabytes) puts them in a shared memory file
+instead, passed with the header: the socket would copy them twice, at a fraction of memcpy's
+speed; this way the worker copies them once and the parent's arrays are views of that memory.
+The files are reused (SharedPool): the parent says which replies' arrays are all gone.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import pickle
 import socket
@@ -21,8 +26,11 @@ import sys
 import threading
 import time
 
-HEADER = struct.Struct("<QQ")
+HEADER = struct.Struct("<QQQQ")
 LENGTH = struct.Struct("<Q")
+# Replies with at least this many bytes of buffers go through shared memory (Linux: memfd).
+SHARED_MEMORY_FROM = 1 << 20
+ALIGNMENT = 64  # of each buffer in shared memory: any dtype's, and a cache line
 # A larger socket buffer means fewer wake-ups per megabyte of activations (the kernel caps it).
 SOCKET_BUFFER_BYTES = 4 << 20
 # onnxruntime's message when an allocation fails (its BFCArena and CPU allocator say so).
@@ -37,30 +45,132 @@ class ChannelClosed(Exception):
     """The other end of the socket is gone (a clean end of stream)."""
 
 
-def send(sock: socket.socket, message) -> None:
+def send(sock: socket.socket, message, *, pool: SharedPool | None = None) -> None:
+    """Send one message; with a `pool`, large buffers go through its shared memory."""
     buffers: list[pickle.PickleBuffer] = []
     data = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
     views = [buffer.raw() for buffer in buffers]
-    head = HEADER.pack(len(data), len(views)) + b"".join(LENGTH.pack(view.nbytes) for view in views)
-    sock.sendall(head + data)
-    for view in views:
-        sock.sendall(view)
+    lengths = b"".join(LENGTH.pack(view.nbytes) for view in views)
+    offsets, size = _layout([view.nbytes for view in views])
+    if pool is None or size < SHARED_MEMORY_FROM or not hasattr(os, "memfd_create"):
+        sock.sendall(HEADER.pack(len(data), len(views), 0, 0) + lengths + data)
+        for view in views:
+            sock.sendall(view)
+        return
+    region = pool.lease(size)
+    for view, offset in zip(views, offsets):
+        region.memory[offset:offset + view.nbytes] = view
+    message = HEADER.pack(len(data), len(views), size, region.number) + lengths + data
+    sent = socket.send_fds(sock, [message], [region.descriptor])
+    sock.sendall(memoryview(message)[sent:])
 
 
-def receive(sock: socket.socket, wait=None):
-    """One message; `wait(sock)` is called before each blocking read (the parent's deadline and
-    Ctrl-C handling live there)."""
-    length, count = HEADER.unpack(_read(sock, HEADER.size, wait))
-    sizes = [size for (size,) in LENGTH.iter_unpack(_read(sock, LENGTH.size * count, wait))]
-    data = _read(sock, length, wait)
-    import numpy as np  # both sides have numpy; the buffers become the arrays' memory without a copy
+class Region:
+    """A shared memory file and the worker's own mapping of it, kept across replies: its pages
+    are in place, so a reply costs one memcpy (a fresh file costs a page fault per 4 KiB, twice)."""
 
-    buffers = []
+    def __init__(self, number: int, size: int):
+        import mmap
+
+        self.number, self.size = number, size
+        self.descriptor = os.memfd_create(f"onnxslim-outputs-{number}", os.MFD_CLOEXEC)
+        os.ftruncate(self.descriptor, size)
+        self.memory = mmap.mmap(self.descriptor, size)
+
+    def close(self) -> None:
+        # The parent's mappings keep the memory they show: only ours goes.
+        self.memory.close()
+        os.close(self.descriptor)
+
+
+class SharedPool:
+    """The regions replies are written to. The parent maps a region per reply and says when its
+    last array of that reply is gone (`release`); a region is written again only then."""
+
+    KEEP = 4  # regions kept at most: enough for a reference and a candidate's outputs in turn
+
+    def __init__(self):
+        self.regions: dict[int, Region] = {}
+        self.free: set[int] = set()
+        self.numbers = itertools.count(1)
+
+    def lease(self, size: int) -> Region:
+        fitting = [self.regions[number] for number in self.free if self.regions[number].size >= size]
+        if fitting:
+            region = min(fitting, key=lambda region: region.size)
+        else:
+            region = Region(next(self.numbers), max(size, 1 << 20))
+            self.regions[region.number] = region
+            while len(self.regions) > self.KEEP:  # the oldest goes; its reader may still hold it
+                self._drop(min(self.regions))
+        self.free.discard(region.number)
+        return region
+
+    def release(self, numbers) -> None:
+        self.free.update(number for number in numbers if number in self.regions)
+
+    def _drop(self, number: int) -> None:
+        self.regions.pop(number).close()
+        self.free.discard(number)
+
+
+def _layout(sizes: list[int]) -> tuple[list[int], int]:
+    offsets, end = [], 0
     for size in sizes:
-        buffer = np.empty(size, dtype=np.uint8)
-        _read_into(sock, memoryview(buffer), wait)
-        buffers.append(buffer)
+        offsets.append(end)
+        end += -(-size // ALIGNMENT) * ALIGNMENT
+    return offsets, end
+
+
+def receive(sock: socket.socket, wait=None, on_region=None):
+    """One message; `wait(sock)` is called before each blocking read (the parent's deadline and
+    Ctrl-C handling live there); `on_region(mapping, number)` for a reply in shared memory, whose
+    arrays are views of `mapping`."""
+    head, descriptors = _read_header(sock, wait)
+    try:
+        length, count, shared, number = HEADER.unpack(head)
+        sizes = [size for (size,) in LENGTH.iter_unpack(_read(sock, LENGTH.size * count, wait))]
+        data = _read(sock, length, wait)
+        import numpy as np  # both sides have numpy; the buffers become the arrays' memory without a copy
+
+        if shared:
+            if not descriptors:
+                raise ChannelClosed
+            import mmap
+
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # one fault-in, not one per page
+            region = mmap.mmap(descriptors[0], shared, flags=flags)
+            if on_region is not None:
+                on_region(region, number)
+            offsets, _ = _layout(sizes)
+            buffers = [np.frombuffer(region, np.uint8, count=size, offset=offset) for size, offset in zip(sizes, offsets)]
+        else:
+            buffers = []
+            for size in sizes:
+                buffer = np.empty(size, dtype=np.uint8)
+                _read_into(sock, memoryview(buffer), wait)
+                buffers.append(buffer)
+    finally:
+        for descriptor in descriptors:
+            os.close(descriptor)  # a mapping outlives its descriptor
     return pickle.loads(data, buffers=buffers)
+
+
+def _read_header(sock: socket.socket, wait) -> tuple[bytes, list[int]]:
+    """The header, and the descriptor of the shared memory that came with its first byte."""
+    if wait is not None:
+        wait(sock)
+    head, descriptors, _, _ = socket.recv_fds(sock, HEADER.size, 1)
+    if not head:
+        raise ChannelClosed
+    if len(head) < HEADER.size:
+        try:
+            head += _read(sock, HEADER.size - len(head), wait)
+        except BaseException:
+            for descriptor in descriptors:
+                os.close(descriptor)
+            raise
+    return head, descriptors
 
 
 def read_message(reader):
@@ -70,7 +180,7 @@ def read_message(reader):
     head = reader.read(HEADER.size)
     if len(head) < HEADER.size:
         raise ChannelClosed
-    length, count = HEADER.unpack(head)
+    length, count, _, _ = HEADER.unpack(head)  # requests never use shared memory
     sizes = [size for (size,) in LENGTH.iter_unpack(_exactly(reader, LENGTH.size * count))]
     data = _exactly(reader, length)
     return pickle.loads(data, buffers=[_exactly(reader, size) for size in sizes])
@@ -149,6 +259,7 @@ class Worker:
         self.sessions: dict[int, object] = {}
         self.defaults: dict[int, dict] = {}
         self.next_handle = 1
+        self.pool = SharedPool() if hasattr(os, "memfd_create") else None
 
     def loop(self, sock: socket.socket) -> None:
         reader = sock.makefile("rb")
@@ -162,6 +273,8 @@ class Worker:
             for handle in request.get("close", ()):
                 self.sessions.pop(handle, None)
                 self.defaults.pop(handle, None)
+            if self.pool is not None:
+                self.pool.release(request.get("released", ()))
             try:
                 reply = ("ok", getattr(self, "do_" + request["op"])(**request["args"]))
             except MemoryError as error:
@@ -171,7 +284,7 @@ class Worker:
                 kind = "oom" if any(marker in text for marker in ALLOCATION_FAILURES) else request["op"]
                 reply = (kind, text)
             try:
-                send(sock, reply)
+                send(sock, reply, pool=self.pool)
             except MemoryError:  # part of the reply may be on its way: the stream cannot be trusted
                 os._exit(OUT_OF_MEMORY_STATUS)
 

@@ -107,6 +107,23 @@ def test_large_tensors_travel_intact():
     np.testing.assert_array_equal(runtime.Session(model).run(None, {"x": big})[0], big)
 
 
+def test_outputs_kept_are_not_overwritten_by_later_replies():
+    # Large replies come through reused shared memory: a region is written again only once
+    # every array of the reply it held is gone.
+    shape = [1 << 19]  # 2 MiB of float32
+    model = _model([helper.make_node("Identity", ["x"], ["y"])],
+                   [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)])
+    session = runtime.Session(model)
+    kept = [session.run(None, {"x": np.full(shape, index, np.float32)})[0] for index in range(6)]
+    for _ in range(6):
+        session.run(None, {"x": np.full(shape, -1, np.float32)})  # dropped at once: its region is reused
+    for index, output in enumerate(kept):
+        assert output.flags.writeable and (output == index).all()
+    output[:] = 7  # writable, and private to this reply
+    assert (session.run(None, {"x": np.zeros(shape, np.float32)})[0] == 0).all()
+
+
 def test_defaults_stay_in_the_worker_and_a_feed_overrides_them():
     model = _model([helper.make_node("Add", ["x", "b"], ["y"])],
                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3]), helper.make_tensor_value_info("b", TensorProto.FLOAT, [3])],
