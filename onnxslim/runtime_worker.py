@@ -35,6 +35,9 @@ ALIGNMENT = 64  # of each buffer in shared memory: any dtype's, and a cache line
 SOCKET_BUFFER_BYTES = 4 << 20
 # onnxruntime's message when an allocation fails (its BFCArena and CPU allocator say so).
 ALLOCATION_FAILURES = ("Failed to allocate memory", "bad_alloc", "std::bad_alloc")
+# Relu on float[1], IR 3, opset 7 (onnx.helper's bytes; the worker has no onnx to make them).
+WARM_UP_MODEL = (b'\x08\x03:3\n\x0c\n\x01x\x12\x01y"\x04Relu\x12\x01gZ\x0f\n\x01x\x12\n\n\x08\x08\x01\x12\x04\n\x02'
+                 b'\x08\x01b\x0f\n\x01y\x12\n\n\x08\x08\x01\x12\x04\n\x02\x08\x01B\x04\n\x00\x10\x07')
 # Exit status of a worker whose parent is gone (it had nobody to answer).
 ORPHANED = 0
 # Exit status of a worker that ran out of memory where it could not answer (a half-read request).
@@ -231,7 +234,9 @@ def serve(channel_fd: int, lifeline_fd: int, memory_limit: int) -> None:
         return
     if memory_limit > 0:
         _limit_memory(memory_limit)
-    Worker(ort, np).loop(sock)
+    worker = Worker(ort, np)
+    worker.warm_up()
+    worker.loop(sock)
 
 
 def _die_with_parent(lifeline_fd: int) -> None:
@@ -288,10 +293,15 @@ class Worker:
             except MemoryError:  # part of the reply may be on its way: the stream cannot be trusted
                 os._exit(OUT_OF_MEMORY_STATUS)
 
-    def do_nothing(self):
-        return None
+    def warm_up(self) -> None:
+        """onnxruntime's first sessions set up its environment and kernel registry (some 50 ms
+        each on a small machine): done here, while the parent is still importing, not at its
+        first fold or verification."""
+        for _ in range(2):
+            session = self.ort.InferenceSession(WARM_UP_MODEL, self._options(False, 1), providers=["CPUExecutionProvider"])
+            session.run(None, {"x": self.np.ones(1, self.np.float32)})
 
-    def do_load(self, source, optimized: bool, threads: int, defaults: dict):
+    def _options(self, optimized: bool, threads: int):
         ort = self.ort
         options = ort.SessionOptions()
         options.graph_optimization_level = (
@@ -300,7 +310,13 @@ class Worker:
         options.log_severity_level = 4
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return options
+
+    def do_nothing(self):
+        return None
+
+    def do_load(self, source, optimized: bool, threads: int, defaults: dict):
+        session = self.ort.InferenceSession(source, self._options(optimized, threads), providers=["CPUExecutionProvider"])
         handle, self.next_handle = self.next_handle, self.next_handle + 1
         self.sessions[handle] = session
         self.defaults[handle] = defaults
