@@ -6,6 +6,10 @@
     onnxslim.save(model, "model.slim.onnx")
 """
 
+from . import runtime as _runtime
+
+_runtime.start_early()  # before the imports below, which its own import of onnxruntime overlaps
+
 from .api import optimize, optimize_file, resolve_pipeline, verify
 from .errors import (
     InputSpecError,

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnx.shape_inference
 
+from . import runtime
 from .calibration import CalibrationData, Preprocess, fidelity_split
 from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
@@ -109,6 +110,7 @@ def optimize(
     on `calibration` when given, and reruns the pipeline; quantization, if asked, comes after.
     """
     started = time.perf_counter()
+    runtime.start()  # its onnxruntime import overlaps loading the model and the passes
     if quantize is not None and quantize != "int8":
         raise UsageError(f"quantize='{quantize}': only int8 is supported")
     check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
@@ -424,6 +426,7 @@ def verify(
 ) -> VerificationReport:
     """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
     check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
+    runtime.start()
     verifier = Verifier(
         load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )

@@ -12,23 +12,22 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import re
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 
 from .calibration import CalibrationData, input_specs, random_shapes
-from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
 from .graph import proto_graphs
 from .model import _external_data_files, load, weightless_copy
 from .quantize import cpu_int8_support
+from .runtime import peak_memory
 from .verify import FidelityPool, Runner, _first_line, model_inputs, synthesize_inputs
 
 DEFAULT_RUNS = 50
@@ -645,6 +644,8 @@ def looks_like_class_scores(output: np.ndarray) -> bool:
 def _runner(path: Path, model: onnx.ModelProto, threads: int = 0) -> Runner:
     try:
         return Runner(model, label=f"model {path}", threads=threads, optimized=True)
+    except RuntimeFailure:
+        raise  # a crash, a time-out or an allocation failure says so itself
     except VerificationUnavailable as error:
         cause = error.__cause__ or error
         raise VerificationUnavailable(f"onnxruntime cannot load {path}: {_first_line(cause)}") from error
@@ -660,7 +661,7 @@ def _interleaved_latency(paths, models, feed, runs, warmup, meter, progress) -> 
     runners = [_runner(path, model, threads=1) for path, model in zip(paths, models)]
     for _ in range(warmup):
         for runner in runners:
-            runner.run(feed)
+            runner.seconds(feed)
     seconds = [[] for _ in runners]
     joules = [0.0 for _ in runners]
     stage = "latency (1 thread)"
@@ -668,9 +669,9 @@ def _interleaved_latency(paths, models, feed, runs, warmup, meter, progress) -> 
         start = round_index % len(runners)
         for index in [*range(start, len(runners)), *range(start)]:
             before = meter.read() if meter else None
-            begin = time.perf_counter()
-            runners[index].run(feed)
-            seconds[index].append(time.perf_counter() - begin)
+            # Timed in the worker, where onnxruntime runs: the transfer of inputs and outputs
+            # is not the model's latency (it is in the energy, a few microseconds per run).
+            seconds[index].extend(runners[index].seconds(feed))
             if meter:
                 # RAPL counters tick about every millisecond; over many short runs, read at random
                 # phases of the tick, the sum of the deltas is still the energy of the runs.
@@ -684,14 +685,9 @@ def _latency(path, model, feed, runs, warmup, threads) -> Latency:
     """Latency of one model alone: a session with many threads spins its workers between runs,
     which would slow another session timed at the same time."""
     runner = _runner(path, model, threads=threads)
-    for _ in range(warmup):
-        runner.run(feed)
-    seconds = []
-    for _ in range(runs):
-        begin = time.perf_counter()
-        runner.run(feed)
-        seconds.append(time.perf_counter() - begin)
-    return _latency_of(seconds, threads)
+    if warmup:
+        runner.seconds(feed, warmup)
+    return _latency_of(runner.seconds(feed, runs), threads)
 
 
 def _latency_of(seconds: list[float], threads: int) -> Latency:
@@ -767,66 +763,19 @@ def _read_text(path: Path) -> str:
 
 
 def measure_peak_memory(paths: Sequence[Path], feed: dict[str, np.ndarray]) -> list[tuple[int | None, str]]:
-    """For each model, (bytes, '') or (None, why not): the peak RSS of a fresh process while it
-    creates a 1-thread session from the file and runs it, minus its RSS just before.
+    """For each model, (bytes, '') or (None, why not): the peak RSS of a fresh worker process
+    while it creates a 1-thread session from the file and runs it, minus its RSS just before.
 
-    One process per model, so no model inherits another's heap; they run side by side, which
-    changes their timing but not their memory.
+    One process per model, so no model inherits another's heap.
     """
-    context = multiprocessing.get_context("spawn")
-    children = []
-    for path in paths:
-        receiver, sender = context.Pipe(duplex=False)
-        process = context.Process(target=_peak_memory_child, args=(str(path), feed, sender), daemon=True)
-        process.start()
-        sender.close()  # the child holds the only sending end: its death ends recv() with EOFError
-        children.append((process, receiver))
     results = []
-    for process, receiver in children:
+    for path in paths:
         try:
-            results.append(receiver.recv())
-        except EOFError:
-            results.append((None, None))
-        process.join()
-        if results[-1] == (None, None):
-            results[-1] = (None, f"the measuring process ended with exit code {process.exitcode}")
+            results.append((peak_memory(path, feed, MEMORY_RUNS, label=f"model {path}"), ""))
+        except VerificationUnavailable as error:
+            results.append((None, _first_line(error.__cause__ or error)))
     return results
 
 
-def _peak_memory_child(path: str, feed: dict[str, np.ndarray], sender) -> None:
-    status = Path("/proc/self/status")
-    try:
-        if not status.exists():
-            sender.send((None, "no /proc/self/status on this system"))
-            return
-        try:
-            # "5" resets VmHWM to the current RSS (Linux 4.0+): the peak of imports is forgotten.
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError as error:
-            sender.send((None, f"cannot reset the peak RSS ({error.strerror or error})"))
-            return
-        before = _status_kilobytes(status, "VmRSS")
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.intra_op_num_threads = 1
-        options.log_severity_level = 3
-        # From the file, as a deployment loads it: no Python copy of the model in memory.
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        for _ in range(MEMORY_RUNS):
-            session.run(None, feed)
-        sender.send(((_status_kilobytes(status, "VmHWM") - before) * 1024, ""))
-    except Exception as error:  # onnxruntime raises its own untyped errors; the parent reports the reason
-        sender.send((None, _first_line(error)))
-    finally:
-        sender.close()
-
-
-def _status_kilobytes(status: Path, key: str) -> int:
-    match = re.search(rf"^{key}:\s*(\d+)\s*kB", status.read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError(f"no {key} in {status}")
-    return int(match.group(1))
-
-
 def machine() -> Machine:
-    return Machine(cpu=cpu_int8_support().model, cores=os.cpu_count() or 1, onnxruntime=ort.__version__)
+    return Machine(cpu=cpu_int8_support().model, cores=os.cpu_count() or 1, onnxruntime=version("onnxruntime"))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
 from .model import load
 from .verify import Runner, _first_line, check_feed, model_inputs, synthesize_inputs
 
@@ -918,6 +918,8 @@ def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
 def _calibration_runner(model: onnx.ModelProto, names: list[str], threads: int) -> Runner:
     try:
         return Runner(_with_outputs(model, names), label="model to calibrate", threads=threads)
+    except RuntimeFailure:
+        raise  # a crash, a time-out or an allocation failure says so itself
     except VerificationUnavailable as error:  # its message suggests --no-verify, which is not the remedy here
         cause = error.__cause__ or error
         message = f"onnxruntime cannot load the model to calibrate: {_first_line(cause)}"
@@ -925,10 +927,7 @@ def _calibration_runner(model: onnx.ModelProto, names: list[str], threads: int) 
 
 
 def _run(runner: Runner, names: list[str], feed: Feed) -> list[np.ndarray]:
-    try:
-        return runner.session.run(names, feed)
-    except Exception as error:  # onnxruntime raises its own untyped errors
-        raise VerificationUnavailable(f"onnxruntime cannot run the model to calibrate: {_first_line(error)}") from error
+    return runner.session.run(names, feed)  # its errors name the model to calibrate
 
 
 # ----------------------------------------------------------------------------- observers

@@ -92,6 +92,9 @@ class OnnxSlimGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:  # caught here, before click's main prints a blank line for it
+            _print_error("interrupted")
+            ctx.exit(INTERRUPTED)
         except OnnxSlimError as error:
             if ctx.meta.get("onnxslim.debug"):
                 raise

@@ -33,6 +33,32 @@ class VerificationUnavailable(OnnxSlimError):
     """onnxruntime cannot run a model, so equivalence cannot be checked."""
 
 
+class RuntimeFailure(VerificationUnavailable):
+    """onnxruntime's worker process crashed, hung or ran out of memory on a model.
+
+    Exit 2: the model is at fault when it happens to the model the user gave; where it happens to
+    a model onnxslim made, the caller turns it into a failed verification instead.
+    """
+
+
+class RuntimeCrash(RuntimeFailure):
+    """onnxruntime died of a signal (e.g. SIGFPE from an int64 division overflow) on a model."""
+
+
+class RuntimeTimeout(RuntimeFailure):
+    """onnxruntime did not finish loading or running a model within the time limit."""
+
+
+class RuntimeOutOfMemory(RuntimeFailure):
+    """onnxruntime ran out of memory (the worker's memory limit) on a model."""
+
+
+class WorkerFailure(OnnxSlimError):
+    """onnxruntime's worker process could not start or broke its protocol: our bug, not the model's."""
+
+    exit_code = 3
+
+
 class VerificationError(OnnxSlimError):
     """The optimized model does not compute what the original computes."""
 

@@ -1695,7 +1695,7 @@ class _NoiseProbe:
     its inputs."""
 
     def __init__(self, model: onnx.ModelProto, plan: PrunePlan, samples):
-        import onnxruntime as ort
+        from .runtime import Session
 
         self.plan = plan
         self.graph = graph = to_graph(model)
@@ -1708,12 +1708,10 @@ class _NoiseProbe:
         self.originals = {name: constant_value(graph.nodes[position].inputs[index])
                           for (position, index), name in names.items()}
         probe = _weights_as_inputs(model, set(self.originals))
-        session_options = ort.SessionOptions()
-        session_options.log_severity_level = 3
-        self.session = ort.InferenceSession(probe.SerializeToString(), session_options,
-                                            providers=["CPUExecutionProvider"])
+        # The original weights stay in the worker: a trial sends only the weights it changed.
+        self.session = Session(probe, label="model to probe", optimized=True, defaults=self.originals)
         self.feeds = list(samples)
-        self.reference = [self.session.run(None, {**feed, **self.originals}) for feed in self.feeds]
+        self.reference = [self.session.run(None, feed) for feed in self.feeds]
         # Pooled over the samples, like the SQNR fidelity reports: a sample whose outputs are all
         # but zero (a detector's map of an image without text) would make any per-sample ratio explode.
         # Outputs the model itself overflows (NaN, infinity) measure nothing and are left out.
@@ -1733,9 +1731,10 @@ class _NoiseProbe:
                 _compensate(self.graph.nodes, cut, weights[name], kept, self.plan.means[cut.position], slot, biases)
                 weights[self.names[slot]] = biases[slot]
             weights[name] = _zero_removed(weights[name], cut.axis, kept)
+        changed = {name: value for name, value in weights.items() if value is not self.originals[name]}
         total = 0.0
         for feed, expected in zip(self.feeds, self.reference):
-            actual = self.session.run(None, {**feed, **weights})
+            actual = self.session.run(None, {**feed, **changed})
             total += sum(_noise(a, e) for a, e in zip(actual, expected)
                          if a.shape == e.shape)  # a count that follows the data (NonZero) may differ
         return total / self.signal

@@ -35,7 +35,7 @@ import onnx.helper
 import onnx.numpy_helper
 
 from .calibration import CalibrationData, Feed
-from .errors import UsageError, VerificationUnavailable
+from .errors import RuntimeFailure, UsageError, VerificationUnavailable
 from .verify import Runner, _first_line
 
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -467,6 +467,8 @@ def _with_weights_as_inputs(
 def _runner(model: onnx.ModelProto, label: str) -> Runner:
     try:
         return Runner(model, label=label)
+    except RuntimeFailure:
+        raise  # a crash, a time-out or an allocation failure says so itself
     except VerificationUnavailable as error:  # its message suggests --no-verify, which is not the remedy here
         cause = error.__cause__ or error
         message = f"onnxruntime cannot load the {label} for reconstruction: {_first_line(cause)}"
@@ -476,10 +478,7 @@ def _runner(model: onnx.ModelProto, label: str) -> Runner:
 def _fetch(runner: Runner, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
     """The requested tensors for one feed; graph inputs among them are taken from the feed."""
     outputs = [name for name in dict.fromkeys(names) if name in runner.output_names]
-    try:
-        values = runner.session.run(outputs, feed) if outputs else []
-    except Exception as error:  # onnxruntime raises its own untyped errors
-        raise VerificationUnavailable(f"onnxruntime cannot run the {runner.label}: {_first_line(error)}") from error
+    values = runner.session.run(outputs, feed) if outputs else []  # its errors name the model
     found = dict(zip(outputs, values))
     return {name: found[name] if name in found else feed[name] for name in names}
 

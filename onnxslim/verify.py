@@ -7,12 +7,10 @@ ones (pruning, quantization) by a fidelity budget (cosine, SQNR, top-1 agreement
 
 from __future__ import annotations
 
-import ctypes
 import math
 import numbers
 import os
 import stat
-import tempfile
 import zipfile
 import zlib
 from collections.abc import Iterable
@@ -21,12 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx.reference import ReferenceEvaluator
 
-from .errors import InputSpecError, UsageError, VerificationUnavailable
+from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
 from .graph import trusted_symbol
-from .model import EXTERNAL_DATA_THRESHOLD, model_bytes, save
+from .runtime import Session
 
 # Relative tolerance per dtype; the absolute part is a tenth of it times the output's scale,
 # so |candidate - reference| <= t * (0.1 * scale + |reference|), scale = max(1, max |reference|).
@@ -263,31 +260,6 @@ def _human_bytes(count: float) -> str:
     return ""
 
 
-def to_ort_feed(feed: dict[str, np.ndarray]) -> dict:
-    """A feed onnxruntime takes: bfloat16 arrays (numpy has no such type; ml_dtypes does) are
-    handed over as OrtValues of their bits, which onnxruntime's numpy bridge cannot convert."""
-    converted = {}
-    for name, array in feed.items():
-        if isinstance(array, np.ndarray) and array.dtype.name == "bfloat16":
-            bits = np.ascontiguousarray(array).view(np.uint16)
-            converted[name] = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(bits, onnx.TensorProto.BFLOAT16)
-        else:
-            converted[name] = array
-    return converted
-
-
-def from_ort_value(value: "ort.OrtValue") -> np.ndarray:
-    """An output OrtValue as a numpy array; a bfloat16 tensor (onnxruntime's numpy bridge has no
-    such type) as ml_dtypes' bfloat16, copied from its bits."""
-    if value.data_type() != "tensor(bfloat16)":
-        return value.numpy()
-    shape = tuple(value.shape())
-    count = math.prod(shape)
-    bits = np.frombuffer((ctypes.c_uint16 * count).from_address(value.data_ptr()), np.uint16) if count else \
-        np.empty(0, np.uint16)
-    return bits.copy().view(onnx.helper.tensor_dtype_to_np_dtype(onnx.TensorProto.BFLOAT16)).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- dynamic dims at two sizes
 
 
@@ -405,44 +377,26 @@ def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
 
 
 class Runner:
-    """An onnxruntime CPU session, with graph optimizations disabled unless `optimized` (then
-    onnxruntime fuses as it would in deployment, e.g. QDQ groups into integer kernels)."""
+    """An onnxruntime CPU session (in the worker process, see onnxslim.runtime), with graph
+    optimizations disabled unless `optimized` (then onnxruntime fuses as it would in deployment,
+    e.g. QDQ groups into integer kernels)."""
 
     def __init__(self, model: onnx.ModelProto, *, label: str = "model", threads: int = 0, optimized: bool = False):
-        options = ort.SessionOptions()
-        options.graph_optimization_level = (
-            ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimized else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        )
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self._staging = None
         try:
-            if model_bytes(model) < EXTERNAL_DATA_THRESHOLD:
-                source = model.SerializeToString()
-            else:
-                self._staging = tempfile.TemporaryDirectory(prefix="onnxslim-verify-")
-                source = str(save(model, Path(self._staging.name) / "model.onnx", external_data=True))
-            self.session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        except Exception as error:  # onnxruntime raises its own untyped errors
-            raise VerificationUnavailable(
-                f"onnxruntime cannot load the {label}: {_first_line(error)} (use --no-verify to skip verification)"
-            ) from error
+            self.session = Session(model, label=label, threads=threads, optimized=optimized)
+        except RuntimeFailure:
+            raise  # a crash, a time-out or an allocation failure says so itself
+        except VerificationUnavailable as error:
+            raise VerificationUnavailable(f"{error} (use --no-verify to skip verification)") from error.__cause__
         self.label = label
-        self.output_names = [output.name for output in self.session.get_outputs()]
-        self._bfloat16_outputs = any(output.type == "tensor(bfloat16)" for output in self.session.get_outputs())
+        self.output_names = self.session.output_names
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        try:
-            if self._bfloat16_outputs:
-                ort_feed = {name: value if isinstance(value, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(value)
-                            for name, value in to_ort_feed(feed).items()}
-                values = [from_ort_value(value) for value in self.session.run_with_ort_values(None, ort_feed)]
-            else:
-                values = self.session.run(None, to_ort_feed(feed))
-        except Exception as error:
-            raise VerificationUnavailable(f"onnxruntime cannot run the {self.label}: {_first_line(error)}") from error
-        return dict(zip(self.output_names, values))
+        return dict(zip(self.output_names, self.session.run(None, feed)))
+
+    def seconds(self, feed: dict[str, np.ndarray], runs: int = 1) -> list[float]:
+        """The time of each of `runs` runs, measured where onnxruntime runs (no transfer counted)."""
+        return self.session.seconds(feed, runs)
 
 
 def _first_line(error: BaseException) -> str:

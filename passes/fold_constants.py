@@ -1,4 +1,6 @@
-"""Constant folding: subgraphs that read only constants are evaluated once, with onnxruntime."""
+"""Constant folding: subgraphs that read only constants are evaluated once, with onnxruntime (in
+its worker process: an evaluation that crashes, hangs or runs out of memory there is a fold not
+taken, and the node stays)."""
 
 from __future__ import annotations
 
@@ -6,11 +8,11 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
-import onnxruntime as ort
 from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter
 
 from onnxslim.graph import interface_tensors, is_empty, is_standard, make_constant, node_subgraphs, tensor_nbytes, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
+from onnxslim.runtime import Session
 
 # Never folded: their value is not a function of their inputs.
 NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Multinomial", "Bernoulli"}
@@ -109,7 +111,7 @@ def _evaluate(nodes: list[gs.Node], opset: int, root: gs.Graph) -> dict[int, np.
     """Values of every output of `nodes`, by tensor id; nodes onnxruntime cannot run are left out."""
     try:
         return _run(nodes, opset, root)
-    except Exception:  # onnxruntime's errors are untyped; fall back to one node at a time
+    except Exception:  # onnxruntime cannot evaluate them all (or a value cannot be handed to it): one at a time
         pass
     values: dict[int, np.ndarray] = {}
     for node in nodes:
@@ -117,7 +119,7 @@ def _evaluate(nodes: list[gs.Node], opset: int, root: gs.Graph) -> dict[int, np.
             continue
         try:
             values.update(_run([node], opset, root, known=values))
-        except Exception:
+        except Exception:  # a crash, hang or error in the worker, or a value it cannot take
             continue  # this node stays; its readers then stay too
     return values
 
@@ -147,28 +149,8 @@ def _run(nodes: list[gs.Node], opset: int, root: gs.Graph, known: dict[int, np.n
     opsets = list(root.import_domains or [onnx.helper.make_opsetid("", opset)])
     model = onnx.helper.make_model(evaluation, opset_imports=opsets)
     model.ir_version = EVALUATION_IR_VERSION
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 4
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    results = session.run(None, {})
-    return {id(tensor): _as_computed(value, output.type) for tensor, value, output in zip(outputs, results, session.get_outputs())}
-
-
-def _as_computed(value: np.ndarray, kind: str) -> np.ndarray:
-    """The value as the type onnxruntime computed: its numpy bridge hands float8e4m3fn back as
-    the uint8 bits, which stored as they are would be a uint8 weight (a DequantizeLinear reads
-    either, and computes something else). A value of another type that cannot be viewed so
-    raises, and its node is not folded."""
-    elem_type = getattr(onnx.TensorProto, kind.removeprefix("tensor(").removesuffix(")").upper(), None)
-    if elem_type is None:
-        return value
-    expected = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
-    if value.dtype == expected or (expected == np.dtype(object) and value.dtype.kind in "OUS"):
-        return value
-    if value.dtype.itemsize != expected.itemsize:
-        raise TypeError(f"onnxruntime returned {value.dtype} for a {kind}")
-    return value.view(expected)
+    results = Session(model, label="constants to fold").run(None, {})
+    return {id(tensor): value for tensor, value in zip(outputs, results)}
 
 
 class _Materialization:

@@ -276,3 +276,15 @@ def test_size_and_latency_hold_for_every_ours_model_and_soundness_for_every_resu
     report["models"][0]["results"][bench_prune.result_key("ours-auto", 0.1)]["pruning"]["surgery_exact"] = False
     sound = bench_prune.summarize(report)["checks"]["sound"]
     assert sound["passed"] is False and "yolov8n-320 ours-auto@0.1" in sound["detail"]
+
+
+def test_bench_optimize_compares_medians_fastest_runs_and_totals():
+    bench_optimize = _load_tool("bench_optimize")
+    before = {"models": {"a": {"optimize": 1.0, "optimize_runs": [1.0, 0.8, 1.2], "optimize_cpu": 1.0, "process": 3.0,
+                               "cpu": 2.0}}}
+    after = {"models": {"a": {"optimize": 1.1, "optimize_runs": [1.1, 0.9, 1.3], "optimize_cpu": 1.02, "process": 3.0,
+                              "cpu": 2.5}}}
+    table = bench_optimize.compare(before, after).splitlines()
+    assert table[2] == ("| a | 1.000 s | 1.100 s | +10.0% | 0.800 s | 0.900 s | +12.5% | 1.000 s | 1.020 s | +2.0% "
+                        "| 3.000 s | 3.000 s | +0.0% | 2.000 s | 2.500 s | +25.0% |")
+    assert table[3].startswith("| total | 1.000 s | 1.100 s | +10.0% |")
