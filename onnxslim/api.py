@@ -17,7 +17,7 @@ import onnx
 import onnx.shape_inference
 
 from .calibration import CalibrationData, Preprocess, fidelity_split
-from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
+from .errors import InputSpecError, ModelLoadError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
@@ -422,12 +422,27 @@ def verify(
     tolerance: float | None = None,
     budget: FidelityBudget | None = None,
 ) -> VerificationReport:
-    """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
+    """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure).
+
+    Both models get the same load-time checks (ModelLoadError names the one that fails them): a
+    candidate that is not valid ONNX is bad input, not a model that computes something else.
+    """
     check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
+    reference, candidate = _load_named(reference, "reference"), _load_named(candidate, "candidate")
     verifier = Verifier(
-        load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+        reference, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )
-    return verifier.check(load(candidate, check=False))
+    return verifier.check(candidate, label="candidate model")
+
+
+def _load_named(model: str | os.PathLike | onnx.ModelProto, role: str) -> onnx.ModelProto:
+    """load(model), with a ModelProto that fails the checks named by its role (a file is named by its path)."""
+    if not isinstance(model, onnx.ModelProto):
+        return load(model)
+    try:
+        return load(model)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"the {role} model: {error}") from error
 
 
 def optimize_file(

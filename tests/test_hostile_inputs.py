@@ -1043,3 +1043,27 @@ def test_corpus_models_onnxruntime_optimized_optimize_and_verify(tmp_path, name,
     result, destination = _optimize_cli(tmp_path, _onnx.load(fused), *(["--verify-shape", shape] if shape else []))
     assert result.exit_code == 0, result.output
     assert destination.is_file()
+
+
+# ----------------------------------------------------------------------------- red team: usage and files
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE_MODELS))
+def test_verify_refuses_a_broken_candidate_as_bad_input_naming_it(usage_folder, hostile):
+    """`verify A B` loaded B without the checks A gets: a B with no IR version or a short weight was
+    'verification failed' (exit 1) with onnxruntime's error and a --no-verify hint verify has not."""
+    model = HOSTILE_MODELS[hostile](usage_folder)
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke("verify", "model.onnx", model.name))
+    assert model.name[:60] in line
+    assert "no-verify" not in line
+    assert _files(usage_folder) == before
+
+
+def test_the_python_api_names_the_broken_model_of_two_protos():
+    broken = _usage_model()
+    broken.ClearField("ir_version")
+    with pytest.raises(onnxslim.ModelLoadError, match="^the candidate model: .*ir_version"):
+        onnxslim.verify(_usage_model(), broken)
+    with pytest.raises(onnxslim.ModelLoadError, match="^the reference model: .*ir_version"):
+        onnxslim.verify(broken, _usage_model())
