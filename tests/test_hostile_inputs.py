@@ -1067,3 +1067,139 @@ def test_the_python_api_names_the_broken_model_of_two_protos():
         onnxslim.verify(_usage_model(), broken)
     with pytest.raises(onnxslim.ModelLoadError, match="^the reference model: .*ir_version"):
         onnxslim.verify(broken, _usage_model())
+
+
+def _located(folder: Path, name: str, location: str) -> Path:
+    """ext.onnx (in `folder`'s parent) saved as folder/name, its weight read from `location`."""
+    model = onnx.load(folder.parent / "ext.onnx", load_external_data=False)
+    entry = next(entry for entry in model.graph.initializer[0].external_data if entry.key == "location")
+    entry.value = location
+    onnx.save(model, folder / name)
+    return folder / name
+
+
+ESCAPING_LOCATIONS = {
+    "absolute": lambda folder: str(folder.parent / "weights.bin"),
+    "../": lambda folder: "../weights.bin",
+    "down then up past the folder": lambda folder: "x/../../weights.bin",
+    "../ to a FIFO": lambda folder: "../fifo",
+    "a link to a file outside": lambda folder: os.symlink(folder.parent / "weights.bin", folder / "link.bin") or "link.bin",
+    "through a linked folder": lambda folder: os.symlink(folder.parent, folder / "up") or "up/weights.bin",
+    "through a linked folder, then ../": lambda folder: os.symlink(folder.parent / "a_folder", folder / "up") or "up/../x",
+}
+
+
+@pytest.mark.parametrize("where", list(ESCAPING_LOCATIONS))
+@pytest.mark.parametrize("command", ["inspect", "optimize", "verify", "prune-plan", "bench"])
+def test_external_data_outside_the_model_folder_is_refused(usage_folder, command, where):
+    """onnx refused most of these itself, but onnxslim looked first (a stat of the file outside):
+    'not a regular file' for a FIFO outside, 'not found in sub' for a name that escapes."""
+    folder = usage_folder / "sub"
+    folder.mkdir()
+    model = _located(folder, "m.onnx", ESCAPING_LOCATIONS[where](folder)).relative_to(usage_folder)
+    args = {"inspect": ["inspect", model], "optimize": ["optimize", model, "out.onnx"],
+            "verify": ["verify", "model.onnx", model], "prune-plan": ["prune-plan", model],
+            "bench": ["bench", model, "--runs", "1", "--warmup", "0"]}[command]
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke(*args))
+    assert ("outside the model's folder: only files in sub are read" in line
+            or "is reached through a link (sub/" in line and "only plain files in sub are read" in line), line
+    assert _files(usage_folder) == before
+    assert not (usage_folder / "out.onnx").exists()
+
+
+def test_external_data_in_the_model_file_itself_with_no_location_or_behind_a_link_inside_is_refused(usage_folder):
+    """onnx reads external data through no link, even one that stays in the folder: one line saying so
+    (onnx's own was 'kernel rejected path')."""
+    folder = usage_folder / "sub"
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(usage_folder / "weights.bin", folder / "data" / "weights.bin")
+    os.symlink("data", folder / "linked")
+    os.symlink("data/weights.bin", folder / "linked.bin")
+    for location, ending in (("m.onnx", "is the model file itself"), ("", "the location is empty"),
+                             ("linked/weights.bin", "only plain files in sub are read"),
+                             ("linked.bin", "only plain files in sub are read")):
+        model = _located(folder, "m.onnx", location).relative_to(usage_folder)
+        assert _assert_usage_error(_invoke("inspect", model)).endswith(ending), location
+    assert _invoke("optimize", _located(folder, "m.onnx", "data/weights.bin"), "out.onnx").exit_code == 0
+
+
+def _wire_cases(tmp_path: Path) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal([160, 160]).astype(np.float32), "w")
+    model = _usage_model(160)
+    typed = _usage_model(160)
+    typed.graph.initializer[0].CopyFrom(helper.make_tensor("w", TensorProto.FLOAT, [160, 160],
+                                                           rng.standard_normal(160 * 160).tolist()))
+    several = _usage_model(160)
+    several.graph.initializer.extend([numpy_helper.from_array(np.ones([3], np.float32), "small"), big,
+                                      helper.make_tensor("typed", TensorProto.INT64, [2], [1, 2])])
+    second = onnx.ModelProto()
+    second.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.zeros([2], np.float32), "extra"))
+    return {
+        "one weight": model.SerializeToString(),
+        "typed values": typed.SerializeToString(),
+        "raw and typed tensors": several.SerializeToString(),
+        # protobuf merges a message field given twice: the graph's initializers are those of both
+        "the graph given twice": several.SerializeToString() + second.SerializeToString(),
+        "raw_data given twice": _raw_data_twice(),
+    }
+
+
+def _raw_data_twice() -> bytes:
+    """_usage_model(160) whose weight's raw_data is written twice, 102,400 bytes then 100: protobuf
+    keeps the last."""
+    model = _usage_model(160)
+    weight = model.graph.initializer.pop()
+    tensor = weight.SerializeToString() + b"\x4a" + _varint_bytes(100) + b"\0" * 100  # field 9, length-delimited
+    graph = b"\x2a" + _varint_bytes(len(tensor)) + tensor  # GraphProto.initializer, field 5
+    return model.SerializeToString() + b"\x3a" + _varint_bytes(len(graph)) + graph  # ModelProto.graph, field 7
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def test_raw_data_lengths_read_from_the_wire_match_what_protobuf_parses(tmp_path):
+    from onnxslim.model import raw_data_lengths
+
+    for name, data in _wire_cases(tmp_path).items():
+        model = onnx.ModelProto.FromString(data)
+        expected = {index: len(tensor.raw_data) for index, tensor in enumerate(model.graph.initializer)
+                    if tensor.HasField("raw_data")}
+        assert raw_data_lengths(data, len(model.graph.initializer)) == expected, name
+    assert raw_data_lengths(b"\x3a\x05\x2a\x10", 1) == {}  # a field past the end: not guessed
+    assert raw_data_lengths(_wire_cases(tmp_path)["one weight"], 2) == {}  # a count that does not agree
+
+
+def test_a_short_weight_is_found_without_reading_it_back(tmp_path, monkeypatch):
+    """The size check takes raw_data's length from the file: a short weight behind a long one of the
+    same tensor (protobuf keeps the last), and a short external one, are still refused."""
+    import onnxslim.model
+
+    (tmp_path / "twice.onnx").write_bytes(_raw_data_twice())
+    with pytest.raises(onnxslim.ModelLoadError, match="holds 100 bytes"):
+        onnxslim.model.load(tmp_path / "twice.onnx")
+    onnx.save(_usage_model(160), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    with open(tmp_path / "w.bin", "r+b") as data_file:
+        data_file.truncate(1000)
+    with pytest.raises(onnxslim.ModelLoadError):
+        onnxslim.model.load(tmp_path / "ext.onnx")
+    # The lengths the load measured are the ones checked: none is read back from the tensor.
+    seen = {}
+    original = onnxslim.model._check_weight_sizes
+    monkeypatch.setattr(onnxslim.model, "_check_weight_sizes",
+                        lambda model, held: seen.update(held) or original(model, held))
+    onnx.save(_usage_model(160), tmp_path / "good.onnx")
+    onnx.save(_usage_model(160), tmp_path / "good_ext.onnx", save_as_external_data=True, location="g.bin",
+              size_threshold=0)
+    onnxslim.model.load(tmp_path / "good.onnx")
+    assert seen == {0: 160 * 160 * 4}
+    seen.clear()
+    onnxslim.model.load(tmp_path / "good_ext.onnx")
+    assert seen == {0: 160 * 160 * 4}
