@@ -6,7 +6,13 @@
     onnxslim.save(model, "model.slim.onnx")
 """
 
-from .api import optimize, optimize_file, resolve_pipeline, verify
+import os as _os
+
+# onnxruntime's telemetry prints a coloured warning of its own to stderr at import when it cannot
+# store its device ID (a HOME the user cannot write, as a service account's); an explicit setting is kept.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+
+from .api import optimize, optimize_file, resolve_pipeline, verify  # noqa: E402 (after the setting above)
 from .errors import (
     InputSpecError,
     ModelLoadError,
