@@ -12,6 +12,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 from typing import NoReturn
@@ -32,6 +33,8 @@ from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
+# C0 and C1 control characters, DEL, and the line separators str.splitlines() also splits at.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Writing failed for want of room: the user's disk, not our bug.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -58,6 +61,7 @@ class OnnxSlimGroup(click.Group):
         closed our stdout (`| head -1`) ends us quietly, and a full disk under stdout is one line."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        self.arguments = list(sys.argv[1:] if args is None else args)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             sys.stdout.flush()  # a write error on stdout surfaces here, not at interpreter exit
@@ -65,22 +69,22 @@ class OnnxSlimGroup(click.Group):
             error.show()
             code = error.exit_code
         except click.UsageError as error:
-            _print_error(error.format_message())
+            _print_error(error.format_message(), self.arguments)
             if error.ctx is not None and error.ctx.command.get_help_option(error.ctx) is not None:
                 click.echo(f"Try '{error.ctx.command_path} --help'.", err=True)
             code = error.exit_code
         except click.ClickException as error:
-            _print_error(error.format_message())
+            _print_error(error.format_message(), self.arguments)
             code = error.exit_code
         except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            _print_error("interrupted")
+            _print_error("interrupted", self.arguments)
             code = INTERRUPTED
         except OSError as error:
             if error.errno == errno.EPIPE:  # the reader has all it wanted: not an error
                 _silence_stdout()
                 code = 0
             elif error.errno in DISK_FULL:
-                _print_error(f"cannot write the output: {error.strerror}")
+                _print_error(f"cannot write the output: {error.strerror}", self.arguments)
                 _silence_stdout()
                 code = UsageError.exit_code
             else:
@@ -95,7 +99,7 @@ class OnnxSlimGroup(click.Group):
         except OnnxSlimError as error:
             if ctx.meta.get("onnxslim.debug"):
                 raise
-            _print_error(str(error))
+            _print_error(str(error), self.arguments)
             ctx.exit(error.exit_code)
         except OSError as error:
             if ctx.meta.get("onnxslim.debug"):
@@ -104,18 +108,18 @@ class OnnxSlimGroup(click.Group):
                 _silence_stdout()
                 ctx.exit(0)
             if error.errno not in DISK_FULL:
-                _report_bug(error)
-            _print_error(f"cannot write the output: {error.strerror}")  # e.g. `onnxslim inspect m.onnx > /dev/full`
+                _report_bug(error, self.arguments)
+            _print_error(f"cannot write the output: {error.strerror}", self.arguments)  # e.g. `onnxslim inspect m.onnx > /dev/full`
             _silence_stdout()  # what stdout still holds would fail again at exit
             ctx.exit(UsageError.exit_code)
         except Exception as error:  # a bug: still one line unless --debug
             if ctx.meta.get("onnxslim.debug"):
                 raise
-            _report_bug(error)
+            _report_bug(error, self.arguments)
 
 
-def _report_bug(error: BaseException) -> NoReturn:
-    _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)")
+def _report_bug(error: BaseException, arguments: list[str]) -> NoReturn:
+    _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)", arguments)
     sys.exit(INTERNAL_ERROR)
 
 
@@ -129,7 +133,12 @@ def _silence_stdout() -> None:
         pass
 
 
-def _print_error(message: str) -> None:
+def _print_error(message: str, arguments: list[str] = ()) -> None:
+    """One line on stderr: the message's first line (a third-party text's summary), or, when an
+    argument holds a control character (a newline in a file name), the whole message with its
+    control characters escaped: cut at the file name's newline, it would name another file."""
+    if any(_CONTROL.search(str(argument)) for argument in arguments):
+        message = _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), message.strip())
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     click.echo(f"onnxslim: error: {first_line}", err=True)
 
