@@ -43,9 +43,9 @@ def resolve_pipeline(
     pipeline: str | Pipeline | None = None, passes: str | None = None, skip: Sequence[str] = ()
 ) -> Pipeline:
     """The pipeline to run: a preset name or pipeline text, replaced by `passes` if given, minus `skip`."""
-    if passes and pipeline is not None:
+    if passes is not None and pipeline is not None:
         raise UsageError("give either a pipeline or a list of passes, not both")
-    if passes:
+    if passes is not None:  # '' too: an empty list is an error, not the default pipeline
         chosen = Pipeline.parse(passes)
     elif isinstance(pipeline, Pipeline):
         chosen = pipeline
