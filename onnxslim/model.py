@@ -284,10 +284,24 @@ def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
     # The skeleton gets an IR version of its own (see weightless_copy): the model's is checked here.
     if not model.HasField("ir_version"):
         raise onnx.checker.ValidationError("the model has no ir_version")
+    _check_opset_imports(model)
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
     set_aside_runtime_ops(skeleton)
     onnx.checker.check_model(skeleton, full_check=full)
+
+
+def _check_opset_imports(model: onnx.ModelProto) -> None:
+    """One version per operator set: the checker accepts a domain imported twice at two versions,
+    and then the passes read one (the first) while onnxruntime may run the other."""
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        domain = "" if entry.domain in ONNX_DOMAINS else entry.domain
+        if versions.setdefault(domain, entry.version) != entry.version:
+            raise onnx.checker.ValidationError(
+                f"the model imports operator set '{domain or 'ai.onnx'}' at two versions, "
+                f"{versions[domain]} and {entry.version}"
+            )
 
 
 # The domain runtime_only ops are moved to for the checker, which checks no node of a domain it does not know.

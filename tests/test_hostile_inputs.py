@@ -1203,3 +1203,103 @@ def test_a_short_weight_is_found_without_reading_it_back(tmp_path, monkeypatch):
     seen.clear()
     onnxslim.model.load(tmp_path / "good_ext.onnx")
     assert seen == {0: 160 * 160 * 4}
+
+
+def test_onnxruntime_prints_nothing_at_import_where_home_cannot_be_written(tmp_path):
+    """A service account's HOME (here /dev/null, which even root cannot write under): onnxruntime's
+    telemetry printed its own coloured 'Failed to persist telemetry device ID' line on every command."""
+    onnx.save(_usage_model(), tmp_path / "model.onnx")
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    environment["HOME"] = "/dev/null"
+    finished = subprocess.run([sys.executable, "-m", "onnxslim.cli", "optimize", "model.onnx", "out.onnx"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=environment)
+    assert (finished.returncode, finished.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("args", [["inspect", "missing\nname.onnx"], ["optimize", "model.onnx", "no\nfolder/out.onnx"],
+                                  ["optimize", "model.onnx", "out.onnx", "--passes", "fold\nconstants"]])
+def test_a_control_character_in_an_argument_is_escaped_not_a_line_break(usage_folder, args):
+    """The error line was cut at the newline in the file name: 'no such file: missing' named
+    another file."""
+    line = _assert_usage_error(_invoke(*args))
+    assert next(argument for argument in args if "\n" in argument).replace("\n", "\\n") in line, line
+
+
+def test_arguments_with_spaces_unicode_and_leading_dashes_are_plain_file_names(usage_folder):
+    shutil.copy("model.onnx", "my model ü.onnx")
+    shutil.copy("model.onnx", "-dash.onnx")
+    assert _invoke("optimize", "my model ü.onnx", "out ü.onnx").exit_code == 0
+    assert _invoke("optimize", "--", "-dash.onnx", "-out.onnx").exit_code == 0
+    assert onnx.load("out ü.onnx").graph.node and onnx.load("-out.onnx").graph.node
+
+
+def test_a_model_importing_an_operator_set_at_two_versions_is_refused(usage_folder):
+    """The checker accepts it; the passes read the first version, onnxruntime may run the other."""
+    model = _usage_model()
+    model.opset_import.append(helper.make_opsetid("ai.onnx", 13))
+    onnx.save(model, "two_opsets.onnx")
+    for args in (["inspect", "two_opsets.onnx"], ["optimize", "two_opsets.onnx", "out.onnx"],
+                 ["verify", "model.onnx", "two_opsets.onnx"]):
+        assert "at two versions, 17 and 13" in _assert_usage_error(_invoke(*args))
+
+
+def test_ten_thousand_operator_sets_are_a_model_like_any_other(usage_folder):
+    model = _usage_model()
+    model.opset_import.extend(helper.make_opsetid(f"domain{index}", 1) for index in range(10_000))
+    onnx.save(model, "opsets.onnx")
+    assert _invoke("optimize", "opsets.onnx", "out.onnx").exit_code == 0
+
+
+def _dynamic_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--verify-shape", "x:1,,4", "dims must be integers"),  # the empty dim was dropped: x:1,4
+    ("--verify-shape", "x:,4", "dims must be integers"),
+    ("--verify-shape", "x:1,3", "dim 1 is fixed at 4, the given shape says 3"),  # was onnxruntime's INVALID_ARGUMENT
+    ("--input-shape", "x:1,,4", "dims must be integers"),
+    ("--passes", "", "the pipeline is empty"),  # ran the default pipeline
+    ("--passes", "fold-constants{size_cap=1,size-cap=2}", "option 'size_cap' twice"),  # the last one won
+    ("--samples", "1000000000", "give fewer --samples"),  # took 16 GB of memory before it was stopped
+])
+def test_shapes_pipelines_and_counts_that_were_taken_silently_or_too_late_are_refused(usage_folder, option, value,
+                                                                                     expected):
+    onnx.save(_dynamic_model(), "dynamic.onnx")
+    line = _assert_usage_error(_invoke("optimize", "dynamic.onnx", "out.onnx", option, value))
+    assert expected in line, line
+    assert not Path("out.onnx").exists()
+
+
+def test_a_shape_given_twice_is_refused_not_overridden(usage_folder):
+    onnx.save(_dynamic_model(), "dynamic.onnx")
+    for option in ("--verify-shape", "--input-shape"):
+        line = _assert_usage_error(_invoke("optimize", "dynamic.onnx", "out.onnx", option, "x:1,4", option, "x:2,4"))
+        assert "the shape of 'x' is given twice (x:1,4 and x:2,4)" in line
+    assert "given twice" in _assert_usage_error(_invoke("bench", "dynamic.onnx", "--input-shape", "x:1,4",
+                                                        "--input-shape", "x:3,4"))
+
+
+def test_a_scalar_shape_and_a_name_with_colons_still_parse():
+    from onnxslim.verify import parse_shape_specs
+
+    assert parse_shape_specs(["s:", "a:b:2x4", "x: 1, 3"]) == {"s": [], "a:b": [2, 4], "x": [1, 3]}
+
+
+def test_huge_sample_counts_are_refused_before_anything_is_allocated(usage_folder):
+    for args in (["bench", "model.onnx", "--samples", "99999999999"],
+                 ["verify", "model.onnx", "model.onnx", "--samples", "10000000"],
+                 ["optimize", "model.onnx", "out.onnx", "--quantize", "int8", "--calibration", "random",
+                  "--calibration-limit", "1000000000"]):
+        _assert_usage_error(_invoke(*args))
+
+
+def test_a_pipeline_text_of_100_kb_gives_a_short_line(usage_folder):
+    for text in ("x" * 100_000, "fixpoint(" + "x" * 100_000, "fold-constants{" + "k" * 100_000 + "=1}",
+                 "fold-constants," + "é" * 100_000):
+        line = _assert_usage_error(_invoke("optimize", "model.onnx", "out.onnx", "--passes", text))
+        assert len(line) < 1000, len(line)
