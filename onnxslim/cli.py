@@ -1,10 +1,12 @@
 """The `onnxslim` command line: parsing and printing only; the work is done by the Python API.
 
-Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug).
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as from a build system or a service manager).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -13,7 +15,9 @@ import json
 import math
 import os
 import re
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -33,6 +37,7 @@ from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended
 # C0 and C1 control characters, DEL, and the line separators str.splitlines() also splits at.
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Writing failed for want of room: the user's disk, not our bug.
@@ -62,6 +67,7 @@ class OnnxSlimGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         self.arguments = list(sys.argv[1:] if args is None else args)
+        previous = _on_sigterm(_raise_terminated)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             sys.stdout.flush()  # a write error on stdout surfaces here, not at interpreter exit
@@ -76,9 +82,10 @@ class OnnxSlimGroup(click.Group):
         except click.ClickException as error:
             _print_error(error.format_message(), self.arguments)
             code = error.exit_code
-        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            _print_error("interrupted", self.arguments)
-            code = INTERRUPTED
+        except (click.Abort, KeyboardInterrupt) as error:  # click turns Ctrl-C into Abort (outside a command)
+            terminated = isinstance(error, Terminated) or isinstance(error.__cause__, Terminated)
+            _print_error("terminated" if terminated else "interrupted", self.arguments)
+            code = TERMINATED if terminated else INTERRUPTED
         except OSError as error:
             if error.errno == errno.EPIPE:  # the reader has all it wanted: not an error
                 _silence_stdout()
@@ -89,6 +96,8 @@ class OnnxSlimGroup(click.Group):
                 code = UsageError.exit_code
             else:
                 raise
+        finally:
+            _on_sigterm(previous)
         sys.exit(code or 0)
 
     def invoke(self, ctx: click.Context):
@@ -96,6 +105,11 @@ class OnnxSlimGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, after the cleanup it unwound through
+            terminated = isinstance(error, Terminated)
+            _on_sigterm(signal.SIG_IGN)  # a second SIGTERM must not cut our last line short
+            _print_error("terminated" if terminated else "interrupted", self.arguments)
+            ctx.exit(TERMINATED if terminated else INTERRUPTED)
         except OnnxSlimError as error:
             if ctx.meta.get("onnxslim.debug"):
                 raise
@@ -116,6 +130,27 @@ class OnnxSlimGroup(click.Group):
             if ctx.meta.get("onnxslim.debug"):
                 raise
             _report_bug(error, self.arguments)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the command is, so it unwinds as Ctrl-C does: temp files and
+    staged outputs are removed on the way out (the default action kills at once, leaving them)."""
+
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    _on_sigterm(signal.SIG_IGN)  # once: a second SIGTERM during the cleanup would cut it short
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the one it replaces (None where Python cannot
+    handle signals: not the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
 
 
 def _report_bug(error: BaseException, arguments: list[str]) -> NoReturn:
@@ -468,13 +503,17 @@ def optimize(
         if isinstance(error.report, OptimizeReport) and not quiet:
             _print_optimize_report(error.report)
         raise
-    if json_path:
-        _write_text(json_path, report.to_json())
-    if prune_plot is not None:
-        try:
-            plot_report(report.pruning, prune_plot)
-        except OSError as error:
-            raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
+    try:
+        if json_path:
+            _write_text(json_path, report.to_json())
+        if prune_plot is not None:
+            try:
+                with _staged(prune_plot) as staged:
+                    plot_report(report.pruning, staged)
+            except OSError as error:
+                raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
+    except UsageError as error:  # e.g. the disk filled up after the model was written
+        raise UsageError(f"{error} (the model was written to {destination})") from error
     if not quiet:
         _print_optimize_report(report)
     console.print(_verdict_line(report))
@@ -510,6 +549,8 @@ def _check_outputs(models: list[Path], outputs: list[tuple[Path | None, str]], c
     for index, (path, what) in enumerate(outputs):
         if path is None:
             continue
+        if str(path) == "-":  # would be a file named '-'
+            raise UsageError(f"the {what} cannot go to stdout ('-'): give a file path")
         if index >= checked:
             check_output_path(path, what, taken)
         taken.append((path, f"the {what}"))
@@ -525,9 +566,21 @@ def _check_plot_path(path: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(text + "\n")
+        with _staged(path) as staged:
+            staged.write_text(text + "\n")
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A path to write `path`'s content to, in a temp folder beside it, moved onto `path` when the
+    block ends without an error and removed otherwise: a full disk or Ctrl-C midway leaves neither
+    a half-written report (a CI would read a truncated JSON) nor the temp file."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxslim-") as staging:
+        staged = Path(staging) / path.name
+        yield staged
+        os.replace(staged, path)
 
 
 @cli.command()
