@@ -147,6 +147,12 @@ def _external_data_file_size(path: Path, location: str, named: str) -> int:
         raise ModelLoadError(f"{named} cannot be read: {error.strerror or error}") from error
     if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
         raise ModelLoadError(f"{named} is not a regular file")
+    # onnx refuses these too, in words that do not say why ('kernel rejected path').
+    if status.st_nlink > 1:  # the other name may be anywhere: the data would come from outside the folder
+        raise ModelLoadError(f"{named} has {status.st_nlink} hard links: onnx reads external data only from a "
+                             "file with one name")
+    if not os.access(data_file, os.R_OK):
+        raise ModelLoadError(f"{named} cannot be read: permission denied")
     return status.st_size
 
 
@@ -462,7 +468,9 @@ def save(
             else:
                 onnx.save_model(model, str(staged))
             os.replace(staged, path)
-    except (OSError, ValueError) as error:
+    except OSError as error:  # the temp folder and what was staged in it are gone
+        raise ModelSaveError(f"cannot write {path}: {error.strerror or _first_line(error)}") from error
+    except ValueError as error:
         raise ModelSaveError(f"cannot write {path}: {_first_line(error)}") from error
     return path
 

@@ -1303,3 +1303,126 @@ def test_a_pipeline_text_of_100_kb_gives_a_short_line(usage_folder):
                  "fold-constants," + "é" * 100_000):
         line = _assert_usage_error(_invoke("optimize", "model.onnx", "out.onnx", "--passes", text))
         assert len(line) < 1000, len(line)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temp files or folders onnxslim stages its outputs in."""
+    return sorted(path.name for path in folder.rglob(".onnxslim-*"))
+
+
+def _failing_write(failure: BaseException):
+    """A stand-in for onnx.save_model that writes half a model, then fails as a full disk or a Ctrl-C would."""
+    def save_model(model, path, *args, **kwargs):
+        Path(path).write_bytes(model.SerializeToString()[:10])
+        raise failure
+
+    return save_model
+
+
+@pytest.mark.parametrize(("failure", "code", "message"), [
+    (OSError(28, "No space left on device"), 2, "cannot write out.onnx: No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+@pytest.mark.parametrize("external", [False, True])
+def test_a_write_that_fails_midway_leaves_no_output_and_no_temp_file(usage_folder, monkeypatch, failure, code, message,
+                                                                     external):
+    before = _files(usage_folder)
+    monkeypatch.setattr(onnx, "save_model", _failing_write(failure))
+    result = _invoke("optimize", "ext.onnx", "out.onnx", *(["--external-data"] if external else []))
+    assert _assert_usage_error(result, code) == f"onnxslim: error: {message}"
+    assert _files(usage_folder) == before
+    assert not Path("out.onnx").exists() and not Path("out.onnx.data").exists()
+    assert _leftovers(usage_folder) == []
+
+
+@pytest.mark.parametrize("command", [["verify", "model.onnx", "model.onnx"], ["bench", "model.onnx", "--runs", "1"],
+                                     ["optimize", "model.onnx", "out.onnx"]])
+def test_a_report_the_disk_cannot_hold_is_not_left_half_written(usage_folder, monkeypatch, command):
+    """A full disk left an empty --json report behind (a CI would read it); after `optimize` has
+    written the model, the line says so."""
+    def write_text(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    line = _assert_usage_error(_invoke(*command, "--json", "report.json"))
+    assert line.startswith("onnxslim: error: cannot write report.json: No space left on device"), line
+    assert not Path("report.json").exists()
+    assert _leftovers(usage_folder) == []
+    if command[0] == "optimize":
+        assert line.endswith("(the model was written to out.onnx)")
+
+
+@pytest.mark.parametrize("option", ["--json"])
+@pytest.mark.parametrize("command", [["verify", "model.onnx", "model.onnx"], ["bench", "model.onnx", "--runs", "1"],
+                                     ["optimize", "model.onnx", "out.onnx"]])
+def test_a_report_to_stdout_is_refused_not_written_to_a_file_named_dash(usage_folder, command, option):
+    line = _assert_usage_error(_invoke(*command, option, "-"))
+    assert "cannot go to stdout ('-')" in line
+    assert not Path("-").exists() and not Path("out.onnx").exists()
+
+
+_SIGTERM_SCRIPT = """
+import sys, time, onnx, onnxslim
+from pathlib import Path
+from onnxslim.cli import main
+
+def stuck(model, path, *args, **kwargs):  # half the model written, then a long wait
+    Path(path).write_bytes(model.SerializeToString()[:10])
+    Path("started").touch()
+    time.sleep(60)
+
+if sys.argv[1] == "write":
+    onnx.save_model = stuck
+else:
+    @onnxslim.register_pass("test-wait-for-sigterm")
+    def wait(graph, ctx):
+        Path("started").touch()
+        time.sleep(60)
+        return onnxslim.PassResult()
+sys.argv = ["onnxslim", "optimize", "model.onnx", "out.onnx", "--json", "report.json",
+            *(["--passes", "test-wait-for-sigterm"] if sys.argv[1] == "pass" else [])]
+main()
+"""
+
+
+@pytest.mark.parametrize("during", ["pass", "write"])
+def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_exit_code(tmp_path, during):
+    """A build system or a service manager stops a job with SIGTERM: its default action killed
+    onnxslim at once, leaving the staged output in .onnxslim-* beside the destination, and no line."""
+    onnx.save(_usage_model(), tmp_path / "model.onnx")
+    before = _files(tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, during], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists(), process.communicate(timeout=10)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.splitlines() == ["onnxslim: error: terminated"]
+    (tmp_path / "started").unlink()
+    assert _files(tmp_path) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_external_data_with_two_hard_links_or_that_cannot_be_read_is_refused_in_our_words(usage_folder):
+    """onnx refuses both, saying 'kernel rejected path' for a file it may not read, and calling a
+    second hard link 'a potential hardlink attack'."""
+    os.link("weights.bin", "a_folder/second_name.bin")
+    line = _assert_usage_error(_invoke("inspect", "ext.onnx"))
+    assert line.endswith("'weights.bin' (tensor 'w') has 2 hard links: onnx reads external data only from a file "
+                         "with one name")
+    os.unlink("a_folder/second_name.bin")
+    if os.geteuid() == 0:
+        return  # root reads every file
+    os.chmod("weights.bin", 0)
+    try:
+        assert _assert_usage_error(_invoke("inspect", "ext.onnx")).endswith("cannot be read: permission denied")
+    finally:
+        os.chmod("weights.bin", 0o644)
