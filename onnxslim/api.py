@@ -202,7 +202,8 @@ def _check_dump_folders(source, *folders) -> None:
                 raise UsageError(f"the dump folder {folder} is a file, not a folder")
         except OSError as error:
             raise UsageError(f"cannot use the dump folder {folder}: {error.strerror or error}") from error
-        for file, description in reads:
+        # A link to a dump is the dump: its target is what the dumps of this run would replace.
+        for file, description in [(Path(os.path.realpath(file)), description) for file, description in reads] + reads:
             if DUMP_NAME.fullmatch(file.name) and same_file(file.parent, folder):
                 raise UsageError(f"the dump folder {folder} holds {description} ({file.name}), which a dump "
                                  "of this run could overwrite; choose another folder")

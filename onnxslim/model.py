@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.defs
+import onnx.parser
 import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
@@ -55,8 +56,10 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> 
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from error
     serialization = _serialization_format(path)
     try:
-        model = onnx.load_model_from_string(data, format=serialization)
-    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
+        with warnings.catch_warnings():  # onnx calls its onnxtxt reader experimental, on stderr
+            warnings.simplefilter("ignore")
+            model = onnx.load_model_from_string(data, format=serialization)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError, onnx.parser.ParseError) as error:
         raise ModelLoadError(f"{path} is not an ONNX model (it does not parse: {_first_line(error)})") from error
     if not model.HasField("graph"):
         raise ModelLoadError(f"{path} is not an ONNX model (it has no graph)")

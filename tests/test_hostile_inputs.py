@@ -1426,3 +1426,26 @@ def test_external_data_with_two_hard_links_or_that_cannot_be_read_is_refused_in_
         assert _assert_usage_error(_invoke("inspect", "ext.onnx")).endswith("cannot be read: permission denied")
     finally:
         os.chmod("weights.bin", 0o644)
+
+
+def test_a_run_on_a_link_to_a_dump_never_overwrites_the_dump(usage_folder):
+    """The dump-folder check compared the link's own folder and name: a link beside the dump folder
+    let this run's dumps replace the dump it reads."""
+    assert _invoke("optimize", "model.onnx", "out.onnx", "--dump-dir", "dumps").exit_code == 0
+    os.symlink("dumps/000-input.onnx", "linked.onnx")
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke("optimize", "linked.onnx", "again.onnx", "--dump-dir", "dumps"))
+    assert "000-input.onnx" in line
+    assert _files(usage_folder) == before
+
+
+def test_text_format_models_load_and_a_broken_one_is_bad_input(usage_folder):
+    """Loading reads the file's bytes itself now (for the weights' lengths); onnx's text formats,
+    chosen by the file's extension, still go through onnx's own readers. A file that onnx's
+    onnxtxt reader cannot parse was an internal error (its ParseError), after onnx's warning."""
+    onnx.save(_usage_model(), "model.txtpb", format="textproto")
+    onnx.save(_usage_model(), "model.onnxtxt", format="onnxtxt")
+    assert _invoke("inspect", "model.txtpb").exit_code == 0
+    assert _invoke("inspect", "model.onnxtxt").exit_code == 0
+    onnx.save(_usage_model(), "textproto.onnxtxt", format="textproto")
+    assert "textproto.onnxtxt is not an ONNX model" in _assert_usage_error(_invoke("inspect", "textproto.onnxtxt"))
