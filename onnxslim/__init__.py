@@ -6,11 +6,17 @@
     onnxslim.save(model, "model.slim.onnx")
 """
 
-from . import runtime as _runtime
+import os as _os
+
+# onnxruntime's telemetry prints a coloured warning of its own to stderr at import when it cannot
+# store its device ID (a HOME the user cannot write, as a service account's); an explicit setting is kept.
+_os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # the worker inherits it
+
+from . import runtime as _runtime  # noqa: E402 (after the setting above)
 
 _runtime.start_early()  # before the imports below, which its own import of onnxruntime overlaps
 
-from .api import optimize, optimize_file, resolve_pipeline, verify
+from .api import optimize, optimize_file, resolve_pipeline, verify  # noqa: E402
 from .errors import (
     InputSpecError,
     ModelLoadError,

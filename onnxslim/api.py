@@ -18,7 +18,7 @@ import onnx.shape_inference
 
 from . import runtime
 from .calibration import CalibrationData, Preprocess, fidelity_split
-from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
+from .errors import InputSpecError, ModelLoadError, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
@@ -44,9 +44,9 @@ def resolve_pipeline(
     pipeline: str | Pipeline | None = None, passes: str | None = None, skip: Sequence[str] = ()
 ) -> Pipeline:
     """The pipeline to run: a preset name or pipeline text, replaced by `passes` if given, minus `skip`."""
-    if passes and pipeline is not None:
+    if passes is not None and pipeline is not None:
         raise UsageError("give either a pipeline or a list of passes, not both")
-    if passes:
+    if passes is not None:  # '' too: an empty list is an error, not the default pipeline
         chosen = Pipeline.parse(passes)
     elif isinstance(pipeline, Pipeline):
         chosen = pipeline
@@ -204,7 +204,8 @@ def _check_dump_folders(source, *folders) -> None:
                 raise UsageError(f"the dump folder {folder} is a file, not a folder")
         except OSError as error:
             raise UsageError(f"cannot use the dump folder {folder}: {error.strerror or error}") from error
-        for file, description in reads:
+        # A link to a dump is the dump: its target is what the dumps of this run would replace.
+        for file, description in [(Path(os.path.realpath(file)), description) for file, description in reads] + reads:
             if DUMP_NAME.fullmatch(file.name) and same_file(file.parent, folder):
                 raise UsageError(f"the dump folder {folder} holds {description} ({file.name}), which a dump "
                                  "of this run could overwrite; choose another folder")
@@ -424,13 +425,28 @@ def verify(
     tolerance: float | None = None,
     budget: FidelityBudget | None = None,
 ) -> VerificationReport:
-    """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure)."""
+    """Compare `candidate` with `reference` in onnxruntime; returns the report (it does not raise on failure).
+
+    Both models get the same load-time checks (ModelLoadError names the one that fails them): a
+    candidate that is not valid ONNX is bad input, not a model that computes something else.
+    """
     check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
     runtime.start()
+    reference, candidate = _load_named(reference, "reference"), _load_named(candidate, "candidate")
     verifier = Verifier(
-        load(reference), inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
+        reference, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
     )
-    return verifier.check(load(candidate, check=False))
+    return verifier.check(candidate, label="candidate model")
+
+
+def _load_named(model: str | os.PathLike | onnx.ModelProto, role: str) -> onnx.ModelProto:
+    """load(model), with a ModelProto that fails the checks named by its role (a file is named by its path)."""
+    if not isinstance(model, onnx.ModelProto):
+        return load(model)
+    try:
+        return load(model)
+    except ModelLoadError as error:
+        raise ModelLoadError(f"the {role} model: {error}") from error
 
 
 def optimize_file(

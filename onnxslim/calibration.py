@@ -41,6 +41,9 @@ NPY_SUFFIX = ".npy"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 DEFAULT_BINS = 2048
 DEFAULT_RANDOM_SAMPLES = 8
+# Random samples are for smoke tests; past this many, a count is a typo (--calibration-limit 1000000000
+# built a billion samples' list before anything ran).
+MAX_RANDOM_SAMPLES = 10_000
 # Skipped samples named in the warning line; the rest are counted.
 SKIPPED_SHOWN = 3
 
@@ -593,6 +596,9 @@ class CalibrationData:
         model = load(model, check=False)
         if count < 1:
             raise InputSpecError(f"count={count}: give a positive number of random samples")
+        if count > MAX_RANDOM_SAMPLES:
+            raise InputSpecError(f"{count:,} random calibration samples: random data is for smoke tests, "
+                                 f"give at most {MAX_RANDOM_SAMPLES:,} (--calibration-limit)")
         resolved, _ = random_shapes(input_specs(model), dict(shapes or {}))
         logger.warning(
             "CALIBRATING ON RANDOM DATA (%d samples, seed %d): the ranges will not fit real inputs and the "

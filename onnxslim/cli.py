@@ -1,10 +1,12 @@
 """The `onnxslim` command line: parsing and printing only; the work is done by the Python API.
 
-Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug).
+Exit codes: 0 success, 1 verification failed, 2 bad input or usage, 3 internal error (a bug),
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM, as from a build system or a service manager).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import importlib.util
@@ -12,7 +14,10 @@ import io
 import json
 import math
 import os
+import re
+import signal
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn
 
@@ -32,6 +37,9 @@ from .verify import FidelityBudget, VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
+TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended
+# C0 and C1 control characters, DEL, and the line separators str.splitlines() also splits at.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 # Writing failed for want of room: the user's disk, not our bug.
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
@@ -58,6 +66,8 @@ class OnnxSlimGroup(click.Group):
         closed our stdout (`| head -1`) ends us quietly, and a full disk under stdout is one line."""
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        self.arguments = list(sys.argv[1:] if args is None else args)
+        previous = _on_sigterm(_raise_terminated)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             sys.stdout.flush()  # a write error on stdout surfaces here, not at interpreter exit
@@ -65,26 +75,29 @@ class OnnxSlimGroup(click.Group):
             error.show()
             code = error.exit_code
         except click.UsageError as error:
-            _print_error(error.format_message())
+            _print_error(error.format_message(), self.arguments)
             if error.ctx is not None and error.ctx.command.get_help_option(error.ctx) is not None:
                 click.echo(f"Try '{error.ctx.command_path} --help'.", err=True)
             code = error.exit_code
         except click.ClickException as error:
-            _print_error(error.format_message())
+            _print_error(error.format_message(), self.arguments)
             code = error.exit_code
-        except (click.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
-            _print_error("interrupted")
-            code = INTERRUPTED
+        except (click.Abort, KeyboardInterrupt) as error:  # click turns Ctrl-C into Abort (outside a command)
+            terminated = isinstance(error, Terminated) or isinstance(error.__cause__, Terminated)
+            _print_error("terminated" if terminated else "interrupted", self.arguments)
+            code = TERMINATED if terminated else INTERRUPTED
         except OSError as error:
             if error.errno == errno.EPIPE:  # the reader has all it wanted: not an error
                 _silence_stdout()
                 code = 0
             elif error.errno in DISK_FULL:
-                _print_error(f"cannot write the output: {error.strerror}")
+                _print_error(f"cannot write the output: {error.strerror}", self.arguments)
                 _silence_stdout()
                 code = UsageError.exit_code
             else:
                 raise
+        finally:
+            _on_sigterm(previous)
         sys.exit(code or 0)
 
     def invoke(self, ctx: click.Context):
@@ -92,13 +105,15 @@ class OnnxSlimGroup(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except KeyboardInterrupt:  # caught here, before click's main prints a blank line for it
-            _print_error("interrupted")
-            ctx.exit(INTERRUPTED)
+        except KeyboardInterrupt as error:  # Ctrl-C or SIGTERM, after the cleanup it unwound through
+            terminated = isinstance(error, Terminated)
+            _on_sigterm(signal.SIG_IGN)  # a second SIGTERM must not cut our last line short
+            _print_error("terminated" if terminated else "interrupted", self.arguments)
+            ctx.exit(TERMINATED if terminated else INTERRUPTED)
         except OnnxSlimError as error:
             if ctx.meta.get("onnxslim.debug"):
                 raise
-            _print_error(str(error))
+            _print_error(str(error), self.arguments)
             ctx.exit(error.exit_code)
         except OSError as error:
             if ctx.meta.get("onnxslim.debug"):
@@ -107,18 +122,39 @@ class OnnxSlimGroup(click.Group):
                 _silence_stdout()
                 ctx.exit(0)
             if error.errno not in DISK_FULL:
-                _report_bug(error)
-            _print_error(f"cannot write the output: {error.strerror}")  # e.g. `onnxslim inspect m.onnx > /dev/full`
+                _report_bug(error, self.arguments)
+            _print_error(f"cannot write the output: {error.strerror}", self.arguments)  # e.g. `onnxslim inspect m.onnx > /dev/full`
             _silence_stdout()  # what stdout still holds would fail again at exit
             ctx.exit(UsageError.exit_code)
         except Exception as error:  # a bug: still one line unless --debug
             if ctx.meta.get("onnxslim.debug"):
                 raise
-            _report_bug(error)
+            _report_bug(error, self.arguments)
 
 
-def _report_bug(error: BaseException) -> NoReturn:
-    _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)")
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised wherever the command is, so it unwinds as Ctrl-C does: temp files and
+    staged outputs are removed on the way out (the default action kills at once, leaving them)."""
+
+
+def _raise_terminated(signum, frame) -> NoReturn:
+    _on_sigterm(signal.SIG_IGN)  # once: a second SIGTERM during the cleanup would cut it short
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the one it replaces (None where Python cannot
+    handle signals: not the main thread)."""
+    if handler is None:
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def _report_bug(error: BaseException, arguments: list[str]) -> NoReturn:
+    _print_error(f"internal error: {type(error).__name__}: {error} (run again with --debug for the traceback)", arguments)
     sys.exit(INTERNAL_ERROR)
 
 
@@ -132,7 +168,12 @@ def _silence_stdout() -> None:
         pass
 
 
-def _print_error(message: str) -> None:
+def _print_error(message: str, arguments: list[str] = ()) -> None:
+    """One line on stderr: the message's first line (a third-party text's summary), or, when an
+    argument holds a control character (a newline in a file name), the whole message with its
+    control characters escaped: cut at the file name's newline, it would name another file."""
+    if any(_CONTROL.search(str(argument)) for argument in arguments):
+        message = _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), message.strip())
     first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
     click.echo(f"onnxslim: error: {first_line}", err=True)
 
@@ -462,13 +503,17 @@ def optimize(
         if isinstance(error.report, OptimizeReport) and not quiet:
             _print_optimize_report(error.report)
         raise
-    if json_path:
-        _write_text(json_path, report.to_json())
-    if prune_plot is not None:
-        try:
-            plot_report(report.pruning, prune_plot)
-        except OSError as error:
-            raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
+    try:
+        if json_path:
+            _write_text(json_path, report.to_json())
+        if prune_plot is not None:
+            try:
+                with _staged(prune_plot) as staged:
+                    plot_report(report.pruning, staged)
+            except OSError as error:
+                raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
+    except UsageError as error:  # e.g. the disk filled up after the model was written
+        raise UsageError(f"{error} (the model was written to {destination})") from error
     if not quiet:
         _print_optimize_report(report)
     console.print(_verdict_line(report))
@@ -504,6 +549,8 @@ def _check_outputs(models: list[Path], outputs: list[tuple[Path | None, str]], c
     for index, (path, what) in enumerate(outputs):
         if path is None:
             continue
+        if str(path) == "-":  # would be a file named '-'
+            raise UsageError(f"the {what} cannot go to stdout ('-'): give a file path")
         if index >= checked:
             check_output_path(path, what, taken)
         taken.append((path, f"the {what}"))
@@ -519,9 +566,21 @@ def _check_plot_path(path: Path) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     try:
-        path.write_text(text + "\n")
+        with _staged(path) as staged:
+            staged.write_text(text + "\n")
     except OSError as error:
         raise UsageError(f"cannot write {path}: {error.strerror or error}") from error
+
+
+@contextlib.contextmanager
+def _staged(path: Path):
+    """A path to write `path`'s content to, in a temp folder beside it, moved onto `path` when the
+    block ends without an error and removed otherwise: a full disk or Ctrl-C midway leaves neither
+    a half-written report (a CI would read a truncated JSON) nor the temp file."""
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".onnxslim-") as staging:
+        staged = Path(staging) / path.name
+        yield staged
+        os.replace(staged, path)
 
 
 @cli.command()

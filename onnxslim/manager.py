@@ -90,7 +90,7 @@ class PassSpec:
         unknown = set(options) - set(self.options)
         if unknown:
             raise PipelineError(
-                f"pass '{self.name}' has no option {', '.join(sorted(unknown))}"
+                f"pass '{self.name}' has no option {', '.join(_quoted(key)[1:-1] for key in sorted(unknown))}"
                 f" (it takes: {', '.join(self.options) or 'none'})"
             )
         return {key: _checked_option(self.name, key, value, self.options[key]) for key, value in options.items()}
@@ -98,7 +98,7 @@ class PassSpec:
 
 def _checked_option(pass_name: str, key: str, value, default):
     def refuse(expected: str):
-        return PipelineError(f"pass '{pass_name}' option {key} takes {expected}, not {_format_value(value)!r}")
+        return PipelineError(f"pass '{pass_name}' option {key} takes {expected}, not {_quoted(_format_value(value))}")
 
     if default is None:  # nothing declared
         return value
@@ -181,7 +181,7 @@ def get_pass(name: str) -> PassSpec:
         return _REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(_REGISTRY))
-        raise PipelineError(f"unknown pass '{name}' (known passes: {known})") from None
+        raise PipelineError(f"unknown pass {_quoted(name)} (known passes: {known})") from None
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -316,6 +316,14 @@ def _format_value(value) -> str:
     return str(value)
 
 
+def _quoted(text: str | None, limit: int = 80) -> str:
+    """`text` quoted for a one-line error, cut to `limit` characters (a pipeline text may be 100 KB)."""
+    if text is None:
+        return "the end"
+    shown = repr(text)
+    return shown if len(shown) <= limit else shown[: limit - 4] + "...'"
+
+
 def _parse_value(text: str):
     lowered = text.lower()
     if lowered in ("true", "false"):
@@ -336,6 +344,8 @@ class _PipelineParser:
     def __init__(self, text: str):
         self.text = text
         self.tokens = self._tokenize(text)
+        if not self.tokens:  # `--passes ''` ran the default pipeline
+            raise PipelineError("the pipeline is empty: name at least one pass")
         self.position = 0
         self.depth = 0
 
@@ -346,7 +356,7 @@ class _PipelineParser:
                 break
             match = self.TOKEN.match(text, position)
             if not match:
-                raise PipelineError(f"cannot parse pipeline {text!r} at {text[position:]!r}")
+                raise PipelineError(f"cannot parse pipeline {_quoted(text)} at {_quoted(text[position:])}")
             tokens.append(match.group(1))
             position = match.end()
         return tokens
@@ -358,7 +368,7 @@ class _PipelineParser:
         token = self._peek()
         if token is None or (expected is not None and token != expected):
             wanted = f"'{expected}'" if expected else "more"
-            raise PipelineError(f"cannot parse pipeline {self.text!r}: expected {wanted}, found {token!r}")
+            raise PipelineError(f"cannot parse pipeline {_quoted(self.text)}: expected {wanted}, found {_quoted(token)}")
         self.position += 1
         return token
 
@@ -368,20 +378,20 @@ class _PipelineParser:
             self._take(",")
             steps.append(self.step())
         if closing is None and self._peek() is not None:
-            raise PipelineError(f"cannot parse pipeline {self.text!r}: unexpected {self._peek()!r}")
+            raise PipelineError(f"cannot parse pipeline {_quoted(self.text)}: unexpected {_quoted(self._peek())}")
         return steps
 
     def step(self) -> Step:
         name = self._take()
         if not re.fullmatch(r"[A-Za-z][A-Za-z0-9\-_]*", name):
-            raise PipelineError(f"cannot parse pipeline {self.text!r}: {name!r} is not a pass name")
+            raise PipelineError(f"cannot parse pipeline {_quoted(self.text)}: {_quoted(name)} is not a pass name")
         if name == "fixpoint":
             rounds = DEFAULT_FIXPOINT_ROUNDS
             if self._peek() == "[":
                 self._take("[")
                 bound = self._take()
                 if not bound.isdigit() or int(bound) < 1:
-                    raise PipelineError(f"fixpoint bound must be a positive integer, got {bound!r}")
+                    raise PipelineError(f"fixpoint bound must be a positive integer, got {_quoted(bound)}")
                 rounds = int(bound)
                 self._take("]")
             self._take("(")
@@ -396,9 +406,12 @@ class _PipelineParser:
         if self._peek() == "{":
             self._take("{")
             while True:
-                key = self._take()
+                key = self._take().replace("-", "_")
                 self._take("=")
-                options.append((key.replace("-", "_"), _parse_value(self._take())))
+                if any(key == given for given, _ in options):  # which one was meant?
+                    raise PipelineError(f"cannot parse pipeline {_quoted(self.text)}: pass '{name}' is given option "
+                                        f"{_quoted(key)} twice")
+                options.append((key, _parse_value(self._take())))
                 if self._peek() == ",":
                     self._take(",")
                     continue

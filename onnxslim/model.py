@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx.defs
+import onnx.parser
 import onnx.external_data_helper
 import onnx.numpy_helper
 import onnx_graphsurgeon as gs
@@ -52,17 +53,30 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> 
     path = Path(source)
     _check_model_file(path)
     try:
-        model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError) as error:
-        raise ModelLoadError(f"{path} is not an ONNX model (it does not parse: {_first_line(error)})") from error
+        data = path.read_bytes()
     except OSError as error:
         raise ModelLoadError(f"cannot read {path}: {error.strerror or error}") from error
+    serialization = _serialization_format(path)
+    try:
+        with warnings.catch_warnings():  # onnx calls its onnxtxt reader experimental, on stderr
+            warnings.simplefilter("ignore")
+            model = onnx.load_model_from_string(data, format=serialization)
+    except (DecodeError, RuntimeError, ValueError, UnicodeDecodeError, onnx.parser.ParseError) as error:
+        raise ModelLoadError(f"{path} is not an ONNX model (it does not parse: {_first_line(error)})") from error
     if not model.HasField("graph"):
         raise ModelLoadError(f"{path} is not an ONNX model (it has no graph)")
-    _load_external_data(model, path)
+    held = raw_data_lengths(data, len(model.graph.initializer)) if serialization == "protobuf" else {}
+    del data  # the model holds its own copy of every weight
+    held.update(_load_external_data(model, path))
     if check:
-        _check(model, path)
+        _check(model, path, held)
     return model
+
+
+def _serialization_format(path: Path) -> str:
+    """The format onnx.load reads the file in: its extension's (.onnxtxt, .json...), else protobuf."""
+    found = onnx.serialization.registry.get_format_from_file_extension(path.suffix)
+    return found or "protobuf"
 
 
 def _check_model_file(path: Path) -> None:
@@ -82,28 +96,69 @@ def _check_model_file(path: Path) -> None:
         raise ModelLoadError(f"{path} is empty")
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+def _load_external_data(model: onnx.ModelProto, path: Path) -> dict[int, int]:
+    """Read the external data of every tensor into the model, from files in the model's folder only.
+
+    Returns the byte count each top-level initializer holds afterwards, by index, as the
+    references and the files' sizes give it: reading raw_data's length back would copy it."""
     base = path.parent
+    sizes: dict[str, int] = {}  # location -> the data file's size
     for tensor in onnx.external_data_helper._get_all_tensors(model):
-        if not onnx.external_data_helper.uses_external_data(tensor):
-            continue
-        info = _external_data_info(tensor, path)
-        data_file = base / info.location
-        named = f"{path}: external data file '{_shortened(info.location)}' (tensor '{tensor.name}')"
-        try:
-            status = data_file.stat()
-        except FileNotFoundError:
-            raise ModelLoadError(f"{named} not found in {base}") from None
-        except OSError as error:  # e.g. a location longer than the file system allows
-            raise ModelLoadError(f"{named} cannot be read: {error.strerror or error}") from error
-        if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
-            raise ModelLoadError(f"{named} is not a regular file")
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = _external_data_info(tensor, path)
+            if info.location not in sizes:
+                named = f"{path}: external data file '{_shortened(info.location)}' (tensor '{tensor.name}')"
+                sizes[info.location] = _external_data_file_size(path, info.location, named)
+    if not sizes:
+        return {}
+    held = {}
+    for index, tensor in enumerate(model.graph.initializer):
+        if onnx.external_data_helper.uses_external_data(tensor):
+            info = _external_data_info(tensor, path)
+            # onnx refuses a reference past the file's end (below); a length-less one reads to it.
+            held[index] = info.length if info.length is not None else max(sizes[info.location] - (info.offset or 0), 0)
     try:
         with warnings.catch_warnings():  # onnx warns about (and ignores) unknown keys
             warnings.simplefilter("ignore")
             onnx.external_data_helper.load_external_data_for_model(model, str(base))
     except (OSError, ValueError, onnx.checker.ValidationError) as error:
         raise ModelLoadError(f"{path}: cannot read external data: {_first_line(error)}") from error
+    return held
+
+
+def _external_data_file_size(path: Path, location: str, named: str) -> int:
+    """The size of the external data file at `location`, which must be a regular file in the model's
+    folder, other than the model, reached through no link (onnx refuses links, to files or to folders,
+    anywhere on the location). The name is checked before anything outside the folder is looked at,
+    even its metadata (a `../` name, an absolute one)."""
+    base = path.parent
+    if not location:
+        raise ModelLoadError(f"{named}: the location is empty")
+    if os.path.isabs(location) or os.path.normpath(location).split(os.sep)[0] == os.pardir:
+        raise ModelLoadError(f"{named} is outside the model's folder: only files in {base} are read")
+    data_file = base
+    try:
+        for part in Path(location).parts:
+            data_file = data_file / part
+            if data_file.is_symlink():
+                raise ModelLoadError(f"{named} is reached through a link ({_shortened(data_file)}): only plain files "
+                                     f"in {base} are read")
+        if os.path.realpath(data_file) == os.path.realpath(path):
+            raise ModelLoadError(f"{named} is the model file itself")
+        status = data_file.stat()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{named} not found in {base}") from None
+    except OSError as error:  # e.g. a location longer than the file system allows
+        raise ModelLoadError(f"{named} cannot be read: {error.strerror or error}") from error
+    if not stat.S_ISREG(status.st_mode):  # a FIFO would block the read
+        raise ModelLoadError(f"{named} is not a regular file")
+    # onnx refuses these too, in words that do not say why ('kernel rejected path').
+    if status.st_nlink > 1:  # the other name may be anywhere: the data would come from outside the folder
+        raise ModelLoadError(f"{named} has {status.st_nlink} hard links: onnx reads external data only from a "
+                             "file with one name")
+    if not os.access(data_file, os.R_OK):
+        raise ModelLoadError(f"{named} cannot be read: permission denied")
+    return status.st_size
 
 
 def _external_data_info(tensor: onnx.TensorProto, path: Path) -> onnx.external_data_helper.ExternalDataInfo:
@@ -129,11 +184,92 @@ def _shortened(text, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check(model: onnx.ModelProto, path: Path | None) -> None:
+# Field numbers on the wire: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data.
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+# A tensor with more fields than this on the wire holds typed values written unpacked, not raw_data.
+_TENSOR_FIELDS_READ = 64
+
+
+def raw_data_lengths(data: bytes, initializers: int) -> dict[int, int]:
+    """The length of each top-level initializer's raw_data, by index, read from the serialized
+    ModelProto `data` without copying the bytes: protobuf's Python API copies a bytes field to
+    give its length (half a second per 400 MB of weights), the wire format states it.
+
+    `initializers` is how many the parsed model has; where the wire does not agree, or a tensor
+    is not written as this reader expects, its index is left out (the caller measures it)."""
+    lengths: dict[int, int] = {}
+    count = 0
+    try:
+        for number, start, end in _length_fields(data, 0, len(data)):
+            if number != _MODEL_GRAPH:
+                continue
+            # A field given twice is merged by protobuf: the initializers of both, in order.
+            for field, tensor_start, tensor_end in _length_fields(data, start, end):
+                if field != _GRAPH_INITIALIZER:
+                    continue
+                length = _raw_data_length(data, tensor_start, tensor_end)
+                if length is not None:
+                    lengths[count] = length
+                count += 1
+    except ValueError:
+        return {}
+    return lengths if count == initializers else {}
+
+
+def _raw_data_length(data: bytes, start: int, end: int) -> int | None:
+    """The length of the last raw_data field of the TensorProto in data[start:end] (the last one is
+    the one protobuf keeps), or None if it has none or too many fields to read here."""
+    length = None
+    for read, (number, field_start, field_end) in enumerate(_length_fields(data, start, end)):
+        if read >= _TENSOR_FIELDS_READ:
+            return None
+        if number == _TENSOR_RAW_DATA:
+            length = field_end - field_start
+    return length
+
+
+def _length_fields(data: bytes, position: int, end: int):
+    """(field number, start, end) of each length-delimited field of the message in data[position:end];
+    the other fields are stepped over. Raises ValueError on a wire format protobuf would not parse
+    (or a group, which no ONNX message has)."""
+    while position < end:
+        key, position = _varint(data, position, end)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 0:
+            _, position = _varint(data, position, end)
+        elif wire_type == 1:
+            position += 8
+        elif wire_type == 5:
+            position += 4
+        elif wire_type == 2:
+            size, position = _varint(data, position, end)
+            if position + size > end:
+                raise ValueError("field past the message's end")
+            yield number, position, position + size
+            position += size
+        else:
+            raise ValueError(f"wire type {wire_type}")
+        if position > end:
+            raise ValueError("field past the message's end")
+
+
+def _varint(data: bytes, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < end and shift < 64:
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise ValueError("malformed varint")
+
+
+def _check(model: onnx.ModelProto, path: Path | None, held: dict[int, int] | None = None) -> None:
     where = f"{path}: " if path else ""
     try:
         check_structure(model)
-        _check_weight_sizes(model)
+        _check_weight_sizes(model, held or {})
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{where}invalid ONNX model: {_first_line(error)}") from error
 
@@ -159,10 +295,24 @@ def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
     # The skeleton gets an IR version of its own (see weightless_copy): the model's is checked here.
     if not model.HasField("ir_version"):
         raise onnx.checker.ValidationError("the model has no ir_version")
+    _check_opset_imports(model)
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
     set_aside_runtime_ops(skeleton)
     onnx.checker.check_model(skeleton, full_check=full)
+
+
+def _check_opset_imports(model: onnx.ModelProto) -> None:
+    """One version per operator set: the checker accepts a domain imported twice at two versions,
+    and then the passes read one (the first) while onnxruntime may run the other."""
+    versions: dict[str, int] = {}
+    for entry in model.opset_import:
+        domain = "" if entry.domain in ONNX_DOMAINS else entry.domain
+        if versions.setdefault(domain, entry.version) != entry.version:
+            raise onnx.checker.ValidationError(
+                f"the model imports operator set '{domain or 'ai.onnx'}' at two versions, "
+                f"{versions[domain]} and {entry.version}"
+            )
 
 
 # The domain runtime_only ops are moved to for the checker, which checks no node of a domain it does not know.
@@ -223,28 +373,29 @@ _TYPED_FIELDS = {
 }
 
 
-def _check_weight_sizes(model: onnx.ModelProto) -> None:
+def _check_weight_sizes(model: onnx.ModelProto, held: dict[int, int]) -> None:
     """The check check_structure leaves out: each large top-level weight holds as many values as its
     dims say. A short one would otherwise reach the passes (and `inspect` would count parameters
-    that are not there). Reading raw_data's length copies the bytes, so this runs once, on load.
-    Raises ValueError."""
-    for tensor in model.graph.initializer:
+    that are not there). `held` gives raw_data's length by initializer index where the file told it
+    (see raw_data_lengths); any other raw_data is measured, which copies it. Raises ValueError."""
+    for index, tensor in enumerate(model.graph.initializer):
         itemsize = _itemsize(tensor.data_type)
         expected = math.prod(tensor.dims)
         if not itemsize or expected * itemsize <= CHECKED_TENSOR_BYTES:
             continue  # the checker saw it, or its size is not a whole number of bytes per element
         if tensor.HasField("raw_data"):
-            held, needed = len(tensor.raw_data), expected * itemsize
+            length = held.get(index)
+            held_now, needed = (len(tensor.raw_data) if length is None else length), expected * itemsize
             unit = "bytes"
         elif tensor.data_type in _TYPED_FIELDS:
             field_name, per_element = _TYPED_FIELDS[tensor.data_type]
-            held, needed = len(getattr(tensor, field_name)), expected * per_element
+            held_now, needed = len(getattr(tensor, field_name)), expected * per_element
             unit = "values"
         else:
             continue
-        if held != needed:
+        if held_now != needed:
             dims = "x".join(str(dim) for dim in tensor.dims)
-            raise ValueError(f"weight '{tensor.name}' holds {held:,} {unit}, but its dims {dims} need {needed:,}")
+            raise ValueError(f"weight '{tensor.name}' holds {held_now:,} {unit}, but its dims {dims} need {needed:,}")
 
 
 def weightless_copy(model: onnx.ModelProto, large, inputs: list[onnx.ValueInfoProto] | None = None) -> onnx.ModelProto:
@@ -322,7 +473,9 @@ def save(
             else:
                 onnx.save_model(model, str(staged))
             os.replace(staged, path)
-    except (OSError, ValueError) as error:
+    except OSError as error:  # the temp folder and what was staged in it are gone
+        raise ModelSaveError(f"cannot write {path}: {error.strerror or _first_line(error)}") from error
+    except ValueError as error:
         raise ModelSaveError(f"cannot write {path}: {_first_line(error)}") from error
     return path
 

@@ -125,12 +125,17 @@ def _json_safe(value):
 def parse_shape_specs(specs) -> dict[str, list[int]]:
     """Parse `name:1,3,224,224` strings (several may be given) into {name: [dims]}."""
     shapes: dict[str, list[int]] = {}
+    given: dict[str, str] = {}
     for spec in specs or ():
         name, separator, dims = spec.rpartition(":")
         if not separator or not name:
             raise InputSpecError(f"shape '{spec}' should look like NAME:1,3,224,224")
+        if name in given:  # the last one would win silently
+            raise InputSpecError(f"the shape of '{name}' is given twice ({given[name]} and {spec})")
+        given[name] = spec
+        parts = dims.replace("x", ",").split(",") if dims.strip() else []  # NAME: is a scalar's shape
         try:
-            shapes[name] = [int(dim) for dim in dims.replace("x", ",").split(",") if dim.strip()]
+            shapes[name] = [int(dim) for dim in parts]
         except ValueError:
             raise InputSpecError(f"shape '{spec}': dims must be integers, like NAME:1,3,224,224") from None
         if any(dim < 0 for dim in shapes[name]):
@@ -163,6 +168,10 @@ def input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = N
             given = shapes[value.name]
             if value.type.tensor_type.HasField("shape") and len(given) != len(dims):
                 raise InputSpecError(f"input '{value.name}' has rank {len(dims)}, but the given shape has {len(given)} dims")
+            for axis, (dim, size) in enumerate(zip(dims, given)):
+                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != size:  # onnxruntime would refuse the feed
+                    raise InputSpecError(f"input '{value.name}' dim {axis} is fixed at {dim.dim_value}, "
+                                         f"the given shape says {size}")
             resolved[value.name] = given
             continue
         concrete = []
@@ -206,7 +215,7 @@ def synthesize_inputs(
             name = onnx.TensorProto.DataType.Name(element_type) if element_type in onnx.TensorProto.DataType.values() else element_type
             raise InputSpecError(f"input '{value.name}' has element type {name}, which cannot be synthesized; "
                                  "give real inputs with --inputs") from None
-    check_input_bytes(shapes, types)
+    check_input_bytes(shapes, types, samples)
     generator = np.random.default_rng(seed)
     feeds = []
     for _ in range(samples):
@@ -230,9 +239,15 @@ def synthesize_inputs(
 MAX_INPUT_BYTES = 4 << 30
 
 
-def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype]) -> None:
-    """Raise InputSpecError, saying how many bytes they would need, when the inputs of the given
-    shapes would not fit in MAX_INPUT_BYTES (or in half of this machine's memory, if that is less)."""
+# What a sample costs besides its arrays' bytes: the arrays, the feed and the outputs kept for it as
+# Python objects (an empty input's samples take memory too).
+SAMPLE_OVERHEAD = 1 << 10
+
+
+def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype], samples: int = 1) -> None:
+    """Raise InputSpecError, saying how many bytes they would need, when `samples` samples of inputs
+    of the given shapes would not fit in MAX_INPUT_BYTES (or in half of this machine's memory, if
+    that is less): every sample is held until the comparison."""
     needed = {name: math.prod(int(dim) for dim in shapes[name]) * types[name].itemsize for name in types}
     total = sum(needed.values())
     limit = min(MAX_INPUT_BYTES, _physical_memory() // 2 or MAX_INPUT_BYTES)
@@ -242,6 +257,12 @@ def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype]) 
             f"input '{name}' of shape {list(shapes[name])} would need {needed[name]:,} bytes "
             f"({_human_bytes(needed[name])}{'' if len(needed) == 1 else f'; {_human_bytes(total)} for all inputs'}), "
             f"more than the {_human_bytes(limit)} verification allows; give smaller dims with --verify-shape"
+        )
+    each = total + SAMPLE_OVERHEAD
+    if each * samples > limit:  # --samples 1000000000 of a small input took 16 GB before it was stopped
+        raise InputSpecError(
+            f"{samples:,} samples of inputs would need {each * samples:,} bytes ({_human_bytes(each * samples)}, "
+            f"{_human_bytes(each)} each), more than the {_human_bytes(limit)} verification allows; give fewer --samples"
         )
 
 

@@ -1412,3 +1412,409 @@ def test_a_model_that_does_not_run_at_the_default_batch_says_how_to_give_one(tmp
     line = _one_line_error(result)
     assert "default sizes ('N' 1)" in line and "--verify-shape x:" in line, line
     assert not destination.exists()
+
+
+# ----------------------------------------------------------------------------- red team: usage and files
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE_MODELS))
+def test_verify_refuses_a_broken_candidate_as_bad_input_naming_it(usage_folder, hostile):
+    """`verify A B` loaded B without the checks A gets: a B with no IR version or a short weight was
+    'verification failed' (exit 1) with onnxruntime's error and a --no-verify hint verify has not."""
+    model = HOSTILE_MODELS[hostile](usage_folder)
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke("verify", "model.onnx", model.name))
+    assert model.name[:60] in line
+    assert "no-verify" not in line
+    assert _files(usage_folder) == before
+
+
+def test_the_python_api_names_the_broken_model_of_two_protos():
+    broken = _usage_model()
+    broken.ClearField("ir_version")
+    with pytest.raises(onnxslim.ModelLoadError, match="^the candidate model: .*ir_version"):
+        onnxslim.verify(_usage_model(), broken)
+    with pytest.raises(onnxslim.ModelLoadError, match="^the reference model: .*ir_version"):
+        onnxslim.verify(broken, _usage_model())
+
+
+def _located(folder: Path, name: str, location: str) -> Path:
+    """ext.onnx (in `folder`'s parent) saved as folder/name, its weight read from `location`."""
+    model = onnx.load(folder.parent / "ext.onnx", load_external_data=False)
+    entry = next(entry for entry in model.graph.initializer[0].external_data if entry.key == "location")
+    entry.value = location
+    onnx.save(model, folder / name)
+    return folder / name
+
+
+ESCAPING_LOCATIONS = {
+    "absolute": lambda folder: str(folder.parent / "weights.bin"),
+    "../": lambda folder: "../weights.bin",
+    "down then up past the folder": lambda folder: "x/../../weights.bin",
+    "../ to a FIFO": lambda folder: "../fifo",
+    "a link to a file outside": lambda folder: os.symlink(folder.parent / "weights.bin", folder / "link.bin") or "link.bin",
+    "through a linked folder": lambda folder: os.symlink(folder.parent, folder / "up") or "up/weights.bin",
+    "through a linked folder, then ../": lambda folder: os.symlink(folder.parent / "a_folder", folder / "up") or "up/../x",
+}
+
+
+@pytest.mark.parametrize("where", list(ESCAPING_LOCATIONS))
+@pytest.mark.parametrize("command", ["inspect", "optimize", "verify", "prune-plan", "bench"])
+def test_external_data_outside_the_model_folder_is_refused(usage_folder, command, where):
+    """onnx refused most of these itself, but onnxslim looked first (a stat of the file outside):
+    'not a regular file' for a FIFO outside, 'not found in sub' for a name that escapes."""
+    folder = usage_folder / "sub"
+    folder.mkdir()
+    model = _located(folder, "m.onnx", ESCAPING_LOCATIONS[where](folder)).relative_to(usage_folder)
+    args = {"inspect": ["inspect", model], "optimize": ["optimize", model, "out.onnx"],
+            "verify": ["verify", "model.onnx", model], "prune-plan": ["prune-plan", model],
+            "bench": ["bench", model, "--runs", "1", "--warmup", "0"]}[command]
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke(*args))
+    assert ("outside the model's folder: only files in sub are read" in line
+            or "is reached through a link (sub/" in line and "only plain files in sub are read" in line), line
+    assert _files(usage_folder) == before
+    assert not (usage_folder / "out.onnx").exists()
+
+
+def test_external_data_in_the_model_file_itself_with_no_location_or_behind_a_link_inside_is_refused(usage_folder):
+    """onnx reads external data through no link, even one that stays in the folder: one line saying so
+    (onnx's own was 'kernel rejected path')."""
+    folder = usage_folder / "sub"
+    (folder / "data").mkdir(parents=True)
+    shutil.copy(usage_folder / "weights.bin", folder / "data" / "weights.bin")
+    os.symlink("data", folder / "linked")
+    os.symlink("data/weights.bin", folder / "linked.bin")
+    for location, ending in (("m.onnx", "is the model file itself"), ("", "the location is empty"),
+                             ("linked/weights.bin", "only plain files in sub are read"),
+                             ("linked.bin", "only plain files in sub are read")):
+        model = _located(folder, "m.onnx", location).relative_to(usage_folder)
+        assert _assert_usage_error(_invoke("inspect", model)).endswith(ending), location
+    assert _invoke("optimize", _located(folder, "m.onnx", "data/weights.bin"), "out.onnx").exit_code == 0
+
+
+def _wire_cases(tmp_path: Path) -> dict[str, bytes]:
+    rng = np.random.default_rng(0)
+    big = numpy_helper.from_array(rng.standard_normal([160, 160]).astype(np.float32), "w")
+    model = _usage_model(160)
+    typed = _usage_model(160)
+    typed.graph.initializer[0].CopyFrom(helper.make_tensor("w", TensorProto.FLOAT, [160, 160],
+                                                           rng.standard_normal(160 * 160).tolist()))
+    several = _usage_model(160)
+    several.graph.initializer.extend([numpy_helper.from_array(np.ones([3], np.float32), "small"), big,
+                                      helper.make_tensor("typed", TensorProto.INT64, [2], [1, 2])])
+    second = onnx.ModelProto()
+    second.graph.initializer.add().CopyFrom(numpy_helper.from_array(np.zeros([2], np.float32), "extra"))
+    return {
+        "one weight": model.SerializeToString(),
+        "typed values": typed.SerializeToString(),
+        "raw and typed tensors": several.SerializeToString(),
+        # protobuf merges a message field given twice: the graph's initializers are those of both
+        "the graph given twice": several.SerializeToString() + second.SerializeToString(),
+        "raw_data given twice": _raw_data_twice(),
+    }
+
+
+def _raw_data_twice() -> bytes:
+    """_usage_model(160) whose weight's raw_data is written twice, 102,400 bytes then 100: protobuf
+    keeps the last."""
+    model = _usage_model(160)
+    weight = model.graph.initializer.pop()
+    tensor = weight.SerializeToString() + b"\x4a" + _varint_bytes(100) + b"\0" * 100  # field 9, length-delimited
+    graph = b"\x2a" + _varint_bytes(len(tensor)) + tensor  # GraphProto.initializer, field 5
+    return model.SerializeToString() + b"\x3a" + _varint_bytes(len(graph)) + graph  # ModelProto.graph, field 7
+
+
+def _varint_bytes(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def test_raw_data_lengths_read_from_the_wire_match_what_protobuf_parses(tmp_path):
+    from onnxslim.model import raw_data_lengths
+
+    for name, data in _wire_cases(tmp_path).items():
+        model = onnx.ModelProto.FromString(data)
+        expected = {index: len(tensor.raw_data) for index, tensor in enumerate(model.graph.initializer)
+                    if tensor.HasField("raw_data")}
+        assert raw_data_lengths(data, len(model.graph.initializer)) == expected, name
+    assert raw_data_lengths(b"\x3a\x05\x2a\x10", 1) == {}  # a field past the end: not guessed
+    assert raw_data_lengths(_wire_cases(tmp_path)["one weight"], 2) == {}  # a count that does not agree
+
+
+def test_a_short_weight_is_found_without_reading_it_back(tmp_path, monkeypatch):
+    """The size check takes raw_data's length from the file: a short weight behind a long one of the
+    same tensor (protobuf keeps the last), and a short external one, are still refused."""
+    import onnxslim.model
+
+    (tmp_path / "twice.onnx").write_bytes(_raw_data_twice())
+    with pytest.raises(onnxslim.ModelLoadError, match="holds 100 bytes"):
+        onnxslim.model.load(tmp_path / "twice.onnx")
+    onnx.save(_usage_model(160), tmp_path / "ext.onnx", save_as_external_data=True, location="w.bin", size_threshold=0)
+    with open(tmp_path / "w.bin", "r+b") as data_file:
+        data_file.truncate(1000)
+    with pytest.raises(onnxslim.ModelLoadError):
+        onnxslim.model.load(tmp_path / "ext.onnx")
+    # The lengths the load measured are the ones checked: none is read back from the tensor.
+    seen = {}
+    original = onnxslim.model._check_weight_sizes
+    monkeypatch.setattr(onnxslim.model, "_check_weight_sizes",
+                        lambda model, held: seen.update(held) or original(model, held))
+    onnx.save(_usage_model(160), tmp_path / "good.onnx")
+    onnx.save(_usage_model(160), tmp_path / "good_ext.onnx", save_as_external_data=True, location="g.bin",
+              size_threshold=0)
+    onnxslim.model.load(tmp_path / "good.onnx")
+    assert seen == {0: 160 * 160 * 4}
+    seen.clear()
+    onnxslim.model.load(tmp_path / "good_ext.onnx")
+    assert seen == {0: 160 * 160 * 4}
+
+
+def test_onnxruntime_prints_nothing_at_import_where_home_cannot_be_written(tmp_path):
+    """A service account's HOME (here /dev/null, which even root cannot write under): onnxruntime's
+    telemetry printed its own coloured 'Failed to persist telemetry device ID' line on every command."""
+    onnx.save(_usage_model(), tmp_path / "model.onnx")
+    environment = {key: value for key, value in os.environ.items()
+                   if key not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    environment["HOME"] = "/dev/null"
+    finished = subprocess.run([sys.executable, "-m", "onnxslim.cli", "optimize", "model.onnx", "out.onnx"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300, env=environment)
+    assert (finished.returncode, finished.stderr) == (0, "")
+
+
+@pytest.mark.parametrize("args", [["inspect", "missing\nname.onnx"], ["optimize", "model.onnx", "no\nfolder/out.onnx"],
+                                  ["optimize", "model.onnx", "out.onnx", "--passes", "fold\nconstants"]])
+def test_a_control_character_in_an_argument_is_escaped_not_a_line_break(usage_folder, args):
+    """The error line was cut at the newline in the file name: 'no such file: missing' named
+    another file."""
+    line = _assert_usage_error(_invoke(*args))
+    assert next(argument for argument in args if "\n" in argument).replace("\n", "\\n") in line, line
+
+
+def test_arguments_with_spaces_unicode_and_leading_dashes_are_plain_file_names(usage_folder):
+    shutil.copy("model.onnx", "my model ü.onnx")
+    shutil.copy("model.onnx", "-dash.onnx")
+    assert _invoke("optimize", "my model ü.onnx", "out ü.onnx").exit_code == 0
+    assert _invoke("optimize", "--", "-dash.onnx", "-out.onnx").exit_code == 0
+    assert onnx.load("out ü.onnx").graph.node and onnx.load("-out.onnx").graph.node
+
+
+def test_a_model_importing_an_operator_set_at_two_versions_is_refused(usage_folder):
+    """The checker accepts it; the passes read the first version, onnxruntime may run the other."""
+    model = _usage_model()
+    model.opset_import.append(helper.make_opsetid("ai.onnx", 13))
+    onnx.save(model, "two_opsets.onnx")
+    for args in (["inspect", "two_opsets.onnx"], ["optimize", "two_opsets.onnx", "out.onnx"],
+                 ["verify", "model.onnx", "two_opsets.onnx"]):
+        assert "at two versions, 17 and 13" in _assert_usage_error(_invoke(*args))
+
+
+def test_ten_thousand_operator_sets_are_a_model_like_any_other(usage_folder):
+    model = _usage_model()
+    model.opset_import.extend(helper.make_opsetid(f"domain{index}", 1) for index in range(10_000))
+    onnx.save(model, "opsets.onnx")
+    assert _invoke("optimize", "opsets.onnx", "out.onnx").exit_code == 0
+
+
+def _dynamic_model() -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("option", "value", "expected"), [
+    ("--verify-shape", "x:1,,4", "dims must be integers"),  # the empty dim was dropped: x:1,4
+    ("--verify-shape", "x:,4", "dims must be integers"),
+    ("--verify-shape", "x:1,3", "dim 1 is fixed at 4, the given shape says 3"),  # was onnxruntime's INVALID_ARGUMENT
+    ("--input-shape", "x:1,,4", "dims must be integers"),
+    ("--passes", "", "the pipeline is empty"),  # ran the default pipeline
+    ("--passes", "fold-constants{size_cap=1,size-cap=2}", "option 'size_cap' twice"),  # the last one won
+    ("--samples", "1000000000", "give fewer --samples"),  # took 16 GB of memory before it was stopped
+])
+def test_shapes_pipelines_and_counts_that_were_taken_silently_or_too_late_are_refused(usage_folder, option, value,
+                                                                                     expected):
+    onnx.save(_dynamic_model(), "dynamic.onnx")
+    line = _assert_usage_error(_invoke("optimize", "dynamic.onnx", "out.onnx", option, value))
+    assert expected in line, line
+    assert not Path("out.onnx").exists()
+
+
+def test_a_shape_given_twice_is_refused_not_overridden(usage_folder):
+    onnx.save(_dynamic_model(), "dynamic.onnx")
+    for option in ("--verify-shape", "--input-shape"):
+        line = _assert_usage_error(_invoke("optimize", "dynamic.onnx", "out.onnx", option, "x:1,4", option, "x:2,4"))
+        assert "the shape of 'x' is given twice (x:1,4 and x:2,4)" in line
+    assert "given twice" in _assert_usage_error(_invoke("bench", "dynamic.onnx", "--input-shape", "x:1,4",
+                                                        "--input-shape", "x:3,4"))
+
+
+def test_a_scalar_shape_and_a_name_with_colons_still_parse():
+    from onnxslim.verify import parse_shape_specs
+
+    assert parse_shape_specs(["s:", "a:b:2x4", "x: 1, 3"]) == {"s": [], "a:b": [2, 4], "x": [1, 3]}
+
+
+def test_huge_sample_counts_are_refused_before_anything_is_allocated(usage_folder):
+    for args in (["bench", "model.onnx", "--samples", "99999999999"],
+                 ["verify", "model.onnx", "model.onnx", "--samples", "10000000"],
+                 ["optimize", "model.onnx", "out.onnx", "--quantize", "int8", "--calibration", "random",
+                  "--calibration-limit", "1000000000"]):
+        _assert_usage_error(_invoke(*args))
+
+
+def test_a_pipeline_text_of_100_kb_gives_a_short_line(usage_folder):
+    for text in ("x" * 100_000, "fixpoint(" + "x" * 100_000, "fold-constants{" + "k" * 100_000 + "=1}",
+                 "fold-constants," + "é" * 100_000):
+        line = _assert_usage_error(_invoke("optimize", "model.onnx", "out.onnx", "--passes", text))
+        assert len(line) < 1000, len(line)
+
+
+def _leftovers(folder: Path) -> list[str]:
+    """Temp files or folders onnxslim stages its outputs in."""
+    return sorted(path.name for path in folder.rglob(".onnxslim-*"))
+
+
+def _failing_write(failure: BaseException):
+    """A stand-in for onnx.save_model that writes half a model, then fails as a full disk or a Ctrl-C would."""
+    def save_model(model, path, *args, **kwargs):
+        Path(path).write_bytes(model.SerializeToString()[:10])
+        raise failure
+
+    return save_model
+
+
+@pytest.mark.parametrize(("failure", "code", "message"), [
+    (OSError(28, "No space left on device"), 2, "cannot write out.onnx: No space left on device"),
+    (KeyboardInterrupt(), 130, "interrupted"),
+])
+@pytest.mark.parametrize("external", [False, True])
+def test_a_write_that_fails_midway_leaves_no_output_and_no_temp_file(usage_folder, monkeypatch, failure, code, message,
+                                                                     external):
+    before = _files(usage_folder)
+    monkeypatch.setattr(onnx, "save_model", _failing_write(failure))
+    result = _invoke("optimize", "ext.onnx", "out.onnx", *(["--external-data"] if external else []))
+    assert _assert_usage_error(result, code) == f"onnxslim: error: {message}"
+    assert _files(usage_folder) == before
+    assert not Path("out.onnx").exists() and not Path("out.onnx.data").exists()
+    assert _leftovers(usage_folder) == []
+
+
+@pytest.mark.parametrize("command", [["verify", "model.onnx", "model.onnx"], ["bench", "model.onnx", "--runs", "1"],
+                                     ["optimize", "model.onnx", "out.onnx"]])
+def test_a_report_the_disk_cannot_hold_is_not_left_half_written(usage_folder, monkeypatch, command):
+    """A full disk left an empty --json report behind (a CI would read it); after `optimize` has
+    written the model, the line says so."""
+    def write_text(self, text, *args, **kwargs):
+        with open(self, "w") as file:
+            file.write(text[:5])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    line = _assert_usage_error(_invoke(*command, "--json", "report.json"))
+    assert line.startswith("onnxslim: error: cannot write report.json: No space left on device"), line
+    assert not Path("report.json").exists()
+    assert _leftovers(usage_folder) == []
+    if command[0] == "optimize":
+        assert line.endswith("(the model was written to out.onnx)")
+
+
+@pytest.mark.parametrize("option", ["--json"])
+@pytest.mark.parametrize("command", [["verify", "model.onnx", "model.onnx"], ["bench", "model.onnx", "--runs", "1"],
+                                     ["optimize", "model.onnx", "out.onnx"]])
+def test_a_report_to_stdout_is_refused_not_written_to_a_file_named_dash(usage_folder, command, option):
+    line = _assert_usage_error(_invoke(*command, option, "-"))
+    assert "cannot go to stdout ('-')" in line
+    assert not Path("-").exists() and not Path("out.onnx").exists()
+
+
+_SIGTERM_SCRIPT = """
+import sys, time, onnx, onnxslim
+from pathlib import Path
+from onnxslim.cli import main
+
+def stuck(model, path, *args, **kwargs):  # half the model written, then a long wait
+    Path(path).write_bytes(model.SerializeToString()[:10])
+    Path("started").touch()
+    time.sleep(60)
+
+if sys.argv[1] == "write":
+    onnx.save_model = stuck
+else:
+    @onnxslim.register_pass("test-wait-for-sigterm")
+    def wait(graph, ctx):
+        Path("started").touch()
+        time.sleep(60)
+        return onnxslim.PassResult()
+sys.argv = ["onnxslim", "optimize", "model.onnx", "out.onnx", "--json", "report.json",
+            *(["--passes", "test-wait-for-sigterm"] if sys.argv[1] == "pass" else [])]
+main()
+"""
+
+
+@pytest.mark.parametrize("during", ["pass", "write"])
+def test_sigterm_ends_the_run_as_ctrl_c_does_with_its_own_exit_code(tmp_path, during):
+    """A build system or a service manager stops a job with SIGTERM: its default action killed
+    onnxslim at once, leaving the staged output in .onnxslim-* beside the destination, and no line."""
+    onnx.save(_usage_model(), tmp_path / "model.onnx")
+    before = _files(tmp_path)
+    process = subprocess.Popen([sys.executable, "-c", _SIGTERM_SCRIPT, during], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "started").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "started").exists(), process.communicate(timeout=10)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr
+    assert stderr.splitlines() == ["onnxslim: error: terminated"]
+    (tmp_path / "started").unlink()
+    assert _files(tmp_path) == before
+    assert _leftovers(tmp_path) == []
+
+
+def test_external_data_with_two_hard_links_or_that_cannot_be_read_is_refused_in_our_words(usage_folder):
+    """onnx refuses both, saying 'kernel rejected path' for a file it may not read, and calling a
+    second hard link 'a potential hardlink attack'."""
+    os.link("weights.bin", "a_folder/second_name.bin")
+    line = _assert_usage_error(_invoke("inspect", "ext.onnx"))
+    assert line.endswith("'weights.bin' (tensor 'w') has 2 hard links: onnx reads external data only from a file "
+                         "with one name")
+    os.unlink("a_folder/second_name.bin")
+    if os.geteuid() == 0:
+        return  # root reads every file
+    os.chmod("weights.bin", 0)
+    try:
+        assert _assert_usage_error(_invoke("inspect", "ext.onnx")).endswith("cannot be read: permission denied")
+    finally:
+        os.chmod("weights.bin", 0o644)
+
+
+def test_a_run_on_a_link_to_a_dump_never_overwrites_the_dump(usage_folder):
+    """The dump-folder check compared the link's own folder and name: a link beside the dump folder
+    let this run's dumps replace the dump it reads."""
+    assert _invoke("optimize", "model.onnx", "out.onnx", "--dump-dir", "dumps").exit_code == 0
+    os.symlink("dumps/000-input.onnx", "linked.onnx")
+    before = _files(usage_folder)
+    line = _assert_usage_error(_invoke("optimize", "linked.onnx", "again.onnx", "--dump-dir", "dumps"))
+    assert "000-input.onnx" in line
+    assert _files(usage_folder) == before
+
+
+def test_text_format_models_load_and_a_broken_one_is_bad_input(usage_folder):
+    """Loading reads the file's bytes itself now (for the weights' lengths); onnx's text formats,
+    chosen by the file's extension, still go through onnx's own readers. A file that onnx's
+    onnxtxt reader cannot parse was an internal error (its ParseError), after onnx's warning."""
+    onnx.save(_usage_model(), "model.txtpb", format="textproto")
+    onnx.save(_usage_model(), "model.onnxtxt", format="onnxtxt")
+    assert _invoke("inspect", "model.txtpb").exit_code == 0
+    assert _invoke("inspect", "model.onnxtxt").exit_code == 0
+    onnx.save(_usage_model(), "textproto.onnxtxt", format="textproto")
+    assert "textproto.onnxtxt is not an ONNX model" in _assert_usage_error(_invoke("inspect", "textproto.onnxtxt"))
