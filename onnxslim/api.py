@@ -23,6 +23,7 @@ from .manager import PassContext, PassManager, Pipeline, logger as default_logge
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
 from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
+from .repair import interface_repaired, structure_repaired
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
 from .verify import FidelityBudget, Runner, VerificationReport, Verifier, _first_line, input_shapes, synthesize_inputs
@@ -117,9 +118,17 @@ def optimize(
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     # A ModelProto from the caller is checked only if the result fails the checker (see
     # _check_valid): the check costs as much as a small model's whole optimization.
-    original = load(model, check=not isinstance(model, onnx.ModelProto))
+    repairs: list[str] = []
+    original = load(model, check=not isinstance(model, onnx.ModelProto), notes=repairs)
+    # Repaired before any pass, so the written model can pass onnx.checker (see onnxslim.repair);
+    # a ModelProto given is copied first.
+    if isinstance(model, onnx.ModelProto):
+        original, repairs = structure_repaired(original)
+    original, found = interface_repaired(original, _given_ranks(verify_shapes, input_shapes),
+                                         own=original is not model)
     chosen = resolve_pipeline(pipeline, passes, skip)
     report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
+    report.notes.extend(repairs + found)
     loaded = time.perf_counter()
 
     graph = to_graph(original)
@@ -188,6 +197,11 @@ def optimize(
             raise VerificationError(report.verification.message, report)
         report.notes.append("verification failed; result kept because force was set")
     return (optimized, report) if return_report else optimized
+
+
+def _given_ranks(*shapes: dict[str, list[int]] | None) -> dict[str, int]:
+    """The rank of each input the caller gave dims for (--verify-shape, --input-shape)."""
+    return {name: len(dims) for given in shapes if given for name, dims in given.items()}
 
 
 def _check_dump_folders(source, *folders) -> None:
