@@ -381,17 +381,61 @@ def _shape_inputs(model: onnx.ModelProto, ranks: dict[str, int], notes: list[str
                      f"{ranks[value.name]}, the rank it was given, its dims unknown")
 
 
-def _type_outputs(model: onnx.ModelProto, notes: list[str]) -> None:
-    """Give each output without a type or shape what onnx's shape inference finds; where it finds
-    no shape (a custom op's output), there is nothing to write that the checker would take."""
+def _inferred_outputs(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
+    """The type onnx's shape inference finds for each main-graph output, its declared shape set
+    aside (inference would keep a declared shape over the one it computes)."""
     from .model import weightless_copy  # model imports this module
 
     skeleton = weightless_copy(model, lambda tensor: math.prod(tensor.dims) > 1024)
+    for value in skeleton.graph.output:
+        if value.type.WhichOneof("value") == "tensor_type":
+            value.type.tensor_type.ClearField("shape")
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError):
         inferred = skeleton
-    found = {value.name: value.type for value in [*inferred.graph.output, *inferred.graph.value_info]}
+    return {value.name: value.type for value in [*inferred.graph.output, *inferred.graph.value_info]}
+
+
+def recompute_contradicted_outputs(model: onnx.ModelProto, original: onnx.ModelProto) -> dict[str, str]:
+    """Write, in place, the shape inference computes for each of `model`'s outputs whose shape
+    `original` declares against what its graph computes (a static dim of another size, or another
+    rank): onnxruntime warns and returns the computed shape, onnx.checker's full check refuses
+    the contradiction. Returns a note for each output written so, by name; `original` is not changed."""
+    computed = _inferred_outputs(original)
+    notes = {}
+    for value in model.graph.output:
+        declared = next((old for old in original.graph.output if old.name == value.name), None)
+        found = computed.get(value.name)
+        if declared is None or found is None or not _contradicts(declared.type, found):
+            continue
+        value.type.tensor_type.shape.CopyFrom(found.tensor_type.shape)
+        notes[value.name] = (f"output '{value.name}' is declared {_dims(declared.type)}, but the graph computes "
+                     f"{_dims(found)} (onnxruntime returns that; onnx.checker's full check refuses the contradiction): "
+                     "written as computed")
+    return notes
+
+
+def _contradicts(declared: onnx.TypeProto, computed: onnx.TypeProto) -> bool:
+    if declared.WhichOneof("value") != "tensor_type" or computed.WhichOneof("value") != "tensor_type":
+        return False
+    if not declared.tensor_type.HasField("shape") or not computed.tensor_type.HasField("shape"):
+        return False
+    old, new = declared.tensor_type.shape.dim, computed.tensor_type.shape.dim
+    return len(old) != len(new) or any(
+        a.HasField("dim_value") and b.HasField("dim_value") and a.dim_value != b.dim_value for a, b in zip(old, new)
+    )
+
+
+def _dims(kind: onnx.TypeProto) -> str:
+    return "[" + ",".join(str(dim.dim_value) if dim.HasField("dim_value") else (dim.dim_param or "?")
+                          for dim in kind.tensor_type.shape.dim) + "]"
+
+
+def _type_outputs(model: onnx.ModelProto, notes: list[str]) -> None:
+    """Give each output without a type or shape what onnx's shape inference finds; where it finds
+    no shape (a custom op's output), there is nothing to write that the checker would take."""
+    found = _inferred_outputs(model)
     for value in model.graph.output:
         if not _shapeless(value):
             continue

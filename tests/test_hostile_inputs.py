@@ -1344,6 +1344,10 @@ def _denoted():
     return model
 
 
+def _declared_wrong():
+    return _checker_model(outputs=[helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])])
+
+
 def _undefined_name():
     return _checker_model([helper.make_node("Add", ["x", "nowhere"], ["y"], name="add")])
 
@@ -1374,6 +1378,8 @@ CHECKER_CASES = {
     "a metadata key twice, one value": (_metadata(("a", "1"), ("a", "1")), (), REPAIRED, "one entry kept per key"),
     "a metadata key twice, two values": (_metadata(("a", "1"), ("a", "2")), (), REPAIRED, "the last value"),
     "denotations on an input": (_denoted, (), REPAIRED, None),
+    "an output declared with a shape the graph does not compute": (
+        _declared_wrong, (), REPAIRED, "output 'y' is declared [3,5], but the graph computes [2,4]"),
     # refused: more than one meaning, or what to write is not ours to guess
     "an input without a shape": (_shapeless("input", "x"), (), REFUSED, "--verify-shape x:DIMS"),
     "an initializer twice, two values": (_added(_weight(), _weight(2.0)), (), REFUSED, "defined more than once with different"),
@@ -1406,8 +1412,9 @@ def _runs(model_bytes):
 def test_a_model_onnxruntime_runs_is_repaired_or_refused_in_one_line(tmp_path, case):
     make, options, outcome, expected = CHECKER_CASES[case]
     model = make()
-    with pytest.raises(onnx.checker.ValidationError) if case != "denotations on an input" else contextlib.nullcontext():
-        onnx.checker.check_model(model)
+    refused = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError)
+    with pytest.raises(refused) if case != "denotations on an input" else contextlib.nullcontext():
+        onnx.checker.check_model(model, full_check=True)
     if case not in ORT_REFUSES:
         reference = _runs(model.SerializeToString())  # the premise: onnxruntime runs it as it is
     source, destination = tmp_path / "model.onnx", tmp_path / "out.onnx"
