@@ -24,6 +24,7 @@ from .manager import PassContext, PassManager, Pipeline, logger as default_logge
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
 from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
+from .repair import interface_repaired, recompute_contradicted_outputs, structure_repaired
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
 from .verify import FidelityBudget, Runner, VerificationReport, Verifier, _first_line, input_shapes, synthesize_inputs
@@ -119,9 +120,17 @@ def optimize(
     source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
     # A ModelProto from the caller is checked only if the result fails the checker (see
     # _check_valid): the check costs as much as a small model's whole optimization.
-    original = load(model, check=not isinstance(model, onnx.ModelProto))
+    repairs: list[str] = []
+    original = load(model, check=not isinstance(model, onnx.ModelProto), notes=repairs)
+    # Repaired before any pass, so the written model can pass onnx.checker (see onnxslim.repair);
+    # a ModelProto given is copied first.
+    if isinstance(model, onnx.ModelProto):
+        original, repairs = structure_repaired(original)
+    original, found = interface_repaired(original, _given_ranks(verify_shapes, input_shapes),
+                                         own=original is not model)
     chosen = resolve_pipeline(pipeline, passes, skip)
     report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
+    report.notes.extend(repairs + found)
     loaded = time.perf_counter()
 
     graph = to_graph(original)
@@ -160,8 +169,8 @@ def optimize(
     if report.run.stopped_at_limit:
         report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
 
-    _check_valid(optimized, original, report.notes)
-    _check_interface(optimized, original, input_shapes or {})
+    recomputed = _check_valid(optimized, original, report.notes)
+    _check_interface(optimized, original, input_shapes or {}, recomputed)
     if verify:
         report.verification = verifier.check(optimized)
     else:
@@ -190,6 +199,11 @@ def optimize(
             raise VerificationError(report.verification.message, report)
         report.notes.append("verification failed; result kept because force was set")
     return (optimized, report) if return_report else optimized
+
+
+def _given_ranks(*shapes: dict[str, list[int]] | None) -> dict[str, int]:
+    """The rank of each input the caller gave dims for (--verify-shape, --input-shape)."""
+    return {name: len(dims) for given in shapes if given for name, dims in given.items()}
 
 
 def _check_dump_folders(source, *folders) -> None:
@@ -330,10 +344,13 @@ def _quantize(simplified, original, report, kind, data, options, progress, *, ve
     return quantized
 
 
-def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_static: dict) -> None:
+def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_static: dict,
+                     recomputed: frozenset[str] = frozenset()) -> None:
     """The model's inputs (overridable ones included) and outputs keep their names, order and
-    types; an input's dims change only where --input-shape set them. Checked with or without
-    verification: a caller feeding the optimized model as it fed the original must not break."""
+    types; an input's dims change only where --input-shape set them, an output's dims only where
+    the original declares what its graph does not compute (`recomputed`, see _check_valid).
+    Checked with or without verification: a caller feeding the optimized model as it fed the
+    original must not break."""
     def interface(values, initializers):
         return [value for value in values if value.name not in initializers]
 
@@ -348,6 +365,9 @@ def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_sta
                                     f"the original's {[value.name for value in before]}")
         for old, new in zip(before, after):
             static = made_static.get(old.name) if kind == "inputs" else None
+            if kind == "outputs" and old.name in recomputed and \
+                    old.type.tensor_type.elem_type == new.type.tensor_type.elem_type:
+                continue
             if old.type == new.type or ((kind == "outputs" or static is not None) and _same_but_dims(old, new, static)):
                 continue
             raise VerificationError(f"the optimized model changed the type of {kind[:-1]} '{old.name}': "
@@ -390,28 +410,47 @@ def _made_static(simplified: onnx.ModelProto, original: onnx.ModelProto) -> list
     return [value.name for value in simplified.graph.input if before.get(value.name) and not dynamic(value)]
 
 
-def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, notes: list[str]) -> None:
+def _check_valid(model: onnx.ModelProto, original: onnx.ModelProto, notes: list[str]) -> frozenset[str]:
     """A rewrite that produced invalid ONNX is a verification failure, whatever onnxruntime says
     (and with or without verification), unless the input was invalid to begin with (then that is
-    the error). The check is onnx.checker's full one (strict shape inference); where the input
-    fails that too, the ordinary check, and a note."""
+    the error). The check is onnx.checker's full one (strict shape inference). Where the input
+    fails it too because an output declares a shape its graph does not compute, the result's
+    output is written as computed, with a note (returns those outputs' names); where the input
+    fails it otherwise, the ordinary check, and a note."""
     try:
         check_structure(model, full=True)
-        return
+        return frozenset()
     except INVALID_MODEL as error:
         failure = error
     load(original, check=True)  # raises ModelLoadError if the input itself is invalid
     try:
         check_structure(original, full=True)
     except INVALID_MODEL as error:
+        # Only on this path, where it is needed: recomputing costs a shape inference.
+        declared = [_copied_value(value) for value in model.graph.output]
+        recomputed = recompute_contradicted_outputs(model, original)
+        if recomputed:
+            try:
+                check_structure(model, full=True)
+                notes.extend(recomputed.values())
+                return frozenset(recomputed)
+            except INVALID_MODEL:  # something else fails the check too: the outputs as they were
+                del model.graph.output[:]
+                model.graph.output.extend(declared)
         notes.append(f"the model fails onnx.checker's full check before optimization too ({_first_line(error)}): "
                      "the result got the ordinary check")
         try:
             check_structure(model)
-            return
+            return frozenset()
         except INVALID_MODEL as ordinary:
             failure = ordinary
     raise VerificationError(f"the optimized model is not valid ONNX: {_first_line(failure)}") from failure
+
+
+def _copied_value(value: onnx.ValueInfoProto) -> onnx.ValueInfoProto:
+    copied = onnx.ValueInfoProto()
+    copied.CopyFrom(value)
+    return copied
 
 
 def verify(

@@ -31,6 +31,7 @@ from onnx_graphsurgeon.logger import G_LOGGER
 from onnx_graphsurgeon.util.misc import SynchronizedList
 from google.protobuf.message import DecodeError
 
+from . import repair
 from .errors import ModelLoadError, ModelSaveError, UsageError
 from .graph import ONNX_DOMAINS, proto_bodies, proto_graphs, tensor_map, walk
 
@@ -39,17 +40,20 @@ PROTOBUF_LIMIT = 2**31 - 1
 EXTERNAL_DATA_THRESHOLD = int(1.8 * 2**30)
 
 
-def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> onnx.ModelProto:
+def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True,
+         notes: list[str] | None = None) -> onnx.ModelProto:
     """Return the model at `source` (a path or a ModelProto), external data included.
+
+    With `check`, what onnx.checker refuses but onnxruntime runs is repaired where the repair
+    cannot change what the model computes (onnxslim.repair; a ModelProto given is copied, not
+    changed), one line per repair added to `notes`.
 
     Raises ModelLoadError with one line saying what is wrong: no such file, a directory or
     another file that is not a regular one, an empty file, not a protobuf, a missing or
     malformed external data reference, an invalid model.
     """
     if isinstance(source, onnx.ModelProto):
-        if check:
-            _check(source, None)
-        return source
+        return _checked(source, None, notes) if check else source
     path = Path(source)
     _check_model_file(path)
     try:
@@ -68,8 +72,26 @@ def load(source: str | os.PathLike | onnx.ModelProto, *, check: bool = True) -> 
     held = raw_data_lengths(data, len(model.graph.initializer)) if serialization == "protobuf" else {}
     del data  # the model holds its own copy of every weight
     held.update(_load_external_data(model, path))
-    if check:
+    return _checked(model, path, notes, held) if check else model
+
+
+def _checked(model: onnx.ModelProto, path: Path | None, notes: list[str] | None,
+             held: dict[int, int] | None = None) -> onnx.ModelProto:
+    """The model, checked; one the checker refuses is repaired (see onnxslim.repair; a valid model
+    costs nothing more) and checked again. `held`: the weights' data sizes as the file holds them."""
+    try:
         _check(model, path, held)
+        return model
+    except ModelLoadError:
+        try:
+            model, found = repair.structure_repaired(model, own=path is not None)
+        except ModelLoadError as error:
+            raise ModelLoadError(f"{path}: {error}" if path else str(error)) from error
+        if not found:
+            raise  # nothing to repair: the checker's word stands
+    _check(model, path)  # a repair may drop initializers: their sizes are measured again
+    if notes is not None:
+        notes.extend(found)
     return model
 
 
@@ -268,7 +290,8 @@ def _varint(data: bytes, position: int, end: int) -> tuple[int, int]:
 def _check(model: onnx.ModelProto, path: Path | None, held: dict[int, int] | None = None) -> None:
     where = f"{path}: " if path else ""
     try:
-        check_structure(model)
+        # Read as declared: a model to be written gets the shapes the checker wants (repair.interface_repaired).
+        check_structure(model, shapeless_interface=True)
         _check_weight_sizes(model, held or {})
     except (onnx.checker.ValidationError, ValueError) as error:
         raise ModelLoadError(f"{where}invalid ONNX model: {_first_line(error)}") from error
@@ -278,14 +301,15 @@ def _check(model: onnx.ModelProto, path: Path | None, held: dict[int, int] | Non
 CHECKED_TENSOR_BYTES = 1 << 16
 
 
-def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
+def check_structure(model: onnx.ModelProto, *, full: bool = False, shapeless_interface: bool = False) -> None:
     """onnx.checker on the model with its large top-level weights replaced by typed inputs.
 
     The checker serializes the whole model; for a 350 MB transformer that is over a second,
     spent copying weights whose only checkable property, dims against data size, numpy and
     protobuf already guarantee. Graph structure, ops, attributes, types, small tensors and
     bodies are checked in full. `full`: the checker's full check, which adds strict shape
-    inference (the weights' dims take part in it as the inputs' dims). Raises
+    inference (the weights' dims take part in it as the inputs' dims). `shapeless_interface`:
+    the main graph's inputs and outputs may lack a shape or type (onnxruntime takes that). Raises
     onnx.checker.ValidationError (or onnx.shape_inference.InferenceError with `full`).
     """
     def large(tensor: onnx.TensorProto) -> bool:
@@ -298,6 +322,8 @@ def check_structure(model: onnx.ModelProto, *, full: bool = False) -> None:
     _check_opset_imports(model)
     skeleton = weightless_copy(model, large)
     skeleton.metadata_props.extend(model.metadata_props)
+    if shapeless_interface:
+        repair.placeholder_interface(skeleton)
     set_aside_runtime_ops(skeleton)
     onnx.checker.check_model(skeleton, full_check=full)
 
@@ -1087,6 +1113,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
         drop_disconnected_nodes(body)
         _keep_known_value_info(body, known_value_info)
     _restore_declared_types(model.graph, graph.__dict__.get(DECLARED_TYPES, {}))
+    _restore_denotations(model.graph, template.graph)
     defaults = graph.__dict__.get(INPUT_DEFAULTS, {})
     if defaults:
         inputs = {value.name for value in model.graph.input}
@@ -1351,6 +1378,23 @@ def _restore_declared_types(graph: onnx.GraphProto, declared: dict[str, onnx.Typ
             kind = declared.get(value.name)
             if kind is not None and kind.WhichOneof("value") not in (None, "tensor_type"):
                 value.type.CopyFrom(kind)
+
+
+def _restore_denotations(graph: onnx.GraphProto, template: onnx.GraphProto) -> None:
+    """Write back the denotations of the main graph's tensor inputs (a type's and its dims'),
+    which onnx-graphsurgeon does not hold: they are part of the model's interface."""
+    declared = {value.name: value.type for value in template.input}
+    for value in graph.input:
+        kind = declared.get(value.name)
+        if kind is None or kind.WhichOneof("value") != "tensor_type" or value.type.WhichOneof("value") != "tensor_type":
+            continue
+        if kind.denotation:
+            value.type.denotation = kind.denotation
+        dims, written = kind.tensor_type.shape.dim, value.type.tensor_type.shape.dim
+        if len(dims) == len(written):
+            for dim, written_dim in zip(dims, written):
+                if dim.denotation:
+                    written_dim.denotation = dim.denotation
 
 
 def _refined(declared: onnx.TypeProto, computed: onnx.TypeProto) -> onnx.TypeProto:
