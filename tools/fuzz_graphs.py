@@ -63,9 +63,6 @@ FEATURES = (
     "float16-rounding",  # Floor/Ceil/Round on float16
 )
 KNOWN_OPEN = {
-    "scalar-bool-input": "verification feeds a numpy scalar onnxruntime cannot take (exit 2 on a valid model)",
-    "overridable-input": "the input that is also an initializer is dropped from the optimized model's inputs",
-    "lying-value-info": "a pass trusts value_info over what the graph computes and bakes the dim in",
     "hostile-integers": "folding Div(INT64_MIN, -1) in onnxruntime kills the process with SIGFPE",
 }
 
