@@ -61,6 +61,7 @@ FEATURES = (
     "control-flow",  # If and Loop bodies
     "hostile-integers",  # INT64_MIN / -1 and friends in folded integer arithmetic of untaken branches
     "float16-rounding",  # Floor/Ceil/Round on float16
+    "nonfinite-calibration",  # lossy modes: NaN/Inf in some or all calibration samples (refused or skipped, never a NaN model)
 )
 KNOWN_OPEN = {
     "hostile-integers": "folding Div(INT64_MIN, -1) in onnxruntime kills the process with SIGFPE",
@@ -98,6 +99,9 @@ class Case:
     model: onnx.ModelProto
     features: frozenset = field(default_factory=frozenset)
     input_seed: int = 0
+    # The lossy modes' options: "calibration" (which samples hold NaN/Inf, see calibration_feeds),
+    # "quantize_mode", "method", "criterion", "allocation" (onnxslim's QuantizeOptions / PruneOptions)
+    lossy: dict = field(default_factory=dict)
 
     def feeds(self, size: int) -> dict[str, np.ndarray]:
         return make_feeds(self.model, size, self.input_seed)
@@ -121,6 +125,24 @@ def make_feeds(model: onnx.ModelProto, size: int, seed: int = 0) -> dict[str, np
         shape = [dim.dim_value if dim.HasField("dim_value") else size for dim in tensor_type.shape.dim]
         feeds[value_info.name] = random_array(rng, np.dtype(dtype).name, shape)
     return feeds
+
+
+CALIBRATION_SAMPLES = 4
+CALIBRATION_KINDS = ("finite", "some-nonfinite", "all-nonfinite")
+
+
+def calibration_feeds(model: onnx.ModelProto, kind: str = "finite", seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Calibration samples for the lossy modes, N at its first size: all finite, or with NaN/Inf
+    in the float inputs of the first sample ("some-nonfinite": it is skipped with a warning) or of
+    every sample ("all-nonfinite": refused, exit 2)."""
+    samples = [make_feeds(model, SIZES[0], seed + 100 + index) for index in range(CALIBRATION_SAMPLES)]
+    spoiled = {"finite": 0, "some-nonfinite": 1, "all-nonfinite": len(samples)}[kind]
+    rng = np.random.default_rng(seed)
+    for sample in samples[:spoiled]:
+        for name, array in sample.items():
+            if array.dtype.kind == "f" and array.size:
+                array.reshape(-1)[rng.integers(0, array.size)] = rng.choice([np.nan, np.inf, -np.inf])
+    return samples
 
 
 def random_array(rng: np.random.Generator, dtype: str, shape, special: bool = False) -> np.ndarray:
@@ -780,6 +802,50 @@ def block_matmul(b: Builder) -> None:
     _affine_tail(b, y, n, (n,))
 
 
+def block_layer_chain(b: Builder) -> None:
+    """Two layers in a row, the second reading the first's channels through per-channel ops (a
+    channel group pruning can cut): Conv -> [affine] -> activation [-> pool] -> Conv, or
+    MatMul/Gemm -> [affine] -> activation -> MatMul."""
+    activation = b.choice(["Relu", "Relu", "Sigmoid", "LeakyRelu", "HardSwish" if b.opset >= 14 else "Relu", "Identity"])
+    attrs = {"alpha": 0.25} if activation == "LeakyRelu" else {}
+    width = b.draw(st.integers(2, 8))
+    if b.flip(2):
+        x = _nchw(b)
+        kernel = b.choice([1, 3])
+        pads = [kernel // 2] * 4
+        first = b.node("Conv", [x, b.constant((b.rng.standard_normal((width, x.shape[1], kernel, kernel)) * 0.5).astype(x.dtype)),
+                                b.constant(b.rng.standard_normal(width).astype(x.dtype))],
+                       {"kernel_shape": [kernel, kernel], "pads": pads}, dtype=x.dtype, shape=(x.shape[0], width, *x.shape[2:]),
+                       exact=False, bound=x.bound * kernel * kernel * x.shape[1] * 2 + 3, keep=False)
+        first = _affine_tail(b, first, width, (width, 1, 1))
+        hidden = b.node(activation, [first], attrs, dtype=x.dtype, shape=first.shape, exact=False, bound=first.bound, keep=False)
+        if b.flip(3) and min(hidden.shape[2:]) >= 2:
+            hidden = b.node("MaxPool", [hidden], {"kernel_shape": [2, 2]}, dtype=x.dtype,
+                            shape=(*hidden.shape[:2], hidden.shape[2] - 1, hidden.shape[3] - 1), exact=False, bound=hidden.bound,
+                            keep=False)
+        out = b.draw(st.integers(1, 4))
+        b.node("Conv", [hidden, b.constant((b.rng.standard_normal((out, width, 1, 1)) * 0.5).astype(x.dtype))],
+               {"kernel_shape": [1, 1]}, dtype=x.dtype, shape=(hidden.shape[0], out, *hidden.shape[2:]), exact=False,
+               bound=hidden.bound * width * 2 + 3)
+        return
+    x = b.pick(lambda v: v.rank in (2, 3) and v.shape[-1] != DIM and v.dtype == "float32")
+    if x is None or b.flip(3):
+        x = b.input("float32", (DIM, b.draw(st.integers(1, 6))))
+    k = x.shape[-1]
+    weight = b.constant((b.rng.standard_normal((k, width)) * 0.5).astype(x.dtype))
+    if x.rank == 2 and b.flip(2):
+        first = b.node("Gemm", [x, weight, b.constant(b.rng.standard_normal(width).astype(x.dtype))], dtype=x.dtype,
+                       shape=(x.shape[0], width), exact=False, bound=x.bound * k + 3, keep=False)
+    else:
+        first = b.node("MatMul", [x, weight], dtype=x.dtype, shape=(*x.shape[:-1], width), exact=False,
+                       bound=x.bound * k + 3, keep=False)
+    first = _affine_tail(b, first, width, (width,))
+    hidden = b.node(activation, [first], attrs, dtype=x.dtype, shape=first.shape, exact=False, bound=first.bound, keep=False)
+    out = b.draw(st.integers(1, 4))
+    b.node("MatMul", [hidden, b.constant((b.rng.standard_normal((width, out)) * 0.5).astype(x.dtype))], dtype=x.dtype,
+           shape=(*hidden.shape[:-1], out), exact=False, bound=hidden.bound * width + 3)
+
+
 def block_if(b: Builder) -> None:
     """If on a constant condition (inline-constant-if) or on a computed one; branches read outer values."""
     value = b.pick(lambda v: v.dtype in FLOATS + INTS and b.allowed("Neg", v.dtype) and b.allowed("Add", v.dtype))
@@ -867,11 +933,12 @@ BLOCKS = {
     "noop": (block_noop, 2),
     "conv": (block_conv, 3),
     "matmul": (block_matmul, 3),
+    "layer-chain": (block_layer_chain, 2),
     "if": (block_if, 1),
     "loop": (block_loop, 1),
 }
 # The lossy paths (quantize, prune) only touch Conv/Gemm/MatMul in float32.
-LOSSY_BLOCKS = ("conv", "matmul", "unary", "binary", "reshape-chain", "noop")
+LOSSY_BLOCKS = ("conv", "matmul", "layer-chain", "unary", "binary", "reshape-chain", "noop")
 _WEIGHTED = [name for name, (_, weight) in BLOCKS.items() for _ in range(weight)]
 
 
@@ -905,7 +972,8 @@ def models(draw, *, features: frozenset | set = frozenset(FEATURES), kernels: di
         overridable = b.constant(random_array(b.rng, "float32", [2, 3]), keep=True)
         b.inputs.append(_value_info(overridable.name, "float32", (2, 3)))
         overridable.constant = None  # the caller may override it: not a constant to any pass
-    names = [name for name in _WEIGHTED if not lossy or name in LOSSY_BLOCKS]
+    # Lossy: layer chains are what pruning cuts and quantization has most to do with.
+    names = [name for name in _WEIGHTED if not lossy or name in LOSSY_BLOCKS] + ["layer-chain"] * (4 if lossy else 0)
     for _ in range(draw(st.integers(1, max_blocks))):
         BLOCKS[draw(st.sampled_from(names))][0](b)
     produced = [value for value in b.values if any(value.name in node.output for node in b.nodes)]
@@ -932,4 +1000,13 @@ def models(draw, *, features: frozenset | set = frozenset(FEATURES), kernels: di
                               value_info=b.value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSIONS[opset],
                               producer_name="onnxslim-fuzz")
-    return Case(model=model, features=frozenset(b.used), input_seed=seed % 1000)
+    options = {}
+    if lossy:
+        nonfinite = b.flip(4) and b.uses("nonfinite-calibration")
+        options = {"calibration": b.choice(CALIBRATION_KINDS[1:]) if nonfinite else "finite",
+                   # full QDQ first: "auto" picks weight-only int8 on a CPU where int8 kernels are not faster
+                   "quantize_mode": b.choice(["full", "weights", "auto"]),
+                   "method": b.choice(["minmax", "percentile", "entropy", "mse"]),
+                   "criterion": b.choice(["auto", "l2", "l1", "reconstruction"]),
+                   "allocation": b.choice(["sensitivity", "uniform"])}
+    return Case(model=model, features=frozenset(b.used), input_seed=seed % 1000, lossy=options)
