@@ -14,7 +14,8 @@ class, never the fuzzer's death:
             (with its graph optimizations off, or on as users run it)
   invalid   the optimized model fails onnx.checker's full check, or onnxruntime cannot load it
   crash     onnxslim raised something other than a clean refusal, or its process died
-  refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs
+  refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs, or did not refuse
+            one that never returns (feature endless-loop: exit 2 is right)
   timeout   onnxslim (or the optimized model) did not finish within the time limit
   fidelity-nan   lossy modes: the optimized model gives NaN where the original is finite
 In the lossy modes an exit 2 is ok ("refused as expected") where the calibration samples leave
@@ -231,6 +232,8 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         return Outcome("skipped", stage, _first_line(error))
+    if fuzz_graphs.never_ends(model):
+        return _check_endless(model, mode, report_stage)
     stage = "run-original"
     report_stage(stage)
     try:
@@ -291,6 +294,25 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
     if outcome.kind == "wrong" and verification.passed:
         outcome.detail += " (and onnxslim's verification passed it)"
     return outcome
+
+
+def _check_endless(model: onnx.ModelProto, mode: Mode, report_stage) -> Outcome:
+    """A model that never returns (a Loop without end) cannot be verified: onnxslim must say so,
+    exit 2, within the time limit (a hang is "timeout", the class being looked for)."""
+    import onnxslim
+
+    try:
+        _, fired, verification = _optimize(model, mode, fuzz_graphs.calibration_feeds(model) if mode.lossy else [], {},
+                                           report_stage)
+    except onnxslim.OnnxSlimError as error:
+        line = f"{type(error).__name__} (exit {error.exit_code}): {_first_line(error)}"
+        return Outcome("ok", "optimize", line, expected_refusal=True) if error.exit_code == 2 else \
+            Outcome("crash", "optimize", line)
+    except Exception as error:
+        return Outcome("crash", "optimize", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]")
+    if verification is not None and verification.passed:
+        return Outcome("wrong", "verify", "a model that never returns was verified", fired=fired)
+    return Outcome("refused", "optimize", "a model that never returns was not refused", fired=fired)
 
 
 def _runs_deployed(model, optimized, feeds: dict, actual: dict, report_stage) -> str | None:
