@@ -1223,7 +1223,9 @@ def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.nda
     if bias.shape != shift.shape and bias.size != shift.size:
         return
     with np.errstate(over="ignore", invalid="ignore"):
-        compensated = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+        # asarray: arithmetic on a 0-d bias (a scalar Add after a one-output MatMul) gives a numpy
+        # scalar, which onnxruntime does not take as a feed
+        compensated = np.asarray((bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
     if np.isfinite(compensated).all():  # means too large for the bias's dtype move nothing
         replaced[slot] = compensated
 

@@ -640,6 +640,22 @@ def test_a_cut_that_does_not_add_up_freezes_its_groups(monkeypatch):
     assert "does not hold the group's channels" in frozen_reason(matmul_then_conv(), "mm")
 
 
+def test_mean_compensation_into_a_scalar_bias():
+    """Found by the fuzzer: MatMul -> Relu -> MatMul with one output -> Add of a 0-d bias. Moving
+    the removed features' mean into that bias made a numpy scalar, which the sensitivity
+    measurement fed to onnxruntime (RuntimeError, exit 3)."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 1])
+    hidden = b.node("Relu", [b.node("MatMul", [x, b.initializer("w1", weight(1, 4))], name="mm1")])
+    projected = b.node("MatMul", [hidden, b.initializer("w2", weight(4, 1))], name="mm2")
+    b.output(b.node("Add", [projected, b.initializer("bias", np.array(0.5, np.float32))], ["y"]))
+    model = b.build()
+    data = CalibrationData.from_feeds(model, [{"x": random([3, 1], seed=330 + i)} for i in range(4)])
+    pruned, report = onnxslim.optimize(model, prune=0.5, calibration=data, return_report=True)
+    assert report.pruning.removed_channels == 2
+    onnx.checker.check_model(pruned, full_check=True)
+
+
 # ----------------------------------------------------------------------------- the whole step
 
 
