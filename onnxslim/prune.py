@@ -261,6 +261,7 @@ class _Analysis:
         self.parent: list[int] = []
         self.groups: list[Group] = []
         self.channels: dict[int, Channels] = {}  # id(tensor) -> its channel axis
+        self.tensors: dict[int, gs.Tensor] = {}  # id(tensor) -> the tensor, for check_extents
         self.cuts: list[Cut] = []
         self.depthwise: list[tuple[int, tuple[int, ...]]] = []
         self.flattens: list[int] = []
@@ -417,6 +418,7 @@ class _Analysis:
     def pass_on(self, node: gs.Node, channels: Channels, output: int = 0) -> None:
         if len(node.outputs) > output:
             self.channels[id(node.outputs[output])] = channels
+            self.tensors[id(node.outputs[output])] = node.outputs[output]
 
     # -- layers
 
@@ -436,8 +438,10 @@ class _Analysis:
         out_channels, in_per_group = weight.shape[0], weight.shape[1]
         if group > 1 and group == out_channels and in_per_group == 1:
             # Depthwise: output channel k is input channel k; it is one of the group's members.
-            if source is None or source.axis != 1:
+            if source is None:
                 self.ownerless.append((node.name, "depthwise Conv on channels no group holds"))
+                return
+            if not self.on_channel_axis(node, source, weight):
                 return
             if source.block != 1:  # its `group` counts channels, the group's kept count blocks
                 self.freeze_inputs(node, f"read by depthwise {_label(node)} in blocks of {source.block} channels")
@@ -452,11 +456,22 @@ class _Analysis:
         if group > 1:
             self.visit_grouped_conv(position, node, weight, group, source)
             return
+        if source is not None and not self.on_channel_axis(node, source, weight):
+            return
         if source is not None:
             self.consume(position, node, source, weight_axis=1)
         gid = self.produce(position, node, weight, axis=0)
         self.cut_bias(position, node, (gid,))
         self.pass_on(node, Channels((gid,), 1, weight.ndim))
+
+    def on_channel_axis(self, node: gs.Node, source: Channels, weight: np.ndarray) -> bool:
+        """A Conv or ConvTranspose reads axis 1 of its input: channels tracked on another axis (a
+        MatMul's features, the last axis of an NCHW tensor) are not the ones its weight reads."""
+        if source.axis == 1 and source.rank == weight.ndim:
+            return True
+        self.freeze_inputs(node, f"read by {_label(node)} on axis {source.axis} of {source.rank}, not its channel axis")
+        self.ownerless.append((node.name, "Conv reading channels off axis 1"))
+        return False
 
     def visit_grouped_conv(self, position: int, node: gs.Node, weight: np.ndarray, group: int,
                            source: Channels | None) -> None:
@@ -488,6 +503,8 @@ class _Analysis:
         if weight is None or int(node.attrs.get("group", 1)) != 1 or "output_shape" in node.attrs:
             self.freeze_inputs(node, f"read by {_label(node)} (grouped, output_shape or weight not constant)")
             self.ownerless.append((node.name, "grouped ConvTranspose, output_shape, or weight not constant"))
+            return
+        if source is not None and not self.on_channel_axis(node, source, weight):
             return
         if source is not None:
             self.consume(position, node, source, weight_axis=0)
@@ -978,7 +995,32 @@ class _Analysis:
 
     # -- result
 
+    def check_extents(self) -> None:
+        """Every tensor the plan cuts or follows must hold exactly its groups' channels along its
+        axis (shape inference's dims, the constants' shapes). A rule that followed channels
+        somewhere they are not (a layer reading another axis, an op that reshapes them) shows up
+        here as a count that does not add up: its groups are frozen, never cut into an invalid or
+        wrong model."""
+        def expected(channels_groups, block: int) -> int:
+            return sum(self.groups[self.find(g)].size for g in channels_groups) * block
+
+        nodes = self.graph.nodes
+        for cut in self.cuts:
+            node = nodes[cut.position]
+            value = constant_value(node.inputs[cut.index]) if len(node.inputs) > cut.index else None
+            if value is None or value.ndim <= cut.axis or value.shape[cut.axis] != expected(cut.groups, cut.block):
+                self.freeze(cut.groups, f"{_label(node)} input {cut.index} does not hold the group's channels "
+                                        f"on axis {cut.axis}")
+        for key, channels in self.channels.items():
+            tensor = self.tensors[key]
+            if channels.parts is not None or tensor.shape is None:
+                continue  # a fused projection's parts each hold their own heads along the axis
+            size = _dim(tensor, channels.axis) if len(tensor.shape) == channels.rank else -1
+            if size is not None and size != expected(channels.groups, channels.block):
+                self.freeze(channels.groups, f"'{tensor.name}' does not hold the group's channels on axis {channels.axis}")
+
     def plan(self) -> PrunePlan:
+        self.check_extents()
         roots = {}
         for gid in range(len(self.groups)):
             if gid in self.retired:
@@ -1181,7 +1223,9 @@ def _compensate(nodes: list[gs.Node], cut: Cut, weight: np.ndarray, kept: np.nda
     if bias.shape != shift.shape and bias.size != shift.size:
         return
     with np.errstate(over="ignore", invalid="ignore"):
-        compensated = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+        # asarray: arithmetic on a 0-d bias (a scalar Add after a one-output MatMul) gives a numpy
+        # scalar, which onnxruntime does not take as a feed
+        compensated = np.asarray((bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype))
     if np.isfinite(compensated).all():  # means too large for the bias's dtype move nothing
         replaced[slot] = compensated
 

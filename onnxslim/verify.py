@@ -509,7 +509,14 @@ def sqnr_db(reference: np.ndarray, candidate: np.ndarray) -> float:
         return math.inf
     if signal == 0:
         return -math.inf
-    return 10.0 * math.log10(signal / noise)
+    return decibels(signal, noise)
+
+
+def decibels(signal: float, noise: float) -> float:
+    """10·log10(signal / noise) for positive sums, as a difference of logs: the ratio of a tiny
+    signal to a huge noise (a quantized output gone astray) underflows to 0, whose log10 is a
+    'math domain error'."""
+    return 10.0 * (math.log10(signal) - math.log10(noise))
 
 
 def _top1_agreement(reference: np.ndarray, candidate: np.ndarray) -> float | None:
@@ -598,6 +605,7 @@ class Verifier:
         self.input_shapes = {name: list(np.shape(array)) for name, array in self.feeds[0].items()}
         self.tolerance = tolerance
         self.budget = budget if budget is not None and budget.is_set() else None
+        self._floors: dict[str, int] | None = None
 
     def _other_sizes(self, runner: Runner, shapes: dict[str, list[int]], dims: list[DynamicDim], count: int, seed: int):
         """Samples with the dynamic dims at a second size (so a rewrite that baked one in is
@@ -662,9 +670,16 @@ class Verifier:
                 if name not in outputs:
                     continue
                 current = compare(name, reference[name], outputs[name], tolerance=self.tolerance)
-                if not current.passed and self.budget is None and _low_precision(reference[name]) \
-                        and reference[name].shape == outputs[name].shape:
-                    current = self._reference_decides(candidate, index, current, evaluators, notes)
+                if not current.passed and self.budget is None and reference[name].shape == outputs[name].shape:
+                    floor = self._precision_floor(name)
+                    if floor is not None and self.tolerance is None and tolerance_for(reference[name].dtype) is not None:
+                        current = compare(name, reference[name], outputs[name], tolerance=_FLOOR_TOLERANCE[floor])
+                        note = (f"output '{name}' is computed through {_FLOAT_NAMES[floor]}: judged by "
+                                f"{_FLOAT_NAMES[floor]}'s tolerance")
+                        if note not in notes:
+                            notes.append(note)
+                    if not current.passed and (floor is not None or _low_precision(reference[name])):
+                        current = self._reference_decides(candidate, index, current, evaluators, notes)
                 if self.budget is not None and reference[name].shape == outputs[name].shape:
                     pools.setdefault(name, FidelityPool()).add(reference[name], outputs[name])
                 comparisons[name] = _merge(comparisons.get(name), current)
@@ -681,12 +696,20 @@ class Verifier:
         passed = all(result.passed for result in results) and runner.output_names == self.output_names
         return self._report(results, passed, notes)
 
+    def _precision_floor(self, name: str) -> int | None:
+        """The least precise float type output `name` is computed through, when coarser than its
+        own (see precision_floors); worked out once, on the first failure that needs it."""
+        if self._floors is None:
+            self._floors = precision_floors(self.reference)
+        return self._floors.get(name)
+
     def _reference_decides(self, candidate: onnx.ModelProto, index: int, failed: OutputComparison,
                            evaluators: dict, notes: list[str]) -> OutputComparison:
-        """A float16/bfloat16 output that fails the tolerance, judged again by onnx's reference
-        evaluator on this sample: onnxruntime's fp16 kernels can land a rounding step apart in
-        different contexts (a Round or Floor then makes that a whole unit), so its two runs do not
-        decide alone. Where the evaluator computes the same for both models, the rewrite is right
+        """A float16/bfloat16 output, or one computed through a coarser type than its own (a Cast
+        to float16 and back, a float cast to an integer), that fails the tolerance, judged again
+        by onnx's reference evaluator on this sample: onnxruntime's fp16 kernels can land a
+        rounding step apart in different contexts (a Round, a Floor or a Cast to an integer then
+        makes that a whole unit), so its two runs do not decide alone. Where the evaluator computes the same for both models, the rewrite is right
         and the note says so; where it cannot run a model, the failure stands, with a note."""
         name, feed = failed.name, self.feeds[index]
         try:
@@ -750,6 +773,75 @@ class Verifier:
 
 def _low_precision(array: np.ndarray) -> bool:
     return array.dtype == np.float16 or array.dtype.name == "bfloat16"
+
+
+# Float element types from the most precise to the least (significand bits 52, 23, 10, 7): a value
+# rounded to one of them carries that type's error into everything computed from it.
+_FLOAT_PRECISION = (onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def precision_floors(model: onnx.ModelProto) -> dict[str, int]:
+    """Per graph output, the least precise float element type (an onnx.TensorProto type) its
+    computation rounds to, when that is coarser than the output's own type (or the output is not
+    a float at all). A float64 output computed through a float16 Cast carries float16's rounding:
+    a rewrite that moves a last float32 bit upstream can move it one float16 step, and float64's
+    tolerance would call that wrong. Only computed values count (inputs and constants are data,
+    no rewrite rounds them); their types come from onnx's shape inference over the original
+    model (a rewrite cannot loosen its own tolerance), with Cast targets where inference gives
+    none; a subgraph counts whole."""
+    try:
+        typed = onnx.shape_inference.infer_shapes(model)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, ValueError):
+        typed = model  # the declared types and the Cast targets below still say most
+    graph = typed.graph
+    types: dict[str, int] = {}
+    for info in [*graph.value_info, *graph.output]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.elem_type:
+            types[info.name] = info.type.tensor_type.elem_type
+    producers = {name: node for node in graph.node for name in node.output}
+    floors = {}
+    for output in graph.output:
+        found: set[int] = set()
+        seen: set[str] = set()
+        pending = [output.name]
+        while pending:
+            name = pending.pop()
+            node = producers.get(name)
+            if name in seen or node is None:
+                continue
+            seen.add(name)
+            if name in types:
+                found.add(types[name])
+            pending += [name for name in node.input if name]
+            found |= _computed_types(node, pending)
+        own = output.type.tensor_type.elem_type
+        coarser = [elem for elem in _FLOAT_PRECISION if elem in found]
+        if coarser and (own not in _FLOAT_PRECISION or _FLOAT_PRECISION.index(coarser[-1]) > _FLOAT_PRECISION.index(own)):
+            floors[output.name] = coarser[-1]
+    return floors
+
+
+def _computed_types(node: onnx.NodeProto, pending: list[str]) -> set[int]:
+    """Element types a node computes that inference may not show: a Cast's target, and the values
+    its subgraphs compute (their reads of outer values join `pending`)."""
+    found = set()
+    for attribute in node.attribute:
+        if attribute.name == "to" and attribute.type == onnx.AttributeProto.INT:
+            found.add(attribute.i)
+        for body in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs):
+            for info in [*body.value_info, *body.output]:
+                if info.type.HasField("tensor_type"):
+                    found.add(info.type.tensor_type.elem_type)
+            for inner in body.node:
+                pending += [name for name in inner.input if name]
+                found |= _computed_types(inner, pending)
+    return found
+
+
+_FLOAT_NAMES = dict(zip(_FLOAT_PRECISION, ("float64", "float32", "float16", "bfloat16")))
+_FLOOR_TOLERANCE = {onnx.TensorProto.DOUBLE: TOLERANCES[np.dtype(np.float64)], onnx.TensorProto.FLOAT: TOLERANCES[
+    np.dtype(np.float32)], onnx.TensorProto.FLOAT16: TOLERANCES[np.dtype(np.float16)],
+    onnx.TensorProto.BFLOAT16: BFLOAT16_TOLERANCE}
 
 
 def _interleave(firsts: list, seconds: list) -> list:
@@ -830,7 +922,7 @@ class FidelityPool:
             return math.inf
         if self.signal == 0:
             return -math.inf
-        return 10.0 * math.log10(self.signal / self.noise)
+        return decibels(self.signal, self.noise)
 
     def top1(self) -> float | None:
         if not (self.top1_meaningful and self.rows):

@@ -61,7 +61,7 @@ def _fuzz(kernels, mode, examples: int, max_blocks: int = 14) -> Counter:
     @settings(max_examples=examples, **PROFILE)
     @given(case=fuzz_graphs.models(features=CI_FEATURES, kernels=kernels, lossy=mode.lossy, max_blocks=max_blocks))
     def check(case):
-        outcome = fuzz.run_case(case.model, mode, case.input_seed)
+        outcome = fuzz.run_case(case.model, mode, case.input_seed, lossy=case.lossy)
         counts[outcome.kind] += 1
         if outcome.kind in fuzz.FAILURES and not _known_open(outcome):
             pytest.fail(f"{outcome.line()}; {case!r}")

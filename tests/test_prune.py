@@ -605,6 +605,57 @@ def test_gemm_chain_cuts_columns_of_the_producer_and_rows_of_the_consumer():
     assert pruned_dims(pruned) == {"g1_w": (4, 6), "g1_b": (4,), "g2_w": (4, 4), "g2_b": (4,)}
 
 
+def matmul_then_conv(depthwise=False):
+    """A MatMul's features lie on the last axis of an NCHW tensor [1, 2, 5, 4]; a Conv reads axis 1.
+    Pruning the MatMul's features would shrink the Conv's width, not its channels."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 2, 5, 6])
+    features = b.node("Relu", [b.node("MatMul", [x, b.initializer("mm_w", weight(6, 4))], name="mm")])
+    shape = (2, 1, 3, 3) if depthwise else (3, 2, 3, 3)
+    b.output(b.node("Conv", [features, b.initializer("conv_w", weight(*shape))], ["y"], name="conv",
+                    group=2 if depthwise else 1))
+    return b.build()
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_a_conv_reading_channels_off_its_channel_axis_freezes_them(depthwise):
+    """Found by the fuzzer: the Conv took the MatMul's last-axis features for its input channels
+    (an IndexError, an invalid model, or one onnxruntime cannot run)."""
+    model = matmul_then_conv(depthwise)
+    assert "not its channel axis" in frozen_reason(model, "mm")
+    plan, pruned = cut(model)
+    assert not plan.kept
+    pruned, report = onnxslim.optimize(model, prune=0.5, calibration="random", return_report=True)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.pruning.removed_channels == 0
+
+
+def test_a_cut_that_does_not_add_up_freezes_its_groups(monkeypatch):
+    """The last line of defence: a rule that follows channels where they are not (here the Conv
+    check switched off) leaves a tensor or weight whose extent is not its groups' channel count,
+    and the group is frozen rather than cut into an invalid model."""
+    from onnxslim.prune import _Analysis
+
+    monkeypatch.setattr(_Analysis, "on_channel_axis", lambda self, node, source, weight: True)
+    assert "does not hold the group's channels" in frozen_reason(matmul_then_conv(), "mm")
+
+
+def test_mean_compensation_into_a_scalar_bias():
+    """Found by the fuzzer: MatMul -> Relu -> MatMul with one output -> Add of a 0-d bias. Moving
+    the removed features' mean into that bias made a numpy scalar, which the sensitivity
+    measurement fed to onnxruntime (RuntimeError, exit 3)."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 1])
+    hidden = b.node("Relu", [b.node("MatMul", [x, b.initializer("w1", weight(1, 4))], name="mm1")])
+    projected = b.node("MatMul", [hidden, b.initializer("w2", weight(4, 1))], name="mm2")
+    b.output(b.node("Add", [projected, b.initializer("bias", np.array(0.5, np.float32))], ["y"]))
+    model = b.build()
+    data = CalibrationData.from_feeds(model, [{"x": random([3, 1], seed=330 + i)} for i in range(4)])
+    pruned, report = onnxslim.optimize(model, prune=0.5, calibration=data, return_report=True)
+    assert report.pruning.removed_channels == 2
+    onnx.checker.check_model(pruned, full_check=True)
+
+
 # ----------------------------------------------------------------------------- the whole step
 
 

@@ -11,11 +11,16 @@ class, never the fuzzer's death:
             onnxruntime's results differ but onnx.reference says the two models agree, also ok
             (counted as "reference-decided")
   wrong     different outputs, or onnxruntime fails on the optimized model where the original ran
+            (with its graph optimizations off, or on as users run it)
   invalid   the optimized model fails onnx.checker's full check, or onnxruntime cannot load it
   crash     onnxslim raised something other than a clean refusal, or its process died
-  refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs
+  refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs, or did not refuse
+            one that never returns (feature endless-loop: exit 2 is right)
   timeout   onnxslim (or the optimized model) did not finish within the time limit
   fidelity-nan   lossy modes: the optimized model gives NaN where the original is finite
+In the lossy modes an exit 2 is ok ("refused as expected") where the calibration samples leave
+nothing to measure: none is finite (feature nonfinite-calibration), or the original itself computes
+NaN/Inf on one that is.
 A generated model that fails the checker or onnxruntime itself is "skipped" (a generator bug:
 there should be none). Lossy modes count invalid, crash, refused, timeout and fidelity-nan only.
 
@@ -79,6 +84,7 @@ class Outcome:
     stage: str = ""  # where it happened: check-original, run-original, optimize, check-optimized, ...
     detail: str = ""
     reference_decided: bool = False
+    expected_refusal: bool = False  # lossy modes: exit 2 where the calibration data leaves nothing to measure
     fired: tuple = ()  # the passes that changed something: whether the generator reaches them
 
     def line(self) -> str:
@@ -101,13 +107,16 @@ class Mode:
 # -- the oracle (runs in a forked child) -------------------------------------------------------
 
 
-def _session(model: onnx.ModelProto):
+def _session(model: onnx.ModelProto, deployed: bool = False):
+    """An onnxruntime session with its graph optimizations off, or (`deployed`) at their default
+    level, as a user runs the model."""
     import onnxruntime as ort
 
     ort.set_default_logger_severity(4)  # its own log lines (a failing node) would flood the fuzzer's output
     options = ort.SessionOptions()
     # onnxruntime's own rewrites would hide a bad one of ours; one thread: the fuzzer runs jobs in parallel.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if deployed
+                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.log_severity_level = 4
@@ -165,7 +174,7 @@ def _reference_outputs(model: onnx.ModelProto, feeds: dict) -> dict:
     return dict(zip(names, evaluator.run(None, feeds)))
 
 
-def _optimize(model: onnx.ModelProto, mode: Mode, report_stage):
+def _optimize(model: onnx.ModelProto, mode: Mode, samples: list[dict], lossy: dict, report_stage):
     """onnxslim.optimize with its own verification, forced: the oracle judges the model it returns
     and also holds the verifier to account (a correct model it calls wrong is "refused", a wrong
     one it calls verified is a silent wrong result)."""
@@ -178,15 +187,43 @@ def _optimize(model: onnx.ModelProto, mode: Mode, report_stage):
         if value_info.name not in initialized:
             dims = value_info.type.tensor_type.shape.dim
             shapes[value_info.name] = [d.dim_value if d.HasField("dim_value") else fuzz_graphs.SIZES[0] for d in dims]
-    kwargs = dict(calibration="random", quantize=mode.quantize, prune=mode.prune) if mode.lossy else {}
+    kwargs = {}
+    if mode.lossy:
+        from onnxslim.calibration import CalibrationData
+        from onnxslim.prune import PruneOptions
+        from onnxslim.quantize import QuantizeOptions
+
+        kwargs = dict(calibration=CalibrationData.from_feeds(model, samples), quantize=mode.quantize)
+        if mode.quantize:
+            kwargs["quantize_options"] = QuantizeOptions(mode=lossy.get("quantize_mode", "auto"),
+                                                         method=lossy.get("method", "auto"))
+        if mode.prune:
+            # check_surgery: the pruned model must equal the original with the removed channels'
+            # weights zeroed, exactly; a surgery bug is a wrong model, which no fidelity figure shows.
+            kwargs["prune_options"] = PruneOptions(ratio=mode.prune, check_surgery=True,
+                                                   criterion=lossy.get("criterion", "auto"),
+                                                   allocation=lossy.get("allocation", "sensitivity"))
     optimized, report = onnxslim.optimize(model, verify=True, force=True, return_report=True, verify_shapes=shapes,
                                           **kwargs)
-    fired = tuple(sorted({execution.name for execution in report.run.executions if execution.changed}))
-    return optimized, fired, report.verification
+    fired = {execution.name for execution in report.run.executions if execution.changed}
+    # The lossy steps are no passes: say whether they did anything (the generator must reach them).
+    if getattr(report, "pruning", None) is not None and report.pruning.removed_channels:
+        fired.add("(pruned channels)")
+    quantization = getattr(report, "quantization", None)
+    if quantization is not None and any(node.op_type == "QuantizeLinear" for node in optimized.graph.node):
+        fired.add("(int8 activations)")
+    elif quantization is not None and quantization.mode == "weights":
+        fired.add("(int8 weights only)")
+    return optimized, tuple(sorted(fired)), report.verification
 
 
-def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, report_stage=lambda stage: None) -> Outcome:
-    """The oracle, in this process: classify what onnxslim does to `model` (see the module docstring)."""
+def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, report_stage=lambda stage: None,
+                lossy: dict | None = None) -> Outcome:
+    """The oracle, in this process: classify what onnxslim does to `model` (see the module docstring).
+    `lossy`: the lossy modes' options (fuzz_graphs.Case.lossy): which calibration samples hold
+    NaN/Inf (fuzz_graphs.calibration_feeds), the quantization mode and method, the pruning
+    criterion and allocation."""
+    lossy = lossy or {}
     import onnxslim
 
     stage = "check-original"
@@ -195,6 +232,8 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as error:
         return Outcome("skipped", stage, _first_line(error))
+    if fuzz_graphs.never_ends(model):
+        return _check_endless(model, mode, report_stage)
     stage = "run-original"
     report_stage(stage)
     try:
@@ -204,13 +243,18 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
     except Exception as error:  # onnxruntime's errors are untyped: any failure means the generator erred
         return Outcome("skipped", stage, _first_line(error))
 
+    samples = fuzz_graphs.calibration_feeds(model, lossy.get("calibration", "finite"), input_seed) if mode.lossy else []
     try:
-        optimized, fired, verification = _optimize(model, mode, report_stage)
-    except onnxslim.VerificationError as error:  # with verify=False: only the checker's verdict
-        return Outcome("invalid", "optimize", _first_line(error))
+        optimized, fired, verification = _optimize(model, mode, samples, lossy, report_stage)
+    except onnxslim.VerificationError as error:  # forced: only the checker's verdict, or pruning's surgery check
+        kind = "wrong" if "surgery" in str(error) else "invalid"
+        return Outcome(kind, "optimize", _first_line(error))
     except onnxslim.OnnxSlimError as error:
-        kind = "refused" if error.exit_code == 2 else "crash"
-        return Outcome(kind, "optimize", f"{type(error).__name__} (exit {error.exit_code}): {_first_line(error)}")
+        line = f"{type(error).__name__} (exit {error.exit_code}): {_first_line(error)}"
+        nonfinite = any(word in line for word in ("NaN", "infinit", "finite"))
+        if error.exit_code == 2 and mode.lossy and nonfinite and _nothing_to_calibrate_on(session, samples):
+            return Outcome("ok", "optimize", line, expected_refusal=True)
+        return Outcome("refused" if error.exit_code == 2 else "crash", "optimize", line)
     except Exception as error:  # everything else is our bug: the class being looked for
         return Outcome("crash", "optimize", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]")
 
@@ -237,6 +281,9 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
             actual[size] = _run(candidate, feeds[size])
         except Exception as error:
             return Outcome("wrong", stage, f"N={size}: onnxruntime fails where the original ran: {_first_line(error)}")
+    deployed = _runs_deployed(model, optimized, feeds, actual, report_stage)
+    if deployed is not None:
+        return Outcome("wrong", "run-deployed", deployed, fired=fired)
     outcome = _judge_lossy(expected, actual) if mode.lossy else _judge(model, optimized, feeds, expected, actual, report_stage)
     outcome.fired = fired
     if mode.lossy or verification is None:
@@ -247,6 +294,64 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
     if outcome.kind == "wrong" and verification.passed:
         outcome.detail += " (and onnxslim's verification passed it)"
     return outcome
+
+
+def _check_endless(model: onnx.ModelProto, mode: Mode, report_stage) -> Outcome:
+    """A model that never returns (a Loop without end) cannot be verified: onnxslim must say so,
+    exit 2, within the time limit (a hang is "timeout", the class being looked for)."""
+    import onnxslim
+
+    try:
+        _, fired, verification = _optimize(model, mode, fuzz_graphs.calibration_feeds(model) if mode.lossy else [], {},
+                                           report_stage)
+    except onnxslim.OnnxSlimError as error:
+        line = f"{type(error).__name__} (exit {error.exit_code}): {_first_line(error)}"
+        return Outcome("ok", "optimize", line, expected_refusal=True) if error.exit_code == 2 else \
+            Outcome("crash", "optimize", line)
+    except Exception as error:
+        return Outcome("crash", "optimize", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]")
+    if verification is not None and verification.passed:
+        return Outcome("wrong", "verify", "a model that never returns was verified", fired=fired)
+    return Outcome("refused", "optimize", "a model that never returns was not refused", fired=fired)
+
+
+def _runs_deployed(model, optimized, feeds: dict, actual: dict, report_stage) -> str | None:
+    """Why the optimized model fails under onnxruntime's own optimizations where the original runs
+    (None when it runs, with the shapes and types it gives without them). Users run models that
+    way: a fusion that meets a shape onnxslim declared wrongly (a Gemm's input reshape built from a
+    baked-in dim) fails only there. Values are not compared: onnxruntime's fusions round differently."""
+    report_stage("run-deployed")
+    try:
+        original = _session(model, deployed=True)
+        for size in fuzz_graphs.SIZES:
+            _run(original, feeds[size])
+    except Exception:  # onnxruntime's optimizer fails the original too: not onnxslim's doing
+        return None
+    try:
+        candidate = _session(optimized, deployed=True)
+        for size in fuzz_graphs.SIZES:
+            got = _run(candidate, feeds[size])
+            for name, value in actual[size].items():
+                if name in got and (got[name].shape, got[name].dtype) != (value.shape, value.dtype):
+                    return (f"N={size}: output {name} is {got[name].dtype}{list(got[name].shape)} with onnxruntime's "
+                            f"optimizations, {value.dtype}{list(value.shape)} without")
+    except Exception as error:
+        return f"N={size}: onnxruntime fails on it with its optimizations on, where the original runs: {_first_line(error)}"
+    return None
+
+
+def _nothing_to_calibrate_on(session, samples: list[dict]) -> bool:
+    """Whether a lossy mode's refusal (exit 2) is the right answer: no calibration sample is finite,
+    or the original itself computes NaN/Inf on one that is (no fidelity can be measured there)."""
+    finite = [sample for sample in samples
+              if all(array.dtype.kind != "f" or np.isfinite(array).all() for array in sample.values())]
+    if not finite:
+        return True
+    for sample in finite:
+        for value in _run(session, sample).values():
+            if value.dtype.kind == "f" and not np.isfinite(value).all():
+                return True
+    return False
 
 
 def _interface_change(original: onnx.ModelProto, optimized: onnx.ModelProto) -> str | None:
@@ -419,10 +524,11 @@ def _send(fd: int, message) -> None:
     os.write(fd, len(data).to_bytes(4, "little") + data)
 
 
-def run_case(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, timeout: float = CASE_SECONDS) -> Outcome:
+def run_case(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, timeout: float = CASE_SECONDS,
+             lossy: dict | None = None) -> Outcome:
     """check_model in a forked child. A death or hang while the original runs is the generator's
     fault (skipped); anywhere after, it is onnxslim's or its output's."""
-    outcome, failure = isolated(_check_in_child, model.SerializeToString(), mode, input_seed, timeout=timeout)
+    outcome, failure = isolated(_check_in_child, model.SerializeToString(), mode, input_seed, lossy, timeout=timeout)
     if failure is None:
         return outcome
     if failure.stage in ("start", "check-original", "run-original"):
@@ -430,8 +536,8 @@ def run_case(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0, t
     return failure
 
 
-def _check_in_child(model_bytes: bytes, mode: Mode, input_seed: int, report_stage) -> Outcome:
-    return check_model(onnx.load_from_string(model_bytes), mode, input_seed, report_stage)
+def _check_in_child(model_bytes: bytes, mode: Mode, input_seed: int, lossy: dict | None, report_stage) -> Outcome:
+    return check_model(onnx.load_from_string(model_bytes), mode, input_seed, report_stage, lossy)
 
 
 # -- onnxruntime's CPU kernels -----------------------------------------------------------------
@@ -477,10 +583,7 @@ class CaseFailed(Exception):
 
 # Failures whose fix is another change's: the CI profile (tests/test_fuzz.py) tolerates an outcome
 # whose detail contains one of these; delete an entry when its fix lands. tools/fuzz.py reports them.
-KNOWN_OPEN_SIGNATURES = {
-    "Too many bins for data range": "the calibration histogram of a constant or huge-range activation",
-    "math domain error": "a fidelity figure of a quantized model whose outputs are zero or NaN",
-}
+KNOWN_OPEN_SIGNATURES: dict[str, str] = {}
 
 FAILURE_TYPES = {kind: type(f"Fuzz_{kind.replace('-', '_')}", (CaseFailed,), {}) for kind in FAILURES}
 
@@ -513,7 +616,7 @@ def search(seed: int, examples: int, mode: Mode, features, kernels, on_outcome, 
                 return
         elif deadline_at is not None and time.monotonic() > deadline_at:
             return
-        outcome = run_case(case.model, mode, case.input_seed)
+        outcome = run_case(case.model, mode, case.input_seed, lossy=case.lossy)
         if not best:
             on_outcome(case, outcome)
         if outcome.kind in FAILURES and (outcome.kind != "wrong" or not mode.lossy or "outputs" in outcome.detail):
@@ -573,7 +676,8 @@ def pytest_case(case, outcome: Outcome, mode: Mode, name: str) -> str:
         f"def test_{function}():\n"
         f"    {outcome.line()!r}\n"
         f"{build}"
-        f"    outcome = fuzz.run_case(model, {mode_text}, input_seed={case.input_seed})\n"
+        f"    outcome = fuzz.run_case(model, {mode_text}, input_seed={case.input_seed}"
+        f"{f', lossy={case.lossy!r}' if mode.lossy else ''})\n"
         "    assert outcome.kind == 'ok', outcome.line()\n"
     )
 
@@ -591,8 +695,8 @@ def _worker(job: int, args, kernels, features, queue) -> None:
         seed = args.seed * 1_000_003 + job * 10_007 + run
 
         def on_outcome(case, outcome):
-            queue.put(("outcome", outcome.kind, outcome.reference_decided, outcome.line() if outcome.kind != "ok" else "",
-                       outcome.fired))
+            notes = ("reference-decided",) * outcome.reference_decided + ("refused as expected",) * outcome.expected_refusal
+            queue.put(("outcome", outcome.kind, notes, outcome.line() if outcome.kind != "ok" else "", outcome.fired))
 
         found = search(seed, args.chunk, mode, features, kernels, on_outcome, deadline_at=deadline)
         for kind, (case, outcome) in found.items():
@@ -632,7 +736,7 @@ def main(argv=None) -> int:
     for worker in workers:
         worker.start()
     counts = {kind: 0 for kind in CLASSES}
-    decided = 0
+    decided = {"reference-decided": 0, "refused as expected": 0}
     repros = []
     details: dict[str, int] = {}
     fired: dict[str, int] = {}
@@ -649,7 +753,8 @@ def main(argv=None) -> int:
                     counts[message[1]] += 1
                     for name in message[4]:
                         fired[name] = fired.get(name, 0) + 1
-                    decided += message[2]
+                    for note in message[2]:
+                        decided[note] += 1
                     if message[1] != "ok":
                         details[message[3]] = details.get(message[3], 0) + 1
                 elif message[0] == "repro":
@@ -678,12 +783,12 @@ def main(argv=None) -> int:
     return 1 if failed else 0
 
 
-def _summary(counts: dict, decided: int, elapsed: float) -> str:
+def _summary(counts: dict, decided: dict[str, int], elapsed: float) -> str:
     total = sum(counts.values())
     rate = total / elapsed if elapsed else 0.0
     classes = ", ".join(f"{kind} {counts[kind]}" for kind in CLASSES if counts[kind] or kind in ("ok", "wrong"))
-    return (f"{total} graphs in {elapsed:.0f} s ({rate:.2f}/s, {rate * 3600:.0f}/h): {classes}"
-            f" (reference-decided {decided})")
+    notes = ", ".join(f"{note} {count}" for note, count in decided.items() if count or note == "reference-decided")
+    return f"{total} graphs in {elapsed:.0f} s ({rate:.2f}/s, {rate * 3600:.0f}/h): {classes} (of which ok: {notes})"
 
 
 if __name__ == "__main__":

@@ -49,7 +49,11 @@ IR_VERSIONS = {13: 7, 17: 8, 18: 8, 21: 10}
 FLOATS = ("float32", "float16", "float64")
 INTS = ("int32", "int64")
 DTYPES = FLOATS + INTS + ("bool",)
-INPUT_BOUND = {"float32": 3.0, "float16": 3.0, "float64": 3.0, "int32": 5.0, "int64": 5.0, "bool": 1.0}
+# Narrow integers: Cast targets (shape arithmetic cast to uint8 wraps -1 to 255) and a few inputs,
+# read only by ops whose kernels onnxruntime has for every type (Reshape, Transpose, Concat ...).
+SMALL_INTS = ("uint8", "int8", "uint16", "int16", "uint32", "uint64")
+INPUT_BOUND = {"float32": 3.0, "float16": 3.0, "float64": 3.0, "int32": 5.0, "int64": 5.0, "bool": 1.0,
+               **{dtype: 5.0 for dtype in SMALL_INTS}}
 
 # Features the generator can leave out. Those in KNOWN_OPEN make onnxslim fail today (each entry
 # says how); the CI profile leaves them out until their fix lands, tools/fuzz.py keeps them.
@@ -61,11 +65,14 @@ FEATURES = (
     "control-flow",  # If and Loop bodies
     "hostile-integers",  # INT64_MIN / -1 and friends in folded integer arithmetic of untaken branches
     "float16-rounding",  # Floor/Ceil/Round on float16
+    "nonfinite-calibration",  # lossy modes: NaN/Inf in some or all calibration samples (refused or skipped, never a NaN model)
+    "small-ints",  # uint8/int8/uint16/int16/uint32/uint64 inputs and Cast targets, in shape arithmetic too
+    "zero-size",  # a static dim of 0 in inputs (and so in constants that broadcast with them)
+    "sequences",  # SequenceConstruct -> SequenceAt / ConcatFromSequence / SequenceLength; Optional (opset >= 18)
+    "endless-loop",  # a Loop with neither trip count nor a condition that ever turns false: onnxslim must refuse, not hang
 )
 KNOWN_OPEN = {
-    "scalar-bool-input": "verification feeds a numpy scalar onnxruntime cannot take (exit 2 on a valid model)",
-    "overridable-input": "the input that is also an initializer is dropped from the optimized model's inputs",
-    "lying-value-info": "a pass trusts value_info over what the graph computes and bakes the dim in",
+    "endless-loop": "verification (and folding) run the Loop in onnxruntime in-process: it hangs",
     "hostile-integers": "folding Div(INT64_MIN, -1) in onnxruntime kills the process with SIGFPE",
 }
 
@@ -101,6 +108,9 @@ class Case:
     model: onnx.ModelProto
     features: frozenset = field(default_factory=frozenset)
     input_seed: int = 0
+    # The lossy modes' options: "calibration" (which samples hold NaN/Inf, see calibration_feeds),
+    # "quantize_mode", "method", "criterion", "allocation" (onnxslim's QuantizeOptions / PruneOptions)
+    lossy: dict = field(default_factory=dict)
 
     def feeds(self, size: int) -> dict[str, np.ndarray]:
         return make_feeds(self.model, size, self.input_seed)
@@ -126,11 +136,31 @@ def make_feeds(model: onnx.ModelProto, size: int, seed: int = 0) -> dict[str, np
     return feeds
 
 
+CALIBRATION_SAMPLES = 4
+CALIBRATION_KINDS = ("finite", "some-nonfinite", "all-nonfinite")
+
+
+def calibration_feeds(model: onnx.ModelProto, kind: str = "finite", seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Calibration samples for the lossy modes, N at its first size: all finite, or with NaN/Inf
+    in the float inputs of the first sample ("some-nonfinite": it is skipped with a warning) or of
+    every sample ("all-nonfinite": refused, exit 2)."""
+    samples = [make_feeds(model, SIZES[0], seed + 100 + index) for index in range(CALIBRATION_SAMPLES)]
+    spoiled = {"finite": 0, "some-nonfinite": 1, "all-nonfinite": len(samples)}[kind]
+    rng = np.random.default_rng(seed)
+    for sample in samples[:spoiled]:
+        for name, array in sample.items():
+            if array.dtype.kind == "f" and array.size:
+                array.reshape(-1)[rng.integers(0, array.size)] = rng.choice([np.nan, np.inf, -np.inf])
+    return samples
+
+
 def random_array(rng: np.random.Generator, dtype: str, shape, special: bool = False) -> np.ndarray:
     count = int(np.prod(shape, dtype=np.int64))
     if dtype == "bool":
         data = rng.random(count) < 0.5
-    elif dtype in INTS:
+    elif np.dtype(dtype).kind == "u":
+        data = rng.integers(0, 6, count)
+    elif np.dtype(dtype).kind == "i":
         data = rng.integers(-5, 6, count)
     else:
         # Quarter steps: many values are exact in float16, and x.5 exercises Round's ties.
@@ -140,6 +170,20 @@ def random_array(rng: np.random.Generator, dtype: str, shape, special: bool = Fa
             picks = rng.integers(0, count, max(1, count // 4))
             data[picks] = rng.choice([np.nan, np.inf, -np.inf, -0.0], len(picks))
     return np.asarray(data).astype(dtype).reshape(shape)
+
+
+def never_ends(model: onnx.ModelProto) -> bool:
+    """Whether the model holds a Loop (feature endless-loop) with no trip count whose condition
+    only passes its input on: run, it never returns."""
+    for node in model.graph.node:
+        if node.op_type != "Loop" or (node.input and node.input[0]):
+            continue
+        body = next(attribute.g for attribute in node.attribute if attribute.name == "body")
+        condition_in, condition_out = body.input[1].name, body.output[0].name
+        if any(inner.op_type == "Identity" and list(inner.input) == [condition_in] and list(inner.output) == [condition_out]
+               for inner in body.node):
+            return True
+    return False
 
 
 # -- kernels onnxruntime's CPU provider has ----------------------------------------------------
@@ -221,6 +265,7 @@ class Builder:
         self.inputs: list[onnx.ValueInfoProto] = []
         self.value_info: list[onnx.ValueInfoProto] = []
         self.values: list[Value] = []  # what blocks may read (graph inputs and node outputs)
+        self.endless = False  # a Loop that never ends (feature endless-loop): the original cannot be run
 
     # names and choices
 
@@ -235,8 +280,9 @@ class Builder:
         """True one time in `probability_hint` (when drawn at random; shrinks to False)."""
         return self.draw(st.integers(0, probability_hint - 1)) == probability_hint - 1
 
-    def pick(self, predicate=lambda value: True) -> Value | None:
-        candidates = [value for value in self.values if predicate(value)]
+    def pick(self, predicate=lambda value: True, *, empty_ok: bool = False) -> Value | None:
+        """A value the predicate accepts; one with a dim of 0 only where the block copes (`empty_ok`)."""
+        candidates = [value for value in self.values if predicate(value) and (empty_ok or 0 not in value.shape)]
         if not candidates:
             return None
         # Recent values first: long chains reach the passes' patterns more often than wide graphs.
@@ -345,7 +391,7 @@ def block_unary(b: Builder) -> None:
     ops = [op for op in UNARY if op not in ("Not", "HardSwish") or b.opset >= 14]
     op = b.choice(ops)
     source = b.pick(lambda v: b.allowed(op, v.dtype) and (op not in DISCONTINUOUS or v.exact)
-                    and (op not in ("Floor", "Ceil", "Round") or v.dtype != "float16" or b.uses("float16-rounding")))
+                    and (op not in ("Floor", "Ceil", "Round") or v.dtype != "float16" or b.uses("float16-rounding")), empty_ok=True)
     if source is None:
         return
     dtype = "bool" if op in ("IsNaN", "IsInf") else source.dtype
@@ -362,7 +408,7 @@ def block_unary(b: Builder) -> None:
 
 def block_binary(b: Builder) -> None:
     op = b.choice(BINARY)
-    a = b.pick(lambda v: b.allowed(op, v.dtype) and (op not in COMPARISONS or v.exact))
+    a = b.pick(lambda v: b.allowed(op, v.dtype) and (op not in COMPARISONS or v.exact), empty_ok=True)
     if a is None:
         return
     int_division = op in ("Div", "Mod") and a.dtype in INTS
@@ -403,10 +449,10 @@ def block_binary(b: Builder) -> None:
 
 
 def block_where(b: Builder) -> None:
-    condition = b.pick(lambda v: v.dtype == "bool")
+    condition = b.pick(lambda v: v.dtype == "bool", empty_ok=True)
     if condition is None:
         return
-    x = b.pick(lambda v: v.dtype != "bool" and broadcast(condition.shape, v.shape) is not None)
+    x = b.pick(lambda v: v.dtype in FLOATS + INTS and broadcast(condition.shape, v.shape) is not None, empty_ok=True)
     if x is None:
         return
     y = b.random_constant(x.dtype, _broadcast_partner_shape(b, x.shape))
@@ -416,27 +462,42 @@ def block_where(b: Builder) -> None:
 
 def block_cast_chain(b: Builder) -> None:
     """Casts in a row (fuse-casts): widening round trips, and narrowing ones it must keep."""
-    source = b.pick()
+    source = b.pick(empty_ok=True)
     if source is None:
         return
     value = source
+    smalls = SMALL_INTS if "small-ints" in b.features else ()
     for _ in range(b.draw(st.integers(1, 3))):
-        targets = [dtype for dtype in DTYPES if _cast_ok(value, dtype)]
+        targets = [dtype for dtype in DTYPES + smalls if _cast_ok(value, dtype)]
         target = b.choice(targets + [source.dtype] * (source.dtype in targets))
+        if target in SMALL_INTS:
+            b.uses("small-ints")
         exact = value.exact and (target not in FLOATS or value.dtype not in FLOATS or
                                  np.dtype(target).itemsize >= np.dtype(value.dtype).itemsize)
         bound = 1.0 if target == "bool" else (min(value.bound, 65504.0) if target == "float16" else value.bound)
+        if target in SMALL_INTS:
+            bound = _wrapped_bound(value, target)
         value = b.node("Cast", [value], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(target))},
                        dtype=target, shape=value.shape, exact=exact, bound=bound)
 
 
+def _wrapped_bound(value: Value, target: str) -> float:
+    """|x| after a Cast to a narrow integer: as before where it fits, else the type's widest (it wraps)."""
+    info = np.iinfo(target)
+    fits = value.bound <= info.max and (info.min < 0 or value.dtype in ("bool",) or np.dtype(value.dtype).kind == "u")
+    return value.bound if fits else float(max(-int(info.min), int(info.max)))
+
+
 def _cast_ok(value: Value, target: str) -> bool:
+    if value.dtype in FLOATS and target in SMALL_INTS:
+        # Float -> narrow int is defined only in range (and an unsigned one never takes a negative).
+        return value.exact and np.iinfo(target).min < 0 and value.bound < np.iinfo(target).max
     if value.dtype in FLOATS and target in INTS:
         # Out-of-range or non-finite float -> int is undefined behaviour; inexact values round either way.
         return value.exact and value.bound < 2**31
     if value.dtype in FLOATS and target == "bool":
         return value.exact
-    if value.dtype in INTS and target == "float16":
+    if value.dtype in INTS + SMALL_INTS and target == "float16":
         return value.bound < 2048  # exactly representable
     return True
 
@@ -447,7 +508,7 @@ def _permutation(b: Builder, rank: int) -> list[int]:
 
 def block_transpose_chain(b: Builder) -> None:
     """Transposes in a row (fuse-transposes); sometimes the second undoes the first."""
-    source = b.pick(lambda v: v.rank >= 2)
+    source = b.pick(lambda v: v.rank >= 2, empty_ok=True)
     if source is None:
         return
     value = source
@@ -531,7 +592,8 @@ def block_shape_arithmetic(b: Builder) -> None:
     if value is None:
         return
     shape_of = b.node("Shape", [value], dtype="int64", shape=(value.rank,), keep=False)
-    kind = b.choice(["reshape", "gather", "constant-of-shape", "size", "expand"])
+    kinds = ["reshape", "gather", "constant-of-shape", "size", "expand"] + ["small-int"] * ("small-ints" in b.features)
+    kind = b.choice(kinds)
     if kind == "reshape":
         # Reshape(x, Concat(Shape(x)[:k], [static rest])): the classic exported flatten.
         k = b.draw(st.integers(1, value.rank))
@@ -551,6 +613,19 @@ def block_shape_arithmetic(b: Builder) -> None:
         scaled = b.node(b.choice(["Mul", "Add", "Sub"]), [dim, b.constant(np.array(2, np.int64))], dtype="int64",
                         shape=(), bound=2 * 5 + 2, keep=False)
         b.node("Cast", [scaled], {"to": helper.TensorProto.FLOAT}, dtype="float32", shape=(), bound=12.0)
+    elif kind == "small-int":
+        # A dim minus a constant (negative at N=1) cast to a narrow integer wraps: fold-shapes must wrap alike.
+        b.uses("small-ints")
+        axis = b.draw(st.integers(0, value.rank - 1))
+        dim = b.node("Gather", [shape_of, b.constant(np.array([axis], np.int64))], {"axis": 0}, dtype="int64",
+                     shape=(1,), keep=False)
+        shifted = b.node("Sub", [dim, b.constant(np.array([b.draw(st.integers(0, 6))], np.int64))], dtype="int64",
+                         shape=(1,), keep=False)
+        target = b.choice(SMALL_INTS)
+        narrow = b.node("Cast", [shifted], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(target))}, dtype=target,
+                        shape=(1,), keep=False)
+        b.node("Cast", [narrow], {"to": helper.TensorProto.FLOAT}, dtype="float32", shape=(1,),
+               bound=float(np.iinfo(target).max))
     elif kind == "constant-of-shape":
         fill = onnx.numpy_helper.from_array(np.array([1.5], np.float32))
         b.node("ConstantOfShape", [shape_of], {"value": fill}, dtype="float32", shape=value.shape, bound=1.5)
@@ -571,7 +646,7 @@ def block_slice_gather_concat(b: Builder) -> None:
     axes = [axis for axis, dim in enumerate(value.shape) if dim != DIM]
     axis = b.choice(axes)
     size = value.shape[axis]
-    kind = b.choice(["slice", "slice-squeeze", "gather", "concat", "pad"])
+    kind = b.choice(["slice", "slice-squeeze", "gather", "concat"] + ["pad"] * (value.dtype not in ("uint16", "int16")))
     keep = dict(dtype=value.dtype, exact=value.exact, bound=value.bound)
     if kind == "slice":
         start = b.draw(st.integers(0, size - 1))
@@ -651,7 +726,7 @@ def block_repeat(b: Builder) -> None:
 
 def block_constant_subgraph(b: Builder) -> None:
     """Arithmetic over constants only (fold-constants), then combined with a variable."""
-    value = b.pick(lambda v: v.dtype in ("float32", "float64", "int64", "int32") and b.allowed("Add", v.dtype))
+    value = b.pick(lambda v: v.dtype in ("float32", "float64", "int64", "int32") and b.allowed("Add", v.dtype), empty_ok=True)
     if value is None:
         return
     shape = _broadcast_partner_shape(b, value.shape)
@@ -667,7 +742,7 @@ def block_constant_subgraph(b: Builder) -> None:
 
 def block_noop(b: Builder) -> None:
     """Nodes that change nothing: Identity, Dropout, Expand/Reshape to the same shape, identity Transpose."""
-    value = b.pick()
+    value = b.pick(empty_ok=True)
     if value is None:
         return
     kind = b.choice(["Identity", "Dropout", "Transpose", "Expand", "Reshape"])
@@ -783,6 +858,50 @@ def block_matmul(b: Builder) -> None:
     _affine_tail(b, y, n, (n,))
 
 
+def block_layer_chain(b: Builder) -> None:
+    """Two layers in a row, the second reading the first's channels through per-channel ops (a
+    channel group pruning can cut): Conv -> [affine] -> activation [-> pool] -> Conv, or
+    MatMul/Gemm -> [affine] -> activation -> MatMul."""
+    activation = b.choice(["Relu", "Relu", "Sigmoid", "LeakyRelu", "HardSwish" if b.opset >= 14 else "Relu", "Identity"])
+    attrs = {"alpha": 0.25} if activation == "LeakyRelu" else {}
+    width = b.draw(st.integers(2, 8))
+    if b.flip(2):
+        x = _nchw(b)
+        kernel = b.choice([1, 3])
+        pads = [kernel // 2] * 4
+        first = b.node("Conv", [x, b.constant((b.rng.standard_normal((width, x.shape[1], kernel, kernel)) * 0.5).astype(x.dtype)),
+                                b.constant(b.rng.standard_normal(width).astype(x.dtype))],
+                       {"kernel_shape": [kernel, kernel], "pads": pads}, dtype=x.dtype, shape=(x.shape[0], width, *x.shape[2:]),
+                       exact=False, bound=x.bound * kernel * kernel * x.shape[1] * 2 + 3, keep=False)
+        first = _affine_tail(b, first, width, (width, 1, 1))
+        hidden = b.node(activation, [first], attrs, dtype=x.dtype, shape=first.shape, exact=False, bound=first.bound, keep=False)
+        if b.flip(3) and min(hidden.shape[2:]) >= 2:
+            hidden = b.node("MaxPool", [hidden], {"kernel_shape": [2, 2]}, dtype=x.dtype,
+                            shape=(*hidden.shape[:2], hidden.shape[2] - 1, hidden.shape[3] - 1), exact=False, bound=hidden.bound,
+                            keep=False)
+        out = b.draw(st.integers(1, 4))
+        b.node("Conv", [hidden, b.constant((b.rng.standard_normal((out, width, 1, 1)) * 0.5).astype(x.dtype))],
+               {"kernel_shape": [1, 1]}, dtype=x.dtype, shape=(hidden.shape[0], out, *hidden.shape[2:]), exact=False,
+               bound=hidden.bound * width * 2 + 3)
+        return
+    x = b.pick(lambda v: v.rank in (2, 3) and v.shape[-1] != DIM and v.dtype == "float32")
+    if x is None or b.flip(3):
+        x = b.input("float32", (DIM, b.draw(st.integers(1, 6))))
+    k = x.shape[-1]
+    weight = b.constant((b.rng.standard_normal((k, width)) * 0.5).astype(x.dtype))
+    if x.rank == 2 and b.flip(2):
+        first = b.node("Gemm", [x, weight, b.constant(b.rng.standard_normal(width).astype(x.dtype))], dtype=x.dtype,
+                       shape=(x.shape[0], width), exact=False, bound=x.bound * k + 3, keep=False)
+    else:
+        first = b.node("MatMul", [x, weight], dtype=x.dtype, shape=(*x.shape[:-1], width), exact=False,
+                       bound=x.bound * k + 3, keep=False)
+    first = _affine_tail(b, first, width, (width,))
+    hidden = b.node(activation, [first], attrs, dtype=x.dtype, shape=first.shape, exact=False, bound=first.bound, keep=False)
+    out = b.draw(st.integers(1, 4))
+    b.node("MatMul", [hidden, b.constant((b.rng.standard_normal((width, out)) * 0.5).astype(x.dtype))], dtype=x.dtype,
+           shape=(*hidden.shape[:-1], out), exact=False, bound=hidden.bound * width + 3)
+
+
 def block_if(b: Builder) -> None:
     """If on a constant condition (inline-constant-if) or on a computed one; branches read outer values."""
     value = b.pick(lambda v: v.dtype in FLOATS + INTS and b.allowed("Neg", v.dtype) and b.allowed("Add", v.dtype))
@@ -824,35 +943,86 @@ def block_if(b: Builder) -> None:
 
 
 def block_loop(b: Builder) -> None:
-    """Loop with a constant trip count: a carried value updated by a constant, plus a scan output."""
+    """Loop with a constant trip count, or with none and a condition that turns false after as many
+    iterations (or, feature endless-loop, never does): a carried value updated by a constant, plus a
+    scan output."""
     value = b.pick(lambda v: v.dtype in ("float32", "int64", "int32") and v.rank <= 3)
     if value is None or not b.uses("control-flow"):
         return
     trips = b.draw(st.integers(1, 3))
+    counted = not b.flip(3)
+    endless = not counted and b.flip(4) and b.uses("endless-loop")
     body_in, body_out = b.fresh("carried_in"), b.fresh("carried_out")
     condition_in, condition_out = b.fresh("cond_in"), b.fresh("cond_out")
+    iteration = b.fresh("iter")
     op = b.choice(["Add", "Mul", "Sub"])
     constant = np.array(b.choice([1, 2]), value.dtype)
+    if counted or endless:
+        keep_going = [helper.make_node("Identity", [condition_in], [condition_out])]
+    else:  # iteration i runs and asks for another while i < trips - 1: `trips` iterations in all
+        keep_going = [helper.make_node("Constant", [], [condition_out + "_last"],
+                                       value=onnx.numpy_helper.from_array(np.array(trips - 1, np.int64))),
+                      helper.make_node("Less", [iteration, condition_out + "_last"], [condition_out])]
     nodes = [
         helper.make_node("Constant", [], [body_out + "_c"], value=onnx.numpy_helper.from_array(constant)),
         helper.make_node(op, [body_in, body_out + "_c"], [body_out]),
-        helper.make_node("Identity", [condition_in], [condition_out]),
+        *keep_going,
         helper.make_node("Identity", [body_out], [body_out + "_scan"]),
     ]
     body = helper.make_graph(
         nodes, b.fresh("body"),
-        [helper.make_tensor_value_info(b.fresh("iter"), helper.TensorProto.INT64, []),
+        [helper.make_tensor_value_info(iteration, helper.TensorProto.INT64, []),
          helper.make_tensor_value_info(condition_in, helper.TensorProto.BOOL, []),
          _value_info(body_in, value.dtype, value.shape)],
         [helper.make_tensor_value_info(condition_out, helper.TensorProto.BOOL, []),
          _value_info(body_out, value.dtype, value.shape), _value_info(body_out + "_scan", value.dtype, value.shape)],
     )
-    trip_count = b.constant(np.array(trips, np.int64))
-    keep_going = b.constant(np.array(True))
-    carried = b.node("Loop", [trip_count, keep_going, value], {"body": body}, dtype=value.dtype, shape=value.shape,
+    trip_count = b.constant(np.array(trips, np.int64)) if counted else None
+    start = b.constant(np.array(True))
+    carried = b.node("Loop", [trip_count, start, value], {"body": body}, dtype=value.dtype, shape=value.shape,
                      exact=False, bound=value.bound * 2 ** trips + 6, outputs=2)
     scan_name = b.nodes[-1].output[1]
     b.values.append(Value(scan_name, value.dtype, (trips, *value.shape), exact=False, bound=carried.bound))
+    if endless:
+        b.endless = True
+
+
+def block_sequence(b: Builder) -> None:
+    """A sequence built and taken apart (SequenceAt, ConcatFromSequence, SequenceLength), or an
+    Optional wrapped and unwrapped (opset >= 18): non-tensor types inside the graph."""
+    value = b.pick(lambda v: v.dtype in FLOATS + INTS and v.rank >= 1)
+    if value is None or not b.uses("sequences"):
+        return
+    kind = b.choice(["at", "concat", "length"] + ["optional"] * (b.opset >= 18))
+    keep = dict(dtype=value.dtype, exact=value.exact, bound=value.bound)
+    if kind == "optional":
+        wrapped = b.fresh("optional")
+        b.nodes.append(helper.make_node("Optional", [value.name], [wrapped]))
+        b.node("OptionalGetElement", [Value(wrapped, value.dtype, value.shape)], shape=value.shape, **keep)
+        return
+    others = [v for v in b.values if v is not value and v.dtype == value.dtype and v.shape == value.shape]
+    items = [value] + others[:1] + ([value] if b.flip(2) else [])
+    sequence = b.fresh("seq")
+    b.nodes.append(helper.make_node("SequenceConstruct", [item.name for item in items], [sequence]))
+    as_value = Value(sequence, value.dtype, value.shape)
+    if kind == "at":
+        index = b.draw(st.integers(-len(items), len(items) - 1))
+        b.node("SequenceAt", [as_value, b.constant(np.array(index, np.int64))], shape=value.shape,
+               exact=items[index].exact, dtype=value.dtype, bound=max(item.bound for item in items))
+    elif kind == "concat":
+        new_axis = b.choice([0, 1])
+        axis = b.draw(st.integers(0, value.rank - 1 + new_axis))
+        if new_axis:
+            shape = value.shape[:axis] + (len(items),) + value.shape[axis:]
+        elif value.shape[axis] == DIM:
+            return
+        else:
+            shape = value.shape[:axis] + (value.shape[axis] * len(items),) + value.shape[axis + 1:]
+        b.node("ConcatFromSequence", [as_value], {"axis": axis, "new_axis": new_axis}, dtype=value.dtype, shape=shape,
+               exact=all(item.exact for item in items), bound=max(item.bound for item in items))
+    else:
+        length = b.node("SequenceLength", [as_value], dtype="int64", shape=(), keep=False)
+        b.node("Cast", [length], {"to": helper.TensorProto.FLOAT}, dtype="float32", shape=(), bound=float(len(items)))
 
 
 BLOCKS = {
@@ -870,11 +1040,13 @@ BLOCKS = {
     "noop": (block_noop, 2),
     "conv": (block_conv, 3),
     "matmul": (block_matmul, 3),
+    "layer-chain": (block_layer_chain, 2),
     "if": (block_if, 1),
     "loop": (block_loop, 1),
+    "sequence": (block_sequence, 1),
 }
 # The lossy paths (quantize, prune) only touch Conv/Gemm/MatMul in float32.
-LOSSY_BLOCKS = ("conv", "matmul", "unary", "binary", "reshape-chain", "noop")
+LOSSY_BLOCKS = ("conv", "matmul", "layer-chain", "unary", "binary", "reshape-chain", "noop")
 _WEIGHTED = [name for name, (_, weight) in BLOCKS.items() for _ in range(weight)]
 
 
@@ -883,6 +1055,8 @@ def _input_shape(b: Builder) -> tuple:
     shape = [b.draw(st.integers(1, 4)) for _ in range(rank)]
     if rank and b.flip(2):
         shape[0] = DIM
+    if rank and b.flip(8) and b.uses("zero-size"):
+        shape[b.draw(st.integers(0, rank - 1))] = 0  # replaces N too: then the input is static
     return tuple(shape)
 
 
@@ -899,6 +1073,8 @@ def models(draw, *, features: frozenset | set = frozenset(FEATURES), kernels: di
     else:
         for _ in range(draw(st.integers(1, 3))):
             dtype = draw(st.sampled_from(["float32", "float32", "float32", "float16", "float64", "int64", "int32", "bool"]))
+            if b.flip(8) and b.uses("small-ints"):
+                dtype = b.choice(SMALL_INTS)
             shape = _input_shape(b)
             if dtype == "bool" and not shape and not b.uses("scalar-bool-input"):
                 shape = (2,)
@@ -908,7 +1084,8 @@ def models(draw, *, features: frozenset | set = frozenset(FEATURES), kernels: di
         overridable = b.constant(random_array(b.rng, "float32", [2, 3]), keep=True)
         b.inputs.append(_value_info(overridable.name, "float32", (2, 3)))
         overridable.constant = None  # the caller may override it: not a constant to any pass
-    names = [name for name in _WEIGHTED if not lossy or name in LOSSY_BLOCKS]
+    # Lossy: layer chains are what pruning cuts and quantization has most to do with.
+    names = [name for name in _WEIGHTED if not lossy or name in LOSSY_BLOCKS] + ["layer-chain"] * (4 if lossy else 0)
     for _ in range(draw(st.integers(1, max_blocks))):
         BLOCKS[draw(st.sampled_from(names))][0](b)
     produced = [value for value in b.values if any(value.name in node.output for node in b.nodes)]
@@ -935,4 +1112,13 @@ def models(draw, *, features: frozenset | set = frozenset(FEATURES), kernels: di
                               value_info=b.value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSIONS[opset],
                               producer_name="onnxslim-fuzz")
-    return Case(model=model, features=frozenset(b.used), input_seed=seed % 1000)
+    options = {}
+    if lossy:
+        nonfinite = b.flip(4) and b.uses("nonfinite-calibration")
+        options = {"calibration": b.choice(CALIBRATION_KINDS[1:]) if nonfinite else "finite",
+                   # full QDQ first: "auto" picks weight-only int8 on a CPU where int8 kernels are not faster
+                   "quantize_mode": b.choice(["full", "weights", "auto"]),
+                   "method": b.choice(["minmax", "percentile", "entropy", "mse"]),
+                   "criterion": b.choice(["auto", "l2", "l1", "reconstruction"]),
+                   "allocation": b.choice(["sensitivity", "uniform"])}
+    return Case(model=model, features=frozenset(b.used), input_seed=seed % 1000, lossy=options)

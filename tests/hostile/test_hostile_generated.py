@@ -18,7 +18,8 @@ from onnx import TensorProto, helper, numpy_helper
 from builder import ModelBuilder, assert_equivalent
 
 import onnxslim
-from hostile.common import _model, _optimize_cli, _session
+from hostile.common import _model, _optimize_cli, _run_cli, _session
+from onnxslim.verify import FidelityPool, Verifier
 
 
 def test_fold_shapes_casts_to_small_integer_types_as_onnxruntime_does(tmp_path):
@@ -286,3 +287,106 @@ def test_a_folded_float8_value_keeps_its_type(tmp_path, verify):
     assert result.exit_code == 0, result.output
     optimized = _outputs_agree(model, destination, [{"s": np.array(2.0, np.float32)}])
     assert [tensor.data_type for tensor in optimized.graph.initializer] == [TensorProto.FLOAT8E4M3FN]
+
+
+# Found by tools/fuzz.py: precision floors and SQNR of extreme signals.
+
+def _through_float16(scale=None, output=onnx.TensorProto.DOUBLE, last_cast=True) -> onnx.ModelProto:
+    """x * 1.5 -> Conv -> Cast float16 -> Cast `output`: with `scale`, the Mul folded into the
+    Conv's weight (what fold-scale-into-weights makes of it), a float32 rounding apart."""
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [1, 1, 2, 2])
+    weight = np.array([0.17922121], np.float32).reshape(1, 1, 1, 1)
+    if scale is None:
+        x = b.node("Mul", [x, b.initializer("s", np.array(1.5, np.float32))])
+    else:
+        weight = weight * np.float32(scale)
+    half = b.node("Cast", [b.node("Conv", [x, b.initializer("w", weight)])], to=onnx.TensorProto.FLOAT16)
+    b.output(b.node("Cast", [half], ["y"], to=output) if last_cast else b.node("Identity", [half], ["y"]))
+    return b.build()
+
+
+# One input where (x * 1.5) * w and x * (1.5 * w) round to float32 values a float16 step apart.
+_FLIPS_FLOAT16 = {"x": np.array([-0.39039257, 1.0, 2.0, -0.5], np.float32).reshape(1, 1, 2, 2)}
+
+
+def test_an_output_computed_through_float16_is_judged_by_float16s_tolerance(tmp_path):
+    """Found by the fuzzer: a float64 output computed through a float16 Cast was held to float64's
+    1e-6, so a correct rewrite (a Mul folded into a Conv, one float32 rounding apart upstream,
+    one float16 step apart at the output) was refused. The least precise float type the output's
+    computation passes through sets the tolerance."""
+    original, folded = _through_float16(), _through_float16(scale=1.5)
+    report = Verifier(original, inputs=[_FLIPS_FLOAT16]).check(folded)
+    assert report.passed, report.message
+    assert report.outputs[0].max_abs > 0  # the float16 step is there
+    assert any("computed through float16" in note for note in report.notes), report.notes
+    np.savez(tmp_path / "inputs.npz", **_FLIPS_FLOAT16)
+    onnx.save(original, tmp_path / "m.onnx")
+    result = _run_cli("optimize", tmp_path / "m.onnx", tmp_path / "out.onnx", "--inputs", tmp_path / "inputs.npz")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out.onnx").is_file()
+
+
+def test_the_float16_floor_still_catches_a_wrong_result():
+    """The looser tolerance is float16's, no more: 2 % off fails, and onnx's reference evaluator
+    (asked because the output's computation is coarser than its type) agrees the models differ."""
+    report = Verifier(_through_float16(), inputs=[_FLIPS_FLOAT16]).check(_through_float16(scale=1.5 * 1.02))
+    assert not report.passed
+    assert any("reference evaluator also finds the models differ" in note for note in report.notes), report.notes
+
+
+def test_an_integer_output_computed_through_float16_asks_the_reference_evaluator():
+    """Cast to an integer after float16 (the int-cast class): the comparison stays exact (a
+    different integer is a different answer), but onnxruntime alone does not decide it: onnx's
+    reference evaluator is asked, as for float16 outputs, since onnxruntime's kernels can differ
+    from themselves by a float16 step. Here the step is real (float32 rounds x*1.5*w two ways)
+    and both say so."""
+    feed = {"x": (_FLIPS_FLOAT16["x"] * 2048).astype(np.float32)}  # large enough that a float16 step is an integer
+    original = _through_float16(output=onnx.TensorProto.INT32)
+    report = Verifier(original, inputs=[feed]).check(_through_float16(scale=1.5, output=onnx.TensorProto.INT32))
+    assert not report.passed
+    assert any("reference evaluator also finds the models differ" in note for note in report.notes), report.notes
+    same = Verifier(original, inputs=[_FLIPS_FLOAT16]).check(_through_float16(scale=1.5, output=onnx.TensorProto.INT32))
+    assert same.passed and not same.notes
+
+
+def test_a_float64_output_computed_in_float64_keeps_float64s_tolerance():
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [2, 2], np.float64)
+    b.output(b.node("Mul", [x, b.initializer("s", np.array(1.5))], ["y"]))
+    c = ModelBuilder(opset=17)
+    y = c.input("x", [2, 2], np.float64)
+    c.output(c.node("Mul", [y, c.initializer("s", np.array(1.5 * (1 + 1e-5)))], ["y"]))
+    report = Verifier(b.build(), inputs=[{"x": np.ones([2, 2])}]).check(c.build())
+    assert not report.passed and not report.notes
+
+
+def test_precision_floors_follow_the_coarsest_float_upstream():
+    """bfloat16 below float16, an integer output of float32 arithmetic; an input only cast (an
+    input is data: no rewrite rounds it) or computed in the output's own type has no floor."""
+    from onnxslim.verify import precision_floors
+
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [2], np.float32)
+    brain = b.node("Cast", [b.node("Cast", [x], to=onnx.TensorProto.BFLOAT16)], to=onnx.TensorProto.FLOAT16)
+    b.output(b.node("Cast", [brain], ["through_bfloat16"], to=onnx.TensorProto.DOUBLE))
+    b.output(b.node("Cast", [x], ["integer_of_input"], to=onnx.TensorProto.INT64))
+    scaled = b.node("Mul", [x, b.initializer("s", np.array(1.5, np.float32))])
+    b.output(b.node("Cast", [scaled], ["integer"], to=onnx.TensorProto.INT64))
+    b.output(b.node("Relu", [b.node("Cast", [x], to=onnx.TensorProto.DOUBLE)], ["widened"]))
+    b.output(b.node("Cast", [b.node("Cast", [x], to=onnx.TensorProto.DOUBLE)], ["narrowed"], to=onnx.TensorProto.FLOAT))
+    b.output(b.node("Relu", [b.input("wide", [2], np.float64)], ["plain"]))
+    floors = precision_floors(b.build())
+    assert floors == {"through_bfloat16": onnx.TensorProto.BFLOAT16, "integer": onnx.TensorProto.FLOAT}, floors
+
+
+def test_sqnr_of_a_tiny_signal_under_huge_noise_is_a_number():
+    """Found by the fuzzer (quantize, exit 3 'math domain error'): signal / noise underflowed to 0
+    before its log10. Both SQNR figures, per output and pooled, now give a (very negative) number."""
+    from onnxslim.verify import sqnr_db
+
+    reference, candidate = np.array([1e-160, 0.0]), np.array([1e150, 0.0])
+    assert sqnr_db(reference, candidate) < -6000
+    pool = FidelityPool()
+    pool.add(reference, candidate)
+    assert pool.sqnr_db() < -6000
