@@ -435,7 +435,7 @@ def _where(error: BaseException) -> str:
     return f"{Path(frame.filename).name}:{frame.lineno}"
 
 
-# -- isolation: one forked child per case ------------------------------------------------------
+# -- isolation: cases run in a forked case server ---------------------------------------------
 
 
 def preload() -> None:
@@ -451,72 +451,145 @@ def isolated(function, *args, timeout: float = CASE_SECONDS):
     """function(*args, report_stage=...) in a forked child: (result, None), or (None, Outcome) when the
     child died or ran out of time (the Outcome says at which stage).
 
-    fork, not spawn: the child inherits onnx, onnxslim and onnxruntime already imported (milliseconds
-    instead of a second). The parent never opens an onnxruntime session, so no runtime thread is
-    forked mid-flight.
+    The child is a case server (CaseServer) that runs one case after another until one kills it or
+    runs out of time; then the next case gets a new one. Forked, not spawned: it inherits onnx,
+    onnxslim and onnxruntime already imported. Kept across cases: onnxslim's onnxruntime worker,
+    which each new process would start anew (a third of a second, more than a small case's work),
+    lives as long as the server does.
     """
-    preload()
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: report stages, then the result, and leave without cleanup
-        os.close(read_end)
-        # A SIGFPE or SIGSEGV is a result here: no core dump of a few hundred MB for each.
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        faulthandler.disable()  # pytest's would print every crash's stack; the parent reports it
-        # Warnings (random calibration) and onnxruntime's own prints, once per case, would bury the
-        # fuzzer's output; what matters comes back through the pipe.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        code = 0
+    global _server
+    for attempt in range(2):
+        if _server is None or _server.owner != os.getpid():
+            _server = CaseServer()
         try:
-            def report_stage(stage):
-                _send(write_end, ("stage", stage))
-            result = function(*args, report_stage=report_stage)
-            _send(write_end, ("result", result))
-        except BaseException as error:  # reported to the parent, which classifies it
-            _send(write_end, ("error", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]"))
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    stage, result, error = "start", None, None
-    buffer = b""
+            _server.send((function, args))
+            break
+        except BrokenPipeError:  # the server died between cases: a new one takes the case
+            _server.kill()
+            _server = None
+            if attempt:
+                raise
+    server = _server
+    stage, result, error, finished = "start", None, None, False
     deadline = time.monotonic() + timeout
-    timed_out = False
-    with os.fdopen(read_end, "rb", buffering=0) as pipe:
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out = True
-                break
-            ready, _, _ = select.select([pipe], [], [], remaining)
-            if not ready:
-                continue
-            chunk = pipe.read(1 << 16)
-            if not chunk:
-                break
-            buffer += chunk
-            while len(buffer) >= 4 and len(buffer) >= 4 + int.from_bytes(buffer[:4], "little"):
-                size = int.from_bytes(buffer[:4], "little")
-                kind, payload = pickle.loads(buffer[4:4 + size])
-                buffer = buffer[4 + size:]
-                if kind == "stage":
-                    stage = payload
-                elif kind == "result":
-                    result = payload
-                else:
-                    error = payload
-    if timed_out:
-        os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    if timed_out:
-        return None, Outcome("timeout", stage, f"no result within {timeout:g} s")
-    if os.WIFSIGNALED(status):
-        name = signal.Signals(os.WTERMSIG(status)).name
-        return None, Outcome("crash", stage, f"the process died of {name}")
+    while not finished:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            server.kill()
+            _server = None
+            return None, Outcome("timeout", stage, f"no result within {timeout:g} s")
+        message = server.receive(remaining)
+        if message is None:
+            continue
+        if message is EOFError:  # it died: how is the outcome
+            status = server.reap()
+            _server = None
+            if os.WIFSIGNALED(status):
+                name = signal.Signals(os.WTERMSIG(status)).name
+                return None, Outcome("crash", stage, f"the process died of {name}")
+            return None, Outcome("crash", stage, f"the process exited with status {os.WEXITSTATUS(status)}")
+        kind, payload = message
+        if kind == "stage":
+            stage = payload
+        elif kind == "result":
+            result, finished = payload, True
+        else:
+            error, finished = payload, True
     if error is not None:
         return None, Outcome("crash", stage, f"the oracle raised {error}")
     return result, None
+
+
+_server: CaseServer | None = None
+
+
+class CaseServer:
+    """A forked child that runs the cases `isolated` sends it, one after another, and reports each
+    one's stages and result through a pipe (4-byte length, then a pickle)."""
+
+    def __init__(self):
+        preload()
+        request_read, request_write = os.pipe()
+        reply_read, reply_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(request_write)
+            os.close(reply_read)
+            _serve(request_read, reply_write)  # never returns
+        os.close(request_read)
+        os.close(reply_write)
+        self.owner, self.pid = os.getpid(), pid
+        self.requests = request_write
+        self.replies = os.fdopen(reply_read, "rb", buffering=0)
+        self.buffer = b""
+
+    def send(self, message) -> None:
+        data = pickle.dumps(message)
+        view = memoryview(len(data).to_bytes(4, "little") + data)
+        while view:
+            view = view[os.write(self.requests, view):]
+
+    def receive(self, timeout: float):
+        """The next message; None if none came within `timeout`; EOFError (the class) if the server is gone."""
+        while True:
+            if len(self.buffer) >= 4 and len(self.buffer) >= 4 + int.from_bytes(self.buffer[:4], "little"):
+                size = int.from_bytes(self.buffer[:4], "little")
+                message = pickle.loads(self.buffer[4:4 + size])
+                self.buffer = self.buffer[4 + size:]
+                return message
+            ready, _, _ = select.select([self.replies], [], [], timeout)
+            if not ready:
+                return None
+            chunk = self.replies.read(1 << 16)
+            if not chunk:
+                return EOFError
+            self.buffer += chunk
+
+    def reap(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        self._close()
+        return status
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.reap()
+
+    def _close(self) -> None:
+        for close in (lambda: os.close(self.requests), self.replies.close):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+def _serve(requests: int, replies: int) -> None:
+    """The case server's loop: run each case, report it, until the parent closes the pipe."""
+    # A SIGFPE or SIGSEGV is a result here: no core dump of a few hundred MB for each.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    faulthandler.disable()  # pytest's would print every crash's stack; the parent reports it
+    # Warnings (random calibration) and onnxruntime's own prints, once per case, would bury the
+    # fuzzer's output; what matters comes back through the pipe.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+
+    def report_stage(stage):
+        _send(replies, ("stage", stage))
+
+    with os.fdopen(requests, "rb") as pipe:
+        while True:
+            head = pipe.read(4)
+            if len(head) < 4:
+                os._exit(0)
+            data = pipe.read(int.from_bytes(head, "little"))
+            try:
+                function, args = pickle.loads(data)
+                result = function(*args, report_stage=report_stage)
+                _send(replies, ("result", result))
+            except BaseException as error:  # reported to the parent, which classifies it
+                _send(replies, ("error", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]"))
 
 
 def _send(fd: int, message) -> None:
