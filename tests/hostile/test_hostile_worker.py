@@ -163,6 +163,15 @@ def _running(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker through /proc")
+def _cpu_seconds(pid: int) -> float:
+    """User plus system CPU seconds of a running process (Linux /proc), 0 if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_ctrl_c_stops_a_hanging_optimize_with_exit_130(tmp_path):
     source, before = _saved(_endless_loop_model(), tmp_path / "model.onnx")
     process = _onnxslim_process("optimize", source, tmp_path / "out.onnx")
@@ -170,7 +179,10 @@ def test_ctrl_c_stops_a_hanging_optimize_with_exit_130(tmp_path):
     while not (workers := _children(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert workers, "no worker process started"
-    time.sleep(3)  # the worker imports onnxruntime and starts the endless run
+    # The endless run is under way once the worker has spent more CPU than its start-up takes
+    # (under 1.5 s even on a loaded machine); a fixed sleep could interrupt our own start-up instead.
+    while max(_cpu_seconds(pid) for pid in workers) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
     interrupted = time.monotonic()
     process.send_signal(signal.SIGINT)
     code, _, stderr = _finish(process, timeout=30)
