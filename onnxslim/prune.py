@@ -138,7 +138,8 @@ class PrunePlan:
     depthwise: list[tuple[int, tuple[int, ...]]]  # (node position, groups along its channels)
     kept: dict[int, np.ndarray] = field(default_factory=dict)
     total_parameters: int = 0
-    flattens: list[int] = field(default_factory=list)  # Reshape positions whose shape spells the channel count
+    # Reshapes whose shape spells the channel count: (node position, the groups it flattens)
+    flattens: list[tuple[int, tuple[int, ...]]] = field(default_factory=list)
     # Reshapes that split a tensor's channels into (heads, head size) or merge them back: (node
     # position, index of the shape entry that counts the heads' elements, the groups of heads, elements
     # per head in that entry: 1 where the entry is the head count, the head size where it is heads x size)
@@ -264,7 +265,7 @@ class _Analysis:
         self.tensors: dict[int, gs.Tensor] = {}  # id(tensor) -> the tensor, for check_extents
         self.cuts: list[Cut] = []
         self.depthwise: list[tuple[int, tuple[int, ...]]] = []
-        self.flattens: list[int] = []
+        self.flattens: list[tuple[int, tuple[int, ...]]] = []
         self.head_reshapes: list[tuple[int, int, tuple[int, ...], int]] = []
         self.fused: list[tuple[int, ...]] = []  # a fused projection's parts: they must end as one group
         self.scores: dict[int, list[np.ndarray]] = {}
@@ -324,6 +325,7 @@ class _Analysis:
         self.depthwise = [(position, divided(groups)) for position, groups in self.depthwise]
         self.splits = [(position, tuple(divided(groups) for groups in outputs)) for position, outputs in self.splits]
         self.slices = [(position, entry, divided(before), divided(kept)) for position, entry, before, kept in self.slices]
+        self.flattens = [(position, divided(groups)) for position, groups in self.flattens]
         self.head_reshapes = [(position, entry, divided(groups), unit) for position, entry, groups, unit in self.head_reshapes]
         self.fused = [divided(parts) for parts in self.fused]
         self.channels = {key: replace(channels, groups=divided(channels.groups)) if root in channels.groups else channels
@@ -877,14 +879,16 @@ class _Analysis:
     def visit_Reshape(self, position: int, node: gs.Node, tracked) -> None:
         source = tracked[0]
         shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-        output = node.outputs[0].shape
         block = _trailing_size(node.inputs[0], source.axis + 1) if source is not None else None
-        # A flatten written as Reshape: [N, C, ...] -> [N, -1] (or [0, -1] / [N, C*...]).
-        flattens = (
-            source is not None and shape is not None and source.axis == 1 and shape.size == 2 and block is not None
-            and node.attrs.get("allowzero", 0) == 0 and int(shape[0]) in {0, -1, _dim(node.inputs[0], 0)}
-            and (shape[1] == -1 or (output is not None and len(output) == 2))
-        )
+        # A flatten written as Reshape: [N, C, ...] -> [N, -1] (or [0, -1] / [N, C*...] / [-1, C*...]).
+        # [-1, K] is one only where K is all of C*...: [-1, 2] of a [2, 2, 3, 3] tensor is [18, 2].
+        flattens = False
+        if source is not None and shape is not None and source.axis == 1 and shape.size == 2 and block is not None \
+                and node.attrs.get("allowzero", 0) == 0:
+            features = sum(self.groups[self.find(g)].size for g in source.groups) * source.block * block
+            batch = {0, _dim(node.inputs[0], 0)}
+            flattens = (int(shape[1]) == -1 and int(shape[0]) in batch) or (int(shape[1]) == features and
+                                                                            int(shape[0]) in batch | {-1})
         if not flattens:
             if source is not None and shape is not None and node.attrs.get("allowzero", 0) == 0 and \
                     self.reshape_heads(position, node, source, shape.astype(np.int64).reshape(-1)):
@@ -892,7 +896,7 @@ class _Analysis:
             self.freeze_inputs(node, f"read by {_label(node)} (not a flatten from the channel axis, nor heads)")
             return
         if shape[1] != -1:
-            self.flattens.append(position)  # its shape names the channel count: becomes [N, -1]
+            self.flattens.append((position, source.groups))  # its shape names the channel count: becomes [0, -1]
         self.pass_on(node, Channels(source.groups, 1, 2, source.block * block))
 
     def reshape_heads(self, position: int, node: gs.Node, source: Channels, shape: np.ndarray) -> bool:
@@ -1035,6 +1039,7 @@ class _Analysis:
                   for position, outputs in self.splits]
         head_reshapes = [(position, entry, tuple(self.find(g) for g in groups), unit)
                          for position, entry, groups, unit in self.head_reshapes]
+        flattens = [(position, tuple(self.find(g) for g in groups)) for position, groups in self.flattens]
         slices = [(position, entry, tuple(self.find(g) for g in before), tuple(self.find(g) for g in kept))
                   for position, entry, before, kept in self.slices]
         total = 0
@@ -1068,7 +1073,7 @@ class _Analysis:
                 roots[gid].parameters += per_channel * cut.block
                 if macs:
                     roots[gid].macs += macs * cut.block / max(total_channels, 1)
-        return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=self.flattens,
+        return PrunePlan(dict(sorted(roots.items())), cuts, depthwise, total_parameters=total, flattens=flattens,
                          total_macs=total_macs, splits=splits, biases=bias_slots(self.graph),
                          head_reshapes=head_reshapes, slices=slices, gamma_layers=(self.scored_by_gamma, self.scored),
                          ownerless=self.ownerless)
@@ -1116,7 +1121,9 @@ def _apply(model: onnx.ModelProto, plan: PrunePlan, remove: bool) -> onnx.ModelP
             if any(gid in plan.kept for part in outputs for gid in part):
                 sizes = [plan.kept_count(part) for part in outputs]
                 _set_split_sizes(nodes[position], sizes, _opset(graph), names)
-        for position in plan.flattens:
+        for position, groups in plan.flattens:
+            if not any(gid in plan.kept for gid in groups):
+                continue
             node = nodes[position]
             # [0, -1] flattens the same way whatever the first entry was (0, -1 or the batch size).
             set_input(node, 1, gs.Constant(names(f"{node.inputs[1].name}_pruned"), np.array([0, -1], np.int64)))

@@ -610,9 +610,10 @@ def matmul_then_conv(depthwise=False):
     Pruning the MatMul's features would shrink the Conv's width, not its channels."""
     b = ModelBuilder()
     x = b.input("x", [1, 2, 5, 6])
-    features = b.node("Relu", [b.node("MatMul", [x, b.initializer("mm_w", weight(6, 4))], name="mm")])
-    shape = (2, 1, 3, 3) if depthwise else (3, 2, 3, 3)
-    b.output(b.node("Conv", [features, b.initializer("conv_w", weight(*shape))], ["y"], name="conv",
+    # own seeds (not weight()'s shared sequence): tests after these draw the same weights as before
+    features = b.node("Relu", [b.node("MatMul", [x, b.initializer("mm_w", random([6, 4], seed=501))], name="mm")])
+    shape = [2, 1, 3, 3] if depthwise else [3, 2, 3, 3]
+    b.output(b.node("Conv", [features, b.initializer("conv_w", random(shape, seed=502))], ["y"], name="conv",
                     group=2 if depthwise else 1))
     return b.build()
 
@@ -646,14 +647,36 @@ def test_mean_compensation_into_a_scalar_bias():
     measurement fed to onnxruntime (RuntimeError, exit 3)."""
     b = ModelBuilder()
     x = b.input("x", ["N", 1])
-    hidden = b.node("Relu", [b.node("MatMul", [x, b.initializer("w1", weight(1, 4))], name="mm1")])
-    projected = b.node("MatMul", [hidden, b.initializer("w2", weight(4, 1))], name="mm2")
+    hidden = b.node("Relu", [b.node("MatMul", [x, b.initializer("w1", random([1, 4], seed=505))], name="mm1")])
+    projected = b.node("MatMul", [hidden, b.initializer("w2", random([4, 1], seed=506))], name="mm2")
     b.output(b.node("Add", [projected, b.initializer("bias", np.array(0.5, np.float32))], ["y"]))
     model = b.build()
     data = CalibrationData.from_feeds(model, [{"x": random([3, 1], seed=330 + i)} for i in range(4)])
     pruned, report = onnxslim.optimize(model, prune=0.5, calibration=data, return_report=True)
     assert report.pruning.removed_channels == 2
     onnx.checker.check_model(pruned, full_check=True)
+
+
+@pytest.mark.parametrize("target, flatten", [([-1, 2], False), ([-1, 8], True), ([0, 8], True), ([1, -1], True)])
+def test_a_reshape_to_minus_one_and_k_is_a_flatten_only_where_k_is_all_the_features(target, flatten):
+    """Found by the fuzzer: Reshape of [1, 2, 2, 2] conv features to [-1, 2] gives [4, 2], no
+    flatten, but was taken for one (its first entry -1) and rewritten to [0, -1] even with its
+    group frozen: the pruned model's output came out [1, 8]. A flatten's shape is rewritten only
+    where it is one and its channels are cut."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 4, 4])
+    c1 = b.node("Relu", [b.node("Conv", [x, b.initializer("c1_w", random([8, 3, 3, 3], seed=503))], ["c1"], name="c1",
+                                pads=[1, 1, 1, 1])])
+    c2 = b.node("Conv", [c1, b.initializer("c2_w", random([2, 8, 1, 1], seed=504))], ["c2"], name="c2", strides=[2, 2])
+    flat = b.node("Reshape", [c2, b.initializer("shape", np.array(target, np.int64))])
+    b.output(b.node("Relu", [flat], ["y"]))
+    plan, pruned = cut(b.build())
+    assert group_of(plan, "c1").prunable  # cut: the model changes, and must stay exact
+    assert (plan.flattens != []) == (flatten and target[1] != -1)
+    assert ("not a flatten" in group_of(plan, "c2").frozen) == (not flatten)
+    reshape = next(node for node in pruned.graph.node if node.op_type == "Reshape")
+    shape = next(onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer if t.name == reshape.input[1])
+    assert shape.tolist() == target  # c2's group is frozen (a graph output reads it): nothing to rewrite
 
 
 # ----------------------------------------------------------------------------- the whole step

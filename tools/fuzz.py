@@ -692,7 +692,7 @@ def search(seed: int, examples: int, mode: Mode, features, kernels, on_outcome, 
         outcome = run_case(case.model, mode, case.input_seed, lossy=case.lossy)
         if not best:
             on_outcome(case, outcome)
-        if outcome.kind in FAILURES and (outcome.kind != "wrong" or not mode.lossy or "outputs" in outcome.detail):
+        if outcome.kind in FAILURES:
             best[outcome.kind] = (case, outcome, model_bytes)
             raise FAILURE_TYPES[outcome.kind](outcome.line())
 
@@ -852,7 +852,8 @@ def main(argv=None) -> int:
     print("passes that changed the graph (share of graphs): " + ", ".join(
         f"{name} {count / total:.0%}" for name, count in sorted(fired.items(), key=lambda item: -item[1])))
     failed = sum(counts[kind] for kind in FAILURES)
-    print(f"{len(repros)} shrunk repro(s) in {CACHE}" if repros else "no failures", flush=True)
+    print(f"{len(repros)} shrunk repro(s) in {CACHE}" if repros else
+          ("no failures" if not failed else f"{failed} failure(s), none shrunk yet"), flush=True)
     return 1 if failed else 0
 
 
