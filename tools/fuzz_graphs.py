@@ -72,8 +72,12 @@ FEATURES = (
     "endless-loop",  # a Loop with neither trip count nor a condition that ever turns false: onnxslim must refuse, not hang
 )
 KNOWN_OPEN = {
-    "endless-loop": "verification (and folding) run the Loop in onnxruntime in-process: it hangs",
-    "hostile-integers": "folding Div(INT64_MIN, -1) in onnxruntime kills the process with SIGFPE",
+    # onnxslim refuses these with exit 2 now (the worker's time limit), but each case spends a few
+    # of those limits, seconds each: left out of the CI profile for its time, not for a failure.
+    "endless-loop": "each case waits out the worker's time limit a few times",
+    "hostile-integers": "onnxruntime's own optimizer (ORT_ENABLE_ALL) dies of SIGFPE folding Div(INT64_MIN, -1) "
+                        "in the ORIGINAL at load, and the oracle's run-deployed check dies with it (onnxslim's "
+                        "output, with that fold not taken, loads); the oracle should run that check in isolation",
 }
 
 
