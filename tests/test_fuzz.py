@@ -15,6 +15,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnx.parser
 import pytest
 from hypothesis import HealthCheck, given, settings
 
@@ -140,6 +141,34 @@ def test_an_input_dropped_from_the_interface_is_wrong():
     del dropped.graph.input[1]
     assert "instead of" in fuzz._interface_change(model, dropped)
     assert set(fuzz_graphs.make_feeds(model, 3)) == {"x", "bias"}
+
+
+def test_an_original_that_kills_onnxruntimes_own_optimizer_is_not_a_crash():
+    """onnxruntime's optimizer (ORT_ENABLE_ALL) folds Div(INT64_MIN, -1) in a branch no input
+    takes and dies of SIGFPE loading the original. The oracle's deployed check runs in onnxslim's
+    worker, so that death says "the original fails there too", not "the oracle crashed"."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, int64[2] x) => (int64[2] y) {
+            y = If (c) <
+                then_branch = t () => (int64[2] a) { a = Neg (x) },
+                else_branch = e () => (int64[2] b) {
+                    low = Constant <value = int64 {-9223372036854775808}> ()
+                    m1 = Constant <value = int64 {-1}> ()
+                    q = Div (low, m1)
+                    b = Add (x, q)
+                }
+            >
+        }
+    """)
+    from onnxslim.errors import RuntimeCrash
+    from onnxslim.runtime import Session
+
+    with pytest.raises(RuntimeCrash, match="SIGFPE"):  # the premise: onnxruntime's optimizer dies on it
+        Session(model, optimized=True)
+    # Before, this took the process running it (the case server; here, pytest) down with SIGFPE.
+    assert fuzz._runs_deployed(model, model, {size: {"c": np.array(True), "x": np.arange(2)}
+                                              for size in fuzz_graphs.SIZES}, {}, lambda stage: None) is None
 
 
 def test_a_failure_is_saved_with_a_pytest_case_that_rebuilds_it(tmp_path):

@@ -336,18 +336,24 @@ def _runs_deployed(model, optimized, feeds: dict, actual: dict, report_stage) ->
     """Why the optimized model fails under onnxruntime's own optimizations where the original runs
     (None when it runs, with the shapes and types it gives without them). Users run models that
     way: a fusion that meets a shape onnxslim declared wrongly (a Gemm's input reshape built from a
-    baked-in dim) fails only there. Values are not compared: onnxruntime's fusions round differently."""
+    baked-in dim) fails only there. Values are not compared: onnxruntime's fusions round differently.
+
+    Both sessions run in onnxslim's onnxruntime worker, not in the case server: onnxruntime's own
+    optimizer can die of a signal on the original (SIGFPE folding Div(INT64_MIN, -1)), and that
+    must come back as "the original fails too", not take the oracle down with it."""
+    from onnxslim.runtime import Session
+
     report_stage("run-deployed")
     try:
-        original = _session(model, deployed=True)
+        original = Session(model, label="the original", optimized=True, threads=1)
         for size in fuzz_graphs.SIZES:
-            _run(original, feeds[size])
+            original.run(None, feeds[size])
     except Exception:  # onnxruntime's optimizer fails the original too: not onnxslim's doing
         return None
     try:
-        candidate = _session(optimized, deployed=True)
+        candidate = Session(optimized, label="the optimized model", optimized=True, threads=1)
         for size in fuzz_graphs.SIZES:
-            got = _run(candidate, feeds[size])
+            got = dict(zip(candidate.output_names, candidate.run(None, feeds[size])))
             for name, value in actual[size].items():
                 if name in got and (got[name].shape, got[name].dtype) != (value.shape, value.dtype):
                     return (f"N={size}: output {name} is {got[name].dtype}{list(got[name].shape)} with onnxruntime's "

@@ -75,9 +75,6 @@ KNOWN_OPEN = {
     # onnxslim refuses these with exit 2 now (the worker's time limit), but each case spends a few
     # of those limits, seconds each: left out of the CI profile for its time, not for a failure.
     "endless-loop": "each case waits out the worker's time limit a few times",
-    "hostile-integers": "onnxruntime's own optimizer (ORT_ENABLE_ALL) dies of SIGFPE folding Div(INT64_MIN, -1) "
-                        "in the ORIGINAL at load, and the oracle's run-deployed check dies with it (onnxslim's "
-                        "output, with that fold not taken, loads); the oracle should run that check in isolation",
 }
 
 
