@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import numbers
@@ -18,7 +19,7 @@ import onnx.shape_inference
 
 from . import runtime
 from .calibration import CalibrationData, Preprocess, fidelity_split
-from .errors import InputSpecError, ModelLoadError, UsageError, VerificationError, VerificationUnavailable
+from .errors import InputSpecError, ModelLoadError, RuntimeFailure, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
 from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
@@ -149,10 +150,11 @@ def optimize(
             inputs = list(evaluation_samples(data, (quantize_options or QuantizeOptions()).held_out).limit(samples))
     verifier = None
     if verify or verify_each:
-        verifier = Verifier(
-            original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget,
-            static_inputs=list(input_shapes or ()),
-        )
+        with _no_verify_hint():
+            verifier = Verifier(
+                original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance,
+                budget=budget, static_inputs=list(input_shapes or ()),
+            )
     instruments = []
     if verify_each:
         instruments.append(VerifyEach(verifier, original, Path(dump_dir or VERIFY_EACH_FOLDER)))
@@ -172,7 +174,8 @@ def optimize(
     recomputed = _check_valid(optimized, original, report.notes)
     _check_interface(optimized, original, input_shapes or {}, recomputed)
     if verify:
-        report.verification = verifier.check(optimized)
+        with _no_verify_hint():
+            report.verification = verifier.check(optimized)
     else:
         report.verification_skipped = "verification turned off"
     reference = original
@@ -293,6 +296,19 @@ def _check_pruned_structure(pruned: onnx.ModelProto, simplified: onnx.ModelProto
         except INVALID_MODEL as ordinary:
             failure = ordinary
     raise VerificationError(f"pruning made the model invalid ONNX: {_first_line(failure)}") from failure
+
+
+@contextlib.contextmanager
+def _no_verify_hint():
+    """onnxruntime cannot load or run a model optimize() verifies with: verification can be turned
+    off, so say how. Only here: `onnxslim verify`, calibration and reconstruction have no such
+    remedy. A crash, a time-out or an out-of-memory (RuntimeFailure) says what happened itself."""
+    try:
+        yield
+    except RuntimeFailure:
+        raise
+    except VerificationUnavailable as error:
+        raise VerificationUnavailable(f"{error} (use --no-verify to skip verification)") from error.__cause__
 
 
 def _check_runs(pruned: onnx.ModelProto, original: onnx.ModelProto, data, shapes, notes: list[str]) -> None:

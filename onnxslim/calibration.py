@@ -926,7 +926,7 @@ def _calibration_runner(model: onnx.ModelProto, names: list[str], threads: int) 
         return Runner(_with_outputs(model, names), label="model to calibrate", threads=threads)
     except RuntimeFailure:
         raise  # a crash, a time-out or an allocation failure says so itself
-    except VerificationUnavailable as error:  # its message suggests --no-verify, which is not the remedy here
+    except VerificationUnavailable as error:  # said of the model as this step sees it
         cause = error.__cause__ or error
         message = f"onnxruntime cannot load the model to calibrate: {_first_line(cause)}"
         raise VerificationUnavailable(message) from cause

@@ -469,7 +469,7 @@ def _runner(model: onnx.ModelProto, label: str) -> Runner:
         return Runner(model, label=label)
     except RuntimeFailure:
         raise  # a crash, a time-out or an allocation failure says so itself
-    except VerificationUnavailable as error:  # its message suggests --no-verify, which is not the remedy here
+    except VerificationUnavailable as error:  # said of the model as this step sees it
         cause = error.__cause__ or error
         message = f"onnxruntime cannot load the {label} for reconstruction: {_first_line(cause)}"
         raise VerificationUnavailable(message) from cause

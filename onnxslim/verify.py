@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
-from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
+from .errors import InputSpecError, UsageError, VerificationUnavailable
 from .graph import trusted_symbol
 from .runtime import Session, physical_memory
 
@@ -396,12 +396,7 @@ class Runner:
     e.g. QDQ groups into integer kernels)."""
 
     def __init__(self, model: onnx.ModelProto, *, label: str = "model", threads: int = 0, optimized: bool = False):
-        try:
-            self.session = Session(model, label=label, threads=threads, optimized=optimized)
-        except RuntimeFailure:
-            raise  # a crash, a time-out or an allocation failure says so itself
-        except VerificationUnavailable as error:
-            raise VerificationUnavailable(f"{error} (use --no-verify to skip verification)") from error.__cause__
+        self.session = Session(model, label=label, threads=threads, optimized=optimized)
         self.label = label
         self.output_names = self.session.output_names
 

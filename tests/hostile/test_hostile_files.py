@@ -441,3 +441,19 @@ def test_text_format_models_load_and_a_broken_one_is_bad_input(usage_folder):
     assert _invoke("inspect", "model.onnxtxt").exit_code == 0
     onnx.save(_usage_model(), "textproto.onnxtxt", format="textproto")
     assert "textproto.onnxtxt is not an ONNX model" in _assert_usage_error(_invoke("inspect", "textproto.onnxtxt"))
+
+
+def test_the_no_verify_hint_is_given_only_where_no_verify_is_the_remedy(tmp_path, monkeypatch):
+    """A model onnxruntime cannot load (an op of a domain it does not know): `optimize` may skip
+    verification and says how; `verify` has no such option and must not suggest one."""
+    graph = helper.make_graph([helper.make_node("Foo", ["x"], ["y"], domain="com.example")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, tmp_path / "custom.onnx")
+    monkeypatch.chdir(tmp_path)
+    line = _assert_usage_error(_invoke("verify", "custom.onnx", "custom.onnx"))
+    assert "com.example" in line and "no-verify" not in line
+    line = _assert_usage_error(_invoke("optimize", "custom.onnx", "out.onnx"))
+    assert "com.example" in line and "use --no-verify" in line
+    assert not (tmp_path / "out.onnx").exists()
