@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -233,3 +234,40 @@ def test_inputs_file_missing_or_unreadable(tmp_path):
     (tmp_path / "junk.npz").write_bytes(b"not a zip file")
     with pytest.raises(onnxslim.InputSpecError, match="not a readable .npz"):
         onnxslim.verify(REFERENCE, REFERENCE, inputs=tmp_path / "junk.npz")
+
+
+verify_module = importlib.import_module("onnxslim.verify")  # onnxslim.verify is the function
+
+
+def _fp16_floor_model(op: str = "Floor") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "k"], ["t"]), helper.make_node(op, ["t"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [2, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [2, 8])],
+        [numpy_helper.from_array(np.array(3.7, np.float16), "k")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+class _OneStepApart(verify_module.Runner):
+    """The candidate's onnxruntime run with every value one unit up: what a float16 kernel that
+    rounds a Mul a step apart in another context makes of a Floor."""
+
+    def run(self, feed):
+        return {name: value + np.float16(1) for name, value in super().run(feed).items()}
+
+
+@pytest.mark.parametrize("candidate_op, passes", [("Floor", True), ("Ceil", False)])
+def test_onnx_reference_decides_when_onnxruntime_float16_runs_disagree(monkeypatch, candidate_op, passes):
+    """onnxruntime's two float16 runs differ by a whole unit: the reference evaluator, run on both
+    models, decides. The same model (Floor) passes after all, with a note saying so; a model that
+    computes something else (Ceil) still fails, and the note says the evaluator agrees."""
+    verifier = verify_module.Verifier(_fp16_floor_model(), samples=2, seed=0)
+    monkeypatch.setattr(verify_module, "Runner", _OneStepApart)
+    report = verifier.check(_fp16_floor_model(candidate_op))
+    assert report.passed is passes, report
+    notes = " ".join(report.notes)
+    if passes:
+        assert "reference evaluator computes the same for both models" in notes
+    else:
+        assert "reference evaluator also finds the models differ" in notes
