@@ -94,35 +94,42 @@ def same_type_cast(node: gs.Node) -> int | None:
 
 @rule("Reshape")
 def same_shape_reshape(node: gs.Node) -> int | None:
+    """A Reshape whose every target dim keeps its input's dim: a 0 (copy, without allowzero) or the
+    same static size, and at most one -1 where all the others are kept, so it resolves to the dim
+    it stands at whatever the symbolic dims are (an exporter's [0, -1] of an [N, 8] tensor)."""
     shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    source = _static_shape(node.inputs[0])
+    source = node.inputs[0].shape
     if shape is None or source is None:
         return None
     shape = [int(dim) for dim in np.asarray(shape).reshape(-1)]
     allow_zero = node.attrs.get("allowzero", 0) == 1
-    if len(shape) != len(source):
+    if len(shape) != len(source) or shape.count(-1) > 1:
         return None
-    resolved = [source[axis] if dim == 0 and not allow_zero else dim for axis, dim in enumerate(shape)]
-    if -1 in resolved:
-        known = int(np.prod([dim for dim in resolved if dim != -1], dtype=np.int64))
-        total = int(np.prod(source, dtype=np.int64))
-        if known == 0 or resolved.count(-1) != 1:
+    for dim, size in zip(shape, source):
+        static = isinstance(size, (int, np.integer)) and size >= 0
+        kept = (dim == 0 and not allow_zero) or (static and dim == size)
+        if not kept and dim != -1:
             return None
-        resolved[resolved.index(-1)] = total // known
-    return 0 if resolved == source else None
+    if -1 in shape and any(size == 0 for size in source if isinstance(size, (int, np.integer))):
+        return None  # a -1 beside a zero-size dim is ambiguous: onnxruntime refuses it
+    return 0
 
 
 @rule("Expand")
 def same_shape_expand(node: gs.Node) -> int | None:
+    """An Expand to a shape its input already covers: no longer rank, and every target dim 1 or the
+    input's own static size (symbolic input dims are kept by a 1)."""
     shape = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    source = _static_shape(node.inputs[0])
+    source = node.inputs[0].shape
     if shape is None or source is None:
         return None
-    try:
-        result = list(np.broadcast_shapes(tuple(source), tuple(int(dim) for dim in np.asarray(shape).reshape(-1))))
-    except ValueError:
+    shape = [int(dim) for dim in np.asarray(shape).reshape(-1)]
+    if len(shape) > len(source):
         return None
-    return 0 if result == source else None
+    for dim, size in zip(reversed(shape), reversed(source)):
+        if dim != 1 and not (isinstance(size, (int, np.integer)) and dim == size):
+            return None
+    return 0
 
 
 @rule("Squeeze")

@@ -260,6 +260,46 @@ def test_reshape_to_the_same_shape_is_removed(shape):
     assert_equivalent(model, optimized)
 
 
+@pytest.mark.parametrize("dims, shape", [
+    (["N", 8], [0, -1]),  # an exporter's flatten of an already flat tensor
+    (["N", 8], [-1, 8]),
+    (["N", "M"], [-1, 0]),
+    (["N", 3, "T"], [0, 3, 0]),
+    (["N", 3, 4], [0, -1, 4]),
+])
+def test_reshape_that_keeps_every_dim_is_removed_whatever_the_symbolic_dims(dims, shape):
+    """Verified at two sizes of each symbolic dim: the Reshape is an identity for all of them."""
+    b = ModelBuilder()
+    x = b.input("x", dims)
+    reshaped = b.node("Reshape", [x, b.initializer("shape", np.array(shape, np.int64))])
+    b.output(b.node("Neg", [reshaped], ["y"]))
+    model = b.build()
+
+    optimized, result = eliminate(model)
+
+    assert result.counters["removed"] == 1 and top_ops(optimized.graph) == ["Neg"]
+    rng = np.random.default_rng(0)
+    sizes = [{"N": 2, "M": 5, "T": 7}, {"N": 3, "M": 1, "T": 4}]
+    feeds = [{"x": rng.standard_normal([size.get(dim, dim) for dim in dims]).astype(np.float32)} for size in sizes]
+    assert_equivalent(model, optimized, feeds)
+
+
+@pytest.mark.parametrize("dims, shape", [
+    (["N", "M"], [0, 8]),  # M is 8 only sometimes
+    (["N", 8], [-1, 4]),
+    (["N", "M"], [-1]),
+    (["N", 8], [0, 0, -1]),
+    (["N", 8, 2], [0, -1]),
+])
+def test_reshape_that_may_change_a_dim_stays(dims, shape):
+    b = ModelBuilder()
+    x = b.input("x", dims)
+    reshaped = b.node("Reshape", [x, b.initializer("shape", np.array(shape, np.int64))])
+    b.output(b.node("Neg", [reshaped], ["y"]))
+    optimized, result = eliminate(b.build())
+    assert result.counters["removed"] == 0
+
+
 @pytest.mark.parametrize("shape", [[3, 2, 4], [6, 4], [2, 12, 1], [4, 3, 2]])
 def test_reshape_that_changes_the_shape_stays(shape):
     b, _ = sandwich("Reshape", extra=[np.array(shape, np.int64)])
@@ -278,6 +318,27 @@ def test_expand_that_keeps_the_shape_is_removed():
     b, _ = sandwich("Expand", extra=[np.array([3, 1], np.int64)])
     b.annotate("relu", np.float32, [2, 3, 4])
     assert_removed(b.build(), "Expand", first=("infer-shapes",))
+
+
+@pytest.mark.parametrize("dims, shape, removed", [
+    (["N", 8], [1, 8], True),
+    (["N", 8], [1], True),
+    (["N", "M"], [1, 1], True),
+    (["N", "M"], [1, 8], False),  # M may be 1, and then it grows to 8
+    (["N", 8], [1, 1, 8], False),  # a longer rank
+])
+def test_expand_of_symbolic_dims_is_removed_only_where_no_dim_can_grow(dims, shape, removed):
+    b = ModelBuilder()
+    x = b.input("x", dims)
+    expanded = b.node("Expand", [x, b.initializer("shape", np.array(shape, np.int64))])
+    b.output(b.node("Neg", [expanded], ["y"]))
+    model = b.build()
+    optimized, result = eliminate(model)
+    assert result.counters["removed"] == int(removed)
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal([size.get(dim, dim) for dim in dims]).astype(np.float32)}
+             for size in ({"N": 2, "M": 8}, {"N": 3, "M": 1})]
+    assert_equivalent(model, optimized, feeds)
 
 
 def test_expand_that_grows_the_shape_stays():
