@@ -235,7 +235,20 @@ def set_inputs(node: gs.Node, tensors: list[gs.Tensor]) -> None:
 
 
 def disconnect(node: gs.Node) -> None:
-    """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination."""
+    """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination.
+
+    The nodes of its bodies go with it: left reading the enclosing graphs' tensors, they would
+    count as readers that no longer exist, and a rewrite that needs a tensor's only reader
+    (bypass keeping an output's name) would be refused in this run and taken in the next.
+    """
+    for body in node_subgraphs(node):
+        for subgraph in walk(body):
+            for inner in subgraph.nodes:
+                _detach(inner)
+    _detach(node)
+
+
+def _detach(node: gs.Node) -> None:
     for tensor in node.inputs:
         _forget(tensor.outputs, node)
     list.clear(node.inputs)
