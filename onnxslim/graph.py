@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 
@@ -234,7 +235,20 @@ def set_inputs(node: gs.Node, tensors: list[gs.Tensor]) -> None:
 
 
 def disconnect(node: gs.Node) -> None:
-    """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination."""
+    """Detach `node` from every tensor it reads and writes; it waits for dead-node elimination.
+
+    The nodes of its bodies go with it: left reading the enclosing graphs' tensors, they would
+    count as readers that no longer exist, and a rewrite that needs a tensor's only reader
+    (bypass keeping an output's name) would be refused in this run and taken in the next.
+    """
+    for body in node_subgraphs(node):
+        for subgraph in walk(body):
+            for inner in subgraph.nodes:
+                _detach(inner)
+    _detach(node)
+
+
+def _detach(node: gs.Node) -> None:
     for tensor in node.inputs:
         _forget(tensor.outputs, node)
     list.clear(node.inputs)
@@ -559,3 +573,16 @@ def trusted_symbol(dim) -> str | None:
     if not isinstance(dim, str) or not any(map(str.isalpha, dim)):
         return None
     return None if dim.strip().lower() in PLACEHOLDER_SYMBOLS else dim
+
+
+# The names onnx's shape inference makes up for a dim it cannot compute: unk__0, unk__1, ...
+INFERRED_SYMBOL = re.compile(r"unk__\d+")
+
+
+def inferred_symbol(dim) -> bool:
+    """Whether `dim` is a name onnx's shape inference made up for a size it could not compute.
+
+    Such a name is a fact only within one inference (two dims carrying it are the same size), is
+    numbered in the order that inference met it, and a later inference may find the size static.
+    """
+    return isinstance(dim, str) and INFERRED_SYMBOL.fullmatch(dim) is not None

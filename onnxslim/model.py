@@ -33,7 +33,7 @@ from google.protobuf.message import DecodeError
 
 from . import repair
 from .errors import ModelLoadError, ModelSaveError, UsageError
-from .graph import ONNX_DOMAINS, proto_bodies, proto_graphs, tensor_map, walk
+from .graph import ONNX_DOMAINS, inferred_symbol, proto_bodies, proto_graphs, tensor_map, walk
 
 # protobuf refuses to serialize a message of 2 GiB or more; past this we write external data.
 PROTOBUF_LIMIT = 2**31 - 1
@@ -1112,6 +1112,7 @@ def to_model(graph: gs.Graph, template: onnx.ModelProto) -> onnx.ModelProto:
     for body in bodies:
         drop_disconnected_nodes(body)
         _keep_known_value_info(body, known_value_info)
+    forget_inferred_symbols(model.graph)
     _restore_declared_types(model.graph, graph.__dict__.get(DECLARED_TYPES, {}))
     _restore_denotations(model.graph, template.graph)
     defaults = graph.__dict__.get(INPUT_DEFAULTS, {})
@@ -1426,6 +1427,26 @@ def _keep_known_value_info(graph: onnx.GraphProto, known: set[str]) -> None:
     graph.value_info.extend(kept)
     for body in proto_bodies(graph):
         _keep_known_value_info(body, known)
+
+
+def forget_inferred_symbols(graph: onnx.GraphProto, outputs: bool = False) -> None:
+    """Write the dims onnx's shape inference named itself (`unk__7`) as unnamed: in value_info,
+    in bodies' outputs, and in the graph's own outputs if `outputs`. Inputs keep theirs (declared).
+
+    Such a name holds only within the inference that gave it (see onnxslim.graph.inferred_symbol).
+    A model written with them would not be a fixed point: a shape is refined over the passes,
+    so its names come from several inferences, and a second run, which infers them from the
+    final graph, names them otherwise. Handed back to inference, they would stand in for what
+    it could now find (onnx keeps a named dim it is given over the one it computes).
+    """
+    values = [*graph.value_info, *graph.output] if outputs else [*graph.value_info]
+    for value in values:
+        if value.type.HasField("tensor_type"):
+            for dim in value.type.tensor_type.shape.dim:
+                if dim.dim_param and inferred_symbol(dim.dim_param):
+                    dim.ClearField("dim_param")
+    for body in proto_bodies(graph):
+        forget_inferred_symbols(body, outputs=True)
 
 
 def _list_initializers_as_inputs(graph: onnx.GraphProto) -> None:

@@ -12,7 +12,7 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from .errors import InputSpecError
 from .graph import tensor_map, walk
-from .model import DECLARED_TYPES, ProtoWriter, exportable_constants
+from .model import DECLARED_TYPES, ProtoWriter, exportable_constants, forget_inferred_symbols
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.
@@ -57,6 +57,7 @@ def _skeleton(graph: gs.Graph) -> onnx.GraphProto:
                 skeleton.initializer.append(OnnxExporter.export_tensor_proto(tensor))
         elif tensor.name not in interface and (tensor.dtype is not None or tensor.shape is not None):
             writer.value_info(skeleton.value_info.add(), tensor)
+    forget_inferred_symbols(skeleton, outputs=True)  # so inference says afresh what it can (see infer-shapes)
     return skeleton
 
 

@@ -37,7 +37,7 @@ def fold_constants(graph: gs.Graph, ctx: PassContext, *, size_cap: int = 0) -> P
         candidates = [node for node in subgraph.nodes if _foldable(node)]
         foldable = _closed_under_constant_inputs(candidates)
         # Results known (from shape inference) to be too large to store are not even computed.
-        foldable = _closed_under_constant_inputs([node for node in foldable if not _surely_too_large(node, size_cap)])
+        foldable = _closed_under_constant_inputs(_not_surely_too_large(foldable, size_cap))
         if not foldable:
             continue
         values = _evaluate(foldable, subgraph.opset, graph)
@@ -62,16 +62,41 @@ def _foldable(node: gs.Node) -> bool:
     )
 
 
-def _surely_too_large(node: gs.Node, size_cap: int) -> bool:
-    """Whether an output's known static size exceeds what folding its node alone could free."""
+def _not_surely_too_large(nodes: list[gs.Node], size_cap: int) -> list[gs.Node]:
+    """The nodes (in graph order) none of whose outputs' known static size exceeds all that
+    folding could free upstream of it: its node cone and the constants only folded nodes read.
+
+    Freed bytes are a property of the set folded together, not of one node: a weight sliced into
+    four gates by four Slices is freed by none of them alone, and by the four together.
+    """
     if size_cap < 0:
-        return False
-    freed = _exclusive_constant_bytes({id(node): node}) + NODE_PROTO_BYTES
-    for tensor in node.outputs:
-        size = _known_nbytes(tensor)
-        if size is not None and size > max(freed, size_cap) and not _inputs_as_large(node, size):
-            return True
-    return False
+        return nodes
+    members = {id(node) for node in nodes}
+    producer_of = {id(tensor): node for node in nodes for tensor in node.outputs}
+    # Upper bound of what storing a node's outputs could replace (a diamond counts twice: still a bound).
+    bound: dict[int, int] = {}
+    kept = []
+    for node in nodes:
+        total = NODE_PROTO_BYTES
+        for tensor in node.inputs:
+            if isinstance(tensor, gs.Constant):
+                if all(id(reader) in members for reader in tensor.outputs):
+                    total += tensor_nbytes(tensor)
+            elif id(tensor) in producer_of:
+                total += bound.get(id(producer_of[id(tensor)]), 0)
+        bound[id(node)] = total = min(total, UNBOUNDED)
+        if not any(_too_large(tensor, node, max(total, size_cap)) for tensor in node.outputs):
+            kept.append(node)
+    return kept
+
+
+# Beyond any model's bytes: where the bound of _not_surely_too_large stops adding.
+UNBOUNDED = 2**62
+
+
+def _too_large(tensor: gs.Tensor, node: gs.Node, limit: int) -> bool:
+    size = _known_nbytes(tensor)
+    return size is not None and size > limit and not _inputs_as_large(node, size)
 
 
 def _inputs_as_large(node: gs.Node, size: int) -> bool:
@@ -165,36 +190,66 @@ def _materialization(
     """Which folded tensors to store, backing off from those that would grow the model.
 
     A tensor read by a node that stays (or that is an interface tensor) must be stored or its
-    producer kept. Storing it frees the node cone that computes it, and the constants only that
-    cone reads; it is stored if its bytes do not exceed what it frees (or `size_cap`). A kept
-    producer makes its own folded inputs needed in turn.
+    producer kept. The stored tensors together free every folded node that is not kept and every
+    constant only such nodes read; each stored tensor is credited with an even share of what its
+    cone frees (a weight sliced for two layers is freed only when both slices are stored, and
+    half of it is credited to each). A tensor larger than its credit and than `size_cap` is not
+    stored: its producer is kept, which makes its folded inputs needed in turn, and the credits
+    are counted again until every stored tensor pays for itself.
     """
     folded = {id(node): node for node in nodes}
-    producer_of = {id(tensor): node for node in nodes for tensor in node.outputs}
+    producer_of = {id(tensor): node for node in nodes for tensor in node.outputs if not is_empty(tensor)}
+    needed = [tensor for node in nodes for tensor in node.outputs if _needed(tensor, folded, interface)]
+    listed = {id(tensor) for tensor in needed}
     kept: set[int] = set()
-    decided: dict[int, bool] = {}
     result = _Materialization()
-    pending = [tensor for node in nodes for tensor in node.outputs if _needed(tensor, folded, interface)]
-    while pending:
-        tensor = pending.pop()
-        if id(tensor) in decided:
-            continue
-        value = values[id(tensor)]
-        cone = _cone(producer_of[id(tensor)], producer_of)
-        freed = _exclusive_constant_bytes(cone) + NODE_PROTO_BYTES * len(cone)
-        store = value.nbytes <= freed or size_cap < 0 or value.nbytes <= size_cap
-        decided[id(tensor)] = store
-        if store:
-            result.stored.append(tensor)
-            continue
-        result.too_large.append(tensor)
-        node = producer_of[id(tensor)]
-        if id(node) not in kept:
+    while True:
+        stored = [tensor for tensor in needed if id(producer_of[id(tensor)]) not in kept]
+        if size_cap < 0:
+            break
+        credit = _credits(stored, producer_of, kept)
+        refused = [tensor for tensor in stored if values[id(tensor)].nbytes > max(credit[id(tensor)], size_cap)]
+        if not refused:
+            break
+        result.too_large.extend(refused)
+        for tensor in refused:
+            node = producer_of[id(tensor)]
             kept.add(id(node))
-            for other in node.outputs:  # the node stays, so its other outputs need not be stored
-                decided.setdefault(id(other), False)
-            pending.extend(t for t in node.inputs if id(t) in producer_of and id(t) not in decided)
+            for source in node.inputs:
+                if id(source) in producer_of and id(source) not in listed:
+                    listed.add(id(source))
+                    needed.append(source)
+    result.stored = stored
     return result
+
+
+def _credits(stored: list[gs.Tensor], producer_of: dict[int, gs.Node], kept: set[int]) -> dict[int, float]:
+    """Each stored tensor's share of the bytes freed: its cone's nodes and the constants only
+    removed nodes read, each split evenly among the stored tensors whose cones hold it."""
+    cones = {id(tensor): _cone(producer_of[id(tensor)], producer_of, kept) for tensor in stored}
+    holders: dict[int, int] = {}  # node id -> how many cones hold it
+    for cone in cones.values():
+        for key in cone:
+            holders[key] = holders.get(key, 0) + 1
+    # A constant is freed if every reader goes: lies in a stored tensor's cone (a folded node in
+    # none is dead anyway, but is not counted on).
+    readers: dict[int, set[int]] = {}  # freed constant id -> ids of the stored tensors whose cones read it
+    sizes: dict[int, int] = {}
+    for tensor_id, cone in cones.items():
+        for node in cone.values():
+            for source in node.inputs:
+                if not isinstance(source, gs.Constant):
+                    continue
+                if id(source) not in sizes:
+                    freed = all(id(reader) in holders for reader in source.outputs)
+                    sizes[id(source)] = tensor_nbytes(source) if freed else 0
+                readers.setdefault(id(source), set()).add(tensor_id)
+    credit = {}
+    for tensor_id, cone in cones.items():
+        nodes = sum(NODE_PROTO_BYTES / holders[key] for key in cone)
+        constants = {id(source) for node in cone.values() for source in node.inputs if isinstance(source, gs.Constant)}
+        credit[tensor_id] = nodes + sum(sizes[key] / len(readers[key]) for key in constants)
+    return credit
 
 
 def _needed(tensor: gs.Tensor, folded: dict[int, gs.Node], interface: set[int]) -> bool:
@@ -203,24 +258,13 @@ def _needed(tensor: gs.Tensor, folded: dict[int, gs.Node], interface: set[int]) 
     return id(tensor) in interface or any(id(reader) not in folded for reader in tensor.outputs)
 
 
-def _cone(node: gs.Node, producer_of: dict[int, gs.Node]) -> dict[int, gs.Node]:
+def _cone(node: gs.Node, producer_of: dict[int, gs.Node], kept: set[int] = frozenset()) -> dict[int, gs.Node]:
+    """`node` and the folded nodes upstream of it, up to those that are kept (they stay)."""
     cone, stack = {}, [node]
     while stack:
         current = stack.pop()
         if id(current) in cone:
             continue
         cone[id(current)] = current
-        stack.extend(producer_of[id(t)] for t in current.inputs if id(t) in producer_of)
+        stack.extend(producer_of[id(t)] for t in current.inputs if id(t) in producer_of and id(producer_of[id(t)]) not in kept)
     return cone
-
-
-def _exclusive_constant_bytes(cone: dict[int, gs.Node]) -> int:
-    """Bytes of the initializers read only by nodes of the cone (they disappear with it)."""
-    total, seen = 0, set()
-    for node in cone.values():
-        for tensor in node.inputs:
-            if isinstance(tensor, gs.Constant) and id(tensor) not in seen:
-                seen.add(id(tensor))
-                if all(id(reader) in cone for reader in tensor.outputs):
-                    total += tensor_nbytes(tensor)
-    return total

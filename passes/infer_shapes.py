@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import node_subgraphs, proto_node_bodies, tensor_map, trusted_symbol, walk
+from onnxslim.graph import inferred_symbol, node_subgraphs, proto_node_bodies, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.shapes import infer_model
 
@@ -36,22 +36,43 @@ def _open_questions(graph: gs.Graph) -> frozenset:
     plus the graph inputs' shapes. Tensors that are complete cannot become more complete, and an
     incomplete tensor whose producer and inputs are all unchanged gets the same answer again;
     a rewrite upstream that resolves it changes its producer's inputs or their kind.
+
+    Inference also reads values: it propagates small integer tensors (Shape, Gather, Concat...)
+    into the shapes they give Reshape or Expand. Such a tensor is complete (its shape is `[2]`)
+    while its value may become known (a Div by 1 removed before it, a Max folded): the nodes
+    computing one are asked too, so a rewrite anywhere along such a chain is seen.
     """
     questions = {tuple((id(tensor), str(tensor.dtype), _dims(tensor.shape)) for tensor in graph.inputs)}
     for subgraph in walk(graph):
         for node in subgraph.nodes:
             for tensor in node.outputs:
-                if _complete(tensor):
+                if _complete(tensor) and not _shape_like(tensor):
                     continue
                 reads = tuple((id(source), isinstance(source, gs.Constant), _producer_id(source)) for source in node.inputs)
                 questions.add((id(tensor), id(node), node.op, reads))
     return frozenset(questions)
 
 
+def _shape_like(tensor: gs.Tensor) -> bool:
+    """An integer scalar or vector: a value onnx's data propagation may carry into a shape."""
+    return (
+        tensor.dtype is not None
+        and np.dtype(tensor.dtype).kind in "iu"
+        and tensor.shape is not None
+        and len(tensor.shape) <= 1
+    )
+
+
 def _complete(tensor: gs.Tensor) -> bool:
+    """Typed, with every dim static or named by the model. A dim onnx's inference named itself
+    (`unk__7`) stands for "not known here" and is not complete: a rewrite upstream (a Reshape
+    target folded to a constant) can make it static, which only a new inference finds."""
     if tensor.dtype is None or tensor.shape is None:
         return False
-    return all(isinstance(dim, (int, np.integer)) and dim >= 0 or trusted_symbol(dim) for dim in tensor.shape)
+    return all(
+        isinstance(dim, (int, np.integer)) and dim >= 0 or trusted_symbol(dim) and not inferred_symbol(dim)
+        for dim in tensor.shape
+    )
 
 
 def _producer_id(tensor: gs.Tensor) -> int | None:
@@ -63,25 +84,30 @@ def _dims(shape) -> tuple | None:
 
 
 def _annotate(graph: gs.Graph, proto: onnx.GraphProto) -> int:
-    """Copy dtypes/shapes from the inferred proto onto the graph's unannotated tensors, bodies included."""
-    tensors = tensor_map(graph)
+    """Copy dtypes/shapes from the inferred proto onto the graph's tensors, bodies included.
+
+    The dims onnx named itself (`unk__7`) are facts of one inference only: they come from this
+    one, on every tensor a node of this graph computes, or are forgotten. A name kept from an
+    earlier inference could meet the same name given to another size by this one.
+    """
+    inferred = {value.name: value for value in [*proto.value_info, *proto.output] if value.type.HasField("tensor_type")}
     annotated = 0
-    for value in list(proto.value_info) + list(proto.output):
-        tensor = tensors.get(value.name)
-        if not isinstance(tensor, gs.Variable) or _settled(tensor) or not value.type.HasField("tensor_type"):
-            continue
-        tensor_type = value.type.tensor_type
-        if tensor.dtype is None and tensor_type.elem_type:
-            tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
-            annotated += 1
-        if tensor_type.HasField("shape"):
-            inferred = [
-                dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim
-            ]
-            refined = _refine(tensor.shape, inferred)
-            if refined != tensor.shape:
-                tensor.shape = refined
+    for node in graph.nodes:
+        for tensor in node.outputs:
+            if not isinstance(tensor, gs.Variable) or _settled(tensor):
+                continue
+            value = inferred.get(tensor.name)
+            tensor_type = value.type.tensor_type if value is not None else None
+            if tensor.dtype is None and tensor_type is not None and tensor_type.elem_type:
+                tensor.dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
                 annotated += 1
+            found = None
+            if tensor_type is not None and tensor_type.HasField("shape"):
+                found = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or None) for dim in tensor_type.shape.dim]
+            refined = _refine(tensor.shape, found)
+            if refined != tensor.shape:
+                annotated += _known(refined) != _known(tensor.shape)
+                tensor.shape = refined
     # The inferred proto leaves out disconnected nodes (see onnxslim.shapes), so skip them here too.
     connected = [node for node in graph.nodes if node.outputs]
     for index, node in enumerate(connected[: len(proto.node)]):
@@ -103,17 +129,29 @@ def _settled(tensor: gs.Variable) -> bool:
     )
 
 
-def _refine(known: list | None, inferred: list) -> list | None:
-    """`known` with each dynamic dim that inference now finds static filled in.
+def _refine(known: list | None, inferred: list | None) -> list | None:
+    """`known` with each dim it does not know taken from `inferred`.
 
     Shapes only ever become more static: after folding, inference can resolve dims it could
-    not before (a Reshape target that became a constant), but a dim once known stays.
+    not before (a Reshape target that became a constant), but a static dim or one the model
+    named stays. A dim an earlier inference named (`unk__7`) is not known: it is replaced by
+    this inference's answer, or forgotten.
     """
     if known is None:
         return inferred
-    if len(known) != len(inferred):
-        return known
-    return [
-        new if not isinstance(old, (int, np.integer)) and isinstance(new, int) and new > 0 else old
-        for old, new in zip(known, inferred)
-    ]
+    if inferred is None or len(known) != len(inferred):
+        return [None if inferred_symbol(dim) else dim for dim in known]
+    return [_refined_dim(old, new) for old, new in zip(known, inferred)]
+
+
+def _refined_dim(old, new):
+    if isinstance(new, int) and new > 0 and not isinstance(old, (int, np.integer)):
+        return new
+    if old is None or inferred_symbol(old):
+        return new
+    return old
+
+
+def _known(shape: list | None) -> tuple | None:
+    """What a shape says beyond one inference's names: counts a renaming as no annotation."""
+    return None if shape is None else tuple(None if inferred_symbol(dim) else dim for dim in shape)

@@ -60,9 +60,9 @@ def _inline(root: gs.Graph, enclosing: gs.Graph, node: gs.Node, branch: gs.Graph
     _rename_moved(root, node, moved)
     index = next(position for position, candidate in enumerate(enclosing.nodes) if candidate is node)
     outputs = list(node.outputs)
-    disconnect(node)
-    branch.nodes = []
+    branch.nodes = []  # moved out first: disconnecting the If detaches what its bodies still hold
     branch.outputs = []
+    disconnect(node)
     # The If goes now rather than waiting for dead-node elimination: its other branch would still
     # be walked by later passes, and the branch outputs would still count as interface tensors.
     enclosing.nodes[index : index + 1] = moved

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import bypass, constant_value, interface_tensors, is_empty, is_standard, walk
+from onnxslim.graph import bypass, constant_value, interface_tensors, is_empty, is_standard, trusted_symbol, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.rules import RuleTable
 
@@ -23,7 +23,7 @@ rule = RULES.rule
 
 @register_pass("eliminate-noops")
 def eliminate_noops(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Remove Identity, inference Dropout, same-type Cast, and Reshape/Transpose/Pad/Slice/arithmetic that change nothing."""
+    """Remove Identity, inference Dropout, same-type Cast, and Reshape/Transpose/Pad/Slice/arithmetic/logic/Where that change nothing."""
     interface = interface_tensors(graph)
     removed = 0
     for subgraph in walk(graph):
@@ -192,17 +192,65 @@ def single_input(node: gs.Node) -> int | None:
     return 0 if len(node.inputs) == 1 else None
 
 
-@rule("Add", "Sub", "Mul", "Div")
-def neutral_arithmetic(node: gs.Node) -> int | None:
-    """x+0, 0+x, x-0, x*1, 1*x, x/1 — when the constant's broadcast cannot grow x's shape."""
-    neutral = 0 if node.op in ("Add", "Sub") else 1
-    commutative = node.op in ("Add", "Mul")
+# The constant that leaves the other operand as it is, and whether it may stand on either side.
+# Pow's exponent 1 only on floats: onnxruntime computes an integer base's power in double,
+# which an int64 beyond 2**53 would not survive (the model would not compute what it did).
+NEUTRAL = {
+    "Add": (0, True), "Sub": (0, False), "Mul": (1, True), "Div": (1, False), "Pow": (1, False),
+    "And": (True, True), "Or": (False, True), "Xor": (False, True),
+    "BitwiseOr": (0, True), "BitwiseXor": (0, True), "BitwiseAnd": (~0, True),
+}
+
+
+@rule(*NEUTRAL)
+def neutral_operand(node: gs.Node) -> int | None:
+    """x+0, 0+x, x-0, x*1, 1*x, x/1, x**1, x and true, x or false, ... — where the constant, of any
+    size, is all neutral and broadcasting it against x leaves x's shape as it is.
+
+    Adding a zero turns -0.0 into +0.0: as for a scalar zero, that difference is not kept.
+    """
+    neutral, commutative = NEUTRAL[node.op]
     for keep, other in ((0, 1), (1, 0)) if commutative else ((0, 1),):
         value = constant_value(node.inputs[other])
-        if value is None or value.size != 1 or value.dtype == object or not np.all(value == neutral):
+        if value is None or value.dtype == object or not np.all(value == np.asarray(neutral).astype(value.dtype)):
             continue
         variable = node.inputs[keep]
-        rank = _rank(variable)
-        if value.ndim == 0 or (rank is not None and value.ndim <= rank):
+        if node.op == "Pow" and (variable.dtype is None or np.dtype(variable.dtype).kind != "f"):
+            continue
+        if value.ndim == 0 or _broadcasts_into(list(value.shape), variable.shape):
             return keep
     return None
+
+
+@rule("Where")
+def constant_condition(node: gs.Node) -> int | None:
+    """Where(c, a, b) with c all true is a (all false: b), if neither c nor the other side
+    broadcasts it to a larger shape."""
+    condition = constant_value(node.inputs[0])
+    if condition is None or condition.size == 0 or len(node.inputs) < 3:
+        return None
+    if condition.all():
+        keep, other = 1, 2
+    elif not condition.any():
+        keep, other = 2, 1
+    else:
+        return None
+    chosen = node.inputs[keep]
+    if _broadcasts_into(list(condition.shape), chosen.shape) and _broadcasts_into(node.inputs[other].shape, chosen.shape):
+        return keep
+    return None
+
+
+def _broadcasts_into(shape: list | None, target: list | None) -> bool:
+    """Whether broadcasting a tensor of `shape` against one of `target` gives `target`'s shape for
+    every input the model accepts: no more dims, and each of its dims 1 or the same size as
+    target's (both static, or one name the model gives both)."""
+    if shape is None or target is None or len(shape) > len(target):
+        return False
+    for dim, into in zip(reversed(shape), reversed(target)):
+        if isinstance(dim, (int, np.integer)) and (dim == 1 or isinstance(into, (int, np.integer)) and dim == into >= 0):
+            continue
+        if trusted_symbol(dim) is not None and trusted_symbol(dim) == trusted_symbol(into):
+            continue
+        return False
+    return True

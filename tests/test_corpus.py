@@ -54,6 +54,17 @@ def test_optimize_verifies_and_shrinks(name, optimized):
     assert [value.name for value in model.graph.output] == [value.name for value in onnx.load(str(source)).graph.output]
 
 
+@pytest.mark.parametrize("name", sorted(MANIFEST))
+def test_optimizing_the_output_again_changes_nothing(name, optimized, tmp_path):
+    """The default pipeline is a fixed point: its output, optimized again, is the same bytes."""
+    _, _, report = optimized(name)
+    again = tmp_path / f"{name}-again.onnx"
+    second = onnxslim.optimize_file(report.output, again, verify=False)
+
+    assert second.after.nodes == second.before.nodes == report.after.nodes
+    assert again.read_bytes() == Path(report.output).read_bytes()
+
+
 @pytest.mark.parametrize("name", [name for name in sorted(MANIFEST) if len(MANIFEST[name]["verify_shapes"]) > 1])
 def test_dynamic_models_stay_dynamic(name, optimized):
     """A model with dynamic dims verifies at a second input size: no dim was baked in."""

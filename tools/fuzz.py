@@ -17,6 +17,8 @@ class, never the fuzzer's death:
   refused   onnxslim refused (exit code 2) a valid model that onnxruntime runs, or did not refuse
             one that never returns (feature endless-loop: exit 2 is right)
   timeout   onnxslim (or the optimized model) did not finish within the time limit
+  unstable  lossless mode: the optimized model, ok, optimized again (verification off) comes out
+            different: the pipeline is not a fixed point
   fidelity-nan   lossy modes: the optimized model gives NaN where the original is finite
 In the lossy modes an exit 2 is ok ("refused as expected") where the calibration samples leave
 nothing to measure: none is finite (feature nonfinite-calibration), or the original itself computes
@@ -70,7 +72,7 @@ def _load_sibling(name: str):
 
 fuzz_graphs = _load_sibling("fuzz_graphs")
 
-FAILURES = ("wrong", "invalid", "crash", "refused", "timeout", "fidelity-nan")
+FAILURES = ("wrong", "invalid", "crash", "refused", "timeout", "fidelity-nan", "unstable")
 CLASSES = ("ok",) + FAILURES + ("skipped",)
 # Per-dtype tolerance on float outputs, relative to the output's largest finite magnitude (at least 1):
 # rewrites reassociate (a fused BatchNormalization rounds once where the original rounded twice).
@@ -300,7 +302,46 @@ def check_model(model: onnx.ModelProto, mode: Mode = Mode(), input_seed: int = 0
                        fired=fired)
     if outcome.kind == "wrong" and verification.passed:
         outcome.detail += " (and onnxslim's verification passed it)"
+    if outcome.kind == "ok":
+        report_stage("optimize-again")
+        unstable = _optimized_again(optimized)
+        if unstable is not None:
+            return Outcome(*unstable, fired=fired)
     return outcome
+
+
+def _optimized_again(optimized: onnx.ModelProto) -> tuple[str, str, str] | None:
+    """The default pipeline is a fixed point: its output, optimized again, is the same bytes.
+    Verification is off (the first run's output was just judged); a difference is "unstable",
+    and onnxslim failing on its own output is a crash."""
+    import onnxslim
+    from onnxslim.graph import count_nodes
+
+    try:
+        again = onnxslim.optimize(optimized, verify=False)
+    except Exception as error:  # onnxslim refusing or failing on its own output is our bug either way
+        return "crash", "optimize-again", f"{type(error).__name__}: {_first_line(error)} [{_where(error)}]"
+    if again.SerializeToString() == optimized.SerializeToString():
+        return None
+    before, after = count_nodes(optimized), count_nodes(again)
+    if before != after:
+        return "unstable", "optimize-again", f"optimizing the output again: {before} -> {after} nodes"
+    return "unstable", "optimize-again", f"optimizing the output again: {_first_difference(optimized, again)}"
+
+
+def _first_difference(first: onnx.ModelProto, second: onnx.ModelProto) -> str:
+    """Where two models of as many nodes differ first: a node, an initializer, a value_info, else elsewhere."""
+    for kind, old, new in (("node", first.graph.node, second.graph.node),
+                           ("initializer", first.graph.initializer, second.graph.initializer),
+                           ("value_info", first.graph.value_info, second.graph.value_info),
+                           ("output", first.graph.output, second.graph.output)):
+        if len(old) != len(new):
+            return f"{len(old)} -> {len(new)} {kind}s"
+        for index, (a, b) in enumerate(zip(old, new)):
+            if a != b:
+                what = getattr(a, "op_type", "") or getattr(a, "name", "")
+                return f"{kind} {index} ({what}) differs"
+    return "the same graph, other bytes (opset, metadata or a body)"
 
 
 def _check_endless(model: onnx.ModelProto, mode: Mode, report_stage) -> Outcome:

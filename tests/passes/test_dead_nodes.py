@@ -189,3 +189,27 @@ def test_nodes_disconnected_by_another_pass_are_removed():
     assert len(graph.nodes) == 3  # still there, disconnected
     result = get_pass("eliminate-dead-nodes")(graph, PassContext())
     assert result.counters["nodes"] == 1 and [node.op for node in graph.nodes] == ["Relu", "Neg"]
+
+
+def test_a_removed_if_stops_reading_outer_tensors():
+    """A dead If's branches read `t`; once the If is gone they must not count as readers of `t`,
+    or the Identity carrying `t` to the graph output stays until a second optimize."""
+    import onnxslim
+
+    b = ModelBuilder(opset=13)
+    x = b.input("x", [2])
+    condition = b.input("c", [], np.bool_)
+    t = b.node("Relu", [b.node("Neg", [x])], ["t"])
+    then = b.branch()
+    then.output(then.node("Neg", [t]))
+    other = b.branch()
+    other.output(other.node("Relu", [t]))
+    b.if_node(condition, then, other)  # read by nothing
+    b.output(b.node("Identity", [t], ["y"]))
+    model = b.build()
+
+    once = onnxslim.optimize(model, verify=False)
+
+    assert top_ops(once.graph) == ["Neg", "Relu"]
+    assert onnxslim.optimize(once, verify=False).SerializeToString() == once.SerializeToString()
+    assert_equivalent(model, once)

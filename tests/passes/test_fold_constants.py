@@ -291,6 +291,94 @@ def test_fold_whose_result_replaces_its_inputs_is_stored():
     assert_equivalent(model, folded)
 
 
+def lstm_model(*, with_shapes: bool, grow: bool = False):
+    """An exported LSTM's weight preparation: W [4H, I] and R [4H, H], read only by it, sliced
+    into four gates, reordered by a Concat and unsqueezed to the LSTM's [1, 4H, .]. Each Slice
+    alone frees nothing (W stays for the other three); all of them together free W and R and
+    store tensors of the same size. `grow` adds a scalar expanded to the output's size."""
+    hidden, features = 8, 4
+    b = ModelBuilder()
+    x = b.input("x", [3, 2, features])
+    gates = [b.initializer(name, np.array([value], np.int64)) for name, value in
+             (("g0", 0), ("g1", hidden), ("g2", 2 * hidden), ("g3", 3 * hidden), ("g4", 4 * hidden))]
+    axis = b.initializer("axis", np.array([0], np.int64))
+
+    def prepared(name, columns, seed):
+        weight = b.initializer(name, random([4 * hidden, columns], seed))
+        pieces = [b.node("Slice", [weight, gates[index], gates[index + 1], axis]) for index in range(4)]
+        return b.node("Unsqueeze", [b.node("Concat", [pieces[0], pieces[3], pieces[1], pieces[2]], axis=0), axis])
+
+    w, r = prepared("W", features, 20), prepared("R", hidden, 21)
+    y = b.node("LSTM", [x, w, r], ["y"], hidden_size=hidden)
+    if grow:
+        filled = b.node("Expand", [b.initializer("one", np.array(1, np.float32)),
+                                   b.initializer("shape", np.array([3, 1, 2, hidden], np.int64))])
+        y = b.node("Add", [y, filled])
+    b.output(b.node("Relu", [y], ["out"]))
+    return b.build(), ("infer-shapes",) if with_shapes else ()
+
+
+@pytest.mark.parametrize("with_shapes", [False, True])
+def test_weight_preparation_that_frees_its_weights_is_folded(with_shapes):
+    """The four Slices of one weight free it only together: counted per node (shapes known) or
+    per cone of one slice, every fold was refused and an exported LSTM kept 3x its nodes."""
+    model, first = lstm_model(with_shapes=with_shapes)
+    folded, result = run_pass(model, "fold-constants", first=first)
+    folded, _ = run_pass(folded, "eliminate-dead-nodes")
+
+    assert result.counters["kept_for_size"] == 0
+    assert top_ops(folded.graph) == ["LSTM", "Relu"]
+    assert folded.ByteSize() < model.ByteSize()
+    assert_equivalent(model, folded)
+
+
+@pytest.mark.parametrize("with_shapes", [False, True])
+def test_growing_fold_beside_a_shrinking_one_is_still_refused(with_shapes):
+    model, first = lstm_model(with_shapes=with_shapes, grow=True)
+    folded, result = run_pass(model, "fold-constants", first=first)
+    folded, _ = run_pass(folded, "eliminate-dead-nodes")
+
+    assert top_ops(folded.graph) == ["LSTM", "Expand", "Add", "Relu"]
+    assert folded.ByteSize() < model.ByteSize()
+    assert_equivalent(model, folded)
+
+
+def test_weight_split_between_two_readers_is_folded_when_both_halves_are_stored():
+    """w [2, 64] split in two halves, each read by its own Mul: storing one half alone frees
+    nothing (the other Slice still reads w), storing both frees w. Credited half of w each."""
+    b = ModelBuilder()
+    x = b.input("x", [64])
+    w = b.initializer("w", random([2, 64], 12))
+    zero, one, two = (b.initializer(name, np.array([value], np.int64)) for name, value in (("i0", 0), ("i1", 1), ("i2", 2)))
+    first = b.node("Slice", [w, zero, one])
+    second = b.node("Slice", [w, one, two])
+    b.output(b.node("Mul", [x, first], ["y"]))
+    b.output(b.node("Mul", [x, second], ["z"]))
+    model = b.build()
+
+    folded, result = fold_and_clean(model)
+
+    assert result.counters["folded"] == 2 and ops(folded)["Slice"] == 0
+    assert folded.ByteSize() < model.ByteSize()
+    assert_equivalent(model, folded)
+
+
+def test_weight_copied_for_two_readers_stays():
+    """w [64] negated for one reader and doubled for another: both results are w's size, and
+    together they replace one w: storing both would grow the model by w."""
+    b = ModelBuilder()
+    x = b.input("x", [64])
+    w = b.initializer("w", random([64], 13))
+    b.output(b.node("Mul", [x, b.node("Neg", [w])], ["y"]))
+    b.output(b.node("Mul", [x, b.node("Add", [w, w])], ["z"]))
+    model = b.build()
+
+    folded, result = fold_and_clean(model)
+
+    assert not result.changed and result.counters["kept_for_size"] == 2
+    assert folded.ByteSize() <= model.ByteSize()
+
+
 @pytest.mark.parametrize("model_name", ["chain", "expand", "shared", "branch"])
 def test_folded_model_never_grows(model_name):
     models = {

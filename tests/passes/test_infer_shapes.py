@@ -1,6 +1,7 @@
 """infer-shapes: annotates tensors with dtypes and shapes, changes no computation, reports "unchanged"."""
 
 import numpy as np
+import pytest
 import onnxslim
 from builder import ModelBuilder, assert_equivalent, ops, random, run_pass
 from onnxslim.graph import walk
@@ -152,3 +153,106 @@ def test_branches_are_annotated_after_constants_were_lifted():
     onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
 
     assert tensor(graph, "inner").shape == [2, 3]
+
+
+# ----------------------------------------------------------------------------- dims onnx names itself
+
+def computed_reshape_model(batch):
+    """x -> Reshape(x, Max(a, c)) -> Expand(., [.., 12]) -> Relu. Inference cannot read a shape
+    computed by Max (no data propagation through it): the Reshape's dims start as onnx's own
+    `unk__N` names and become known once fold-constants turns Max into a constant, which also
+    makes the Expand a no-op."""
+    b = ModelBuilder()
+    x = b.input("x", [batch, 3, 4])
+    target = b.node("Max", [b.initializer("a", np.array([-1, 12], np.int64)), b.initializer("c", np.array([-1, 1], np.int64))])
+    if batch == "N":  # the batch from Shape, divided by 1: inference propagates no value through Div
+        one = b.initializer("one", np.array([1], np.int64))
+        batch_size = b.node("Div", [b.node("Shape", [x], end=1), one])
+        width = b.node("Slice", [target, one, b.initializer("two", np.array([2], np.int64))])
+        target = b.node("Concat", [batch_size, width], axis=0)
+    reshaped = b.node("Reshape", [x, target], ["reshaped"])
+    expanded = b.node("Expand", [reshaped, b.initializer("e", np.array([1, 12], np.int64))], ["expanded"])
+    b.output(b.node("Relu", [expanded], ["y"]))
+    return b.build()
+
+
+def test_a_dim_inference_named_itself_is_inferred_again_after_a_fold():
+    """An `unk__N` dim says "not known yet", not "settled": once a rewrite upstream resolves it,
+    the next infer-shapes must run and find it (it used to be skipped as complete)."""
+    graph, _ = annotate(computed_reshape_model(2))
+    assert all(isinstance(dim, str) and dim.startswith("unk__") for dim in tensor(graph, "reshaped").shape)
+
+    onnxslim.get_pass("fold-constants")(graph, onnxslim.PassContext())
+    result = onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+
+    assert tensor(graph, "reshaped").shape == [2, 12] and tensor(graph, "y").shape == [2, 12]
+    assert result.counters.get("skipped") is None and result.counters["annotated"] >= 2
+
+
+def test_a_dim_inference_named_itself_gives_way_to_the_models_name():
+    """onnx keeps a dim name it is handed over the one it computes: the made-up name must not be
+    handed back, or the Reshape would stay [unk__0, 12] instead of [N, 12]."""
+    graph, _ = annotate(computed_reshape_model("N"))
+    assert tensor(graph, "reshaped").shape[0].startswith("unk__")
+
+    onnxslim.get_pass("eliminate-noops")(graph, onnxslim.PassContext())  # x / 1
+    onnxslim.get_pass("fold-constants")(graph, onnxslim.PassContext())
+    onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+
+    assert tensor(graph, "reshaped").shape == ["N", 12] and tensor(graph, "y").shape == ["N", 12]
+
+
+def test_names_from_an_earlier_inference_are_not_kept():
+    """Each inference numbers its names from unk__0: a name kept from an earlier one could meet
+    the same name given to another size now, and passes read one name as one size. A tensor the
+    latest inference says nothing about forgets the name an earlier one gave it."""
+    b = ModelBuilder()
+    b.use_domain("com.example")
+    x = b.input("x", [2, 3])
+    first = b.node("NonZero", [b.node("Relu", [x])], ["first"])
+    second = b.node("NonZero", [b.node("Neg", [x])], ["second"])
+    b.output(first)
+    b.output(second)
+    graph = to_graph(b.build())
+    onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+    assert tensor(graph, "first").shape[1] == "unk__0" and tensor(graph, "second").shape[1] == "unk__1"
+
+    # a rewrite: `first` computed by an op inference knows nothing of
+    producer = tensor(graph, "first").inputs[0]
+    producer.op, producer.domain = "Mystery", "com.example"
+    onnxslim.get_pass("infer-shapes")(graph, onnxslim.PassContext())
+
+    assert tensor(graph, "second").shape[1] == "unk__0"  # numbered afresh
+    assert tensor(graph, "first").shape == [2, None]
+
+
+@pytest.mark.parametrize("batch", [2, "N"])
+def test_optimize_is_a_fixed_point_when_a_fold_resolves_made_up_dims(batch):
+    """The first run must find what the second would: the Expand is a no-op once the Reshape
+    before it has known dims, and the output optimized again is the same bytes."""
+    model = computed_reshape_model(batch)
+    once = onnxslim.optimize(model, verify=False)
+    twice = onnxslim.optimize(once, verify=False)
+
+    assert "Expand" not in ops(once) or batch == "N"
+    assert twice.SerializeToString() == once.SerializeToString()
+    assert_equivalent(model, once, {"x": random([2, 3, 4])})
+
+
+def test_written_value_info_carries_no_made_up_names():
+    """value_info the input had is written back with onnx's made-up dims unnamed: their numbers
+    depend on which of the pipeline's inferences gave them, and a second run gives others."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 3])
+    dead = b.node("NonZero", [b.node("Neg", [x])])  # numbered first by the first inference, then removed
+    b.node("Shape", [dead], ["unused"])
+    kept = b.node("NonZero", [b.node("Relu", [x])], ["kept"])
+    b.annotate(kept, np.int64, None)
+    b.output(b.node("Neg", [kept], ["y"]))
+    model = b.build()
+    once = onnxslim.optimize(model, verify=False)
+    twice = onnxslim.optimize(once, verify=False)
+
+    value = next(value for value in once.graph.value_info if value.name == "kept")
+    assert [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim] == [2, ""]
+    assert twice.SerializeToString() == once.SerializeToString()

@@ -219,3 +219,26 @@ def test_if_with_a_computed_condition_stays():
     inlined, result = run_pass(model, "inline-constant-if")
 
     assert not result.changed and ops(inlined)["If"] == 1
+
+
+def test_the_branch_not_taken_stops_reading_outer_tensors():
+    """The untaken branch read `t`: left reading it, it counted as a second reader, and the
+    Identity that carries `t` to the graph output (the taken branch) could not be bypassed
+    until a second optimize. Found by the fuzzer's fixed-point check."""
+    import onnxslim
+
+    b = ModelBuilder(opset=13)
+    x = b.input("x", [])
+    t = b.node("Relu", [b.node("Relu", [x])], ["t"])
+    then = b.branch()
+    then.output(then.node("Identity", [t]))
+    other = b.branch()
+    other.output(other.node("Add", [t, other.constant(np.array(2.25, np.float32))]))
+    b.output(b.if_node(b.initializer("c", np.array(True)), then, other), np.float32, [])
+    model = b.build()
+
+    once = onnxslim.optimize(model, verify=False)
+
+    assert top_ops(once.graph) == ["Relu", "Relu"]
+    assert onnxslim.optimize(once, verify=False).SerializeToString() == once.SerializeToString()
+    assert_equivalent(model, once)

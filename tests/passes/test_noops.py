@@ -559,6 +559,130 @@ def test_add_of_two_variables_stays():
     assert_kept(b.build(), "Add")
 
 
+@pytest.mark.parametrize(
+    "op, constant",
+    [
+        ("Add", np.zeros([4], np.float32)),
+        ("Add", np.zeros([3, 4], np.float32)),
+        ("Add", np.zeros([2, 3, 4], np.float32)),
+        ("Add", np.zeros([1, 3, 1], np.float32)),
+        ("Add", np.array([0.0, -0.0, 0.0, -0.0], np.float32)),
+        ("Sub", np.zeros([2, 1, 4], np.float32)),
+        ("Mul", np.ones([3, 4], np.float32)),
+        ("Div", np.ones([4], np.float32)),
+        ("Pow", np.ones([3, 1], np.float32)),
+        ("Pow", np.ones([4], np.int64)),
+    ],
+)
+def test_neutral_tensor_that_keeps_the_shape_is_removed(op, constant):
+    """A zero or one tensor of several elements is as neutral as a scalar when broadcasting it
+    against x gives x's shape."""
+    b, _ = sandwich(op, extra=[constant])
+    assert_removed(b.build(), op, first=("infer-shapes",))
+
+
+@pytest.mark.parametrize("constant", [np.zeros([4], np.float32), np.zeros([1, 4], np.float32)])
+def test_neutral_tensor_against_a_dynamic_dim_is_removed(constant):
+    """x[N, 4] + zeros: the zeros' dims are 1 where x's is N, so N is what it was, at any size."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 4])
+    relu = b.node("Relu", [x], ["relu"])
+    b.output(b.node("Neg", [b.node("Add", [relu, b.initializer("zeros", constant)])], ["y"]))
+    model = b.build()
+    optimized = assert_removed(model, "Add", first=("infer-shapes",))
+    assert_equivalent(model, optimized, [{"x": random([size, 4], size)} for size in (1, 5)])
+
+
+def test_neutral_tensor_against_a_dynamic_dim_it_could_enlarge_stays():
+    """x[N, 4] + zeros[2, 4] is [2, 4] when N is 1: not x."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 4])
+    relu = b.node("Relu", [x], ["relu"])
+    b.output(b.node("Neg", [b.node("Add", [relu, b.initializer("zeros", np.zeros([2, 4], np.float32))])], ["y"]))
+    optimized, result = eliminate(b.build(), first=("infer-shapes",))
+    assert not result.changed and ops(optimized)["Add"] == 1
+
+
+@pytest.mark.parametrize(
+    "op, constant",
+    [
+        ("Add", np.zeros([2, 2, 1, 4], np.float32)),  # one more dim
+        ("Add", np.zeros([3, 4], np.float32)),  # x's 1 becomes 3
+        ("Add", np.array([0, 0, 0, 1e-30], np.float32)),
+        ("Mul", np.array([1, 1, 1, -1], np.float32)),
+    ],
+)
+def test_tensor_that_is_not_neutral_or_changes_the_shape_stays(op, constant):
+    b, _ = sandwich(op, shape=(2, 1, 4), extra=[constant])
+    model = b.build()
+    optimized, result = eliminate(model, first=("infer-shapes",))
+    assert not result.changed and ops(optimized) == ops(model)
+
+
+def test_pow_of_an_integer_by_one_stays():
+    """onnxruntime computes an integer power in double: x**1 is not x beyond 2**53."""
+    b, _ = sandwich("Pow", dtype=np.int64, extra=[np.ones([4], np.int64)])
+    optimized, result = eliminate(b.build(check=False), first=("infer-shapes",))
+    assert not result.changed
+
+
+@pytest.mark.parametrize("op, constant", [("And", np.ones([4], np.bool_)), ("Or", np.zeros([3, 4], np.bool_)),
+                                          ("Xor", np.zeros([1], np.bool_))])
+def test_neutral_logic_is_removed(op, constant):
+    b = ModelBuilder()
+    x = b.input("x", [2, 3, 4])
+    flag = b.node("Not", [x], ["relu"])  # named as sandwich's: the reader must read it afterwards
+    b.output(b.node("Not", [b.node(op, [flag, b.initializer("neutral", constant)])], ["y"]))
+    model = b.build()
+    model.graph.input[0].type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(np.bool_))
+    model.graph.output[0].type.tensor_type.elem_type = helper.np_dtype_to_tensor_dtype(np.dtype(np.bool_))
+    optimized, result = eliminate(model, first=("infer-shapes",))
+    assert result.counters["removed"] == 1 and ops(optimized)[op] == 0
+    assert_equivalent(model, optimized)
+
+
+@pytest.mark.parametrize("op, neutral", [("BitwiseAnd", -1), ("BitwiseOr", 0), ("BitwiseXor", 0)])
+def test_neutral_bitwise_operand_is_removed(op, neutral):
+    b, _ = sandwich(op, opset=18, dtype=np.int32, extra=[np.full([3, 4], neutral, np.int32)])
+    assert_removed(b.build(), op, first=("infer-shapes",))
+
+
+def where_model(condition, a_shape, b_shape):
+    """Where(c, Relu(a), Neg(b)) -> Abs -> y, with c a constant."""
+    b = ModelBuilder()
+    first = b.node("Relu", [b.input("a", a_shape)], ["first"])
+    second = b.node("Neg", [b.input("b", b_shape)], ["second"])
+    chosen = b.node("Where", [b.initializer("c", np.asarray(condition)), first, second])
+    b.output(b.node("Abs", [chosen], ["y"]))
+    return b.build()
+
+
+@pytest.mark.parametrize("condition, a_shape, b_shape, kept", [
+    (np.ones([3, 4], np.bool_), [2, 3, 4], [1, 4], "first"),
+    (np.array(True), [2, 3, 4], [2, 3, 4], "first"),
+    (np.zeros([1, 4], np.bool_), [2, 3, 4], [2, 3, 4], "second"),
+    (np.array([False]), [3, 4], [2, 3, 4], "second"),
+])
+def test_where_with_a_constant_condition_is_its_side(condition, a_shape, b_shape, kept):
+    model = where_model(condition, a_shape, b_shape)
+    optimized, result = eliminate(model, first=("infer-shapes",))
+    assert result.counters["removed"] == 1 and ops(optimized)["Where"] == 0
+    abs_node = next(node for node in optimized.graph.node if node.op_type == "Abs")
+    assert list(abs_node.input) == [kept]
+    assert_equivalent(model, optimized)
+
+
+@pytest.mark.parametrize("condition, a_shape, b_shape", [
+    (np.array([True, False, True, True]), [2, 3, 4], [2, 3, 4]),  # mixed
+    (np.ones([2, 3, 4], np.bool_), [3, 4], [3, 4]),  # the condition enlarges the side it picks
+    (np.ones([4], np.bool_), [3, 4], [2, 3, 4]),  # the other side does
+])
+def test_where_that_mixes_or_broadcasts_stays(condition, a_shape, b_shape):
+    model = where_model(condition, a_shape, b_shape)
+    optimized, result = eliminate(model, first=("infer-shapes",))
+    assert not result.changed and ops(optimized)["Where"] == 1
+
+
 def test_identity_read_inside_branches_is_removed():
     """Body nodes that read the Identity's output from the outer scope are rewired too."""
     b = ModelBuilder()
