@@ -92,8 +92,9 @@ def _groups(tensor: gs.Tensor, graph: gs.Graph, interface: set[int]) -> list[lis
     for (op, has_bias, *_), branches in groups.items():
         if len({id(branch.node) for branch in branches}) != len(branches):
             continue  # a node reading the input twice
-        # n branches become one MatMul (+ one Add) and a Split: fewer nodes only from 2 with biases, or 3.
-        if len(branches) >= (2 if has_bias else 3):
+        # n branches become one MatMul (+ one Add) and a Split: fewer nodes from 2 MatMuls with bias
+        # Adds, else from 3 (a Gemm holds its bias).
+        if len(branches) >= (2 if op == "MatMul" and has_bias else 3):
             worth.append(branches)
     return worth
 

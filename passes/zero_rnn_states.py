@@ -10,6 +10,10 @@ from onnxslim.manager import PassContext, PassResult, register_pass
 
 RECURRENT_OPS = ("LSTM", "GRU", "RNN")
 SEQUENCE_LENS, INITIAL_H, INITIAL_C = 4, 5, 6
+# Ops whose result holds only values of their first input (a Cast keeps +0 a +0 in every type).
+VALUE_MOVING_OPS = frozenset({"Expand", "Slice", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Flatten", "Identity", "Gather", "Tile", "Split", "Cast"})
+# How many such ops are followed back to the zero.
+ZERO_REACH = 8
 
 
 @register_pass("eliminate-zero-rnn-states")
@@ -17,8 +21,8 @@ def eliminate_zero_rnn_states(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Omit an LSTM/GRU/RNN's all-zero initial states and a sequence_lens that is every sequence's full length.
 
     An omitted initial_h/initial_c is zeros, so an all-zero constant, or a ConstantOfShape/Expand
-    of zero (exporters build one from Shape(x) for a dynamic batch), says nothing the op does not
-    assume; once omitted, its shape computation dies. A zero with its sign bit set is kept: −0
+    of zero (exporters build one from Shape(x) for a dynamic batch, and slice it per layer), says
+    nothing the op does not assume; once omitted, its shape computation dies. A zero with its sign bit set is kept: −0
     can reach a result that is zero and flip its sign. An omitted sequence_lens means full length,
     so a constant one equal to the (static) sequence length everywhere goes too.
     """
@@ -41,22 +45,25 @@ def eliminate_zero_rnn_states(graph: gs.Graph, ctx: PassContext) -> PassResult:
     return PassResult(omitted=omitted)
 
 
-def _is_zero(tensor: gs.Tensor) -> bool:
-    """Whether `tensor` is +0 everywhere: a constant, ConstantOfShape(·, 0) or Expand(0, ·)."""
+def _is_zero(tensor: gs.Tensor, reach: int = ZERO_REACH) -> bool:
+    """Whether `tensor` is +0 everywhere: a constant, ConstantOfShape(·, 0), or such a tensor
+    moved about by ops whose results are values of their data input (a Slice per layer of one
+    zero state for all layers, as torch exports a stacked LSTM)."""
     value = constant_value(tensor)
     if value is not None:
         return _all_positive_zero(value)
     node = only_producer(tensor)
-    if node is None:
+    if node is None or reach == 0 or not node.inputs:
         return False
     if node.op == "ConstantOfShape":
         if "value" not in node.attrs:
             return True  # the default value is a float 0
         fill = constant_node_value(node)
         return fill is not None and _all_positive_zero(fill)
-    if node.op == "Expand" and len(node.inputs) == 2:
-        fill = constant_value(node.inputs[0])
-        return fill is not None and _all_positive_zero(fill)
+    if node.op in VALUE_MOVING_OPS:
+        return _is_zero(node.inputs[0], reach - 1)
+    if node.op == "Concat":
+        return all(_is_zero(part, reach - 1) for part in node.inputs)
     return False
 
 

@@ -170,8 +170,23 @@ def test_gemms_keep_the_first_ones_layout(trans_b):
 
 
 def test_only_gemms_that_scale_alike_merge():
-    model = gemms(alpha=(1.0, 2.0, 1.0), bias_shapes=([4], [8], [6]))
-    assert_merged(model, merged=2, nodes={"Gemm": 2, "Split": 1})
+    b = ModelBuilder()
+    x = b.input("x", ["batch", 8])
+    for index, alpha in enumerate((1.0, 2.0, 1.0, 1.0)):
+        inputs = [x, b.initializer(f"w{index}", random([8, 4], seed=index)), b.initializer(f"c{index}", random([4], seed=index))]
+        b.output(b.node("Gemm", inputs, [f"y{index}"], alpha=alpha))
+    assert_merged(b.build(), merged=3, nodes={"Gemm": 2, "Split": 1})
+
+
+def test_two_gemms_are_left_alone():
+    """Two Gemms (their biases inside) become a Gemm and a Split: no fewer nodes."""
+    b = ModelBuilder()
+    x = b.input("x", ["batch", 8])
+    for index in range(2):
+        inputs = [x, b.initializer(f"w{index}", random([8, 4], seed=index)), b.initializer(f"c{index}", random([4], seed=index))]
+        b.output(b.node("Gemm", inputs, [f"y{index}"]))
+    _, result = merge(b.build())
+    assert not result.changed
 
 
 def test_gemm_bias_per_row_is_not_merged():

@@ -61,8 +61,15 @@ def _state(b, x, kind, directions, layout, seed):
         # initial_h's says its value; initial_c's takes the default (a float 0).
         fill = {"value": onnx.numpy_helper.from_array(np.zeros([1], np.float32))} if seed == 4 else {}
         return b.node("ConstantOfShape", [shape], **fill)
-    if kind == "expand":
-        return b.node("Expand", [b.initializer(b.fresh("zero"), np.zeros([1], np.float32)), shape])
+    if kind == "sliced":  # zeros for two stacked layers, the second layer's taken (torch's export)
+        layers = b.node("Concat", [b.initializer(b.fresh("layers"), np.array([2 * directions], np.int64)), batch, hidden] if layout == 0 else [batch, b.initializer(b.fresh("layers"), np.array([2 * directions], np.int64)), hidden], axis=0)
+        bounds = [b.initializer(b.fresh("bound"), np.array([value], np.int64)) for value in (directions, 2 * directions, layout)]
+        return b.node("Slice", [b.node("ConstantOfShape", [layers]), *bounds])
+    if kind == "cast":
+        return b.node("Cast", [b.node("ConstantOfShape", [shape], value=onnx.numpy_helper.from_array(np.zeros([1], np.float64)))], to=onnx.TensorProto.FLOAT)
+    if kind in ("expand", "expand-ones"):
+        fill = np.zeros([1], np.float32) if kind == "expand" else np.ones([1], np.float32)
+        return b.node("Expand", [b.initializer(b.fresh("fill"), fill), shape])
     raise ValueError(kind)
 
 
@@ -82,7 +89,7 @@ def assert_omitted(model, omitted, *, left_inputs):
     return optimized
 
 
-@pytest.mark.parametrize("kind", ["zeros", "shape", "expand"])
+@pytest.mark.parametrize("kind", ["zeros", "shape", "expand", "sliced", "cast"])
 def test_zero_lstm_states_are_omitted(kind):
     optimized = assert_omitted(recurrent(initial_h=kind, initial_c=kind, batch=_batch(kind)), 2, left_inputs=["x", "w", "r", "bias"])
     # The shape computation that built them is dead.
@@ -115,7 +122,7 @@ def test_a_state_before_a_kept_input_becomes_an_empty_name():
     assert_omitted(model, 1, left_inputs=["x", "w", "r", "bias", "", model.graph.node[-3].input[5], "", "p"])
 
 
-@pytest.mark.parametrize("kind", ["random", "negative-zeros"])
+@pytest.mark.parametrize("kind", ["random", "negative-zeros", "expand-ones"])
 def test_states_that_are_not_positive_zeros_are_kept(kind):
     _, result = omit(recurrent("GRU", initial_h=kind, batch=2))
     assert not result.changed
