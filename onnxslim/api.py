@@ -21,7 +21,7 @@ from . import runtime
 from .calibration import CalibrationData, Preprocess, fidelity_split
 from .errors import InputSpecError, ModelLoadError, RuntimeFailure, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
-from .manager import PassContext, PassManager, Pipeline, logger as default_logger, preset_names
+from .manager import PassContext, PassManager, Pipeline, get_pass, logger as default_logger, preset_names
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
 from .prune import PruneOptions, prune as prune_channels
 from .quantize import QuantizeOptions, evaluation_samples, quantize_model
@@ -163,7 +163,11 @@ def optimize(
 
     reference_ready = time.perf_counter()
     context = PassContext(options=dict(options or {}), logger=logger or default_logger)
-    manager = PassManager(chosen, context=context, instruments=instruments, pass_limit=pass_limit)
+    simplifying = chosen
+    if prune_options is not None:
+        # Pruning plans on the layers as exported; passes that join layers run in the rerun after it.
+        simplifying = chosen.without([name for name in chosen.pass_names() if get_pass(name).joins_layers])
+    manager = PassManager(simplifying, context=context, instruments=instruments, pass_limit=pass_limit)
     report.run = manager.run(graph)
     optimized = to_model(graph, original)
     optimized_at = time.perf_counter()

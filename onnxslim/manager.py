@@ -74,6 +74,9 @@ class PassSpec:
     summary: str
     lossless: bool
     options: dict
+    # Whether it joins layers into one (e.g. parallel MatMuls into one and a Split): pruning then
+    # runs on the model without it, so it sees the layers as exported, and it runs after pruning.
+    joins_layers: bool = False
 
     def __call__(self, graph: gs.Graph, ctx: PassContext, **options) -> PassResult:
         result = self.function(graph, ctx, **self.check_options(options))
@@ -126,11 +129,12 @@ _discovered = False  # plug-in entry points loaded
 _builtins_imported = False
 
 
-def register_pass(name: str, *, lossless: bool = True):
+def register_pass(name: str, *, lossless: bool = True, joins_layers: bool = False):
     """Register `function(graph, ctx, **options) -> PassResult` under `name` (kebab-case).
 
     Its docstring's first line is the summary `onnxslim passes` prints; keyword-only
     parameters with defaults are its options (`name{option=value}` in a pipeline text).
+    `joins_layers`: see PassSpec.
     """
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
         raise ValueError(f"pass names are kebab-case: {name!r}")
@@ -144,7 +148,7 @@ def register_pass(name: str, *, lossless: bool = True):
             for parameter in inspect.signature(function).parameters.values()
             if parameter.kind is inspect.Parameter.KEYWORD_ONLY
         }
-        _REGISTRY[name] = PassSpec(name, function, summary[0] if summary else "", lossless, options)
+        _REGISTRY[name] = PassSpec(name, function, summary[0] if summary else "", lossless, options, joins_layers)
         return function
 
     return decorate

@@ -7,7 +7,7 @@ from functools import partial
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import bypass, constant_value, find, interface_tensors, is_standard, known_rank, single_reader, unique_names, walk
+from onnxslim.graph import bypass, constant_value, find, interface_tensors, is_empty, is_standard, known_rank, single_reader, unique_names, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 from ._linear import (
@@ -158,32 +158,66 @@ def _scale_upstream(node: gs.Node, graph: gs.Graph, interface: set[int], names) 
     factor = float(value.reshape(-1)[0])
     if node.op == "Div":
         factor = 1.0 / factor if factor != 0 else np.inf
-    layer = _layer_upstream(variable, node, interface, SCALE_REACH)
-    if layer is None or layer.dtype != value.dtype:
+    found = _layer_upstream(variable, node, interface, SCALE_REACH)
+    if found is None or found[0].dtype != value.dtype:
         return False
-    new = output_affine(layer, np.full(layer.out_channels, factor), None)
+    layer, columns = found
+    scale = np.full(layer.out_channels, factor)
+    if columns is not None:  # one part of a Split of the layer's channels: only its channels scale (·1 is exact)
+        scale = np.ones(layer.out_channels)
+        scale[columns[0] : columns[1]] = factor
+    new = output_affine(layer, scale, None)
     if new is None or changes_shared(layer, *new) or not bypass(node, interface, graph, keep=index):
         return False
     set_weights(layer, *new, names)
     return True
 
 
-def _layer_upstream(tensor: gs.Tensor, reader: gs.Node, interface: set[int], reach: int) -> Linear | None:
+def _layer_upstream(tensor: gs.Tensor, reader: gs.Node, interface: set[int], reach: int) -> tuple[Linear, tuple[int, int] | None] | None:
     """The linear layer whose output becomes `tensor` through scale-transparent ops and MatMuls of
-    activations, every tensor on the way read only by the next node."""
+    activations, every tensor on the way read only by the next node; with the channels [start, end)
+    of it that `tensor` carries when it is one part of a Split of the layer's channels (merged
+    query, key and value projections), else None."""
     if reach < 0 or single_reader(tensor, interface) is not reader:
         return None
     layer = layer_producing(tensor, interface)
     if layer is not None:
-        return layer
+        return layer, None
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or not is_standard(node) or not node.inputs:
         return None
     if node.op in SCALE_TRANSPARENT:
         return _layer_upstream(node.inputs[0], node, interface, reach - 1)
+    if node.op == "Split" and single_reader(node.inputs[0], interface) is node:
+        layer = layer_producing(node.inputs[0], interface)
+        columns = _split_part(node, tensor, layer) if layer is not None else None
+        return (layer, columns) if columns is not None else None
     if node.op == "MatMul" and all(constant_value(operand) is None for operand in node.inputs):
         for operand in node.inputs:  # (A·s)B = (AB)·s = A(B·s)
-            layer = _layer_upstream(operand, node, interface, reach - 1)
-            if layer is not None:
-                return layer
+            found = _layer_upstream(operand, node, interface, reach - 1)
+            if found is not None:
+                return found
     return None
+
+
+def _split_part(split: gs.Node, part: gs.Tensor, layer: Linear) -> tuple[int, int] | None:
+    """The channels [start, end) of `layer` that output `part` of `split` holds, if it splits the channel axis."""
+    axis = int(split.attrs.get("axis", 0))
+    if axis >= 0:
+        if layer.output_rank is None:
+            return None
+        axis -= layer.output_rank
+    if -1 - axis != layer.output_channel_axis:
+        return None
+    count = len(split.outputs)
+    if len(split.inputs) > 1 and not is_empty(split.inputs[1]):
+        sizes = constant_value(split.inputs[1])
+        sizes = None if sizes is None else [int(size) for size in np.asarray(sizes).reshape(-1)]
+    elif "split" in split.attrs:
+        sizes = [int(size) for size in split.attrs["split"]]
+    else:  # equal parts (opset 18's num_outputs rounds up; only an exact division is read here)
+        sizes = [layer.out_channels // count] * count if layer.out_channels % count == 0 else None
+    if sizes is None or len(sizes) != count or sum(sizes) != layer.out_channels or min(sizes) < 0:
+        return None
+    index = next(index for index, output in enumerate(split.outputs) if output is part)
+    return sum(sizes[:index]), sum(sizes[: index + 1])

@@ -228,3 +228,24 @@ def output_names(model: onnx.ModelProto) -> list[str]:
 
 def random(shape, seed: int = 0, dtype=np.float32) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def feeds_at_two_sizes(model: onnx.ModelProto, sizes: tuple[int, int] = (2, 5), seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Seeded feeds for every graph input, one with each dynamic dim at sizes[0] and one at sizes[1]
+    (dims that carry one name get one size), for assert_equivalent on models with dynamic dims."""
+    rng = np.random.default_rng(seed)
+    feeds = []
+    for size in sizes:
+        feed = {}
+        for value in model.graph.input:
+            tensor_type = value.type.tensor_type
+            shape = [dim.dim_value if dim.HasField("dim_value") else size for dim in tensor_type.shape.dim]
+            dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+            if dtype == np.bool_:
+                feed[value.name] = rng.integers(0, 2, shape).astype(bool)
+            elif np.issubdtype(dtype, np.integer):
+                feed[value.name] = rng.integers(-5, 6, shape).astype(dtype)
+            else:
+                feed[value.name] = rng.standard_normal(shape).astype(dtype)
+        feeds.append(feed)
+    return feeds

@@ -15,6 +15,7 @@ import onnxslim
 from onnxslim.calibration import CalibrationData
 from onnxslim.cli import cli
 from onnxslim.errors import UsageError
+from onnxslim.graph import op_histogram
 from onnxslim.prune import PruneOptions, analyze, prune_model
 from onnxslim.quantize import QuantizeOptions
 
@@ -293,6 +294,8 @@ def test_attention_heads_pruned_and_refit_end_to_end():
     # The output projection reads the kept heads: the refit takes it on (random heads predict one
     # another poorly, so it may keep the pruned weights).
     assert report.pruning.reconstruction["o"]["status"] in ("refit", "kept"), report.pruning.reconstruction["o"]
+    # The projections merge into one MatMul and a Split only after pruning, which plans on them one by one.
+    assert op_histogram(pruned)["Split"] == 1 and op_histogram(pruned)["MatMul"] == 4
 
 
 def test_attention_with_keys_from_elsewhere_keeps_its_heads():

@@ -903,6 +903,124 @@ def block_layer_chain(b: Builder) -> None:
            shape=(*hidden.shape[:-1], out), exact=False, bound=hidden.bound * width + 3)
 
 
+def block_parallel_matmuls(b: Builder) -> None:
+    """Several MatMuls (with or without bias Adds) or Gemms reading one value (merge-parallel-matmuls),
+    or a MatMul of two matrices and an Add that Gemm's C can hold (fuse-matmul-add)."""
+    x = b.pick(lambda v: v.rank >= 1 and v.shape[-1] != DIM and v.dtype in ("float32", "float64")
+               and b.allowed("MatMul", v.dtype))
+    if x is None or b.flip(3):
+        x = b.input(b.choice(["float32", "float32", "float64"]), (DIM, b.draw(st.integers(1, 6))))
+    k = x.shape[-1]
+    if x.rank == 2 and b.flip(4) and b.allowed("Gemm", x.dtype):  # MatMul + Add with a variable B and C
+        n = b.draw(st.integers(1, 4))
+        weight = b.input(x.dtype, (k, n))
+        product = b.node("MatMul", [x, weight], dtype=x.dtype, shape=(x.shape[0], n), exact=False,
+                         bound=x.bound * weight.bound * k, keep=False)
+        c_shape = b.choice([(n,), (1, n), (x.shape[0], 1), (x.shape[0], n), (), (1,)])
+        if b.flip(2):
+            c = b.input(x.dtype, c_shape)
+        else:  # a constant has no N: 1 broadcasts in its place
+            c = b.random_constant(x.dtype, tuple(1 if dim == DIM else dim for dim in c_shape))
+        b.node("Add", [product, c] if b.flip(2) else [c, product], dtype=x.dtype, shape=product.shape, exact=False,
+               bound=product.bound + c.bound)
+        return
+    gemm = x.rank == 2 and b.allowed("Gemm", x.dtype) and b.flip(3)
+    alpha = b.choice([1.0, 0.5])
+    for _ in range(b.draw(st.integers(2, 4))):
+        n = b.draw(st.integers(1, 5))
+        weight = (b.rng.standard_normal((k, n)) * 0.5).astype(x.dtype)
+        bias = b.rng.standard_normal(b.choice([(n,), (1, n), ()] if x.rank >= 2 else [(n,), ()])).astype(x.dtype)
+        bias = np.asarray(bias)
+        bound = x.bound * k + 3
+        shape = x.shape[:-1] + (n,)
+        if gemm:
+            trans_b = b.choice([0, 1])
+            inputs = [x, b.constant(np.ascontiguousarray(weight.T) if trans_b else weight)]
+            if b.flip(3):
+                inputs.append(b.constant(np.broadcast_to(bias.reshape(-1)[:n], (n,)).copy()))
+            b.node("Gemm", inputs, {"transB": trans_b, "alpha": alpha if b.flip(4) else 1.0}, dtype=x.dtype, shape=shape,
+                   exact=False, bound=bound)
+            continue
+        y = b.node("MatMul", [x, b.constant(weight)], dtype=x.dtype, shape=shape, exact=False, bound=bound, keep=False)
+        if b.flip(4):
+            b.values.append(y)
+        elif bias.ndim <= y.rank:
+            constant = b.constant(bias)
+            b.node("Add", [y, constant] if b.flip(2) else [constant, y], dtype=x.dtype, shape=shape, exact=False,
+                   bound=bound + float(np.abs(bias).max()))
+
+
+def block_view_elementwise(b: Builder) -> None:
+    """Reshape to another view, elementwise ops with scalar or last-axis constants, and a Reshape back
+    (sink-reshapes): rows [N·a, c] viewed as [N, a, c], or the other way round."""
+    x = b.pick(lambda v: v.rank in (2, 3) and v.is_float and v.shape[-1] != DIM and v.shape.count(DIM) <= 1
+               and all(dim == DIM or dim > 0 for dim in v.shape))
+    if x is None:
+        return
+    columns = x.shape[-1]
+    view = (-1, columns) if x.rank == 3 else (-1, 1, columns)
+    view_shape = (DIM if DIM in x.shape else static_size(x.shape[:-1]), columns) if x.rank == 3 else (x.shape[0], 1, columns)
+    viewed = b.node("Reshape", [x, b.constant(np.array(view, np.int64))], dtype=x.dtype, shape=view_shape,
+                    exact=x.exact, bound=x.bound, keep=False)
+    value = viewed
+    for _ in range(b.draw(st.integers(1, 3))):
+        op = b.choice([op for op in ("Tanh", "Relu", "Mul", "Add", "Sigmoid") if b.allowed(op, x.dtype)] or ["Identity"])
+        if op in ("Mul", "Add"):
+            shape = b.choice([(), (1,), (columns,)])
+            constant = b.random_constant(x.dtype, shape)
+            value = b.node(op, [value, constant], dtype=x.dtype, shape=value.shape, exact=False,
+                           bound=value.bound * (constant.bound + 1) + constant.bound, keep=False)
+        else:
+            value = b.node(op, [value], dtype=x.dtype, shape=value.shape, exact=False,
+                           bound=1.0 if op in ("Tanh", "Sigmoid") else value.bound, keep=False)
+    back = tuple(-1 if dim == DIM else dim for dim in x.shape)
+    if DIM not in x.shape:
+        back = (-1,) + back[1:]
+    b.node("Reshape", [value, b.constant(np.array(back, np.int64))], dtype=x.dtype, shape=x.shape, exact=False,
+           bound=value.bound)
+
+
+def block_recurrent(b: Builder) -> None:
+    """An LSTM/GRU/RNN whose initial states are zeros made from the batch dim (eliminate-zero-rnn-states)."""
+    op = b.choice(["LSTM", "GRU", "RNN"])
+    steps, features, hidden = b.draw(st.integers(1, 3)), b.draw(st.integers(1, 4)), b.draw(st.integers(1, 4))
+    x = b.input("float32", (steps, DIM, features))
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op] * hidden
+    weights = [b.constant((b.rng.standard_normal(shape) * 0.5).astype(np.float32))
+               for shape in ((1, gates, features), (1, gates, hidden), (1, 2 * gates))]
+    batch = b.node("Gather", [b.node("Shape", [x], dtype="int64", shape=(3,), keep=False), b.constant(np.array([1], np.int64))],
+                   dtype="int64", shape=(1,), keep=False)
+    shape = b.node("Concat", [b.constant(np.array([2], np.int64)), batch, b.constant(np.array([hidden], np.int64))],
+                   {"axis": 0}, dtype="int64", shape=(3,), keep=False)
+    zeros = b.node("ConstantOfShape", [shape], {"value": onnx.numpy_helper.from_array(np.zeros(1, np.float32))},
+                   dtype="float32", shape=(2, DIM, hidden), keep=False)
+    state = b.node("Slice", [zeros, *(b.constant(np.array([value], np.int64)) for value in (1, 2, 0))], dtype="float32",
+                   shape=(1, DIM, hidden), keep=False)
+    inputs = [x, *weights, None, state] + ([state] if op == "LSTM" else [])  # no sequence_lens
+    b.node(op, inputs, {"hidden_size": hidden}, dtype="float32", shape=(steps, 1, DIM, hidden), exact=False, bound=1.0, outputs=2)
+
+
+def block_focus(b: Builder) -> None:
+    """Four strided Slices of an image and their Concat on channels, sometimes into a Conv (fuse-space-to-depth)."""
+    dtype = b.choice(["float32", "float32", "float64"])
+    x = b.input(dtype, (b.choice([DIM, 1]), b.draw(st.integers(1, 3)), 2 * b.draw(st.integers(1, 3)), 2 * b.draw(st.integers(1, 3))))
+    offsets = [(0, 0), (1, 0), (0, 1), (1, 1)]
+    order = [offsets[index] for index in b.rng.permutation(4)]
+    end = np.iinfo(np.int64).max
+    pieces = []
+    for row, column in order:
+        bounds = [np.array(values, np.int64) for values in ([row, column], [end, end], [2, 3], [2, 2])]
+        pieces.append(b.node("Slice", [x, *(b.constant(bound) for bound in bounds)], dtype=dtype,
+                             shape=(x.shape[0], x.shape[1], x.shape[2] // 2, x.shape[3] // 2), bound=x.bound, keep=False))
+    joined = b.node("Concat", pieces, {"axis": 1}, dtype=dtype, shape=(x.shape[0], 4 * x.shape[1], x.shape[2] // 2, x.shape[3] // 2),
+                    bound=x.bound, keep=dtype != "float32")
+    if dtype == "float32":
+        out = b.draw(st.integers(1, 3))
+        weight = b.constant((b.rng.standard_normal((out, 4 * x.shape[1], 1, 1)) * 0.5).astype(dtype))
+        b.node("Conv", [joined, weight], {"kernel_shape": [1, 1]}, dtype=dtype, shape=(x.shape[0], out, *joined.shape[2:]),
+               exact=False, bound=x.bound * 4 * x.shape[1] + 3)
+
+
 def block_if(b: Builder) -> None:
     """If on a constant condition (inline-constant-if) or on a computed one; branches read outer values."""
     value = b.pick(lambda v: v.dtype in FLOATS + INTS and b.allowed("Neg", v.dtype) and b.allowed("Add", v.dtype))
@@ -1042,6 +1160,10 @@ BLOCKS = {
     "conv": (block_conv, 3),
     "matmul": (block_matmul, 3),
     "layer-chain": (block_layer_chain, 2),
+    "parallel-matmuls": (block_parallel_matmuls, 2),
+    "view-elementwise": (block_view_elementwise, 2),
+    "recurrent": (block_recurrent, 1),
+    "focus": (block_focus, 1),
     "if": (block_if, 1),
     "loop": (block_loop, 1),
     "sequence": (block_sequence, 1),

@@ -5,6 +5,7 @@ constant may broadcast along the channel axis only ([6, 1, 1], [1, 6, 1, 1], sca
 """
 
 import numpy as np
+import onnx.numpy_helper
 import pytest
 from builder import ModelBuilder, assert_equivalent, ops, output_names, random, run_pass, top_ops
 
@@ -323,6 +324,46 @@ def test_attention_scale_with_a_projection_read_elsewhere_moves_into_the_other()
     optimized, result = fuse(model)
     assert result.counters["moved"] == 1 and ops(optimized)["Div"] == 0
     assert_equivalent(model, optimized)
+
+
+def merged_attention_scores(axis=-1, *, opset=17, sizes=(8, 8, 8)):
+    """One MatMul + Add for q, k and v, Split on its last axis (as merge-parallel-matmuls leaves
+    them, or GPT-2 exports them): (q·kᵀ)/8 · v."""
+    b = ModelBuilder(opset=opset)
+    x = b.input("x", [1, 3, 8])
+    product = b.node("MatMul", [x, b.initializer("w", random([8, 24], seed=1))])
+    biased = b.node("Add", [product, b.initializer("b", random([24], seed=2))])
+    if opset >= 13:
+        parts = b.node("Split", [biased, b.initializer("sizes", np.array(sizes, np.int64))], 3, axis=axis)
+    else:
+        parts = b.node("Split", [biased], 3, axis=axis, split=list(sizes))
+    heads = b.initializer("heads", np.array([1, 3, 2, 4], np.int64))
+    query, key, value = (b.node("Reshape", [part, heads]) for part in parts)
+    scores = b.node("MatMul", [b.node("Transpose", [query], perm=[0, 2, 1, 3]), b.node("Transpose", [key], perm=[0, 2, 3, 1])])
+    scaled = b.node("Div", [scores, b.initializer("scale", np.array(8.0, np.float32))])
+    b.output(b.node("MatMul", [b.node("Softmax", [scaled], axis=-1), b.node("Transpose", [value], perm=[0, 2, 1, 3])], ["y"]))
+    return b.build()
+
+
+@pytest.mark.parametrize("axis, opset", [(-1, 17), (2, 17), (2, 11)])
+def test_attention_scale_moves_into_the_query_columns_of_a_merged_projection(axis, opset):
+    model = merged_attention_scores(axis, opset=opset)
+
+    optimized, result = fuse(model)
+
+    assert result.counters["moved"] == 1 and ops(optimized)["Div"] == 0
+    weights = {tensor.name: onnx.numpy_helper.to_array(tensor) for tensor in optimized.graph.initializer}
+    weight = weights[next(node.input[1] for node in optimized.graph.node if node.op_type == "MatMul")]
+    original = random([8, 24], seed=1)
+    np.testing.assert_allclose(weight[:, :8], original[:, :8] / 8, rtol=1e-6)
+    np.testing.assert_array_equal(weight[:, 8:], original[:, 8:])  # key and value columns untouched
+    assert_equivalent(model, optimized)
+
+
+def test_scale_on_a_part_of_a_split_of_another_axis_stays():
+    model = merged_attention_scores(axis=1, sizes=(1, 1, 1))
+    _, result = fuse(model)
+    assert result.counters["moved"] == 0
 
 
 def test_scale_after_a_non_linear_op_stays():
