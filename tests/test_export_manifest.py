@@ -182,3 +182,34 @@ def test_a_model_onnxruntime_refuses_makes_no_variant(tmp_path):
     with pytest.raises(ort_variants.VariantError, match="broken.onnx"):
         ort_variants.make_variant(source, target, "ORT_ENABLE_ALL")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.onnx"]
+
+
+def test_op_counts_include_bodies_and_name_other_domains():
+    measure = bench_peers.measure
+    then_branch = helper.make_graph([helper.make_node("Relu", ["x"], ["y"]), helper.make_node("Relu", ["y"], ["z"])],
+                                    "then", [], [helper.make_tensor_value_info("z", TensorProto.FLOAT, None)])
+    else_branch = helper.make_graph([helper.make_node("Gelu", ["x"], ["w"], domain="com.microsoft")], "else", [],
+                                    [helper.make_tensor_value_info("w", TensorProto.FLOAT, None)])
+    graph = helper.make_graph([helper.make_node("If", ["c"], ["out"], then_branch=then_branch, else_branch=else_branch),
+                               helper.make_node("Relu", ["out"], ["final"])], "g", [], [])
+    assert measure.op_counts(graph) == {"If": 1, "Relu": 3, "com.microsoft.Gelu": 1}
+    assert sum(measure.op_counts(graph).values()) == measure.count_nodes(graph)
+
+
+def _result(nodes: int, ops: dict[str, int], verdict: str = "ok") -> dict:
+    return {"status": "ok", "verdict": verdict, "nodes": nodes, "op_counts": ops}
+
+
+def test_the_report_shows_by_op_type_where_the_best_verified_peer_leaves_fewer_nodes():
+    tools = {key: {"label": bench_peers.TOOLS[key].label} for key in ("ours", "onnxsim", "onnxslim")}
+    models = [
+        {"name": "loses", "results": {"ours": _result(6, {"Add": 2, "Slice": 3, "Unsqueeze": 1}),
+                                      "onnxsim": _result(3, {"Add": 2, "Gather": 1}),
+                                      "onnxslim": _result(2, {"Add": 2}, verdict="mismatch")}},
+        {"name": "wins", "results": {"ours": _result(2, {"Add": 2}), "onnxsim": _result(3, {"Add": 3})}},
+        {"name": "broken", "error": "the original does not run"},
+    ]
+    lines = bench_peers._losses_lines({"tools": tools, "models": models})
+    rows = [line for line in lines if line.startswith("| ") and not line.startswith("| model")]
+    assert rows == ["| loses | 6 | onnxsim | 3 | Slice +3, Unsqueeze +1, Gather -1 |"]
+    assert bench_peers._losses_lines({"tools": tools, "models": models[1:]}) == []

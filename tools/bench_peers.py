@@ -656,6 +656,7 @@ def markdown(report: dict) -> str:
         cells = [_nodes_cell(model["original"])]
         cells += [_nodes_cell(model["results"][key]) if key in model["results"] else "–" for key in tools]
         lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    lines += _losses_lines(report)
     lines += [
         "",
         "## Details",
@@ -773,6 +774,39 @@ def _phase_lines(report: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(_number(result["phases"].get(phase), "{:.3f}") for phase in phases)
                      + " |")
     return lines
+
+
+def _losses_lines(report: dict) -> list[str]:
+    """Where a peer's verified result has fewer nodes than ours: the op types whose counts differ,
+    which usually names the rewrite the peer made (e.g. "Slice +8" for slices it folded)."""
+    rows = []
+    for model in report["models"]:
+        if "error" in model:
+            continue
+        results = model["results"]
+        ours = results.get("ours")
+        if not _verifies(ours) or "op_counts" not in ours:
+            continue
+        verified = {key: result for key, result in results.items()
+                    if TOOLS[key].is_peer and _verifies(result) and "op_counts" in result}
+        if not verified:
+            continue
+        best = min(verified, key=lambda key: verified[key]["nodes"])
+        peer = verified[best]
+        if peer["nodes"] >= ours["nodes"]:
+            continue
+        ops = sorted(set(ours["op_counts"]) | set(peer["op_counts"]))
+        differences = {op: ours["op_counts"].get(op, 0) - peer["op_counts"].get(op, 0) for op in ops}
+        changed = sorted(((op, delta) for op, delta in differences.items() if delta),
+                         key=lambda item: (-item[1], item[0]))
+        rows.append(f"| {model['name']} | {ours['nodes']} | {report['tools'][best]['label']} | {peer['nodes']} | "
+                    + ", ".join(f"{op} {delta:+d}" for op, delta in changed) + " |")
+    if not rows:
+        return []
+    return ["", "## Where a peer leaves fewer nodes", "",
+            "Against the verified peer result with the fewest nodes; op-type counts of ours minus the peer's "
+            "(bodies included).", "",
+            "| model | ours | peer | peer nodes | ours − peer, by op type |", "|---|---:|---|---:|---|", *rows]
 
 
 def _acceptance_lines(summary: dict, tools: dict, peers: int) -> list[str]:
@@ -955,7 +989,7 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated models of models/corpus.toml or models/exports.toml "
                                          "(default: the whole corpus, unless --model-file is given)")
     parser.add_argument("--exports", action="store_true",
-                        help="also every torch export of models/exports.toml (exported on first use)")
+                        help="also every export of models/exports.toml not marked skipped (exported on first use)")
     parser.add_argument("--ort-variants", action="store_true",
                         help="also each selected manifest model as onnxruntime's offline optimizer leaves it, "
                              "NAME-ort-extended and NAME-ort-all (tools/ort_variants.py; made on first use)")
