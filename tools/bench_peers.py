@@ -4,14 +4,18 @@
     python tools/bench_peers.py --exports --light-cap-lifted     # also the torch exports; the run
                                                                  # the acceptance figures come from
     python tools/bench_peers.py --models ppocr-det,vit-b16 --tools ours,onnxsim
+    python tools/bench_peers.py --exports --ort-variants --no-latency   # everything, ORT-optimized too
+    python tools/bench_peers.py --models gpt2-kv-dynamo,gpt2-kv-dynamo-ort-all
     python tools/bench_peers.py --model-file net.onnx:net:'input=1,3,224,224|input=2,3,224,224'
     python tools/bench_peers.py --no-latency --timeout 120 --out /tmp/bench
     python tools/bench_peers.py --tools ours,onnxsim,onnxslim --no-latency --time-repeats 5
     python tools/bench_peers.py --render /tmp/bench/peers.json   # peers.md again, nothing run
 
-Models: the corpus of models/corpus.toml (fetched on first use), with --exports the PyTorch exports
-of models/exports.toml (tools/export_models.py; exported on first use), or any of them by name in
---models, plus files given with --model-file.
+Models: the corpus of models/corpus.toml (fetched on first use), with --exports the exports of
+models/exports.toml (tools/export_models.py: torch's two exporters and skl2onnx; exported on first
+use; those marked skipped are left out), with --ort-variants each selected model also as
+onnxruntime's offline optimizer leaves it, NAME-ort-extended and NAME-ort-all (tools/ort_variants.py;
+made on first use), or any of them by name in --models, plus files given with --model-file.
 
 Tools: ours (this repository's onnxslim.optimize, default pipeline, run by the current Python), and
 the peers pinned in tools/peers/requirements.txt: OnnxSlim (PyPI's onnxslim.slim), onnxsim
@@ -61,6 +65,7 @@ if str(TOOLS_DIR) not in sys.path:  # also when imported as tools.bench_peers
 
 import export_models  # noqa: E402 — needs TOOLS_DIR on sys.path
 import fetch_models  # noqa: E402
+import ort_variants  # noqa: E402
 from peers import measure  # noqa: E402
 
 PEERS_DIR = TOOLS_DIR / "peers"
@@ -104,7 +109,7 @@ class ModelCase:
     path: Path
     verify_shapes: list[dict[str, list[int]]]  # per shape: input name -> dims (the dynamic inputs)
     source: str
-    group: str  # "corpus", "exports" or "file": the sets the summary takes medians over
+    group: str  # "corpus", "exports", "ort" or "file": the sets the summary takes medians over
 
 
 @dataclass
@@ -122,27 +127,49 @@ class BenchError(Exception):
 # ---- models -------------------------------------------------------------------------------------
 
 def manifest_models(names: list[str]) -> list[ModelCase]:
-    """Models of models/corpus.toml and models/exports.toml by name, fetched or exported into
-    the cache if they are not there yet."""
+    """Models of models/corpus.toml and models/exports.toml by name, and their onnxruntime-optimized
+    variants (NAME-ort-extended, NAME-ort-all), fetched, exported or made into the cache if they
+    are not there yet."""
     corpus = fetch_models.load_manifest()
     exports = export_models.load_manifest()
-    unknown = [name for name in names if name not in corpus and name not in exports]
+    known = set(corpus) | set(exports)
+    unknown = [name for name in names if name not in known
+               and (ort_variants.split(name) is None or ort_variants.split(name)[0] not in known)]
     if unknown:
         raise BenchError(f"unknown model(s) {', '.join(unknown)}; the corpus has: {', '.join(corpus)}; "
-                         f"the exports: {', '.join(exports)}")
+                         f"the exports: {', '.join(exports)}; and each as NAME-"
+                         f"{' or NAME-'.join(ort_variants.LEVELS)}")
+    skipped = [f"{name} ({exports[name]['skipped']})" for name in names
+               if name in exports and "skipped" in exports[name]]
+    if skipped:
+        raise BenchError(f"not exported: {'; '.join(skipped)}")
     cases = []
     for name in names:
         if name in corpus:
             entry = corpus[name]
             path, source, group = fetch_models.fetch(name), entry["source"], "corpus"
-        else:
+        elif name in exports:
             entry = exports[name]
             if not export_models.export_path(name).is_file():
                 _progress(f"{name}: exporting it with tools/export_models.py (once)")
-            path, source, group = export_models.ensure_exported(name), f"torch=={entry['torch']} export", "exports"
+            path, source, group = export_models.ensure_exported(name), _export_source(entry), "exports"
+        else:
+            entry, _ = ort_variants.base_entry(name)
+            base, level = ort_variants.split(name)
+            if not ort_variants.variant_path(name).is_file():
+                _progress(f"{name}: saving {base} as onnxruntime optimizes it (once)")
+            path, group = ort_variants.ensure_variant(name), "ort"
+            source = f"{base} through onnxruntime's {ort_variants.LEVELS[level]}"
         shapes = [{input_name: list(dims) for input_name, dims in shape.items()} for shape in entry["verify_shapes"]]
         cases.append(ModelCase(name, path, shapes, source, group))
     return cases
+
+
+def _export_source(entry: dict) -> str:
+    exporter = entry.get("exporter", "torchscript")
+    if exporter == "skl2onnx":
+        return f"skl2onnx=={entry['skl2onnx']} export"
+    return f"torch=={entry['torch']} {exporter} export, opset {entry.get('opset', export_models.DEFAULT_OPSET)}"
 
 
 def model_file(spec: str) -> ModelCase:
@@ -629,6 +656,7 @@ def markdown(report: dict) -> str:
         cells = [_nodes_cell(model["original"])]
         cells += [_nodes_cell(model["results"][key]) if key in model["results"] else "–" for key in tools]
         lines.append(f"| {model['name']} | " + " | ".join(cells) + " |")
+    lines += _losses_lines(report)
     lines += [
         "",
         "## Details",
@@ -746,6 +774,39 @@ def _phase_lines(report: dict) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(_number(result["phases"].get(phase), "{:.3f}") for phase in phases)
                      + " |")
     return lines
+
+
+def _losses_lines(report: dict) -> list[str]:
+    """Where a peer's verified result has fewer nodes than ours: the op types whose counts differ,
+    which usually names the rewrite the peer made (e.g. "Slice +8" for slices it folded)."""
+    rows = []
+    for model in report["models"]:
+        if "error" in model:
+            continue
+        results = model["results"]
+        ours = results.get("ours")
+        if not _verifies(ours) or "op_counts" not in ours:
+            continue
+        verified = {key: result for key, result in results.items()
+                    if TOOLS[key].is_peer and _verifies(result) and "op_counts" in result}
+        if not verified:
+            continue
+        best = min(verified, key=lambda key: verified[key]["nodes"])
+        peer = verified[best]
+        if peer["nodes"] >= ours["nodes"]:
+            continue
+        ops = sorted(set(ours["op_counts"]) | set(peer["op_counts"]))
+        differences = {op: ours["op_counts"].get(op, 0) - peer["op_counts"].get(op, 0) for op in ops}
+        changed = sorted(((op, delta) for op, delta in differences.items() if delta),
+                         key=lambda item: (-item[1], item[0]))
+        rows.append(f"| {model['name']} | {ours['nodes']} | {report['tools'][best]['label']} | {peer['nodes']} | "
+                    + ", ".join(f"{op} {delta:+d}" for op, delta in changed) + " |")
+    if not rows:
+        return []
+    return ["", "## Where a peer leaves fewer nodes", "",
+            "Against the verified peer result with the fewest nodes; op-type counts of ours minus the peer's "
+            "(bodies included).", "",
+            "| model | ours | peer | peer nodes | ours − peer, by op type |", "|---|---:|---|---:|---|", *rows]
 
 
 def _acceptance_lines(summary: dict, tools: dict, peers: int) -> list[str]:
@@ -928,7 +989,10 @@ def parse_arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models", help="comma-separated models of models/corpus.toml or models/exports.toml "
                                          "(default: the whole corpus, unless --model-file is given)")
     parser.add_argument("--exports", action="store_true",
-                        help="also every torch export of models/exports.toml (exported on first use)")
+                        help="also every export of models/exports.toml not marked skipped (exported on first use)")
+    parser.add_argument("--ort-variants", action="store_true",
+                        help="also each selected manifest model as onnxruntime's offline optimizer leaves it, "
+                             "NAME-ort-extended and NAME-ort-all (tools/ort_variants.py; made on first use)")
     parser.add_argument("--model-file", action="append", default=[], metavar="PATH:NAME[:SHAPES]",
                         help="an extra model, e.g. net.onnx:net:'input=1,3,224,224|input=2,3,224,224' "
                              "(a second verification shape after '|'; repeatable)")
@@ -959,10 +1023,11 @@ def main(argv: list[str] | None = None) -> int:
     out = (args.out or cache / "bench").resolve()
     try:
         tools = _selected_tools(args.tools, args.light_cap_lifted)
-        cases = _selected_models(args.models, args.exports, args.model_file)
+        cases = _selected_models(args.models, args.exports, args.model_file, args.ort_variants)
         python_for_peers = peers_python(cache) if any(tool.is_peer for tool in tools) else None
         report = bench(cases, tools, out, args.timeout, not args.no_latency, python_for_peers, args.time_repeats)
-    except (BenchError, fetch_models.FetchError, export_models.ExportError, measure.MeasureError) as error:
+    except (BenchError, fetch_models.FetchError, export_models.ExportError, ort_variants.VariantError,
+            measure.MeasureError) as error:
         print(f"bench_peers: error: {error}", file=sys.stderr)
         return 2
     out.mkdir(parents=True, exist_ok=True)
@@ -992,14 +1057,18 @@ def render(peers_json: Path, out: Path | None) -> int:
     return 0
 
 
-def _selected_models(models: str | None, with_exports: bool, model_files: list[str]) -> list[ModelCase]:
+def _selected_models(models: str | None, with_exports: bool, model_files: list[str],
+                     with_ort_variants: bool = False) -> list[ModelCase]:
     extra = [model_file(spec) for spec in model_files]
     if models:
         names = _split(models)
     else:
         names = [] if extra else list(fetch_models.load_manifest())
     if with_exports:
-        names += [name for name in export_models.load_manifest() if name not in names]
+        names += [name for name in export_models.exportable(export_models.load_manifest()) if name not in names]
+    if with_ort_variants:
+        names += [variant for name in list(names) if ort_variants.split(name) is None
+                  for variant in ort_variants.variant_names(name) if variant not in names]
     cases = manifest_models(names) + extra
     if len({case.name for case in cases}) != len(cases):
         raise BenchError("two models have the same name: give --model-file another NAME")

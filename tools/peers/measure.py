@@ -77,6 +77,26 @@ def count_nodes(graph: onnx.GraphProto) -> int:
     return total
 
 
+def op_counts(graph: onnx.GraphProto) -> dict[str, int]:
+    """How many nodes of each op type `graph` has, bodies included, as "domain.Op" outside the
+    default domain; sorted by op, so that two results can be compared op by op."""
+    counts: dict[str, int] = {}
+
+    def walk(body: onnx.GraphProto) -> None:
+        for node in body.node:
+            key = f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            counts[key] = counts.get(key, 0) + 1
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.GRAPH:
+                    walk(attribute.g)
+                elif attribute.type == onnx.AttributeProto.GRAPHS:
+                    for subgraph in attribute.graphs:
+                        walk(subgraph)
+
+    walk(graph)
+    return dict(sorted(counts.items()))
+
+
 def input_dims(model: onnx.ModelProto) -> dict[str, list[int | str]]:
     """The declared dims of every graph input that is not an initializer: an int where the dim is
     fixed, its name (or "?" when it has none) where it is dynamic. Paddle's exporter writes a
@@ -221,6 +241,7 @@ def measure(path: Path, references: list[Reference], with_latency: bool,
     model = onnx.load(str(path), load_external_data=False)  # nodes only: the weights are not needed
     measured = {
         "nodes": count_nodes(model.graph),
+        "op_counts": op_counts(model.graph),
         "bytes": file_bytes(path),
         "input_dims": input_dims(model),
         "latency_ms": {},
