@@ -21,6 +21,12 @@ def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
         return PassResult(changed=False, skipped=1)
     inferred = infer_model(graph)
     annotated = _annotate(graph, inferred.graph)
+    for _ in range(MAX_REINFERENCES):
+        # An op onnx has no schema for stops inference: each one typed here lets it go on past it.
+        typed = _type_schemaless(graph)
+        if not typed:
+            break
+        annotated += typed + _annotate(graph, infer_model(graph).graph)
     graph.__dict__[MEMO] = _open_questions(graph)
     # Annotation is not a rewrite: it never makes a fixed-point group go round again.
     return PassResult(changed=False, annotated=annotated)
@@ -28,6 +34,42 @@ def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
 
 # Attribute of the top-level gs.Graph holding _open_questions() as it was after the last inference.
 MEMO = "_onnxslim_inference_memo"
+
+# onnxruntime's fused ops that onnx has no schema for (written by its offline optimizer, some in the
+# default domain) whose first output has the type and shape of their first input, as onnxruntime's
+# own schemas for them say: normalizations and activations, a bias or skip input broadcast into it.
+SAME_AS_FIRST_INPUT = frozenset({
+    ("", "SimplifiedLayerNormalization"),
+    ("com.microsoft", "SimplifiedLayerNormalization"),
+    ("com.microsoft", "SkipLayerNormalization"),
+    ("com.microsoft", "SkipSimplifiedLayerNormalization"),
+    ("com.microsoft", "BiasGelu"),
+    ("com.microsoft", "FastGelu"),
+    ("com.microsoft", "Gelu"),
+    ("com.microsoft", "QuickGelu"),
+})
+# Inference runs again after such ops are typed; a chain of them needs one run each at most.
+MAX_REINFERENCES = 3
+
+
+def _type_schemaless(graph: gs.Graph) -> int:
+    """Type the first output of every SAME_AS_FIRST_INPUT op from its first input; how many changed."""
+    typed = 0
+    for body in walk(graph):
+        for node in body.nodes:
+            if (node.domain or "", node.op) not in SAME_AS_FIRST_INPUT or not node.inputs or not node.outputs:
+                continue
+            source, target = node.inputs[0], node.outputs[0]
+            if not isinstance(target, gs.Variable) or _settled(target):
+                continue
+            changed = False
+            if target.dtype is None and source.dtype is not None:
+                target.dtype, changed = source.dtype, True
+            refined = _refine(target.shape, list(source.shape) if source.shape is not None else None)
+            if refined != target.shape:
+                target.shape, changed = refined, True
+            typed += changed
+    return typed
 
 
 def _open_questions(graph: gs.Graph) -> frozenset:

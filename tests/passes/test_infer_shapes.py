@@ -256,3 +256,28 @@ def test_written_value_info_carries_no_made_up_names():
     value = next(value for value in once.graph.value_info if value.name == "kept")
     assert [dim.dim_value or dim.dim_param for dim in value.type.tensor_type.shape.dim] == [2, ""]
     assert twice.SerializeToString() == once.SerializeToString()
+
+
+@pytest.mark.parametrize("domain, op", [("com.microsoft", "QuickGelu"), ("com.microsoft", "FastGelu"),
+                                        ("", "SimplifiedLayerNormalization")])
+def test_onnxruntime_fused_ops_keep_their_inputs_shape_and_inference_goes_on_past_them(domain, op):
+    """onnx has no schema for onnxruntime's fused ops (its offline optimizer writes them, one in
+    the default domain): their first output has their first input's type and shape, so what
+    follows is inferred too, and the Shape read of it folds."""
+    b = ModelBuilder()
+    if domain:
+        b.use_domain(domain)
+    x = b.input("x", ["N", 3, 4])
+    inputs = [x] if op != "SimplifiedLayerNormalization" else [x, b.initializer("scale", random([4], seed=2))]
+    fused = b.node(op, inputs, ["fused"], domain=domain)
+    relu = b.node("Relu", [fused], ["after"])
+    last = b.node("Gather", [b.node("Shape", [relu]), b.initializer("two", np.array(2, np.int64))])
+    b.output(b.node("Mul", [relu, b.node("Cast", [last], to=1)], ["y"]), np.float32, ["N", 3, 4])
+    model = b.build(check=not op.startswith("Simplified"))  # the checker knows no such default-domain op
+
+    graph, _ = annotate(model)
+    assert tensor(graph, "fused").shape == ["N", 3, 4] and tensor(graph, "fused").dtype == np.float32
+    assert tensor(graph, "after").shape == ["N", 3, 4]
+    optimized = onnxslim.optimize(model)
+    assert "Shape" not in ops(optimized)  # the last dim, 4, is known past the fused op
+    assert_equivalent(model, optimized)
