@@ -230,3 +230,15 @@ def test_minus_one_beside_a_copy_stays_refused_without_such_an_upstream_reshape(
     optimized, result = fold(model)
     assert result.counters["reshape_targets"] == 0
     assert_equivalent(model, optimized, {"x": np.zeros([0, 64, 5], np.float32)})
+
+
+def test_an_unnamed_dynamic_dim_read_from_the_tensor_itself_is_copied():
+    # x's dim 0 has no symbol; Shape(x)[0] is still x's own dim 0, so the target element becomes 0.
+    model = reshape_by_own_dims([None, 3, 4, 5], pick=[0])
+    optimized, result = fold(model)
+    assert result.counters["reshape_targets"] == 1
+    folded = onnxslim.optimize(model, verify=False)
+    assert ops(folded) == {"Reshape": 1, "Relu": 1}
+    target = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert [value.tolist() for value in target.values()] == [[0, -1]]
+    assert_equivalent(model, folded, [{"x": random([batch, 3, 4, 5])} for batch in (1, 3)])
