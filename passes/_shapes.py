@@ -336,9 +336,19 @@ def reshaped(dims: list[Size], target: tuple[Element, ...], allowzero: bool, zer
             entry = dims[axis]  # a 0 copies the input's dim, whether written or computed
         result.append(entry)
     fixed = product(entry for entry in result if entry is not None)
+    if inferred is not None and fixed.zero and allowzero:
+        # ONNX calls -1 beside an explicit 0 invalid; onnxruntime runs it, sizing the -1 from the
+        # non-zero dims on both sides (x[3, 0, 2] with [-1, 0] gives [6, 0]).
+        quotient = product(dim for dim in dims if not dim.zero).divided_by(
+            product(entry for entry in result if entry is not None and not entry.zero)
+        )
+        if quotient is None:
+            return None
+        result[inferred] = quotient
+        return result if count.zero else FAILS
     if inferred is not None:
         if fixed.zero:
-            return FAILS  # -1 beside a zero is undetermined
+            return FAILS  # onnxruntime rejects a -1 beside a copied 0: it is undetermined
         quotient = ZERO if count.zero else count.divided_by(fixed)
         if quotient is None:
             return None
