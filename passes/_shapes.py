@@ -3,8 +3,8 @@
 Shared by fold-shapes and the rewrites that must prove a run-time Reshape target equals some
 tensor's dims (exporters compute targets from Shape/Slice/Gather/Concat of other tensors).
 
-A partial value is a 0-D or 1-D integer tensor whose elements are each a known int, a symbol for
-a size decided at run time, or None (unknown). A symbol is the trusted name of a symbolic dim
+A partial value is a 0-D or 1-D integer (or boolean) tensor whose elements are each a known int
+(bool), a symbol for a size decided at run time, or None (unknown). A symbol is the trusted name of a symbolic dim
 (`trusted_symbol`: shape inference puts one name on dims it proved equal) or, for a dim without
 one, `DimOf(tensor, axis)`: that tensor's own dim, equal only to itself.
 
@@ -43,6 +43,8 @@ INT64_MAX = 2**63 - 1
 # Producers followed from one tensor before its value counts as unknown (exporters' shape
 # chains are a few nodes long; this bounds the recursion on pathological graphs).
 MAX_DEPTH = 64
+# Longer constants are data, not shapes.
+MAX_ELEMENTS = 64
 rule = RULES.rule
 
 
@@ -82,11 +84,14 @@ class PartialValues:
         key = id(tensor)
         if key in self._values:
             return self._values[key]
+        if isinstance(tensor, gs.Constant) and not _small_integers(tensor):
+            return None  # without loading a weight's values
         value = constant_value(tensor)
         if value is not None:
-            if value.dtype.kind not in "iu" or value.ndim > 1:
+            if value.dtype.kind not in "iub" or value.ndim > 1 or value.size > MAX_ELEMENTS:
                 return None
-            return tuple(int(element) for element in value.reshape(-1)), value.ndim == 0
+            convert = bool if value.dtype.kind == "b" else int
+            return tuple(convert(element) for element in value.reshape(-1)), value.ndim == 0
         partial = None
         node = tensor.inputs[0] if tensor.inputs else None
         compute = RULES.get(node.op) if node is not None and is_standard(node) else None
@@ -100,6 +105,11 @@ class PartialValues:
             partial = _unknown_elements(tensor)
         self._values[key] = partial
         return partial
+
+
+def _small_integers(tensor: gs.Constant) -> bool:
+    shape = tuple(tensor.shape)
+    return np.dtype(tensor.dtype).kind in "iub" and len(shape) <= 1 and math.prod(shape) <= MAX_ELEMENTS
 
 
 def _unknown_elements(tensor: gs.Tensor) -> Partial | None:
@@ -231,6 +241,90 @@ def cast(node: gs.Node, partial_of) -> Partial | None:
 @rule("Identity")
 def identity(node: gs.Node, partial_of) -> Partial | None:
     return partial_of(node.inputs[0])
+
+
+@rule("ConstantOfShape")
+def constant_of_shape(node: gs.Node, partial_of) -> Partial | None:
+    """A short integer vector filled with the `value` attribute (torch's expand builds its -1 mask so)."""
+    length = constant_value(node.inputs[0])
+    if length is None or length.shape != (1,) or not 0 <= int(length[0]) <= 8:
+        return None
+    fill = node.attrs.get("value")
+    fill = np.asarray(fill.values if isinstance(fill, gs.Constant) else fill) if fill is not None else None
+    if fill is None or fill.dtype.kind not in "iu" or fill.size != 1:
+        return None  # the default fill is a float 0.0
+    return (int(fill.reshape(-1)[0]),) * int(length[0]), False
+
+
+@rule("Add", "Sub", "Mul")
+def arithmetic(node: gs.Node, partial_of) -> Partial | None:
+    """Elementwise on known ints (None where the result leaves the output type: onnxruntime wraps);
+    a symbol survives + 0, - 0 and * 1."""
+    pair = _broadcast(partial_of(node.inputs[0]), partial_of(node.inputs[1]))
+    target = node.outputs[0].dtype
+    if pair is None or target is None or np.dtype(target).kind not in "iu":
+        return None
+    limits = np.iinfo(np.dtype(target))
+    neutral = 1 if node.op == "Mul" else 0
+
+    def combined(first: Element, second: Element) -> Element:
+        if known(first) and known(second):
+            value = first + second if node.op == "Add" else first - second if node.op == "Sub" else first * second
+            return value if limits.min <= value <= limits.max else None
+        if is_symbol(first) and second == neutral:
+            return first
+        if is_symbol(second) and first == neutral and node.op != "Sub":
+            return second
+        return None
+
+    (first, second), scalar = pair
+    return tuple(combined(a, b) for a, b in zip(first, second)), scalar
+
+
+@rule("Equal")
+def equal(node: gs.Node, partial_of) -> Partial | None:
+    """Decided where both are known, the same symbol, or a size against a negative int (dims are >= 0)."""
+    pair = _broadcast(partial_of(node.inputs[0]), partial_of(node.inputs[1]))
+    if pair is None:
+        return None
+
+    def decided(first: Element, second: Element) -> bool | None:
+        if known(first) and known(second):
+            return first == second
+        if is_symbol(first) and first == second:
+            return True
+        if (is_symbol(first) and known(second) and second < 0) or (is_symbol(second) and known(first) and first < 0):
+            return False
+        return None
+
+    (first, second), scalar = pair
+    return tuple(decided(a, b) for a, b in zip(first, second)), scalar
+
+
+@rule("Where")
+def where(node: gs.Node, partial_of) -> Partial | None:
+    parts = [partial_of(tensor) for tensor in node.inputs]
+    if any(part is None for part in parts) or not all(isinstance(flag, bool) or flag is None for flag in parts[0][0]):
+        return None
+    length = max(len(part[0]) for part in parts)
+    if any(len(part[0]) not in (1, length) for part in parts):
+        return None
+    condition, chosen, other = (part[0] * (length // len(part[0])) for part in parts)
+    elements = tuple(
+        a if flag is True or a == b and a is not None else b if flag is False else None
+        for flag, a, b in zip(condition, chosen, other)
+    )
+    return elements, all(part[1] for part in parts)
+
+
+def _broadcast(first: Partial | None, second: Partial | None):
+    """Both element lists at one length (a single element repeats), and whether the result is 0-D."""
+    if first is None or second is None:
+        return None
+    length = max(len(first[0]), len(second[0]))
+    if any(len(part[0]) not in (1, length) for part in (first, second)):
+        return None
+    return (first[0] * (length // len(first[0])), second[0] * (length // len(second[0]))), first[1] and second[1]
 
 
 def _clamp(index: int, rank: int) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, interface_tensors, is_empty, is_standard, make_constant, walk
+from onnxslim.graph import bypass, constant_value, interface_tensors, is_empty, is_standard, make_constant, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 from ._shapes import RULES, PartialValues, dim_elements, is_symbol, known
@@ -14,11 +14,13 @@ from ._shapes import RULES, PartialValues, dim_elements, is_symbol, known
 def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace Shape/Size results, and Gather/Slice/Concat/Unsqueeze over them, by constants where static dims decide them.
 
+    Also a Where over shape vectors whose condition the shape values decide keeps the input it picks.
+
     Dynamic dims are never baked in: an element that depends on one stays computed at run time,
     except a Reshape target's single dynamic element, which becomes -1 (Reshape infers it).
     """
     interface = interface_tensors(graph)
-    folded = targets = 0
+    folded = targets = selections = 0
     for body in walk(graph):
         partial_of = PartialValues()
         for node in list(body.nodes):
@@ -26,6 +28,9 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
                 targets += 1
                 continue
             if node.op not in RULES or not is_standard(node) or not node.outputs or is_empty(node.outputs[0]):
+                continue
+            if node.op == "Where" and _decided_where(node, partial_of, interface, body):
+                selections += 1
                 continue
             output = node.outputs[0]
             if isinstance(output, gs.Constant):
@@ -37,7 +42,7 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
             if value is not None:
                 make_constant(output, value, interface, body)
                 folded += 1
-    return PassResult(folded=folded, reshape_targets=targets)
+    return PassResult(folded=folded, reshape_targets=targets, selections=selections)
 
 
 def _as_array(elements: tuple[int, ...], scalar: bool, dtype) -> np.ndarray | None:
@@ -50,6 +55,20 @@ def _as_array(elements: tuple[int, ...], scalar: bool, dtype) -> np.ndarray | No
     if any(not limits.min <= element <= limits.max for element in elements):
         return None
     return np.array(elements, dtype=dtype).reshape(() if scalar else (len(elements),))
+
+
+def _decided_where(node: gs.Node, partial_of, interface: set[int], body: gs.Graph) -> bool:
+    """Where(Equal(shape, -1), ones, shape) -> shape: torch's expand(-1 keeps a dim) where no
+    element can be -1 (each is a size or a known int). Taken when the condition is decided the same
+    way for every element and the chosen input already has the output's length."""
+    condition, output = partial_of(node.inputs[0]), partial_of(node.outputs[0])
+    if condition is None or output is None or None in condition[0] or len(set(condition[0])) != 1:
+        return False
+    keep = 1 if condition[0][0] else 2
+    chosen = partial_of(node.inputs[keep])
+    if chosen is None or len(chosen[0]) != len(output[0]) or chosen[1] != output[1]:
+        return False
+    return bypass(node, interface, body, keep=keep)
 
 
 def _target_with_one_dynamic_dim(node: gs.Node, partial_of, interface: set[int], body: gs.Graph) -> bool:
