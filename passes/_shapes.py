@@ -307,8 +307,8 @@ def where(node: gs.Node, partial_of) -> Partial | None:
     if any(part is None for part in parts) or not all(isinstance(flag, bool) or flag is None for flag in parts[0][0]):
         return None
     length = max(len(part[0]) for part in parts)
-    if any(len(part[0]) not in (1, length) for part in parts):
-        return None
+    if any(len(part[0]) not in (1, length) for part in parts) or not all(part[0] for part in parts):
+        return None  # an empty operand broadcasts to empty; nothing to decide
     condition, chosen, other = (part[0] * (length // len(part[0])) for part in parts)
     elements = tuple(
         a if flag is True or a == b and a is not None else b if flag is False else None
@@ -319,7 +319,7 @@ def where(node: gs.Node, partial_of) -> Partial | None:
 
 def _broadcast(first: Partial | None, second: Partial | None):
     """Both element lists at one length (a single element repeats), and whether the result is 0-D."""
-    if first is None or second is None:
+    if first is None or second is None or not first[0] or not second[0]:
         return None
     length = max(len(first[0]), len(second[0]))
     if any(len(part[0]) not in (1, length) for part in (first, second)):

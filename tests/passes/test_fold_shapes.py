@@ -278,3 +278,18 @@ def test_a_shape_element_that_may_be_minus_one_keeps_the_where():
     assert result.counters["selections"] == 0 and ops(optimized)["Where"] == 1
     cases = [{"x": random([2, 1, 4]), "extra": np.array([value], np.int64)} for value in (-1, 1, 3)]
     assert_equivalent(model, optimized, cases)
+
+
+@pytest.mark.parametrize("op", ["Add", "Equal", "Where"])
+def test_empty_integer_operands_are_not_decided(op):
+    # Broadcasting an empty vector gives an empty one (a generated graph divided by its length).
+    b = ModelBuilder()
+    x = b.input("x", [0], dtype=np.int64)
+    if op == "Where":
+        condition = b.node("Equal", [x, x])
+        b.output(b.node("Where", [condition, x, x], ["y"]))
+    else:
+        b.output(b.node(op, [x, x], ["y"]))
+    model = b.build()
+    optimized, _ = fold(model)
+    assert_equivalent(model, optimized, {"x": np.zeros([0], np.int64)})
