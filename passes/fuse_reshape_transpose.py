@@ -23,8 +23,10 @@ from ._shapes import (
 
 @register_pass("fuse-reshape-transpose")
 def fuse_reshape_transpose(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Replace Reshape(Transpose(Reshape(x))) by one Transpose of x where the first Reshape merges runs of x's dims, the Transpose permutes the runs and the last Reshape splits them again.
+    """Replace Reshape -> Transpose -> Reshape that only moves runs of x's dims by one Transpose of x.
 
+    The first Reshape merges runs of consecutive dims of x, the Transpose permutes the runs and
+    the last Reshape splits them again into the same dims.
     Targets may be computed at run time (Shape/Slice/Gather/Concat of tensors, as the dynamo
     exporter writes them): each element must provably be the size it stands for, for every size
     of x, a symbolic dim of 0 included (see `_permutation`).
