@@ -230,3 +230,66 @@ def test_minus_one_beside_a_copy_stays_refused_without_such_an_upstream_reshape(
     optimized, result = fold(model)
     assert result.counters["reshape_targets"] == 0
     assert_equivalent(model, optimized, {"x": np.zeros([0, 64, 5], np.float32)})
+
+
+def test_an_unnamed_dynamic_dim_read_from_the_tensor_itself_is_copied():
+    # x's dim 0 has no symbol; Shape(x)[0] is still x's own dim 0, so the target element becomes 0.
+    model = reshape_by_own_dims([None, 3, 4, 5], pick=[0])
+    optimized, result = fold(model)
+    assert result.counters["reshape_targets"] == 1
+    folded = onnxslim.optimize(model, verify=False)
+    assert ops(folded) == {"Reshape": 1, "Relu": 1}
+    target = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    assert [value.tolist() for value in target.values()] == [[0, -1]]
+    assert_equivalent(model, folded, [{"x": random([batch, 3, 4, 5])} for batch in (1, 3)])
+
+
+def torch_expand(extra=None):
+    """The legacy exporter's x.expand(batch, 3, 4): Where(Equal(shape, -1 * ones), ones, shape) -> Expand.
+
+    `extra` replaces the middle element of the shape by a computed int64 input (which may be -1).
+    """
+    b = ModelBuilder(opset=17)
+    x = b.input("x", ["batch", 1, 4])
+    batch = b.node("Unsqueeze", [b.node("Gather", [b.node("Shape", [x]), b.initializer("zero", np.array(0, np.int64))], axis=0),
+                                 b.initializer("axes", np.array([0], np.int64))])
+    middle = b.input("extra", [1], dtype=np.int64) if extra else b.initializer("three", np.array([3], np.int64))
+    shape = b.node("Concat", [batch, middle, b.initializer("four", np.array([4], np.int64))], axis=0)
+    ones = b.node("ConstantOfShape", [b.initializer("length", np.array([3], np.int64))],
+                  value=onnx.numpy_helper.from_array(np.array([1], np.int64)))
+    minus_ones = b.node("Mul", [ones, b.initializer("minus_one", np.array(-1, np.int64))])
+    chosen = b.node("Where", [b.node("Equal", [shape, minus_ones]), ones, shape])
+    b.output(b.node("Expand", [x, chosen], ["y"]))
+    return b.build()
+
+
+def test_torch_expand_mask_is_decided_by_the_shape_values():
+    model = torch_expand()
+    optimized, result = fold(model)
+    assert result.counters["selections"] == 1
+    folded = onnxslim.optimize(model, verify=False)
+    assert not {"Where", "Equal", "ConstantOfShape", "Mul"} & set(ops(folded))
+    assert_equivalent(model, folded, [{"x": random([batch, 1, 4])} for batch in (1, 3)])
+
+
+def test_a_shape_element_that_may_be_minus_one_keeps_the_where():
+    model = torch_expand(extra=True)
+    optimized, result = fold(model)
+    assert result.counters["selections"] == 0 and ops(optimized)["Where"] == 1
+    cases = [{"x": random([2, 1, 4]), "extra": np.array([value], np.int64)} for value in (-1, 1, 3)]
+    assert_equivalent(model, optimized, cases)
+
+
+@pytest.mark.parametrize("op", ["Add", "Equal", "Where"])
+def test_empty_integer_operands_are_not_decided(op):
+    # Broadcasting an empty vector gives an empty one (a generated graph divided by its length).
+    b = ModelBuilder()
+    x = b.input("x", [0], dtype=np.int64)
+    if op == "Where":
+        condition = b.node("Equal", [x, x])
+        b.output(b.node("Where", [condition, x, x], ["y"]))
+    else:
+        b.output(b.node(op, [x, x], ["y"]))
+    model = b.build()
+    optimized, _ = fold(model)
+    assert_equivalent(model, optimized, {"x": np.zeros([0], np.int64)})
