@@ -80,7 +80,7 @@ def test_generated_models_pass_the_full_check_and_reach_the_passes(kernels):
     fired: Counter = Counter()
     cases = []
 
-    @settings(max_examples=60, **PROFILE)
+    @settings(max_examples=100, **PROFILE)
     @given(case=fuzz_graphs.models(features=CI_FEATURES, kernels=kernels))
     def collect(case):
         cases.append(case)
