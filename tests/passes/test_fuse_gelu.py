@@ -169,7 +169,7 @@ def test_below_opset_20_is_kept():
 
 @pytest.mark.parametrize("dtype", [np.float16])
 def test_float16_is_kept(dtype):
-    """onnxruntime has no float16 Gelu kernel: it would expand the schema's function, slower than the original."""
+    """onnxruntime has no float16 Gelu kernel: it expands the schema's function, no faster than the original."""
     g = Gelu(dtype=dtype)
     assert_kept(g.build(legacy_erf(g)), dtype)
 
