@@ -70,7 +70,7 @@ FEATURES = (
     "zero-size",  # a static dim of 0 in inputs (and so in constants that broadcast with them)
     "sequences",  # SequenceConstruct -> SequenceAt / ConcatFromSequence / SequenceLength; Optional (opset >= 18)
     "endless-loop",  # a Loop with neither trip count nor a condition that ever turns false: onnxslim must refuse, not hang
-    "decomposed-layers",  # layer normalization and GELU written out in arithmetic, in the exporters' variants
+    "decomposed-layers",  # layer and RMS normalization and GELU written out in arithmetic, in the exporters' variants
 )
 KNOWN_OPEN = {
     # onnxslim refuses these with exit 2 now (the worker's time limit), but each case spends a few
@@ -1037,8 +1037,9 @@ def _well_conditioned(value: Value) -> bool:
 
 
 def block_layer_norm(b: Builder) -> None:
-    """x − mean, squared, averaged, + ε, √, divided, · γ + β, over the last axes (or not: a leading
-    axis, a γ that varies along another axis, a mean of axes the variance does not average)."""
+    """x − mean (or x alone: RMS normalization), squared, averaged, + ε, √, divided, · γ + β, over the
+    last axes (or not: a leading axis, a γ that varies along another axis, a mean of axes the
+    variance does not average)."""
     if not b.uses("decomposed-layers"):
         return
     ops = ("ReduceMean", "Sub", "Pow", "Sqrt", "Reciprocal", "Div")
@@ -1063,7 +1064,8 @@ def block_layer_norm(b: Builder) -> None:
     def scalar(number: float) -> Value:
         return b.constant(np.array(number, dtype), as_node=b.flip(4))
 
-    centered = b.node("Sub", [x, mean(x, axes)], dtype=dtype, shape=x.shape, exact=False, keep=False)
+    # RMS normalization (T5, Llama) leaves the mean in: fuse-rms-norm's pattern, fuse-layer-norm's without its first step.
+    centered = x if b.flip(4) else b.node("Sub", [x, mean(x, axes)], dtype=dtype, shape=x.shape, exact=False, keep=False)
     if b.flip(2):
         squared = b.node("Pow", [centered, scalar(2.0)], dtype=dtype, shape=x.shape, exact=False, keep=False)
     else:
