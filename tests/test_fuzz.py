@@ -50,6 +50,8 @@ def _fuzz(kernels, mode, examples: int, max_blocks: int = 14) -> Counter:
     def check(case):
         outcome = fuzz.run_case(case.model, mode, case.input_seed, lossy=case.lossy)
         counts[outcome.kind] += 1
+        if outcome.kind == "skipped" and "SIGFPE" in outcome.detail:
+            counts["original-dies"] += 1  # hostile-integers: onnxruntime itself dies on the original
         if outcome.kind in fuzz.FAILURES and not _known_open(outcome):
             pytest.fail(f"{outcome.line()}; {case!r}")
 
@@ -60,8 +62,12 @@ def _fuzz(kernels, mode, examples: int, max_blocks: int = 14) -> Counter:
 def test_lossless_profile(kernels):
     counts = _fuzz(kernels, fuzz.Mode(), examples=300)
     # The generator makes valid models: onnx.checker and onnxruntime accept (nearly) all it makes.
-    assert counts["skipped"] <= 0.03 * sum(counts.values()), counts
-    assert sum(counts.values()) >= 300
+    # Originals that kill onnxruntime (SIGFPE on INT64_MIN / -1, feature hostile-integers) are what
+    # that feature is for, not a generator error: 2-8 % of a sample, so they have a bound of their own.
+    total = sum(counts[kind] for kind in fuzz.CLASSES)
+    assert counts["skipped"] - counts["original-dies"] <= 0.03 * total, counts
+    assert counts["original-dies"] <= 0.12 * total, counts
+    assert total >= 300
 
 
 
@@ -80,7 +86,7 @@ def test_generated_models_pass_the_full_check_and_reach_the_passes(kernels):
     fired: Counter = Counter()
     cases = []
 
-    @settings(max_examples=60, **PROFILE)
+    @settings(max_examples=100, **PROFILE)
     @given(case=fuzz_graphs.models(features=CI_FEATURES, kernels=kernels))
     def collect(case):
         cases.append(case)

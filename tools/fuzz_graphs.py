@@ -70,6 +70,7 @@ FEATURES = (
     "zero-size",  # a static dim of 0 in inputs (and so in constants that broadcast with them)
     "sequences",  # SequenceConstruct -> SequenceAt / ConcatFromSequence / SequenceLength; Optional (opset >= 18)
     "endless-loop",  # a Loop with neither trip count nor a condition that ever turns false: onnxslim must refuse, not hang
+    "decomposed-layers",  # layer and RMS normalization and GELU written out in arithmetic, in the exporters' variants
 )
 KNOWN_OPEN = {
     # onnxslim refuses these with exit 2 now (the worker's time limit), but each case spends a few
@@ -1144,6 +1145,119 @@ def block_sequence(b: Builder) -> None:
         b.node("Cast", [length], {"to": helper.TensorProto.FLOAT}, dtype="float32", shape=(), bound=float(len(items)))
 
 
+# -- decomposed layers (fuse-layer-norm, fuse-gelu) ---------------------------------------------
+
+
+def _well_conditioned(value: Value) -> bool:
+    """A float value a normalization may read: exact (a constant row is exactly constant, so x − mean
+    is exactly 0 in any evaluation order) and small (its square stays finite in float16)."""
+    return value.is_float and value.exact and value.bound <= 4 and value.rank >= 1
+
+
+def block_layer_norm(b: Builder) -> None:
+    """x − mean (or x alone: RMS normalization), squared, averaged, + ε, √, divided, · γ + β, over the
+    last axes (or not: a leading axis, a γ that varies along another axis, a mean of axes the
+    variance does not average)."""
+    if not b.uses("decomposed-layers"):
+        return
+    ops = ("ReduceMean", "Sub", "Pow", "Sqrt", "Reciprocal", "Div")
+    x = b.pick(lambda v: _well_conditioned(v) and all(b.allowed(op, v.dtype) for op in ops))
+    if x is None or b.flip(3):
+        dtype = b.choice([dtype for dtype in FLOATS if all(b.allowed(op, dtype) for op in ops)] or ["float32"])
+        rank = b.draw(st.integers(1, 3))
+        x = b.input(dtype, tuple([DIM][: rank - 1] + [b.draw(st.integers(1, 5)) for _ in range(rank - min(rank - 1, 1))]))
+    dtype = x.dtype
+    count = b.draw(st.integers(1, min(x.rank, 2)))
+    axes = list(range(x.rank - count, x.rank))
+    if b.flip(6):
+        axes = [b.draw(st.integers(0, x.rank - 1))]  # any one axis: the last, or one LayerNormalization cannot take
+    axes = [axis - x.rank if b.flip(2) else axis for axis in axes]
+    reduced = tuple(1 if axis in [a % x.rank for a in axes] else dim for axis, dim in enumerate(x.shape))
+
+    def mean(value: Value, value_axes: list[int]) -> Value:
+        inputs, attrs = [value], {}
+        b.opset_axes("ReduceMean", value_axes, inputs, attrs)
+        return b.node("ReduceMean", inputs, attrs, dtype=dtype, shape=reduced, exact=False, keep=False)
+
+    def scalar(number: float) -> Value:
+        return b.constant(np.array(number, dtype), as_node=b.flip(4))
+
+    # RMS normalization (T5, Llama) leaves the mean in: fuse-rms-norm's pattern, fuse-layer-norm's without its first step.
+    centered = x if b.flip(4) else b.node("Sub", [x, mean(x, axes)], dtype=dtype, shape=x.shape, exact=False, keep=False)
+    if b.flip(2):
+        squared = b.node("Pow", [centered, scalar(2.0)], dtype=dtype, shape=x.shape, exact=False, keep=False)
+    else:
+        squared = b.node("Mul", [centered, centered], dtype=dtype, shape=x.shape, exact=False, keep=False)
+    variance_axes = axes if not b.flip(8) else [axes[-1]]
+    variance = mean(squared, variance_axes)
+    epsilon = scalar(b.choice([1e-5, 1e-3, 0.25]))
+    shifted = b.node("Add", [variance, epsilon] if b.flip(2) else [epsilon, variance], dtype=dtype, shape=reduced,
+                     exact=False, keep=False)
+    std = b.node("Sqrt", [shifted], dtype=dtype, shape=reduced, exact=False, keep=False)
+    form = b.choice(["Div", "Reciprocal", "OneOver"])
+    if form == "Div":
+        y = b.node("Div", [centered, std], dtype=dtype, shape=x.shape, exact=False, keep=False)
+    else:
+        inverse = (b.node("Reciprocal", [std], dtype=dtype, shape=reduced, exact=False, keep=False) if form == "Reciprocal"
+                   else b.node("Div", [scalar(1.0), std], dtype=dtype, shape=reduced, exact=False, keep=False))
+        y = b.node("Mul", [centered, inverse] if b.flip(2) else [inverse, centered], dtype=dtype, shape=x.shape,
+                   exact=False, keep=False)
+    # |x − mean| / std <= √(elements averaged); N counts at its larger size.
+    bound = math.sqrt(math.prod(max(SIZES) if dim == DIM else dim for axis, dim in enumerate(x.shape) if reduced[axis] == 1))
+    for op in ("Mul", "Add"):
+        if b.flip(3):
+            continue
+        # Per normalized element mostly; sometimes a scalar, or varying along an axis that is not normalized.
+        shape = tuple(dim if reduced[axis] == 1 else 1 for axis, dim in enumerate(x.shape))[x.rank - b.draw(st.integers(0, x.rank)):]
+        if b.flip(6):
+            shape = _broadcast_partner_shape(b, x.shape)
+        shape = tuple(1 if dim == DIM else dim for dim in shape)
+        constant = b.constant((b.rng.standard_normal(shape) * 0.5 + (1.0 if op == "Mul" else 0.0)).astype(dtype),
+                              as_node=b.flip(4))
+        bound = bound * (constant.bound + 0.01) if op == "Mul" else bound + constant.bound
+        y = b.node(op, [y, constant] if b.flip(2) else [constant, y], dtype=dtype, shape=broadcast(x.shape, shape),
+                   exact=False, keep=False)
+    b.values.append(Value(y.name, dtype, y.shape, exact=False, bound=bound + 1))
+
+
+def block_gelu(b: Builder) -> None:
+    """½·x·(1 + erf(x/√2)) or ½·x·(1 + tanh(√(2/π)(x + 0.044715x³))) in one of the exporters' groupings."""
+    if not b.uses("decomposed-layers"):
+        return
+    function = b.choice(["Erf", "Tanh"])
+    x = b.pick(lambda v: v.is_float and v.bound <= 4 and all(b.allowed(op, v.dtype) for op in (function, "Mul", "Add", "Pow")))
+    if x is None:
+        if not b.allowed(function, "float32"):
+            return
+        x = b.input("float32", (DIM, b.draw(st.integers(1, 6))))
+    dtype = x.dtype
+
+    def c(number: float) -> Value:
+        return b.constant(np.array(number, dtype), as_node=b.flip(4))
+
+    def op(op_type: str, *inputs: Value) -> Value:
+        return b.node(op_type, list(inputs), dtype=dtype, shape=x.shape, exact=False, bound=math.inf, keep=False)
+
+    if function == "Erf":
+        argument = op("Div", x, c(1.4142135623730951)) if b.flip(2) else op("Mul", x, c(0.7071067811865476))
+    else:
+        cube = b.choice(["Pow", "MulMul", "factored"])
+        if cube == "factored":  # FastGELU: x · √(2/π) · (1 + 0.044715 · x · x)
+            argument = op("Mul", op("Mul", x, c(0.7978845608)), op("Add", c(1.0), op("Mul", op("Mul", c(0.044715), x), x)))
+        else:
+            cubed = op("Pow", x, c(3.0)) if cube == "Pow" else op("Mul", op("Mul", x, x), x)
+            argument = op("Mul", c(math.sqrt(2 / math.pi)), op("Add", x, op("Mul", c(0.044715), cubed)))
+    gate = op("Add", op(function, argument), c(1.0)) if b.flip(2) else op("Add", c(1.0), op(function, argument))
+    grouping = b.choice(["half-last", "half-first", "halved"])
+    if grouping == "half-last":
+        y = op("Mul", op("Mul", x, gate), c(0.5))
+    elif grouping == "half-first":
+        y = op("Mul", op("Mul", c(0.5), x), gate)
+    else:
+        y = op("Mul", op("Div", x, c(2.0)), gate)
+    b.values.append(Value(y.name, dtype, x.shape, exact=False, bound=x.bound))
+
+
 BLOCKS = {
     "unary": (block_unary, 6),
     "binary": (block_binary, 6),
@@ -1167,6 +1281,8 @@ BLOCKS = {
     "if": (block_if, 1),
     "loop": (block_loop, 1),
     "sequence": (block_sequence, 1),
+    "layer-norm": (block_layer_norm, 1),
+    "gelu": (block_gelu, 1),
 }
 # The lossy paths (quantize, prune) only touch Conv/Gemm/MatMul in float32.
 LOSSY_BLOCKS = ("conv", "matmul", "layer-chain", "unary", "binary", "reshape-chain", "noop")
