@@ -21,8 +21,9 @@ def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
         return PassResult(changed=False, skipped=1)
     inferred = infer_model(graph)
     annotated = _annotate(graph, inferred.graph)
-    for _ in range(MAX_REINFERENCES):
-        # An op onnx has no schema for stops inference: each one typed here lets it go on past it.
+    # An op onnx has no schema for stops inference: each one typed here lets it go on past it, to
+    # the next one. A chain of N such ops takes N rounds; a round that types none more ends it.
+    for _ in range(_schemaless_count(graph)):
         typed = _type_schemaless(graph)
         if not typed:
             break
@@ -48,8 +49,6 @@ SAME_AS_FIRST_INPUT = frozenset({
     ("com.microsoft", "Gelu"),
     ("com.microsoft", "QuickGelu"),
 })
-# Inference runs again after such ops are typed; a chain of them needs one run each at most.
-MAX_REINFERENCES = 3
 
 
 def _type_schemaless(graph: gs.Graph) -> int:
@@ -67,9 +66,15 @@ def _type_schemaless(graph: gs.Graph) -> int:
                 target.dtype, changed = source.dtype, True
             refined = _refine(target.shape, list(source.shape) if source.shape is not None else None)
             if refined != target.shape:
-                target.shape, changed = refined, True
+                # Renamed dims (this inference's unk__ names) are written but count as nothing new.
+                changed = changed or _known(refined) != _known(target.shape)
+                target.shape = refined
             typed += changed
     return typed
+
+
+def _schemaless_count(graph: gs.Graph) -> int:
+    return sum((node.domain or "", node.op) in SAME_AS_FIRST_INPUT for body in walk(graph) for node in body.nodes)
 
 
 def _open_questions(graph: gs.Graph) -> frozenset:

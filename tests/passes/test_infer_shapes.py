@@ -281,3 +281,17 @@ def test_onnxruntime_fused_ops_keep_their_inputs_shape_and_inference_goes_on_pas
     optimized = onnxslim.optimize(model)
     assert "Shape" not in ops(optimized)  # the last dim, 4, is known past the fused op
     assert_equivalent(model, optimized)
+
+
+def test_a_chain_of_onnxruntime_fused_ops_is_typed_in_one_inference():
+    """One infer-shapes run types every op of a chain (a block per layer, as ConvNeXt's BiasGelu):
+    when it typed only a few, the rest waited for later rounds of the fixed point, and a second
+    optimize of the output, with fewer rounds, wrote other shapes (not a fixed point)."""
+    b = ModelBuilder()
+    b.use_domain("com.microsoft")
+    current = b.input("x", ["N", 3, 4])
+    for index in range(6):
+        current = b.node("QuickGelu", [b.node("Relu", [current])], [f"gelu{index}"], domain="com.microsoft")
+    b.output(b.node("Neg", [current], ["y"]), np.float32, ["N", 3, 4])
+    graph, _ = annotate(b.build())
+    assert [tensor(graph, f"gelu{index}").shape for index in range(6)] == [["N", 3, 4]] * 6
