@@ -291,14 +291,14 @@ def _transposed_by(tensor: gs.Tensor, perm: list[int], members: dict[int, int]) 
 
 
 def _layout_free(tensor: gs.Tensor, rank: int) -> bool:
-    """One value for every element (a static shape of 1s, no longer than the permutation): it
-    broadcasts the same way in any layout."""
-    if isinstance(tensor, gs.Constant):
-        shape = tensor.shape
-    else:
-        value = constant_value(tensor)
-        shape = value.shape if value is not None else tensor.shape
-    return shape is not None and len(shape) <= rank and all(isinstance(dim, (int, np.integer)) and dim == 1 for dim in shape)
+    """One value for every element, so it broadcasts the same way in any layout: a constant whose
+    dims are all 1 (no more than the permutation's), or a scalar. Other values are not taken on
+    their declared 1s: an intermediate's declared shape may be wrong, and a wrong 1 would be
+    trusted with a layout."""
+    value = constant_value(tensor)
+    if value is not None:
+        return value.ndim <= rank and value.size == 1
+    return tensor.shape is not None and len(tensor.shape) == 0
 
 
 def _permutable_constant(tensor: gs.Tensor, rank: int) -> bool:

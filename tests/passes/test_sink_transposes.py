@@ -233,6 +233,19 @@ def test_a_lower_rank_input_that_is_not_a_constant_is_kept():
     assert not result.changed
 
 
+@pytest.mark.parametrize("shape, taken", [([], True), ([1], False)], ids=["scalar", "declared-one"])
+def test_values_that_are_one_number(shape, taken):
+    """A scalar input broadcasts alike in any layout; a value declared [1] is not trusted to be one number."""
+    b = ModelBuilder()
+    x, s = b.input("x", ["n", 3, 4]), b.input("s", shape)
+    scaled = b.node("Mul", [b.node("Transpose", [x], perm=[2, 0, 1]), s])
+    b.output(b.node("Transpose", [scaled], ["y"], perm=[1, 2, 0]))
+    model = b.build()
+    optimized, result = sink(model)
+    assert result.changed == taken
+    assert_equivalent(model, optimized, feeds(model))
+
+
 def test_a_transpose_read_by_a_layout_dependent_op_is_kept():
     b = ModelBuilder()
     x = b.input("x", ["n", 3, 4])
