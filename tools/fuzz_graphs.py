@@ -981,6 +981,52 @@ def block_view_elementwise(b: Builder) -> None:
            bound=value.bound)
 
 
+def block_transposed_elementwise(b: Builder) -> None:
+    """A Transpose, elementwise ops on its result with constants (permuted shapes, scalars) or other
+    values transposed alike, then often the inverse Transpose (sink-transposes): ConvNeXt's NHWC
+    Linear, layer scale and residual Add; sometimes after a MatMul + bias whose layer scale folds."""
+    x = b.pick(lambda v: 2 <= v.rank <= 4 and v.dtype in ("float32", "float64") and b.allowed("Add", v.dtype))
+    if x is None:
+        return
+    if x.shape[-1] != DIM and x.dtype == "float32" and b.flip(3):
+        k = x.shape[-1]
+        weight = b.constant((b.rng.standard_normal((k, k)) * 0.5).astype(x.dtype))
+        product = b.node("MatMul", [x, weight], dtype=x.dtype, shape=x.shape, exact=False, bound=x.bound * k, keep=False)
+        x = b.node("Add", [product, b.constant(b.rng.standard_normal(k).astype(x.dtype))], dtype=x.dtype, shape=x.shape,
+                   exact=False, bound=x.bound * k + 3, keep=b.flip(4))
+    perm = [int(axis) for axis in _permutation(b, x.rank)]
+    shape = tuple(x.shape[axis] for axis in perm)
+
+    def transposed(value: Value, order: list[int]) -> Value:
+        return b.node("Transpose", [value], {"perm": order}, dtype=value.dtype, shape=tuple(value.shape[axis] for axis in order),
+                      exact=value.exact, bound=value.bound, keep=b.flip(4))
+
+    value = transposed(x, perm)
+    for _ in range(b.draw(st.integers(1, 3))):
+        op = b.choice(["Relu", "Tanh", "Neg", "Mul", "Add", "Sub", "Max"])
+        if op in ("Relu", "Tanh", "Neg"):
+            value = b.node(op, [value], dtype=x.dtype, shape=shape, exact=False, bound=1.0 if op == "Tanh" else value.bound,
+                           keep=b.flip(4))
+            continue
+        kind = b.choice(["constant", "constant", "transposed", "other-perm"])
+        if kind == "constant":
+            other = b.random_constant(x.dtype, _broadcast_partner_shape(b, shape))
+        else:
+            order = perm if kind == "transposed" else [int(axis) for axis in _permutation(b, x.rank)]
+            partner = b.node("Sigmoid", [x], dtype=x.dtype, shape=x.shape, exact=False, bound=1.0, keep=False)
+            other = transposed(partner, order)
+            if other.shape != shape:
+                return
+        bound = value.bound * (other.bound + 1) if op == "Mul" else value.bound + other.bound
+        operands = [value, other] if b.flip(2) else [other, value]
+        value = b.node(op, operands, dtype=x.dtype, shape=shape, exact=False, bound=bound, keep=b.flip(4))
+    if b.flip(3):
+        b.values.append(value)
+    else:
+        inverse = [int(axis) for axis in np.argsort(perm)]
+        b.node("Transpose", [value], {"perm": inverse}, dtype=value.dtype, shape=x.shape, exact=value.exact, bound=value.bound)
+
+
 def block_recurrent(b: Builder) -> None:
     """An LSTM/GRU/RNN whose initial states are zeros made from the batch dim (eliminate-zero-rnn-states)."""
     op = b.choice(["LSTM", "GRU", "RNN"])
@@ -1276,6 +1322,7 @@ BLOCKS = {
     "layer-chain": (block_layer_chain, 2),
     "parallel-matmuls": (block_parallel_matmuls, 2),
     "view-elementwise": (block_view_elementwise, 2),
+    "transposed-elementwise": (block_transposed_elementwise, 2),
     "recurrent": (block_recurrent, 1),
     "focus": (block_focus, 1),
     "if": (block_if, 1),
