@@ -55,7 +55,21 @@ def _fuse(matmul: gs.Node, graph: gs.Graph, interface: set[int]) -> bool:
     matmul.op = "Gemm"
     matmul.attrs.clear()
     set_inputs(matmul, [a, b, c])
+    _after_producer(matmul, c, graph)
     return True
+
+
+def _after_producer(node: gs.Node, tensor: gs.Tensor, graph: gs.Graph) -> None:
+    """Move `node` just past the node computing `tensor` when that one comes later in `graph`:
+    the Gemm stands where the MatMul stood, and C may be computed between the MatMul and the Add
+    (nodes stay in topological order; the Add's readers all come after C's producer)."""
+    if not tensor.inputs:
+        return
+    nodes = graph.nodes
+    indices = {id(item): index for index, item in enumerate(nodes)}  # by identity: gs.Node's == compares contents
+    position, producer = indices[id(node)], indices.get(id(tensor.inputs[0]), -1)  # -1: an outer scope's
+    if producer > position:
+        nodes.insert(producer, nodes.pop(position))
 
 
 def _dtype(tensor: gs.Tensor) -> np.dtype | None:

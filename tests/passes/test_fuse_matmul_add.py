@@ -1,6 +1,7 @@
 """fuse-matmul-add: Add(MatMul(A, B), C) becomes Gemm(A, B, C) when C broadcasts to [M, N] one way."""
 
 import numpy as np
+import onnx
 import pytest
 from builder import ModelBuilder, assert_equivalent, feeds_at_two_sizes, ops, random, run_pass, run_passes
 
@@ -99,3 +100,18 @@ def test_product_read_elsewhere_is_kept():
     b.output(b.node("Add", [product, b.input("c", [6])], ["y"]))
     b.output(b.node("Relu", [product], ["z"]))
     assert_kept(b.build())
+
+
+def test_c_computed_after_the_matmul_keeps_the_nodes_in_order():
+    """C comes from nodes listed between the MatMul and the Add: the Gemm moves past them (it
+    stood where the MatMul stood, reading C before C was computed: a model the checker refuses)."""
+    b = ModelBuilder()
+    x = b.input("x", ["N", 1])
+    product = b.node("MatMul", [x, b.initializer("w", random([1, 1], 3))])
+    c = b.node("Relu", [b.node("Relu", [x])])
+    b.output(b.node("Add", [product, c], ["y"]))
+    model = b.build()
+    fused, result = fuse(model)
+    assert result.counters["fused"] == 1 and ops(fused)["Gemm"] == 1
+    onnx.checker.check_model(fused, full_check=True)
+    assert_equivalent(model, fused, feeds_at_two_sizes(model))
