@@ -260,6 +260,20 @@ def test_reshape_to_the_same_shape_is_removed(shape):
     assert_equivalent(model, optimized)
 
 
+def shape_op_model(op: str, dims: list, shape: list):
+    """x of `dims` (symbolic dims by name) -> op(x, constant `shape`) -> Neg."""
+    b = ModelBuilder()
+    x = b.input("x", dims)
+    b.output(b.node("Neg", [b.node(op, [x, b.initializer("shape", np.array(shape, np.int64))])], ["y"]))
+    return b.build()
+
+
+def symbolic_feeds(dims: list, *sizes: dict) -> list[dict]:
+    """One feed of x per {symbol: size}."""
+    rng = np.random.default_rng(0)
+    return [{"x": rng.standard_normal([size.get(dim, dim) for dim in dims]).astype(np.float32)} for size in sizes]
+
+
 @pytest.mark.parametrize("dims, shape", [
     (["N", 8], [0, -1]),  # an exporter's flatten of an already flat tensor
     (["N", 8], [-1, 8]),
@@ -269,18 +283,10 @@ def test_reshape_to_the_same_shape_is_removed(shape):
 ])
 def test_reshape_that_keeps_every_dim_is_removed_whatever_the_symbolic_dims(dims, shape):
     """Verified at two sizes of each symbolic dim: the Reshape is an identity for all of them."""
-    b = ModelBuilder()
-    x = b.input("x", dims)
-    reshaped = b.node("Reshape", [x, b.initializer("shape", np.array(shape, np.int64))])
-    b.output(b.node("Neg", [reshaped], ["y"]))
-    model = b.build()
-
+    model = shape_op_model("Reshape", dims, shape)
     optimized, result = eliminate(model)
-
     assert result.counters["removed"] == 1 and top_ops(optimized.graph) == ["Neg"]
-    rng = np.random.default_rng(0)
-    sizes = [{"N": 2, "M": 5, "T": 7}, {"N": 3, "M": 1, "T": 4}]
-    feeds = [{"x": rng.standard_normal([size.get(dim, dim) for dim in dims]).astype(np.float32)} for size in sizes]
+    feeds = symbolic_feeds(dims, {"N": 2, "M": 5, "T": 7}, {"N": 3, "M": 1, "T": 4})
     assert_equivalent(model, optimized, feeds)
 
 
@@ -292,11 +298,7 @@ def test_reshape_that_keeps_every_dim_is_removed_whatever_the_symbolic_dims(dims
     (["N", 8, 2], [0, -1]),
 ])
 def test_reshape_that_may_change_a_dim_stays(dims, shape):
-    b = ModelBuilder()
-    x = b.input("x", dims)
-    reshaped = b.node("Reshape", [x, b.initializer("shape", np.array(shape, np.int64))])
-    b.output(b.node("Neg", [reshaped], ["y"]))
-    optimized, result = eliminate(b.build())
+    optimized, result = eliminate(shape_op_model("Reshape", dims, shape))
     assert result.counters["removed"] == 0
 
 
@@ -328,16 +330,10 @@ def test_expand_that_keeps_the_shape_is_removed():
     (["N", 8], [1, 1, 8], False),  # a longer rank
 ])
 def test_expand_of_symbolic_dims_is_removed_only_where_no_dim_can_grow(dims, shape, removed):
-    b = ModelBuilder()
-    x = b.input("x", dims)
-    expanded = b.node("Expand", [x, b.initializer("shape", np.array(shape, np.int64))])
-    b.output(b.node("Neg", [expanded], ["y"]))
-    model = b.build()
+    model = shape_op_model("Expand", dims, shape)
     optimized, result = eliminate(model)
     assert result.counters["removed"] == int(removed)
-    rng = np.random.default_rng(0)
-    feeds = [{"x": rng.standard_normal([size.get(dim, dim) for dim in dims]).astype(np.float32)}
-             for size in ({"N": 2, "M": 8}, {"N": 3, "M": 1})]
+    feeds = symbolic_feeds(dims, {"N": 2, "M": 8}, {"N": 3, "M": 1})
     assert_equivalent(model, optimized, feeds)
 
 
