@@ -21,6 +21,7 @@ from onnxslim.graph import (
     is_standard,
     merge_tensors,
     node_subgraphs,
+    replace_all_uses,
 )
 from onnxslim.manager import PassContext, PassResult, register_pass
 
@@ -40,13 +41,15 @@ def eliminate_common_subexpressions(graph: gs.Graph, ctx: PassContext) -> PassRe
     The first node in graph order stays and readers of the others read its outputs. A node of an
     If/Loop/Scan body that repeats a node of an enclosing graph, met there before the node that
     owns the body, reads that node's outputs instead: the enclosing graph computes them before the
-    body runs, whether or not it runs. Nodes that own bodies, custom-domain and nondeterministic
-    nodes are never merged.
+    body runs, whether or not it runs. A node both branches of an If compute from outer-scope
+    values alone is computed once, before the If: one branch runs whenever the If does, so it is
+    computed (or fails) exactly when it was. Nodes that own bodies, custom-domain and
+    nondeterministic nodes are never merged.
     """
     interface = interface_tensors(graph)
     sweep = _Sweep(interface)
     sweep.graph(graph, ())
-    return PassResult(merged=sweep.merged)
+    return PassResult(merged=sweep.merged, hoisted=sweep.hoisted)
 
 
 @dataclass(frozen=True)
@@ -64,22 +67,73 @@ class _Sweep:
         self.interface = interface
         self.constant_keys: dict[int, tuple] = {}
         self.merged = 0
+        self.hoisted = 0
         # id(graph) -> (full key -> the first node with it, id(node) -> its position); built the
         # first time a body node that reads only outer-scope values asks, after the graph's own sweep.
         self.indexes: dict[int, tuple[dict[tuple, gs.Node], dict[int, int]]] = {}
 
     def graph(self, graph: gs.Graph, enclosing: tuple[_Scope, ...]) -> None:
         while True:
-            count, renamed = self._merge_duplicates(graph, enclosing)
-            self.merged += count
-            # A kept output that took an interface name changed the keys of nodes met before it.
-            if not renamed:
-                break
-        for node in list(graph.nodes):
-            # A disconnected node's bodies are detached too: there is nothing left to read there.
-            if node.outputs:
-                for body in node_subgraphs(node):
-                    self.graph(body, (_Scope(graph, node), *enclosing))
+            while True:
+                count, renamed = self._merge_duplicates(graph, enclosing)
+                self.merged += count
+                # A kept output that took an interface name changed the keys of nodes met before it.
+                if not renamed:
+                    break
+            for node in list(graph.nodes):
+                # A disconnected node's bodies are detached too: there is nothing left to read there.
+                if node.outputs:
+                    for body in node_subgraphs(node):
+                        self.graph(body, (_Scope(graph, node), *enclosing))
+            hoisted = sum(self._hoist(graph, node) for node in list(graph.nodes) if node.op == "If" and is_standard(node))
+            if not hoisted:
+                return
+            # Nodes moved out of the branches: what they repeat in this graph, or their readers in
+            # the branches repeat here, merges on the next round.
+            self.hoisted += hoisted
+            self.indexes.clear()
+
+    def _hoist(self, graph: gs.Graph, node: gs.Node) -> int:
+        """Move the nodes both branches of the If `node` compute from outer-scope values alone
+        into `graph`, just before the If; the else branch's copy reads the moved node's outputs."""
+        branches = [node.attrs.get("then_branch"), node.attrs.get("else_branch")]
+        if not node.outputs or not all(isinstance(branch, gs.Graph) for branch in branches):
+            return 0
+        then, other = branches
+        hoisted = 0
+        while True:
+            candidates = {}
+            for duplicate in self._outer_only(other):
+                candidates.setdefault(_node_key(duplicate, self.constant_keys), duplicate)
+            moved = 0
+            for inner in self._outer_only(then):
+                duplicate = candidates.pop(_node_key(inner, self.constant_keys), None)
+                if duplicate is None:
+                    continue
+                then.nodes.remove(inner)
+                graph.nodes.insert(graph.nodes.index(node), inner)
+                pairs = list(zip(inner.outputs, duplicate.outputs))
+                disconnect(duplicate)
+                for kept, replaced in pairs:
+                    if not is_empty(replaced):
+                        replace_all_uses(replaced, kept)
+                moved += 1
+            if not moved:
+                return hoisted
+            hoisted += moved
+
+    def _outer_only(self, body: gs.Graph) -> list[gs.Node]:
+        """The mergeable nodes of `body` that read no value computed in it and write none of the
+        interface (a body output must be produced in the body)."""
+        local = {id(tensor) for tensor in body.inputs} | {id(tensor) for node in body.nodes for tensor in node.outputs}
+        return [
+            node
+            for node in body.nodes
+            if _cheap_key(node) is not None
+            and not any(id(tensor) in local for tensor in node.inputs)
+            and not any(id(tensor) in self.interface for tensor in node.outputs)
+            and _node_key(node, self.constant_keys) is not None
+        ]
 
     def _merge_duplicates(self, graph: gs.Graph, enclosing: tuple[_Scope, ...]) -> tuple[int, bool]:
         """One sweep in graph order; returns (nodes merged, whether a kept output was renamed).

@@ -1,6 +1,7 @@
 """eliminate-common-subexpressions: nodes computing the same value are merged, and the cases where they must not be."""
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
 from builder import (
     ModelBuilder,
@@ -302,6 +303,121 @@ def test_a_loop_invariant_node_repeating_an_outer_one_reads_the_outer_value():
 
     assert result.counters["merged"] == 1 and ops(optimized)["Exp"] == 1
     feeds = [{"x": feed["x"], "trips": np.array(count, np.int64)} for feed in feeds_at_two_sizes(model) for count in (0, 3)]
+    assert_equivalent(model, optimized, feeds)
+
+
+def both_branches(then_ops, else_ops, *, local_constant=False):
+    """x[n, 3], c -> If: each branch applies its chain of ops to x ending in a Mul by 2; a chain is
+    a list of (op, attrs). With `local_constant` the branches read their own initializer."""
+    b = ModelBuilder()
+    x = b.input("x", ["n", 3])
+    condition = b.input("c", [], np.bool_)
+    two = b.initializer("two", np.array(2.0, np.float32))
+
+    def branch(chain):
+        body = b.branch()
+        value = x
+        for op, attrs in chain:
+            if local_constant and op == "Add":
+                body.initializers.append(onnx.numpy_helper.from_array(np.full([3], 0.5, np.float32), body.fresh("half")))
+                value = body.node("Add", [value, body.initializers[-1].name])
+            else:
+                value = body.node(op, [value], **attrs)
+        body.output(body.node("Mul", [value, two]))
+        return body
+
+    b.output(b.if_node(condition, branch(then_ops), branch(else_ops)), np.float32, ["n", 3])
+    return b.build()
+
+
+def hoist(model):
+    optimized, result = cse_and_clean(model)
+    assert_equivalent(model, optimized, feeds_for_both_branches(model))
+    again, second = cse_and_clean(optimized)
+    assert not second.changed and again == optimized
+    return optimized, result
+
+
+def test_what_both_branches_compute_from_outer_values_is_computed_once_before_the_if():
+    model = both_branches([("Exp", {}), ("Abs", {}), ("Neg", {})], [("Exp", {}), ("Abs", {}), ("Sigmoid", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 2 and ops(optimized)["Exp"] == 1 and ops(optimized)["Abs"] == 1
+    assert top_ops(optimized.graph) == ["Exp", "Abs", "If"]
+    then_body, else_body = branches(optimized)
+    assert top_ops(then_body) == ["Neg", "Mul"] and top_ops(else_body) == ["Sigmoid", "Mul"]
+
+
+def test_a_node_only_one_branch_computes_stays_there():
+    model = both_branches([("Exp", {})], [("Softplus", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 0 and ops(optimized) == ops(model)
+    assert top_ops(optimized.graph) == ["If"]
+
+
+def test_nodes_that_differ_in_an_attribute_stay_in_their_branches():
+    model = both_branches([("Softmax", {"axis": 0})], [("Softmax", {"axis": 1})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 0 and top_ops(optimized.graph) == ["If"]
+
+
+def test_a_branch_output_is_not_hoisted():
+    """Both branches end in Mul(x', 2) of equal values: each still writes its own output."""
+    model = both_branches([("Exp", {})], [("Exp", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 1
+    then_body, else_body = branches(optimized)
+    assert top_ops(then_body) == ["Mul"] and top_ops(else_body) == ["Mul"]
+
+
+def test_a_hoisted_node_takes_the_branch_initializer_it_reads_along():
+    model = both_branches([("Add", {}), ("Exp", {})], [("Add", {}), ("Neg", {})], local_constant=True)
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 1 and top_ops(optimized.graph) == ["Add", "If"]
+
+
+def test_an_if_in_a_loop_body_hoists_into_the_loop_body_not_out_of_the_loop():
+    """The loop may run no iteration: nothing leaves it, though every iteration computes it."""
+    b = ModelBuilder()
+    x = b.input("x", ["n"])
+    trips = b.input("trips", [], np.int64)
+    condition = b.input("c", [], np.bool_)
+    keep_going = b.initializer("keep_going", np.array(True))
+    body = b.branch()
+    body.inputs = [
+        helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+        helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("accumulated", TensorProto.FLOAT, ["n"]),
+    ]
+    then, other = b.branch(), b.branch()
+    then.output(then.node("Neg", [then.node("Exp", [x])]))
+    other.output(other.node("Abs", [other.node("Exp", [x])]))
+    body.output(body.node("Identity", ["condition_in"]), np.bool_, [])
+    body.output(body.node("Add", ["accumulated", body.if_node(condition, then, other)], ["next"]), np.float32, ["n"])
+    b.output(b.node("Loop", [trips, keep_going, x], ["total"], body=body.graph()), np.float32, ["n"])
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["hoisted"] == 1
+    loop = next(node for node in optimized.graph.node if node.op_type == "Loop")
+    (loop_body,) = [attribute.g for attribute in loop.attribute]
+    assert top_ops(optimized.graph) == ["Loop"] and top_ops(loop_body) == ["Identity", "Exp", "If", "Add"]
+    feeds = [
+        {"x": feed["x"], "trips": np.array(count, np.int64), "c": np.array(flag)}
+        for feed in feeds_at_two_sizes(model)
+        for count in (0, 2)
+        for flag in (True, False)
+    ]
     assert_equivalent(model, optimized, feeds)
 
 
