@@ -618,6 +618,41 @@ def _audio_branches(entry: dict[str, Any]) -> ExportSpec:
                       {"waveform": {0: "batch", 1: "samples"}, "logits": {0: "batch"}})
 
 
+def _frame_loop(entry: dict[str, Any]) -> ExportSpec:
+    import torch
+
+    features, hidden, classes = 16, 32, 6
+
+    class FrameLoop(torch.nn.Module):
+        """A recurrent cell written as a Python `for` over the frames: scripted, the loop over a
+        dynamic count becomes an ONNX Loop with the cell's work (two Linears, LayerNorm, GELU, a
+        reshape with computed shapes) in its body."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_proj = torch.nn.Linear(features, hidden)
+            self.state_proj = torch.nn.Linear(hidden, hidden)
+            self.norm = torch.nn.LayerNorm(hidden)
+            self.head = torch.nn.Linear(hidden, classes)
+            self.hidden = hidden
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            batch = frames.shape[0]
+            state = torch.zeros(batch, self.hidden)
+            for step in range(frames.shape[1]):
+                frame = frames[:, step].reshape(batch, -1)
+                mixed = self.input_proj(frame) + self.state_proj(state)
+                state = torch.nn.functional.gelu(self.norm(mixed)) + 0.5 * state
+            return self.head(state)
+
+    model = FrameLoop()
+    _randomize_parameters(model)
+    model.eval()
+    frames = torch.randn(entry["verify_shapes"][0]["frames"])
+    return ExportSpec(torch.jit.script(model), (frames,), ["frames"], ["logits"],
+                      {"frames": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}})
+
+
 def _recurrent_recipe(cell: str, bidirectional: bool) -> Callable[[dict[str, Any]], ExportSpec]:
     def build(entry: dict[str, Any]) -> ExportSpec:
         import torch
@@ -711,6 +746,7 @@ _TORCH_RECIPES: dict[str, Callable[[dict[str, Any]], ExportSpec]] = {
     "lstm": _recurrent_recipe("LSTM", bidirectional=False),
     "gru": _recurrent_recipe("GRU", bidirectional=True),
     "audio-branches": _audio_branches,
+    "frame-loop": _frame_loop,
 }
 # scikit-learn recipes return the ONNX model skl2onnx made.
 _SKLEARN_RECIPES: dict[str, Callable[[dict[str, Any]], Any]] = {
