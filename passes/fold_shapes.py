@@ -31,8 +31,10 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """
     interface = interface_tensors(graph)
     folded = targets = 0
+    # One map for every graph: walk gives a graph before its bodies, so a body reading an
+    # outer-scope shape value (a dim gathered at the top level) knows what the outer graph knew.
+    partials: dict[int, Partial] = {}
     for body in walk(graph):
-        partials: dict[int, Partial] = {}
 
         def partial_of(tensor: gs.Tensor) -> Partial | None:
             if id(tensor) in partials:
