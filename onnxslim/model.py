@@ -1201,10 +1201,15 @@ class ProtoWriter:
             OnnxExporter.export_sparse_tensor_proto(tensor) for tensor in constants if isinstance(tensor._values, SparseValues)
         )
         interface = {tensor.name for tensor in [*graph.inputs, *graph.outputs]}
+        # A body's value_info holds only what its own nodes compute: an entry for an outer-scope
+        # value read there would stand for it in the body, and onnx's inference of the body then
+        # fails (nothing in the body gets a shape) or uses an older, less precise type.
+        produced = {tensor.name for node in graph.nodes for tensor in node.outputs}
         for name, tensor in tensors.items():
             if (
                 (self._known is None or name in self._known)
                 and name not in interface
+                and name in produced
                 and isinstance(tensor, gs.Variable)
                 and (tensor.dtype is not None or tensor.shape is not None)
             ):

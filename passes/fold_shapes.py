@@ -21,8 +21,10 @@ def fold_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """
     interface = interface_tensors(graph)
     folded = targets = selections = 0
+    # One map for every graph: a body reading an outer-scope shape value (a dim gathered at the
+    # top level) knows what the outer graph knows.
+    partial_of = PartialValues()
     for body in walk(graph):
-        partial_of = PartialValues()
         for node in list(body.nodes):
             if node.op == "Reshape" and is_standard(node) and _target_with_one_dynamic_dim(node, partial_of, interface, body):
                 targets += 1

@@ -6,7 +6,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import inferred_symbol, node_subgraphs, proto_node_bodies, trusted_symbol, walk
+from onnxslim.graph import (
+    constant_value,
+    inferred_symbol,
+    is_empty,
+    is_standard,
+    node_subgraphs,
+    proto_node_bodies,
+    trusted_symbol,
+    walk,
+)
 from onnxslim.manager import PassContext, PassResult, register_pass
 from onnxslim.shapes import infer_model
 
@@ -19,19 +28,28 @@ def infer_shapes(graph: gs.Graph, ctx: PassContext) -> PassResult:
         # Inference already ran on this graph and nothing it could say more about has changed
         # since: every incomplete tensor has the same producer reading the same tensors.
         return PassResult(changed=False, skipped=1)
-    inferred = infer_model(graph)
-    annotated = _annotate(graph, inferred.graph)
-    # An op onnx has no schema for stops inference: each one typed here lets it go on past it, to
-    # the next one. A chain of N such ops takes N rounds; a round that types none more ends it.
-    for _ in range(_schemaless_count(graph)):
+    annotated, progressed_before = 0, False
+    for _ in range(MAX_INFERENCES + _schemaless_count(graph)):
+        inferred = infer_model(graph)
+        gained = _annotate(graph, inferred.graph)
+        # What inference cannot say itself: an op onnx has no schema for stops it (each one typed
+        # here lets it go on past it, to the next one: a chain of N takes N rounds), and a Slice
+        # with a computed start or end loses dims it keeps (carried over from its input).
         typed = _type_schemaless(graph)
-        if not typed:
+        carried = sum(_carry_kept_dims(subgraph) for subgraph in walk(graph))
+        annotated += gained + typed + carried
+        # Inference reads typed and carried dims as given, so what follows them is inferred again; a
+        # body sees the outer values' types as the inference before left them, one round later.
+        if not typed and not carried and not (progressed_before and gained):
             break
-        annotated += typed + _annotate(graph, infer_model(graph).graph)
+        progressed_before = typed + carried > 0
     graph.__dict__[MEMO] = _open_questions(graph)
     # Annotation is not a rewrite: it never makes a fixed-point group go round again.
     return PassResult(changed=False, annotated=annotated)
 
+
+# Inferences in one run when dims carried past Slices make later tensors inferable (one is usual).
+MAX_INFERENCES = 4
 
 # Attribute of the top-level gs.Graph holding _open_questions() as it was after the last inference.
 MEMO = "_onnxslim_inference_memo"
@@ -202,3 +220,55 @@ def _refined_dim(old, new):
 def _known(shape: list | None) -> tuple | None:
     """What a shape says beyond one inference's names: counts a renaming as no annotation."""
     return None if shape is None else tuple(None if inferred_symbol(dim) else dim for dim in shape)
+
+
+def _carry_kept_dims(graph: gs.Graph) -> int:
+    """Give a Slice's output the input's dims on the axes it does not slice.
+
+    onnx's inference leaves every dim of a Slice unknown when a start or end is computed (a
+    detector slicing its masks to the number of detections), though only the sliced axes can
+    change; the dims lost there are lost downstream and in the bodies that read the result.
+    Needs constant axes (or none: the first len(starts) axes) and the input's rank. Returns how
+    many dims became known.
+    """
+    carried = 0
+    for node in graph.nodes:
+        if node.op != "Slice" or not is_standard(node) or len(node.inputs) < 3 or not node.outputs:
+            continue
+        data, output = node.inputs[0], node.outputs[0]
+        if not isinstance(output, gs.Variable) or data.shape is None:
+            continue
+        rank = len(data.shape)
+        if output.shape is not None and len(output.shape) != rank:
+            continue
+        sliced = _sliced_axes(node, rank)
+        if sliced is None:
+            continue
+        shape = list(output.shape) if output.shape is not None else [None] * rank
+        kept = [axis for axis in range(rank) if axis not in sliced and _unknown(shape[axis]) and not _unknown(data.shape[axis])]
+        for axis in kept:
+            shape[axis] = data.shape[axis]
+        if kept:
+            output.shape = shape
+            carried += len(kept)
+    return carried
+
+
+def _sliced_axes(node: gs.Node, rank: int) -> set[int] | None:
+    """The axes a Slice slices (normalized), or None if they are not known."""
+    axes = node.inputs[3] if len(node.inputs) > 3 and not is_empty(node.inputs[3]) else None
+    if axes is None:
+        starts = node.inputs[1]
+        count = len(starts.shape) == 1 and starts.shape[0] if starts.shape is not None else None
+        return set(range(count)) if isinstance(count, (int, np.integer)) and 0 <= count <= rank else None
+    values = constant_value(axes)
+    if values is None or values.ndim != 1 or not all(-rank <= axis < rank for axis in values.tolist()):
+        return None
+    return {axis % rank for axis in values.tolist()}
+
+
+def _unknown(dim) -> bool:
+    """Not a static size nor a name the model gave (a dim inference named itself is not known)."""
+    if isinstance(dim, (int, np.integer)):
+        return dim < 0
+    return dim is None or trusted_symbol(dim) is None or inferred_symbol(dim)

@@ -559,6 +559,100 @@ def _mask_rcnn_mini(entry: dict[str, Any]) -> ExportSpec:
                        "labels": detections, "masks": {0: "detections", 2: "height", 3: "width"}})
 
 
+def _audio_branches(entry: dict[str, Any]) -> ExportSpec:
+    import torch
+
+    classes, dim = 10, 48
+
+    class FrontEnd(torch.nn.Module):
+        """One sample rate's front end: a strided Conv1d stack with BatchNorm, frames as rows
+        through a LayerNorm, GELU and a Linear, averaged over time into class scores."""
+
+        def __init__(self, kernel: int, stride: int, channels: int) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv1d(1, channels, kernel, stride=stride)
+            self.bn1 = torch.nn.BatchNorm1d(channels)
+            self.conv2 = torch.nn.Conv1d(channels, dim, 3, stride=2, padding=1)
+            self.bn2 = torch.nn.BatchNorm1d(dim)
+            self.norm = torch.nn.LayerNorm(dim)
+            self.proj = torch.nn.Linear(dim, dim)
+            self.head = torch.nn.Linear(dim, classes)
+            self.dim = dim  # an attribute: scripting cannot read the closure's int
+
+        def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+            x = torch.relu(self.bn1(self.conv1(waveform.unsqueeze(1))))
+            x = torch.relu(self.bn2(self.conv2(x)))
+            batch, frames = x.shape[0], x.shape[2]
+            rows = x.transpose(1, 2).reshape(batch * frames, self.dim)  # shapes computed in the branch
+            rows = self.proj(torch.nn.functional.gelu(self.norm(rows)))
+            return self.head(rows.reshape(batch, frames, self.dim).mean(1))
+
+    class ScriptedClassifier(torch.nn.Module):
+        """The front end is picked by the clip's length (its sample rate): scripted, the Python
+        `if` on a shape becomes an ONNX If with each front end in a branch."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.wide = FrontEnd(kernel=400, stride=160, channels=32)  # 16 kHz: 25 ms windows, 10 ms hop
+            self.narrow = FrontEnd(kernel=200, stride=80, channels=24)  # 8 kHz
+            self.long_clip = 12000  # samples: a second at 16 kHz is longer, one at 8 kHz is not
+
+        def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+            if waveform.shape[1] > self.long_clip:
+                return self.wide(waveform)
+            return self.narrow(waveform)
+
+    class CondClassifier(ScriptedClassifier):
+        """The same choice through torch.cond, which the dynamo exporter turns into an If."""
+
+        def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+            return torch.cond(waveform.shape[1] > self.long_clip, self.wide, self.narrow, (waveform,))
+
+    dynamo = entry.get("exporter", "torchscript") == "dynamo"
+    model = CondClassifier() if dynamo else ScriptedClassifier()
+    _randomize_parameters(model)
+    _set_batch_norm_statistics(model, lambda: (model.wide(torch.randn(8, 16000)), model.narrow(torch.randn(8, 8000))))
+    model.eval()
+    waveform = torch.randn(entry["verify_shapes"][0]["waveform"])
+    return ExportSpec(model if dynamo else torch.jit.script(model), (waveform,), ["waveform"], ["logits"],
+                      {"waveform": {0: "batch", 1: "samples"}, "logits": {0: "batch"}})
+
+
+def _frame_loop(entry: dict[str, Any]) -> ExportSpec:
+    import torch
+
+    features, hidden, classes = 16, 32, 6
+
+    class FrameLoop(torch.nn.Module):
+        """A recurrent cell written as a Python `for` over the frames: scripted, the loop over a
+        dynamic count becomes an ONNX Loop with the cell's work (two Linears, LayerNorm, GELU, a
+        reshape with computed shapes) in its body."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_proj = torch.nn.Linear(features, hidden)
+            self.state_proj = torch.nn.Linear(hidden, hidden)
+            self.norm = torch.nn.LayerNorm(hidden)
+            self.head = torch.nn.Linear(hidden, classes)
+            self.hidden = hidden
+
+        def forward(self, frames: torch.Tensor) -> torch.Tensor:
+            batch = frames.shape[0]
+            state = torch.zeros(batch, self.hidden)
+            for step in range(frames.shape[1]):
+                frame = frames[:, step].reshape(batch, -1)
+                mixed = self.input_proj(frame) + self.state_proj(state)
+                state = torch.nn.functional.gelu(self.norm(mixed)) + 0.5 * state
+            return self.head(state)
+
+    model = FrameLoop()
+    _randomize_parameters(model)
+    model.eval()
+    frames = torch.randn(entry["verify_shapes"][0]["frames"])
+    return ExportSpec(torch.jit.script(model), (frames,), ["frames"], ["logits"],
+                      {"frames": {0: "batch", 1: "sequence"}, "logits": {0: "batch"}})
+
+
 def _recurrent_recipe(cell: str, bidirectional: bool) -> Callable[[dict[str, Any]], ExportSpec]:
     def build(entry: dict[str, Any]) -> ExportSpec:
         import torch
@@ -651,6 +745,8 @@ _TORCH_RECIPES: dict[str, Callable[[dict[str, Any]], ExportSpec]] = {
     "mask-rcnn-mini": _mask_rcnn_mini,
     "lstm": _recurrent_recipe("LSTM", bidirectional=False),
     "gru": _recurrent_recipe("GRU", bidirectional=True),
+    "audio-branches": _audio_branches,
+    "frame-loop": _frame_loop,
 }
 # scikit-learn recipes return the ONNX model skl2onnx made.
 _SKLEARN_RECIPES: dict[str, Callable[[dict[str, Any]], Any]] = {

@@ -1,8 +1,20 @@
 """eliminate-common-subexpressions: nodes computing the same value are merged, and the cases where they must not be."""
 
 import numpy as np
+import onnx
 from onnx import TensorProto, helper
-from builder import ModelBuilder, assert_equivalent, branches, ops, output_names, random, run_pass, run_passes, top_ops
+from builder import (
+    ModelBuilder,
+    assert_equivalent,
+    branches,
+    feeds_at_two_sizes,
+    ops,
+    output_names,
+    random,
+    run_pass,
+    run_passes,
+    top_ops,
+)
 
 
 def cse(model):
@@ -168,6 +180,245 @@ def test_duplicates_in_a_loop_body_merge_and_a_body_output_keeps_its_name():
     assert top_ops(optimized_body) == ["Mul", "Identity", "Add"]
     assert list(optimized_body.node[0].output) == ["next"] and list(optimized_body.node[2].input) == ["next", "next"]
     assert_equivalent(model, optimized)
+
+
+# ----------------------------------------------------------------------------- across scopes
+
+
+def shape_in_both_scopes(*, outer_after_if=False, branch_output=False):
+    """x[n, 3] -> Shape -> Gather(1): computed at the top level and again in the then branch.
+    The condition is an input, so both branches are exercised at two sizes of n."""
+    b = ModelBuilder()
+    x = b.input("x", ["n", 3])
+    condition = b.input("c", [], np.bool_)
+    axis = b.initializer("axis", np.array(1, np.int64))
+
+    def outer():
+        return b.node("Gather", [b.node("Shape", [x], ["outer_shape"]), axis], ["outer_width"], axis=0)
+
+    width = None if outer_after_if else outer()
+    then = b.branch()
+    inner = then.node("Gather", [then.node("Shape", [x], ["inner_shape"]), axis], ["inner_width"], axis=0)
+    if branch_output:
+        then.output(inner)
+    else:
+        then.output(then.node("Mul", [inner, inner], ["then_out"]))
+    other = b.branch()
+    other.output(other.node("Neg", [axis], ["else_out"]))
+    chosen = b.if_node(condition, then, other)
+    if outer_after_if:
+        width = outer()
+    b.output(b.node("Add", [chosen, width], ["y"]))
+    return b.build()
+
+
+def feeds_for_both_branches(model):
+    return [{**feed, "c": np.array(flag)} for feed in feeds_at_two_sizes(model) for flag in (True, False)]
+
+
+def test_a_branch_node_repeating_an_outer_one_reads_the_outer_value():
+    model = shape_in_both_scopes()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 2  # the Shape, then the Gather that now reads the outer Shape
+    then_body, _ = branches(optimized)
+    assert top_ops(then_body) == ["Mul"] and list(then_body.node[0].input) == ["outer_width", "outer_width"]
+    assert ops(optimized)["Shape"] == 1 and ops(optimized)["Gather"] == 1
+    assert_equivalent(model, optimized, feeds_for_both_branches(model))
+    again, second = cse_and_clean(optimized)
+    assert not second.changed and again == optimized
+
+
+def test_an_outer_node_after_the_if_is_not_read_by_its_branch():
+    """The If runs before that node: its branch cannot read what is computed later."""
+    model = shape_in_both_scopes(outer_after_if=True)
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 0 and ops(optimized) == ops(model)
+    assert_equivalent(model, optimized, feeds_for_both_branches(model))
+
+
+def test_a_branch_output_is_still_computed_in_the_branch():
+    """A body output must be produced inside the body; the Shape before it still merges."""
+    model = shape_in_both_scopes(branch_output=True)
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 1
+    then_body, _ = branches(optimized)
+    assert top_ops(then_body) == ["Gather"] and list(then_body.node[0].input) == ["outer_shape", "axis"]
+    assert_equivalent(model, optimized, feeds_for_both_branches(model))
+
+
+def test_a_node_two_bodies_deep_reads_the_top_level_value():
+    b = ModelBuilder()
+    x = b.input("x", ["n", 3])
+    first, second = b.input("c", [], np.bool_), b.input("d", [], np.bool_)
+    outer = b.node("Exp", [x], ["outer_exp"])
+    inner_then = b.branch()
+    inner_then.output(inner_then.node("Abs", [inner_then.node("Exp", [x], ["inner_exp"])], ["deep_out"]))
+    inner_else = b.branch()
+    inner_else.output(inner_else.node("Neg", [x], ["deep_neg"]))
+    then = b.branch()
+    then.output(then.if_node(second, inner_then, inner_else))
+    other = b.branch()
+    other.output(other.node("Sigmoid", [x], ["else_out"]))
+    b.output(b.node("Add", [b.if_node(first, then, other), outer], ["y"]))
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 1 and ops(optimized)["Exp"] == 1
+    feeds = [
+        {**feed, "c": np.array(c), "d": np.array(d)}
+        for feed in feeds_at_two_sizes(model)
+        for c in (True, False)
+        for d in (True, False)
+    ]
+    assert_equivalent(model, optimized, feeds)
+
+
+def test_a_loop_invariant_node_repeating_an_outer_one_reads_the_outer_value():
+    """Also when the loop runs no iteration: the outer node runs anyway, the body not at all."""
+    b = ModelBuilder()
+    x = b.input("x", ["n"])
+    trips = b.input("trips", [], np.int64)
+    keep_going = b.initializer("keep_going", np.array(True))
+    outer = b.node("Exp", [x], ["outer_exp"])
+    body = b.branch()
+    body.inputs = [
+        helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+        helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("accumulated", TensorProto.FLOAT, ["n"]),
+    ]
+    body.output(body.node("Identity", ["condition_in"]), np.bool_, [])
+    body.output(body.node("Add", ["accumulated", body.node("Exp", [x], ["inner_exp"])], ["next"]), np.float32, ["n"])
+    (total,) = [b.node("Loop", [trips, keep_going, x], ["total"], body=body.graph())]
+    b.output(b.node("Mul", [total, outer], ["y"]), np.float32, ["n"])
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["merged"] == 1 and ops(optimized)["Exp"] == 1
+    feeds = [{"x": feed["x"], "trips": np.array(count, np.int64)} for feed in feeds_at_two_sizes(model) for count in (0, 3)]
+    assert_equivalent(model, optimized, feeds)
+
+
+def both_branches(then_ops, else_ops, *, local_constant=False):
+    """x[n, 3], c -> If: each branch applies its chain of ops to x ending in a Mul by 2; a chain is
+    a list of (op, attrs). With `local_constant` the branches read their own initializer."""
+    b = ModelBuilder()
+    x = b.input("x", ["n", 3])
+    condition = b.input("c", [], np.bool_)
+    two = b.initializer("two", np.array(2.0, np.float32))
+
+    def branch(chain):
+        body = b.branch()
+        value = x
+        for op, attrs in chain:
+            if local_constant and op == "Add":
+                body.initializers.append(onnx.numpy_helper.from_array(np.full([3], 0.5, np.float32), body.fresh("half")))
+                value = body.node("Add", [value, body.initializers[-1].name])
+            else:
+                value = body.node(op, [value], **attrs)
+        body.output(body.node("Mul", [value, two]))
+        return body
+
+    b.output(b.if_node(condition, branch(then_ops), branch(else_ops)), np.float32, ["n", 3])
+    return b.build()
+
+
+def hoist(model):
+    optimized, result = cse_and_clean(model)
+    assert_equivalent(model, optimized, feeds_for_both_branches(model))
+    again, second = cse_and_clean(optimized)
+    assert not second.changed and again == optimized
+    return optimized, result
+
+
+def test_what_both_branches_compute_from_outer_values_is_computed_once_before_the_if():
+    model = both_branches([("Exp", {}), ("Abs", {}), ("Neg", {})], [("Exp", {}), ("Abs", {}), ("Sigmoid", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 2 and ops(optimized)["Exp"] == 1 and ops(optimized)["Abs"] == 1
+    assert top_ops(optimized.graph) == ["Exp", "Abs", "If"]
+    then_body, else_body = branches(optimized)
+    assert top_ops(then_body) == ["Neg", "Mul"] and top_ops(else_body) == ["Sigmoid", "Mul"]
+
+
+def test_a_node_only_one_branch_computes_stays_there():
+    model = both_branches([("Exp", {})], [("Softplus", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 0 and ops(optimized) == ops(model)
+    assert top_ops(optimized.graph) == ["If"]
+
+
+def test_nodes_that_differ_in_an_attribute_stay_in_their_branches():
+    model = both_branches([("Softmax", {"axis": 0})], [("Softmax", {"axis": 1})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 0 and top_ops(optimized.graph) == ["If"]
+
+
+def test_a_branch_output_is_not_hoisted():
+    """Both branches end in Mul(x', 2) of equal values: each still writes its own output."""
+    model = both_branches([("Exp", {})], [("Exp", {})])
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 1
+    then_body, else_body = branches(optimized)
+    assert top_ops(then_body) == ["Mul"] and top_ops(else_body) == ["Mul"]
+
+
+def test_a_hoisted_node_takes_the_branch_initializer_it_reads_along():
+    model = both_branches([("Add", {}), ("Exp", {})], [("Add", {}), ("Neg", {})], local_constant=True)
+
+    optimized, result = hoist(model)
+
+    assert result.counters["hoisted"] == 1 and top_ops(optimized.graph) == ["Add", "If"]
+
+
+def test_an_if_in_a_loop_body_hoists_into_the_loop_body_not_out_of_the_loop():
+    """The loop may run no iteration: nothing leaves it, though every iteration computes it."""
+    b = ModelBuilder()
+    x = b.input("x", ["n"])
+    trips = b.input("trips", [], np.int64)
+    condition = b.input("c", [], np.bool_)
+    keep_going = b.initializer("keep_going", np.array(True))
+    body = b.branch()
+    body.inputs = [
+        helper.make_tensor_value_info("iteration", TensorProto.INT64, []),
+        helper.make_tensor_value_info("condition_in", TensorProto.BOOL, []),
+        helper.make_tensor_value_info("accumulated", TensorProto.FLOAT, ["n"]),
+    ]
+    then, other = b.branch(), b.branch()
+    then.output(then.node("Neg", [then.node("Exp", [x])]))
+    other.output(other.node("Abs", [other.node("Exp", [x])]))
+    body.output(body.node("Identity", ["condition_in"]), np.bool_, [])
+    body.output(body.node("Add", ["accumulated", body.if_node(condition, then, other)], ["next"]), np.float32, ["n"])
+    b.output(b.node("Loop", [trips, keep_going, x], ["total"], body=body.graph()), np.float32, ["n"])
+    model = b.build()
+
+    optimized, result = cse_and_clean(model)
+
+    assert result.counters["hoisted"] == 1
+    loop = next(node for node in optimized.graph.node if node.op_type == "Loop")
+    (loop_body,) = [attribute.g for attribute in loop.attribute]
+    assert top_ops(optimized.graph) == ["Loop"] and top_ops(loop_body) == ["Identity", "Exp", "If", "Add"]
+    feeds = [
+        {"x": feed["x"], "trips": np.array(count, np.int64), "c": np.array(flag)}
+        for feed in feeds_at_two_sizes(model)
+        for count in (0, 2)
+        for flag in (True, False)
+    ]
+    assert_equivalent(model, optimized, feeds)
 
 
 def test_a_second_run_changes_nothing():

@@ -159,3 +159,36 @@ def test_a_name_shared_by_different_tensors_of_sibling_bodies_is_not_kept_for_ot
     assert not result.changed
     assert all(initializer_names(body) == {"scale", "shift"} for body in branches(optimized))
     assert_equivalent(model, optimized, FEEDS)
+
+
+def test_a_small_integer_constant_stays_in_the_body_that_reads_it():
+    """onnx's inference of a body does not see outer initializers' values: an Unsqueeze reading
+    its axes from one would lose its shape, and the Concat of that with the known [1, 1] would be
+    inferred as empty, which the checker rejects. Float constants are still shared."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 1, 4, 4])
+    h = b.input("h", [], np.int64)
+    condition = b.input("c", [], np.bool_)
+    b.initializer("axes", np.array([0], np.int64))
+    scale = b.initializer("scale", np.full([1], 0.5, np.float32))
+    then = b.branch()
+    axes = then.initializer("axes_in_branch", np.array([0], np.int64))
+    size = then.node("Unsqueeze", [h, axes])
+    sizes = then.node("Concat", [then.initializer("ones", np.array([1, 1], np.int64)), size, size], axis=0)
+    resized = then.node("Resize", [x, "", "", sizes], mode="nearest")
+    then.output(then.node("Mul", [resized, then.initializer("half", np.full([1], 0.5, np.float32))]), np.float32, [1, 1, None, None])
+    other = b.branch()
+    other.output(other.node("Mul", [x, scale]), np.float32, [1, 1, None, None])
+    outer_axes = b.node("Unsqueeze", [h, "axes"], ["outer_size"])
+    b.output(b.if_node(condition, then, other), np.float32, [1, 1, None, None])
+    b.output(outer_axes, np.int64, [1])
+    model = b.build()
+
+    optimized, result = deduplicate(model)
+
+    assert result.counters["merged"] == 1  # the float half, not the axes
+    then_body, _ = branches(optimized)
+    assert {tensor.name for tensor in then_body.initializer} == {"axes_in_branch", "ones"}
+    onnx.checker.check_model(optimized, full_check=True)
+    feeds = [{"x": random([1, 1, 4, 4]), "h": np.array(size, np.int64), "c": np.array(flag)} for size in (2, 6) for flag in (True, False)]
+    assert_equivalent(model, optimized, feeds)

@@ -3,7 +3,7 @@
 import numpy as np
 import onnx
 import pytest
-from builder import ModelBuilder, assert_equivalent, ops, output_names, random, run_pass
+from builder import ModelBuilder, assert_equivalent, branches, ops, output_names, random, run_pass, top_ops
 
 import onnxslim
 
@@ -293,3 +293,29 @@ def test_empty_integer_operands_are_not_decided(op):
     model = b.build()
     optimized, _ = fold(model)
     assert_equivalent(model, optimized, {"x": np.zeros([0], np.int64)})
+
+
+def test_a_body_reads_what_the_outer_graph_knows_of_a_shape():
+    """Shape(x[n, 4]) is computed at the top level (n is dynamic); a branch gathers its static
+    element: that folds in the branch as it would at the top level, the dynamic one does not."""
+    b = ModelBuilder()
+    x = b.input("x", ["n", 4])
+    condition = b.input("c", [], np.bool_)
+    shape = b.node("Shape", [x], ["shape"])
+    then = b.branch()
+    width = then.node("Gather", [shape, b.initializer("one", np.array(1, np.int64))], ["width"], axis=0)
+    then.output(then.node("Mul", [width, width], ["then_out"]), np.int64, [])
+    other = b.branch()
+    count = other.node("Gather", [shape, b.initializer("zero", np.array(0, np.int64))], ["count"], axis=0)
+    other.output(other.node("Neg", [count], ["else_out"]), np.int64, [])
+    b.output(b.if_node(condition, then, other), np.int64, [])
+    model = b.build()
+
+    optimized, result = run_pass(model, "fold-shapes", first=("infer-shapes",))
+
+    # The static width folds, and so does width * width (the Mul rule of shape arithmetic).
+    assert result.counters["folded"] == 2
+    then_body, else_body = branches(optimized)
+    assert "Gather" not in top_ops(then_body) and top_ops(else_body) == ["Gather", "Neg"]
+    feeds = [{"x": random([size, 4]), "c": np.array(flag)} for size in (2, 5) for flag in (True, False)]
+    assert_equivalent(model, optimized, feeds)

@@ -1,6 +1,7 @@
 """infer-shapes: annotates tensors with dtypes and shapes, changes no computation, reports "unchanged"."""
 
 import numpy as np
+import onnx
 import pytest
 import onnxslim
 from builder import ModelBuilder, assert_equivalent, ops, random, run_pass
@@ -295,3 +296,64 @@ def test_a_chain_of_onnxruntime_fused_ops_is_typed_in_one_inference():
     b.output(b.node("Neg", [current], ["y"]), np.float32, ["N", 3, 4])
     graph, _ = annotate(b.build())
     assert [tensor(graph, f"gelu{index}").shape for index in range(6)] == [["N", 3, 4]] * 6
+
+
+def sliced_to_a_computed_count(loop=False):
+    """masks[n, 1, 4, 4] sliced on axis 0 to a computed count (as a detector keeps its detections):
+    onnx's inference loses every dim of the Slice; the unsliced ones are the input's. With `loop`,
+    a Loop body reads the sliced masks, one per iteration, and takes the shape of one."""
+    b = ModelBuilder()
+    masks = b.input("masks", ["n", 1, 4, 4])
+    keep = b.input("keep", [1], np.int64)
+    zero = b.initializer("zero", np.array([0], np.int64))
+    sliced = b.node("Slice", [masks, zero, b.node("Abs", [keep], ["count"]), zero], ["sliced"])
+    padded = b.node("Pad", [sliced, b.initializer("pads", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))], ["padded"])
+    if not loop:
+        b.output(padded, np.float32, None)
+        return b.build()
+    body = b.branch()
+    body.inputs = [
+        onnx.helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+        onnx.helper.make_tensor_value_info("condition_in", onnx.TensorProto.BOOL, []),
+    ]
+    one = body.node("Gather", [padded, "i"], ["one"], axis=0)
+    body.output(body.node("Identity", ["condition_in"]), np.bool_, [])
+    body.output(body.node("Shape", [one], ["one_shape"]), np.int64, [3])
+    trips = b.node("Squeeze", [b.node("Shape", [sliced], start=0, end=1)], ["trips"])
+    b.output(b.node("Loop", [trips, ""], ["shapes"], body=body.graph()), np.int64, [None, 3])
+    return b.build()
+
+
+def test_a_slice_with_a_computed_end_keeps_the_dims_it_does_not_slice():
+    graph, _ = annotate(sliced_to_a_computed_count())
+
+    assert tensor(graph, "sliced").shape[1:] == [1, 4, 4]
+    assert tensor(graph, "padded").shape[1:] == [1, 6, 6]  # and what follows is inferred from them
+
+
+def test_a_loop_body_sees_the_dims_kept_past_a_slice_and_folds_their_shape():
+    model = sliced_to_a_computed_count(loop=True)
+
+    graph, _ = annotate(model)
+    optimized = onnxslim.optimize(model, verify=False)
+
+    assert tensor(graph, "one").shape == [1, 6, 6]
+    assert ops(optimized)["Shape"] == 1  # the body's Shape is a constant now; the trip count's stays
+    feeds = [{"masks": random([size, 1, 4, 4], seed=size), "keep": np.array([count], np.int64)} for size, count in ((2, 1), (5, 4))]
+    assert_equivalent(model, optimized, feeds)
+    assert onnxslim.optimize(optimized, verify=False) == optimized
+
+
+@pytest.mark.parametrize("axes", [None, [-1]])
+def test_the_axes_a_slice_slices_are_given_or_the_first_ones_and_only_they_change(axes):
+    b = ModelBuilder()
+    x = b.input("x", [2, 3, 4])
+    end = b.node("Abs", [b.input("end", [1], np.int64)], ["end_abs"])
+    start = b.initializer("start", np.array([0], np.int64))
+    inputs = [x, start, end] + ([b.initializer("axes", np.array(axes, np.int64))] if axes else [])
+    b.output(b.node("Slice", inputs, ["y"]), np.float32, None)
+
+    graph, _ = annotate(b.build())
+
+    shape = tensor(graph, "y").shape
+    assert shape[1:] == [3, 4] if axes is None else (shape[:2] == [2, 3] and not isinstance(shape[2], int))

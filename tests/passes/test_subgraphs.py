@@ -113,3 +113,42 @@ def test_loop_body_is_cleaned():
     assert len(copies) == 1
     assert optimized.ByteSize() < model.ByteSize()
     assert_equivalent(model, optimized)
+
+
+def branches_reading_outer_values():
+    """x[batch, samples] -> Unsqueeze at the top level, and each branch repeats it (the dynamo
+    exporter's pattern, value_info included): after optimizing, the branches read the outer value."""
+    b = ModelBuilder()
+    x = b.input("x", ["batch", "samples"])
+    condition = b.node("Greater", [b.node("ReduceSum", [x], keepdims=0), b.initializer("zero", np.array(0, np.float32))])
+    axes = b.initializer("axes", np.array([1], np.int64))
+    outer = b.annotate(b.node("Unsqueeze", [x, axes], ["outer"]), np.float32, ["batch", 1, "samples"])
+    weight = b.initializer("w", random([4, 1, 3], seed=2))
+
+    def branch(stride):
+        body = b.branch()
+        unsqueezed = body.annotate(body.node("Unsqueeze", [x, axes]), np.float32, ["batch", 1, "samples"])
+        conv = body.node("Conv", [unsqueezed, weight], strides=[stride])
+        body.output(body.node("ReduceMean", [conv], axes=[2], keepdims=0), np.float32, ["batch", 4])
+        return body
+
+    mean = b.node("ReduceMean", [outer], axes=[2], keepdims=0)
+    b.output(b.node("Add", [b.if_node(condition, branch(1), branch(2)), mean]), np.float32, ["batch", 4])
+    return b.build()
+
+
+def test_a_body_writes_no_type_for_the_outer_values_it_reads_and_a_second_run_changes_nothing():
+    """A body's value_info entry for an outer value stands for it in the body: onnx's inference
+    of the body then lost every shape, and a second run found a different model."""
+    model = branches_reading_outer_values()
+    feeds = [{"x": random([batch, samples], seed=batch)} for batch, samples in ((1, 8), (3, 11))]
+
+    optimized = onnxslim.optimize(model, inputs=feeds)
+
+    then_body, else_body = branches(optimized)
+    outer_names = {value.name for value in optimized.graph.value_info} | {node.output[0] for node in optimized.graph.node}
+    for body in (then_body, else_body):
+        assert "outer" in {name for node in body.node for name in node.input}
+        assert not {value.name for value in body.value_info} & outer_names
+        assert [dim.dim_param for dim in body.output[0].type.tensor_type.shape.dim][:1] == ["batch"]
+    assert onnxslim.optimize(optimized, inputs=feeds).SerializeToString() == optimized.SerializeToString()
