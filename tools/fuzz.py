@@ -37,7 +37,6 @@ import base64
 import dataclasses
 import faulthandler
 import hashlib
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -59,18 +58,11 @@ REPO = HERE.parent
 CACHE = REPO / ".cache" / "fuzz"
 
 
-def _load_sibling(name: str):
-    # tools/ is not a package and not installed: load fuzz_graphs by path, once.
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+# tools/ is not a package and not installed: its siblings import by name, as the other tools' do.
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 
-
-fuzz_graphs = _load_sibling("fuzz_graphs")
+import fuzz_graphs  # noqa: E402 — needs HERE on sys.path
 
 FAILURES = ("wrong", "invalid", "crash", "refused", "timeout", "fidelity-nan", "unstable")
 CLASSES = ("ok",) + FAILURES + ("skipped",)
