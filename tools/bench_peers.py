@@ -36,9 +36,13 @@ that process's peak RSS and, for a crash or a time-out, the last line of its err
 Python, every result and the original are measured alike (tools/peers/measure.py): nodes
 (If/Loop/Scan bodies included), file size, onnx.checker full-check validity, whether the inputs'
 dynamic dims stay dynamic, the verdict against the original under onnxruntime (graph optimizations
-disabled, seeded inputs) at EVERY verification shape of the manifest, and onnxruntime latency at
-the first shape on one thread with graph optimizations disabled and with ORT_ENABLE_ALL. Ratios
-are ours/peer, from the same run: below 1 means ours is smaller or faster.
+disabled, seeded inputs) at EVERY verification shape of the manifest. Last, onnxruntime latency at
+the first shape on one thread, in steady state (a block of back-to-back runs of a fresh session):
+with ORT_ENABLE_ALL the original and every result that verifies are timed in 7 epochs, fresh
+sessions each, the order rotating, and each peer is compared with ours epoch by epoch (a median
+ratio and its 95 % bootstrap interval; ours counts as slower only where the whole interval lies
+above 1); with graph optimizations disabled, one epoch. Ratios are ours/peer, from the same run:
+below 1 means ours is smaller or faster.
 
 Results go to <out>/<tool>/<model>.onnx; the report to <out>/peers.md (a summary first) and
 <out>/peers.json, and to stdout. <out> is --out, default <cache>/bench.
@@ -51,6 +55,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -337,7 +342,7 @@ def bench(cases: list[ModelCase], tools: list[Tool], bench_dir: Path, timeout: f
             report["models"].append({"name": case.name, "source": case.source, "group": case.group,
                                      "error": f"the original does not run: {_last_line(str(error))}"})
             continue
-        original = measure.measure(case.path, references, with_latency, original_session)
+        original = measure.measure(case.path, references, original_session)
         del original_session  # a large model's weights: free them before the tools run
         model_report = {
             "name": case.name,
@@ -366,13 +371,16 @@ def bench(cases: list[ModelCase], tools: list[Tool], bench_dir: Path, timeout: f
             }
             if child.status == "ok":
                 report["tools"][tool.key]["version"] = child.report["version"]
-                result.update(_measure_result(output, references, with_latency))
+                result.update(_measure_result(output, references))
                 result["fixed_dims"] = measure.fixed_dims(original["input_dims"], result["input_dims"])
                 result["not_larger"] = result["bytes"] <= original["bytes"]
             _progress(f"{case.name}: {tool.label}: {_progress_line(result)}")
             model_report["results"][tool.key] = result
         if time_repeats > 1:
             _repeat_timings(case, tools, model_report["results"], bench_dir, timeout, python_for_peers, time_repeats)
+        if with_latency:
+            _progress(f"{case.name}: timing onnxruntime runs, the results taking turns")
+            _time_latency(model_report, case, bench_dir, references[0].feeds)
         _add_ratios(model_report["results"])
         report["models"].append(model_report)
     report["environment"]["load_average_end"] = _load_average()
@@ -408,9 +416,39 @@ def _repeat_timings(case: ModelCase, tools: list[Tool], results: dict, bench_dir
             result["pass_seconds"] = statistics.median(pass_runs[tool.key])
 
 
-def _measure_result(output: Path, references: list[measure.Reference], with_latency: bool) -> dict:
+def _time_latency(model_report: dict, case: ModelCase, bench_dir: Path, feeds: dict) -> None:
+    """Latency of the original and of every result that verifies (see measure.epoch_latency):
+    ORT_ENABLE_ALL in epochs, ours/peer epoch by epoch; optimizations disabled, one epoch."""
+    results = model_report["results"]
+    timed = {key: result for key, result in results.items() if result["status"] == "ok" and result["verdict"] == "ok"}
+    paths = {"original": case.path, **{key: bench_dir / key / f"{case.name}.onnx" for key in timed}}
+    if "ours" in paths:  # the control: ours against a byte-copy of itself shows the timing's own noise
+        copy = bench_dir / "ours-copy" / f"{case.name}.onnx"
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths["ours"], copy)
+        paths["ours-copy"] = copy
+    everyone = {"original": model_report["original"], **timed}
+    everyone["ours-copy"] = {}
+    for result in everyone.values():
+        result["latency_ms"] = {}
+    for level, epochs in (("disabled", 1), ("all", measure.EPOCHS)):
+        times, errors = measure.epoch_latency(paths, feeds, level, epochs)
+        for key, runs in times.items():
+            everyone[key]["latency_ms"][level] = statistics.median(runs)
+        for key, error in errors.items():
+            everyone[key]["latency_error"] = f"with {level}: {error}"
+        if "ours" not in times:
+            continue
+        for key in timed:
+            if TOOLS[key].is_peer and key in times and epochs > 1:
+                timed[key].setdefault("latency_paired", {})[level] = measure.paired_ratio(times["ours"], times[key])
+        if "ours-copy" in times and epochs > 1:
+            model_report["latency_control"] = measure.paired_ratio(times["ours"], times["ours-copy"])
+
+
+def _measure_result(output: Path, references: list[measure.Reference]) -> dict:
     try:
-        return measure.measure(output, references, with_latency)
+        return measure.measure(output, references)
     except Exception as error:  # noqa: BLE001 — e.g. a file onnx cannot parse: a result to report
         return {"nodes": None, "bytes": measure.file_bytes(output), "input_dims": {}, "valid": False,
                 "validity_message": f"cannot load: {_last_line(str(error))}", "latency_ms": {},
@@ -431,8 +469,8 @@ def _add_ratios(results: dict[str, dict]) -> None:
             "seconds": _ratio(ours["seconds"], peer["seconds"]),
             "pass_seconds": _ratio(ours["pass_seconds"], peer["seconds"]),
             "nodes": _ratio(ours["nodes"], peer["nodes"]) if both_verify else None,
-            "latency_disabled": _ratio(ours["latency_ms"].get("disabled"), peer["latency_ms"].get("disabled")),
-            "latency_all": _ratio(ours["latency_ms"].get("all"), peer["latency_ms"].get("all")),
+            "latency_disabled": _ratio(ours.get("latency_ms", {}).get("disabled"), peer.get("latency_ms", {}).get("disabled")),
+            "latency_all": peer.get("latency_paired", {}).get("all", {}).get("median"),
         }
 
 
@@ -465,7 +503,8 @@ def _environment() -> dict:
             "python": platform.python_version(), "platform": platform.platform(),
             "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "cpu_count": os.cpu_count(), "load_average_start": _load_average(), "seed": measure.SEED,
-            "latency_runs": {"warmup": measure.WARMUP_RUNS, "timed": measure.TIMED_RUNS},
+            "latency_runs": {"warmup": measure.WARMUP_RUNS, "block_seconds": measure.BLOCK_SECONDS,
+                             "block_min_runs": measure.BLOCK_MIN_RUNS, "epochs": measure.EPOCHS},
             "tolerances": {str(dtype): {"atol": atol, "rtol": rtol}
                            for dtype, (atol, rtol) in measure.TOLERANCES.items()}}
 
@@ -524,6 +563,10 @@ def _model_summary(model: dict, peers: list[str]) -> dict:
         "judged_by": judged_key,
         "peer_min_all": _minimum(produced),
         "peer_min_verified": _minimum(verified),
+        # ours vs each verified peer at ORT_ENABLE_ALL, run by run (None: latency not timed)
+        "latency_all": {key: result["latency_paired"]["all"] for key, result in verified.items()
+                        if "all" in result.get("latency_paired", {})} if _verifies(ours) else {},
+        "latency_control": model.get("latency_control"),
     }
     for which in ("all", "verified"):
         minimum = summary[f"peer_min_{which}"]
@@ -665,9 +708,9 @@ def markdown(report: dict) -> str:
         "set-up, which includes writing the model); pass s: ours' passes alone. Peak RSS: the tool's whole "
         "process (Python, imports, the model). ≤ orig: file bytes not above the original's. dynamic: the "
         "inputs' dynamic dims stay dynamic (– for a static model). Verdict: one per verification shape. "
-        f"Latency: onnxruntime median of {environment['latency_runs']['timed']} runs after "
-        f"{environment['latency_runs']['warmup']} warm-up runs, one thread, at the first shape, graph "
-        "optimizations disabled / ORT_ENABLE_ALL. ours/peer below 1: ours is smaller or faster.",
+        "Latency: onnxruntime median ms, one thread, at the first shape, graph optimizations disabled / "
+        f"ORT_ENABLE_ALL, steady state ({_latency_rounds(environment)}); ours/peer latency: the median of the "
+        "epoch-by-epoch ratios (ORT_ENABLE_ALL only). ours/peer below 1: ours is smaller or faster.",
         "",
         "| model | tool | nodes | ours/peer | seconds | pass s | ours/peer | peak RSS MiB | KiB | ≤ orig "
         "| valid | dynamic | verdict per shape | max abs diff | latency ms | ours/peer latency |",
@@ -846,6 +889,18 @@ def _acceptance_lines(summary: dict, tools: dict, peers: int) -> list[str]:
         lines.append(f"- {_mark(vit['pass_seconds'] <= VIT_PASS_SECONDS_TARGET)} {VIT_MODEL}: ours' passes "
                      f"{vit['pass_seconds']:.2f} s (target ≤ {VIT_PASS_SECONDS_TARGET} s); the whole optimize "
                      f"call {vit['seconds']:.2f} s")
+    timed = [model for model in models if model.get("latency_all")]
+    if timed:
+        slower = [_slower_text(model, tools) for model in timed
+                  if any(paired["verdict"] == "slower" for paired in model["latency_all"].values())]
+        faster = sum(all(paired["verdict"] == "faster" for paired in model["latency_all"].values()) for model in timed)
+        lines.append(f"- {_mark(not slower)} onnxruntime latency (ORT_ENABLE_ALL, one thread) not above any verified "
+                     f"peer's (95 % interval of the epoch-by-epoch ratio not wholly above 1 + {measure.TIE_MARGIN:g}): "
+                     f"{len(timed) - len(slower)}/{len(timed)} models; faster than every peer on {faster}{_failing(slower)}")
+        controls = [model["latency_control"]["median"] for model in timed if model.get("latency_control")]
+        if controls:
+            lines.append(f"- timing control, ours against a byte-copy of itself: median ratio {min(controls):.3f} to "
+                         f"{max(controls):.3f} over {len(controls)} models (what a tie looks like)")
     dynamic = [model for model in models if model["dynamic"] and model["ours"] and model["ours"]["status"] == "ok"]
     if dynamic:
         kept = [model["name"] for model in dynamic if model["ours"]["verified"] and not model["ours"]["fixed_dims"]
@@ -888,6 +943,13 @@ def _mark(passed: bool | None) -> str:
     return "" if passed is None else ("✓" if passed else "✗")
 
 
+def _slower_text(model: dict, tools: dict) -> str:
+    """"model (ours/peer 1.043 [1.021, 1.060] vs OnnxSlim, …)": the peers ours is slower than."""
+    pairs = [f"{paired['median']:.3f} [{paired['low']:.3f}, {paired['high']:.3f}] vs {tools[key]['label']}"
+             for key, paired in model["latency_all"].items() if paired["verdict"] == "slower"]
+    return f"{model['name']} (ours/peer {', '.join(pairs)})"
+
+
 def _failing(names: list[str]) -> str:
     return f"; not: {', '.join(names)}" if names else ""
 
@@ -897,6 +959,14 @@ def _listing(items: dict | list) -> str:
         return "; ".join(f"{name} ({detail if isinstance(detail, str) else ', '.join(detail)})"
                          for name, detail in items.items()) or "–"
     return ", ".join(items) or "–"
+
+
+def _latency_rounds(environment: dict) -> str:
+    runs = environment["latency_runs"]
+    if "epochs" not in runs:  # a report from before latency was timed in epochs
+        return f"{runs['timed']} runs each after {runs['warmup']} warm-up runs"
+    return (f"per session {runs['warmup']} warm-up runs, then the median of {runs['block_seconds']:g} s of runs, at "
+            f"least {runs['block_min_runs']}; ORT_ENABLE_ALL in {runs['epochs']} epochs of fresh sessions, the median")
 
 
 def _group_text(group: str) -> str:
@@ -929,7 +999,7 @@ def _detail_row(model: dict, label: str, result: dict) -> str:
     if result.get("status", "ok") != "ok":
         cells = [""] * 5 + [_number(result["peak_rss_mib"], "{:.0f}")] + [""] * 3 + [result["status"]] + [""] * 4
     else:
-        latency = result["latency_ms"]
+        latency = result.get("latency_ms", {})
         verdicts = ", ".join(verdict["verdict"] if verdict["verdict"] == "ok" else f"**{verdict['verdict']}**"
                              for verdict in result["verdicts"]) or f"**{result['verdict']}**"
         dynamic = "–" if not model["dynamic"] else ("**no**" if result.get("fixed_dims") else "yes")

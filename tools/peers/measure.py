@@ -3,12 +3,11 @@
 The same code measures the original and every tool's result, so the numbers are comparable:
 node count (If/Loop/Scan bodies included), file size, onnx.checker validity, which input dims are
 dynamic, equivalence with the original under onnxruntime at every verification shape, and
-onnxruntime latency at the first one.
+onnxruntime latency at the first one (steady state, the results of one model in rotating epochs).
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,22 @@ import onnx
 import onnxruntime
 
 SEED = 0
-# The median of TIMED_RUNS after WARMUP_RUNS (the first runs allocate and fill caches). Ten keeps
-# a whole bench with the torch exports (ViT-B/16 and BERT run for ~0.5 s each on one thread, at
-# two optimization levels, for seven results) near a quarter of an hour on two cores.
-WARMUP_RUNS = 2
-TIMED_RUNS = 10
+# Latency is steady-state time, a serving process's: per model a fresh session, WARMUP_RUNS, then
+# a block of back-to-back runs (BLOCK_SECONDS, at least BLOCK_MIN_RUNS, at most BLOCK_MAX_RUNS),
+# its median. Timing every run in turns with the other results instead leaves each run with a
+# cache the previous model filled: a 5 % loss in steady state read as a 1 % gain that way. A session
+# carries its own few-percent offset (where its buffers landed: a byte-copy of one file timed 0.97-
+# 1.04 of it from session to session), so the results of one model are timed in EPOCHS rounds,
+# each with fresh sessions, the order rotating, and compared epoch by epoch.
+WARMUP_RUNS = 3
+BLOCK_SECONDS = 0.2
+BLOCK_MIN_RUNS = 5
+BLOCK_MAX_RUNS = 300
+EPOCHS = 7
+BOOTSTRAP_SAMPLES = 2000
+# Two results within 1 % of each other are a tie: timing a byte-copy of one model against itself
+# (the bench does, every model) gives epoch ratios up to 3 % apart and medians up to ~1 % off 1.
+TIE_MARGIN = 0.01
 
 # (atol, rtol) per output dtype: |actual − reference| ≤ atol + rtol·|reference|, NaN equal to NaN.
 # Other dtypes (integers, bool, strings) must match exactly.
@@ -216,26 +226,55 @@ def compare(reference: Reference, model_session: onnxruntime.InferenceSession) -
     return _verdict("ok", "", max_abs_diff)
 
 
-def latency_ms(model_session: onnxruntime.InferenceSession, feeds: dict) -> float:
-    """Median wall time of one run, in milliseconds, after a few warm-up runs."""
+def epoch_latency(paths: dict[str, Path], feeds: dict, level: str, epochs: int = EPOCHS) -> tuple[dict[str, list[float]], dict[str, str]]:
+    """Per model of `paths`, its steady-state milliseconds in each epoch (see EPOCHS), one
+    session at a time; also why a model could not be timed (onnxruntime's optimizer failing on it
+    is a finding, not a crash of the bench)."""
+    times, errors = {key: [] for key in paths}, {}
+    keys = list(paths)
+    for epoch in range(epochs):
+        for offset in range(len(keys)):
+            key = keys[(epoch + offset) % len(keys)]
+            if key in errors:
+                continue
+            try:
+                times[key].append(_block_ms(session(paths[key], level), feeds))
+            except Exception as error:  # noqa: BLE001 — onnxruntime raises its own unrelated exception types
+                errors[key] = _first_line(error)
+    return {key: runs for key, runs in times.items() if key not in errors}, errors
+
+
+def _block_ms(model_session: onnxruntime.InferenceSession, feeds: dict) -> float:
     for _ in range(WARMUP_RUNS):
         model_session.run(None, feeds)
-    times = []
-    for _ in range(TIMED_RUNS):
-        started = time.perf_counter()
+    runs = []
+    started = time.monotonic()
+    while len(runs) < BLOCK_MIN_RUNS or (time.monotonic() - started < BLOCK_SECONDS and len(runs) < BLOCK_MAX_RUNS):
+        begun = time.perf_counter()
         model_session.run(None, feeds)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        runs.append(time.perf_counter() - begun)
+    return float(np.median(runs)) * 1000
 
 
-def measure(path: Path, references: list[Reference], with_latency: bool,
+def paired_ratio(ours: list[float], peer: list[float]) -> dict:
+    """ours/peer epoch by epoch: the median ratio and a 95 % bootstrap interval of it. "slower"
+    only when the whole interval lies above 1 + TIE_MARGIN, "faster" when below 1 − TIE_MARGIN."""
+    ratios = np.asarray(ours) / np.asarray(peer)
+    rng = np.random.default_rng(SEED)
+    resampled = np.median(rng.choice(ratios, size=(BOOTSTRAP_SAMPLES, ratios.size)), axis=1)
+    low, high = (float(value) for value in np.percentile(resampled, [2.5, 97.5]))
+    verdict = "slower" if low > 1 + TIE_MARGIN else "faster" if high < 1 - TIE_MARGIN else "tie"
+    return {"median": float(np.median(ratios)), "low": low, "high": high, "verdict": verdict, "epochs": int(ratios.size)}
+
+
+def measure(path: Path, references: list[Reference],
             disabled_session: onnxruntime.InferenceSession | None = None) -> dict:
     """Everything the bench reports about one model file.
 
     The verdict is "ok" only if the result reproduces the original at every verification shape;
     "verdicts" holds one per shape, so a dim baked into a constant shows as a failure at the
-    second shape. Latency is taken at the first shape, only for a result that verifies. The
-    original is measured like any result (its verdict then says that it reproduces itself);
+    second shape. Latency is timed apart, every result of a model together (epoch_latency).
+    The original is measured like any result (its verdict then says that it reproduces itself);
     `disabled_session` lets the caller reuse the session the references were computed with.
     """
     model = onnx.load(str(path), load_external_data=False)  # nodes only: the weights are not needed
@@ -244,7 +283,6 @@ def measure(path: Path, references: list[Reference], with_latency: bool,
         "op_counts": op_counts(model.graph),
         "bytes": file_bytes(path),
         "input_dims": input_dims(model),
-        "latency_ms": {},
     }
     del model
     invalid = check_validity(path)
@@ -265,14 +303,6 @@ def measure(path: Path, references: list[Reference], with_latency: bool,
         verdicts.append({"shapes": reference.shapes, **verdict})
     measured["verdicts"] = verdicts
     measured.update(_overall(verdicts))
-    if with_latency and measured["verdict"] == "ok":
-        feeds = references[0].feeds
-        measured["latency_ms"]["disabled"] = latency_ms(disabled_session, feeds)
-        del disabled_session  # a large model's weights: one session at a time
-        try:
-            measured["latency_ms"]["all"] = latency_ms(session(path, "all"), feeds)
-        except Exception as error:  # noqa: BLE001 — onnxruntime's own optimizer failing on it is a finding
-            measured["latency_error"] = f"with ORT_ENABLE_ALL: {_first_line(error)}"
     return measured
 
 
