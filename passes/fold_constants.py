@@ -20,16 +20,21 @@ NONDETERMINISTIC = {"RandomNormal", "RandomNormalLike", "RandomUniform", "Random
 NON_TENSOR_PREFIXES = ("Sequence", "Optional", "SplitToSequence", "ConcatFromSequence")
 # Serialized size of a node beyond its tensors: op_type, names, attributes (a conservative floor).
 NODE_PROTO_BYTES = 24
+# What removing a node is worth in file bytes: it runs on every inference, its result once. A
+# detector's anchor generator (45 nodes of Range/Expand/Concat arithmetic on the image size)
+# folds into 37 KB of anchors; a weight written as one ConstantOfShape does not pay for itself.
+NODE_WORTH = 512
 # An IR version every supported onnxruntime reads; the evaluation model is throwaway.
 EVALUATION_IR_VERSION = 8
 
 
 @register_pass("fold-constants")
-def fold_constants(graph: gs.Graph, ctx: PassContext, *, size_cap: int = 0) -> PassResult:
+def fold_constants(graph: gs.Graph, ctx: PassContext, *, size_cap: int = 0, node_bytes: int = NODE_WORTH) -> PassResult:
     """Evaluate nodes whose inputs are all constants and store their results as initializers.
 
-    A result is stored only if it is no larger than the constants and nodes it replaces, so folding
-    never grows the model; results up to `size_cap` bytes are stored regardless (-1: no cap).
+    A result is stored only if it is no larger than the constants it replaces plus `node_bytes`
+    for each node it removes (0: folding never grows the model); results up to `size_cap` bytes
+    are stored regardless (-1: no cap).
     """
     interface = interface_tensors(graph)
     folded = skipped = 0
@@ -37,12 +42,12 @@ def fold_constants(graph: gs.Graph, ctx: PassContext, *, size_cap: int = 0) -> P
         candidates = [node for node in subgraph.nodes if _foldable(node)]
         foldable = _closed_under_constant_inputs(candidates)
         # Results known (from shape inference) to be too large to store are not even computed.
-        foldable = _closed_under_constant_inputs(_not_surely_too_large(foldable, size_cap))
+        foldable = _closed_under_constant_inputs(_not_surely_too_large(foldable, size_cap, node_bytes))
         if not foldable:
             continue
         values = _evaluate(foldable, subgraph.opset, graph)
         foldable = [node for node in foldable if all(id(out) in values for out in node.outputs if not is_empty(out))]
-        keep = _materialization(foldable, values, interface, size_cap)
+        keep = _materialization(foldable, values, interface, size_cap, node_bytes)
         for tensor in keep.stored:
             make_constant(tensor, values[id(tensor)], interface, subgraph)
             folded += 1
@@ -62,7 +67,7 @@ def _foldable(node: gs.Node) -> bool:
     )
 
 
-def _not_surely_too_large(nodes: list[gs.Node], size_cap: int) -> list[gs.Node]:
+def _not_surely_too_large(nodes: list[gs.Node], size_cap: int, node_bytes: int) -> list[gs.Node]:
     """The nodes (in graph order) none of whose outputs' known static size exceeds all that
     folding could free upstream of it: its node cone and the constants only folded nodes read.
 
@@ -77,7 +82,7 @@ def _not_surely_too_large(nodes: list[gs.Node], size_cap: int) -> list[gs.Node]:
     bound: dict[int, int] = {}
     kept = []
     for node in nodes:
-        total = NODE_PROTO_BYTES
+        total = NODE_PROTO_BYTES + node_bytes
         for tensor in node.inputs:
             if isinstance(tensor, gs.Constant):
                 if all(id(reader) in members for reader in tensor.outputs):
@@ -185,7 +190,7 @@ class _Materialization:
 
 
 def _materialization(
-    nodes: list[gs.Node], values: dict[int, np.ndarray], interface: set[int], size_cap: int
+    nodes: list[gs.Node], values: dict[int, np.ndarray], interface: set[int], size_cap: int, node_bytes: int
 ) -> _Materialization:
     """Which folded tensors to store, backing off from those that would grow the model.
 
@@ -207,7 +212,7 @@ def _materialization(
         stored = [tensor for tensor in needed if id(producer_of[id(tensor)]) not in kept]
         if size_cap < 0:
             break
-        credit = _credits(stored, producer_of, kept)
+        credit = _credits(stored, producer_of, kept, node_bytes)
         refused = [tensor for tensor in stored if values[id(tensor)].nbytes > max(credit[id(tensor)], size_cap)]
         if not refused:
             break
@@ -223,7 +228,7 @@ def _materialization(
     return result
 
 
-def _credits(stored: list[gs.Tensor], producer_of: dict[int, gs.Node], kept: set[int]) -> dict[int, float]:
+def _credits(stored: list[gs.Tensor], producer_of: dict[int, gs.Node], kept: set[int], node_bytes: int) -> dict[int, float]:
     """Each stored tensor's share of the bytes freed: its cone's nodes and the constants only
     removed nodes read, each split evenly among the stored tensors whose cones hold it."""
     cones = {id(tensor): _cone(producer_of[id(tensor)], producer_of, kept) for tensor in stored}
@@ -246,7 +251,7 @@ def _credits(stored: list[gs.Tensor], producer_of: dict[int, gs.Node], kept: set
                 readers.setdefault(id(source), set()).add(tensor_id)
     credit = {}
     for tensor_id, cone in cones.items():
-        nodes = sum(NODE_PROTO_BYTES / holders[key] for key in cone)
+        nodes = sum((NODE_PROTO_BYTES + node_bytes) / holders[key] for key in cone)
         constants = {id(source) for node in cone.values() for source in node.inputs if isinstance(source, gs.Constant)}
         credit[tensor_id] = nodes + sum(sizes[key] / len(readers[key]) for key in constants)
     return credit

@@ -22,6 +22,7 @@ from onnxslim.graph import (
 from onnxslim.manager import PassContext, PassResult, register_pass
 
 from ._linear import LINEAR_OPS, Linear, changes_shared, input_affine, input_vector, linear_layer, set_weights
+from .fuse_gelu import is_gelu
 
 
 @register_pass("fold-scale-into-weights")
@@ -31,7 +32,8 @@ def fold_scale_into_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
     Conv(x·c, W) = Conv(x, W·c) because zero padding stays zero; a shift x + t becomes bias only
     for a layer without padding. Before a padded Conv, (x·s) + t is rewritten as (x + t/s)·s so the
     scale still folds. Scalar factors on both inputs of a MatMul of activations become one factor
-    on its output (attention's q·√s and k·√s).
+    on its output (attention's q·√s and k·√s). A GELU written out keeps its factor ½, so that
+    onnxruntime still recognizes and fuses it.
     """
     interface = interface_tensors(graph)
     names = unique_names(graph)
@@ -44,8 +46,8 @@ def fold_scale_into_weights(graph: gs.Graph, ctx: PassContext) -> PassResult:
                     break
                 source = node.inputs[0]
                 arithmetic = only_producer(source)
-                if arithmetic is None or single_reader(source, interface) is not node:
-                    break
+                if arithmetic is None or single_reader(source, interface) is not node or is_gelu(arithmetic, interface):
+                    break  # a GELU's ½ stays: onnxruntime fuses the GELU only whole
                 affine = _affine(arithmetic, layer)
                 new = input_affine(layer, *affine[1:]) if affine is not None else None
                 if new is not None and not changes_shared(layer, *new) and bypass(arithmetic, interface, subgraph, keep=affine[0]):
@@ -148,7 +150,7 @@ def _scalar_factor(tensor: gs.Tensor, reader: gs.Node, interface: set[int]) -> t
     node = tensor.inputs[0] if tensor.inputs else None
     if node is None or node.op not in ("Mul", "Div") or not is_standard(node) or len(node.inputs) != 2:
         return None
-    if single_reader(tensor, interface) is not reader:
+    if single_reader(tensor, interface) is not reader or is_gelu(node, interface):
         return None
     values = [constant_value(operand) for operand in node.inputs]
     index = 0 if values[1] is not None else 1

@@ -29,6 +29,7 @@ from onnxslim.manager import PassContext, PassResult, register_pass
 
 GELU_OPSET = 20
 FUSED_TYPES = (np.dtype(np.float32),)
+FLOAT_TYPES = tuple(np.dtype(dtype) for dtype in (np.float16, np.float32, np.float64))
 TOLERANCE = 1e-6
 ERF_ARGUMENT = {1: 1 / math.sqrt(2)}
 TANH_SCALE = math.sqrt(2 / math.pi)
@@ -72,7 +73,14 @@ def fuse_gelu(graph: gs.Graph, ctx: PassContext) -> PassResult:
 # ----------------------------------------------------------------------------- matching
 
 
-def _match(root: gs.Node, interface: set[int]) -> Gelu | None:
+def is_gelu(root: gs.Node, interface: set[int]) -> bool:
+    """`root` is the last Mul (or Div) of a GELU written out, in any float type: a pattern that
+    onnxruntime fuses itself where this pass does not (below opset 20, other types), so other
+    rewrites leave it whole."""
+    return _match(root, interface, FLOAT_TYPES) is not None
+
+
+def _match(root: gs.Node, interface: set[int], types: tuple[np.dtype, ...] = FUSED_TYPES) -> Gelu | None:
     """`root` as the last Mul of ½ · x · (1 + f(p(x))), f = erf or tanh."""
     product = _product(root, interface)
     if product is None:
@@ -82,7 +90,7 @@ def _match(root: gs.Node, interface: set[int]) -> Gelu | None:
         return None
     for gate_index in (0, 1):
         x, gate = factors[1 - gate_index], factors[gate_index]
-        found = _gate(gate, x, interface)
+        found = _gate(gate, x, interface, types)
         if found is not None and all(_fits(constant, x) for constant in constants):
             return Gelu(x, found)
     return None
@@ -121,7 +129,7 @@ def _product(root: gs.Node, interface: set[int]) -> tuple[float, list[gs.Tensor]
     return coefficient, factors, constants
 
 
-def _gate(gate: gs.Tensor, x: gs.Tensor, interface: set[int]) -> str | None:
+def _gate(gate: gs.Tensor, x: gs.Tensor, interface: set[int], types: tuple[np.dtype, ...]) -> str | None:
     """"none" if gate = 1 + erf(x/√2), "tanh" if 1 + tanh(√(2/π)(x + 0.044715x³)), each step read once."""
     add = gate.inputs[0] if gate.inputs else None
     # The gate is a factor of the product: its one reader is the product's Mul.
@@ -129,7 +137,7 @@ def _gate(gate: gs.Tensor, x: gs.Tensor, interface: set[int]) -> str | None:
         return None
     for one_index in (0, 1):
         one, inner = add.inputs[one_index], add.inputs[1 - one_index]
-        if _scalar(one) != 1.0 or not _fits(one, x) or np.dtype(constant_value(one).dtype) not in FUSED_TYPES:
+        if _scalar(one) != 1.0 or not _fits(one, x) or np.dtype(constant_value(one).dtype) not in types:
             continue
         function = inner.inputs[0] if inner.inputs else None
         if function is None or function.op not in ("Erf", "Tanh") or not is_standard(function):

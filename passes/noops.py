@@ -23,7 +23,7 @@ rule = RULES.rule
 
 @register_pass("eliminate-noops")
 def eliminate_noops(graph: gs.Graph, ctx: PassContext) -> PassResult:
-    """Remove Identity, inference Dropout, same-type Cast, and Reshape/Transpose/Pad/Slice/arithmetic/logic/Where that change nothing."""
+    """Remove Identity, inference Dropout, same-type Cast, one-piece Split, and Reshape/Transpose/Pad/Slice/Tile/arithmetic/logic/Where that change nothing."""
     interface = interface_tensors(graph)
     removed = 0
     for subgraph in walk(graph):
@@ -190,6 +190,33 @@ def full_slice(node: gs.Node) -> int | None:
 @rule("Concat", "Sum", "Mean", "Max", "Min")
 def single_input(node: gs.Node) -> int | None:
     return 0 if len(node.inputs) == 1 else None
+
+
+@rule("Split")
+def single_output(node: gs.Node) -> int | None:
+    """A Split into one piece is its input, when the piece's size (if given) is the axis' static
+    size: with another size the original fails, and the model must fail alike."""
+    if len(node.outputs) != 1:
+        return None
+    sizes = node.attrs.get("split")
+    if sizes is None and len(node.inputs) > 1 and not is_empty(node.inputs[1]):
+        sizes = constant_value(node.inputs[1])
+        if sizes is None:
+            return None
+    if sizes is None:
+        return 0
+    source = _static_shape(node.inputs[0])
+    axis = node.attrs.get("axis", 0)
+    if source is None or not -len(source) <= axis < len(source):
+        return None
+    return 0 if [int(size) for size in np.asarray(sizes).reshape(-1)] == [source[axis]] else None
+
+
+@rule("Tile")
+def ones_tile(node: gs.Node) -> int | None:
+    """Tile by all-ones repeats copies its input."""
+    repeats = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    return 0 if repeats is not None and np.asarray(repeats).size > 0 and bool((np.asarray(repeats) == 1).all()) else None
 
 
 # The constant that leaves the other operand as it is, and whether it may stand on either side.

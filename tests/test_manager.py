@@ -180,7 +180,7 @@ def test_a_name_cannot_be_registered_twice(always_changed):
 def test_registered_pass_exposes_summary_options_and_losslessness():
     fold = onnxslim.get_pass("fold-constants")
     assert fold.summary.startswith("Evaluate nodes whose inputs are all constants")
-    assert fold.options == {"size_cap": 0} and fold.lossless
+    assert fold.options == {"size_cap": 0, "node_bytes": 512} and fold.lossless
 
 
 # ----------------------------------------------------------------------------- running

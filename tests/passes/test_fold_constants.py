@@ -253,7 +253,7 @@ def test_initializer_read_by_a_folded_and_a_kept_node_is_not_counted_as_freed():
     b.output(b.node("Add", [x, shifted], ["z"]))
     model = b.build()
 
-    folded, result = fold_and_clean(model)
+    folded, result = fold_and_clean(model, node_bytes=0)
 
     assert not result.changed and result.counters["kept_for_size"] == 1
     assert folded.ByteSize() <= model.ByteSize()
@@ -269,7 +269,7 @@ def test_initializer_read_twice_inside_the_folded_cone_is_counted_once():
     b.output(b.node("Add", [x, joined], ["y"]))
     model = b.build()
 
-    folded, result = fold_and_clean(model)
+    folded, result = fold_and_clean(model, node_bytes=0)
 
     assert not result.changed and result.counters["kept_for_size"] >= 1
     assert ops(folded) == ops(model)
@@ -335,7 +335,7 @@ def test_weight_preparation_that_frees_its_weights_is_folded(with_shapes):
 @pytest.mark.parametrize("with_shapes", [False, True])
 def test_growing_fold_beside_a_shrinking_one_is_still_refused(with_shapes):
     model, first = lstm_model(with_shapes=with_shapes, grow=True)
-    folded, result = run_pass(model, "fold-constants", first=first)
+    folded, result = run_pass(model, "fold-constants", first=first, node_bytes=0)
     folded, _ = run_pass(folded, "eliminate-dead-nodes")
 
     assert top_ops(folded.graph) == ["LSTM", "Expand", "Add", "Relu"]
@@ -373,14 +373,14 @@ def test_weight_copied_for_two_readers_stays():
     b.output(b.node("Mul", [x, b.node("Add", [w, w])], ["z"]))
     model = b.build()
 
-    folded, result = fold_and_clean(model)
+    folded, result = fold_and_clean(model, node_bytes=0)
 
     assert not result.changed and result.counters["kept_for_size"] == 2
     assert folded.ByteSize() <= model.ByteSize()
 
 
 @pytest.mark.parametrize("model_name", ["chain", "expand", "shared", "branch"])
-def test_folded_model_never_grows(model_name):
+def test_folded_model_never_grows_without_a_node_allowance(model_name):
     models = {
         "chain": lambda: _chain_model(),
         "expand": expand_model,
@@ -388,7 +388,43 @@ def test_folded_model_never_grows(model_name):
         "branch": lambda: _branch_model(),
     }
     model = models[model_name]()
-    folded, _ = fold_and_clean(run_passes(model, "lift-constants", "eliminate-dead-nodes"))
+    folded, _ = fold_and_clean(run_passes(model, "lift-constants", "eliminate-dead-nodes"), node_bytes=0)
+    assert folded.ByteSize() <= model.ByteSize()
+
+
+def anchor_model(steps):
+    """A detector's anchors in miniature: a grid built from Range, Unsqueeze, Expand and Concat
+    (`steps` × 2 float32 centres, more bytes than the few scalars it is made of)."""
+    b = ModelBuilder()
+    x = b.input("x", [steps, 2])
+    start, limit, delta = (b.initializer(name, np.array(value, np.float32)) for name, value in (("start", 0.5), ("limit", steps + 0.5), ("delta", 1.0)))
+    axis = b.initializer("axis", np.array([1], np.int64))
+    centres = b.node("Unsqueeze", [b.node("Range", [start, limit, delta]), axis])
+    scaled = b.node("Mul", [centres, b.initializer("stride", np.array(8.0, np.float32))])
+    grid = b.node("Concat", [scaled, b.node("Neg", [scaled])], axis=1)
+    b.output(b.node("Add", [x, grid], ["y"]))
+    return b.build()
+
+
+def test_fold_that_grows_the_file_by_less_than_its_nodes_are_worth_is_taken():
+    """5 nodes computing 64 × 2 floats (512 B) from scalars: the file grows by ~500 B, within
+    the default 512 B per node removed."""
+    model = anchor_model(64)
+
+    folded, result = fold_and_clean(model)
+
+    assert result.counters["folded"] == 1 and top_ops(folded.graph) == ["Add"]
+    assert 0 < folded.ByteSize() - model.ByteSize() <= 5 * 512
+    assert_equivalent(model, folded)
+
+
+def test_fold_that_grows_the_file_by_more_than_its_nodes_are_worth_stays():
+    """The same 5 nodes computing 4096 × 2 floats (32 KB): not worth 5 nodes."""
+    model = anchor_model(4096)
+
+    folded, result = fold_and_clean(model)
+
+    assert not result.changed and ops(folded) == ops(model)
     assert folded.ByteSize() <= model.ByteSize()
 
 

@@ -241,3 +241,28 @@ def test_matmul_with_a_scale_on_one_operand_only_stays(options):
     optimized, result = fold(model)
     assert not result.changed and ops(optimized) == ops(model)
     assert_equivalent(model, optimized, product_feeds())
+
+
+# ----------------------------------------------------------------------------- a GELU's ½ stays where it is
+
+
+@pytest.mark.parametrize("divide", [False, True], ids=["times-half", "over-two"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_half_of_a_written_out_gelu_before_matmul_stays(divide, dtype):
+    """(x·(1 + erf(x/√2)))·½ → MatMul, below opset 20 (no Gelu op): folding the ½ into the weights
+    would hide the GELU from onnxruntime, whose own fusion (Gelu, BiasGelu) made a ViT export
+    run 4 % faster than with the ½ folded."""
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [2, 3, 4], dtype)
+    h = b.node("Relu", [x], ["h"])
+    scalar = lambda name, value: b.initializer(name, np.array(value, dtype))  # noqa: E731
+    erf = b.node("Erf", [b.node("Div", [h, scalar("root2", 1.4142135)])])
+    gate = b.node("Add", [erf, scalar("one", 1.0)])
+    product = b.node("Mul", [h, gate])
+    half = b.node("Div", [product, scalar("two", 2.0)]) if divide else b.node("Mul", [product, scalar("half", 0.5)])
+    b.output(b.node("MatMul", [half, b.initializer("w", random([4, 5], seed=1).astype(dtype))], ["y"]))
+    model = b.build()
+
+    optimized, result = fold(model)
+
+    assert not result.changed and ops(optimized) == ops(model)

@@ -469,6 +469,47 @@ def test_concat_of_two_inputs_stays():
     assert_kept(b.build(), "Concat")
 
 
+# ----------------------------------------------------------------------------- Split into one piece and Tile by ones
+
+
+@pytest.mark.parametrize("opset, sizes, attrs", [
+    (17, (), {"axis": 1}),                                      # no sizes: the whole axis
+    (17, (np.array([3], np.int64),), {"axis": 1}),              # sizes as an input (opset 13+)
+    (11, (), {"axis": -1, "split": [4]}),                       # sizes as an attribute
+    (18, (), {"axis": 0, "num_outputs": 1}),
+])
+def test_split_into_one_piece_is_removed(opset, sizes, attrs):
+    b, _ = sandwich("Split", extra=sizes, opset=opset, **attrs)
+    assert_removed(b.build(), "Split", first=("infer-shapes",))
+
+
+def test_split_into_one_piece_of_a_dynamic_axis_with_a_size_stays():
+    """split=[4] of an axis of n: the original fails unless n is 4, and so must the result."""
+    b = ModelBuilder(opset=17)
+    x = b.input("x", ["n", 3], np.float32)
+    relu = b.node("Relu", [x], ["relu"])
+    piece = b.node("Split", [relu, b.initializer("sizes", np.array([4], np.int64))], ["piece"], axis=0)
+    b.output(b.node("Neg", [piece], ["y"]))
+    optimized, result = eliminate(b.build(), first=("infer-shapes",))
+    assert not result.changed
+
+
+def test_split_into_two_pieces_stays():
+    b, _ = sandwich("Split", outputs=["a", "b"], axis=0)
+    optimized, result = eliminate(b.build())
+    assert not result.changed
+
+
+def test_tile_by_ones_is_removed():
+    b, _ = sandwich("Tile", extra=(np.ones(3, np.int64),))
+    assert_removed(b.build(), "Tile")
+
+
+def test_tile_that_repeats_stays():
+    b, _ = sandwich("Tile", extra=(np.array([1, 2, 1], np.int64),))
+    assert_kept(b.build(), "Tile")
+
+
 # ----------------------------------------------------------------------------- neutral arithmetic
 
 
