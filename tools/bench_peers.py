@@ -379,7 +379,7 @@ def bench(cases: list[ModelCase], tools: list[Tool], bench_dir: Path, timeout: f
         if time_repeats > 1:
             _repeat_timings(case, tools, model_report["results"], bench_dir, timeout, python_for_peers, time_repeats)
         if with_latency:
-            _progress(f"{case.name}: timing onnxruntime runs, the results taking turns")
+            _progress(f"{case.name}: timing onnxruntime runs (steady state, {measure.EPOCHS} epochs)")
             _time_latency(model_report, case, bench_dir, references[0].feeds)
         _add_ratios(model_report["results"])
         report["models"].append(model_report)
