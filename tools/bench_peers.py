@@ -383,6 +383,8 @@ def bench(cases: list[ModelCase], tools: list[Tool], bench_dir: Path, timeout: f
             _time_latency(model_report, case, bench_dir, references[0].feeds)
         _add_ratios(model_report["results"])
         report["models"].append(model_report)
+        # A long run stopped part-way keeps what it measured: --render makes a report of it.
+        (bench_dir / "peers.partial.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     report["environment"]["load_average_end"] = _load_average()
     report["environment"]["bench_seconds"] = round(time.monotonic() - started, 1)
     report["summary"] = summarize(report)
