@@ -34,9 +34,9 @@ import onnx
 import onnx.helper
 import onnx.numpy_helper
 
-from .calibration import CalibrationData, Feed
-from .errors import RuntimeFailure, UsageError, VerificationUnavailable
-from .verify import Runner, _first_line
+from .calibration import CalibrationData
+from .errors import UsageError
+from .sessions import Runner, open_runner, with_outputs, with_weights_as_inputs
 
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
 REFIT, KEPT, SKIPPED = "refit", "kept", "skipped"
@@ -50,6 +50,7 @@ ROWS_PER_UNKNOWN = 4
 # A refit is kept when its held-out error is below this share of the pruned weights' error: a
 # layer that lost nothing (float32 rounding error only) keeps its weights.
 KEEP_BELOW = 0.99
+PURPOSE = " for reconstruction"  # how an onnxruntime failure to load a model names this step
 
 Progress = Callable[[str, int, int | None], None]
 
@@ -130,8 +131,8 @@ def reconstruct(
     }
     if found:
         activations = [layer.activation for layer in found]
-        student = _runner(_with_weights_as_inputs(pruned, weights, activations), "pruned model")
-        teacher = _runner(_with_outputs(original, [layer.target for layer in found]), "original model")
+        student = open_runner(with_weights_as_inputs(pruned, weights, activations), "pruned model", PURPOSE)
+        teacher = open_runner(with_outputs(original, [layer.target for layer in found]), "original model", PURPOSE)
         rng = np.random.default_rng(seed)
         for batch in _batches(pruned.graph, found):
             statistics = _gather(batch, data, student, teacher, weights, rng, positions_per_sample)
@@ -435,54 +436,6 @@ def _descendants(graph: onnx.GraphProto, readers: dict[str, list[int]], start: i
     return seen
 
 
-def _with_outputs(model: onnx.ModelProto, names: list[str]) -> onnx.ModelProto:
-    """A copy of `model` that also outputs the node outputs among `names` (graph inputs are fed)."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
-    produced = {output for node in copy.graph.node for output in node.output}
-    present = {value.name for value in copy.graph.output}
-    known = {value.name: value for value in copy.graph.value_info}
-    for name in dict.fromkeys(names):
-        if name in produced and name not in present:
-            copy.graph.output.append(known[name] if name in known else onnx.ValueInfoProto(name=name))
-    return copy
-
-
-def _with_weights_as_inputs(
-    model: onnx.ModelProto, weights: dict[str, np.ndarray], names: list[str]
-) -> onnx.ModelProto:
-    """`_with_outputs`, with the weights to refit turned into graph inputs: one onnxruntime
-    session then serves every pass over the data, each fed the weights refit so far."""
-    copy = _with_outputs(model, names)
-    kept = [tensor for tensor in copy.graph.initializer if tensor.name not in weights]
-    del copy.graph.initializer[:]
-    copy.graph.initializer.extend(kept)
-    listed = {value.name for value in copy.graph.input}  # IR < 4 lists initializers as inputs too
-    for name, value in weights.items():
-        if name not in listed:
-            copy.graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, value.shape))
-    return copy
-
-
-def _runner(model: onnx.ModelProto, label: str) -> Runner:
-    try:
-        return Runner(model, label=label)
-    except RuntimeFailure:
-        raise  # a crash, a time-out or an allocation failure says so itself
-    except VerificationUnavailable as error:  # said of the model as this step sees it
-        cause = error.__cause__ or error
-        message = f"onnxruntime cannot load the {label} for reconstruction: {_first_line(cause)}"
-        raise VerificationUnavailable(message) from cause
-
-
-def _fetch(runner: Runner, names: list[str], feed: Feed) -> dict[str, np.ndarray]:
-    """The requested tensors for one feed; graph inputs among them are taken from the feed."""
-    outputs = [name for name in dict.fromkeys(names) if name in runner.output_names]
-    values = runner.session.run(outputs, feed) if outputs else []  # its errors name the model
-    found = dict(zip(outputs, values))
-    return {name: found[name] if name in found else feed[name] for name in names}
-
-
 def _gather(
     batch: list[_Layer],
     data: CalibrationData,
@@ -496,8 +449,8 @@ def _gather(
     folds = min(FOLDS, len(data) // 2) if len(data) >= 4 else 1
     statistics = {layer.name: _Folds(layer, folds) for layer in batch}
     for index, feed in enumerate(data):
-        inputs = _fetch(student, [layer.activation for layer in batch], {**feed, **weights})
-        targets = _fetch(teacher, [layer.target for layer in batch], feed)
+        inputs = student.fetch([layer.activation for layer in batch], {**feed, **weights})
+        targets = teacher.fetch([layer.target for layer in batch], feed)
         for layer in batch:
             activation, target = inputs[layer.activation], targets[layer.target]
             rows = _sampled_rows(layer, activation, target, positions_per_sample, rng)

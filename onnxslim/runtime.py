@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from .errors import RuntimeCrash, RuntimeOutOfMemory, RuntimeTimeout, VerificationUnavailable, WorkerFailure
 from .runtime_worker import OUT_OF_MEMORY_STATUS, SOCKET_BUFFER_BYTES, ChannelClosed, receive, send
+from .text import first_line, human_bytes
 
 if TYPE_CHECKING:  # imported where used: `import onnxslim` starts the worker before its heavy imports
     import numpy as np
@@ -99,14 +100,6 @@ def physical_memory() -> int:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0
-
-
-def _human_bytes(size: int) -> str:
-    for unit in ("PiB", "TiB", "GiB", "MiB", "KiB"):
-        scale = UNITS[unit[0]]
-        if size >= scale:
-            return f"{size / scale:.1f} {unit}"
-    return f"{size} bytes"
 
 
 # ----------------------------------------------------------------------------- the worker process
@@ -271,7 +264,7 @@ def _call(op: str, label: str, action: str, **args):
         shutdown()
         raise WorkerFailure(value)
     verb = "load" if kind == "load" else "run"
-    raise VerificationUnavailable(f"onnxruntime cannot {verb} the {label}: {_first_line(value)}") \
+    raise VerificationUnavailable(f"onnxruntime cannot {verb} the {label}: {first_line(value)}") \
         from OnnxRuntimeMessage(value)
 
 
@@ -305,18 +298,13 @@ def _death(status: int, label: str, action: str, memory: int) -> Exception:
 def _allocation(text: str) -> str:
     """What failed to allocate, from onnxruntime's message (its arena names the size in bytes)."""
     match = re.search(r"buffer of size (\d+)", text)
-    return f": an allocation of {_human_bytes(int(match.group(1)))} failed" if match else ""
+    return f": an allocation of {human_bytes(int(match.group(1)), '.1f')} failed" if match else ""
 
 
 def _limit_note(memory: int) -> str:
     if not memory:
         return ""
-    return f" (limit {_human_bytes(memory)}; {MEMORY_LIMIT_VARIABLE} sets it)"
-
-
-def _first_line(text: str) -> str:
-    text = str(text).strip()
-    return text.splitlines()[0][:400] if text else "unknown error"
+    return f" (limit {human_bytes(memory, '.1f')}; {MEMORY_LIMIT_VARIABLE} sets it)"
 
 
 # ----------------------------------------------------------------------------- sessions

@@ -12,7 +12,8 @@ from onnx_graphsurgeon.ir.tensor import SparseValues
 
 from .errors import InputSpecError
 from .graph import tensor_map, walk
-from .model import DECLARED_TYPES, ProtoWriter, exportable_constants, forget_inferred_symbols
+from .exporter import ProtoWriter, forget_inferred_symbols
+from .importer import DECLARED_TYPES, exportable_constants
 
 # Initializers above this many elements are handed to shape inference as typed inputs:
 # only their dims matter, and data propagation only reads small (shape-like) tensors.

@@ -10,20 +10,34 @@ from __future__ import annotations
 import math
 import numbers
 import os
-import stat
-import zipfile
-import zlib
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 
 from .errors import InputSpecError, UsageError, VerificationUnavailable
-from .graph import trusted_symbol
-from .runtime import Session, physical_memory
+from .inputs import (  # noqa: F401 (model_inputs, parse_shape_specs: callers import them from here)
+    DEFAULT_SAMPLES,
+    DEFAULT_SEED,
+    DynamicDim,
+    check_feed,
+    describe_sizes,
+    dynamic_dims,
+    fallback_size,
+    input_shapes,
+    load_inputs,
+    model_inputs,
+    parse_shape_specs,
+    synthesize_inputs,
+    with_other_sizes,
+)
+from .sessions import Runner
+from .text import first_line, json_safe
+
+# api.py's name for text.first_line, until it imports that.
+_first_line = first_line
 
 # Relative tolerance per dtype; the absolute part is a tenth of it times the output's scale,
 # so |candidate - reference| <= t * (0.1 * scale + |reference|), scale = max(1, max |reference|).
@@ -33,8 +47,6 @@ TOLERANCES = {
     np.dtype(np.float16): 1e-2,
 }
 BFLOAT16_TOLERANCE = 3e-2
-DEFAULT_SAMPLES = 2
-DEFAULT_SEED = 0
 
 
 @dataclass
@@ -106,311 +118,7 @@ class VerificationReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["message"] = self.message
-        return _json_safe(data)
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(item) for item in value]
-    return value
-
-
-# ----------------------------------------------------------------------------- inputs
-
-
-def parse_shape_specs(specs) -> dict[str, list[int]]:
-    """Parse `name:1,3,224,224` strings (several may be given) into {name: [dims]}."""
-    shapes: dict[str, list[int]] = {}
-    given: dict[str, str] = {}
-    for spec in specs or ():
-        name, separator, dims = spec.rpartition(":")
-        if not separator or not name:
-            raise InputSpecError(f"shape '{spec}' should look like NAME:1,3,224,224")
-        if name in given:  # the last one would win silently
-            raise InputSpecError(f"the shape of '{name}' is given twice ({given[name]} and {spec})")
-        given[name] = spec
-        parts = dims.replace("x", ",").split(",") if dims.strip() else []  # NAME: is a scalar's shape
-        try:
-            shapes[name] = [int(dim) for dim in parts]
-        except ValueError:
-            raise InputSpecError(f"shape '{spec}': dims must be integers, like NAME:1,3,224,224") from None
-        if any(dim < 0 for dim in shapes[name]):
-            raise InputSpecError(f"shape '{spec}': dims must not be negative")
-    return shapes
-
-
-def model_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
-    """The inputs a caller feeds (old-IR models also list their initializers as inputs)."""
-    initializers = {tensor.name for tensor in model.graph.initializer}
-    return [value for value in model.graph.input if value.name not in initializers]
-
-
-def input_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]] | None = None) -> tuple[dict, list[str]]:
-    """Concrete shapes for every input: given shapes, static dims, batch (axis 0) = 1; else an error.
-
-    Returns the shapes and notes saying which defaults were taken.
-    """
-    shapes = dict(shapes or {})
-    known = {value.name for value in model_inputs(model)}
-    unknown = set(shapes) - known
-    if unknown:
-        raise InputSpecError(
-            f"--verify-shape names {', '.join(sorted(unknown))}, but the model's inputs are {', '.join(sorted(known))}"
-        )
-    resolved, notes = {}, []
-    for value in model_inputs(model):
-        dims = value.type.tensor_type.shape.dim
-        if value.name in shapes:
-            given = shapes[value.name]
-            if value.type.tensor_type.HasField("shape") and len(given) != len(dims):
-                raise InputSpecError(f"input '{value.name}' has rank {len(dims)}, but the given shape has {len(given)} dims")
-            for axis, (dim, size) in enumerate(zip(dims, given)):
-                if dim.HasField("dim_value") and dim.dim_value >= 0 and dim.dim_value != size:  # onnxruntime would refuse the feed
-                    raise InputSpecError(f"input '{value.name}' dim {axis} is fixed at {dim.dim_value}, "
-                                         f"the given shape says {size}")
-            resolved[value.name] = given
-            continue
-        concrete = []
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value >= 0:  # a declared 0 is an empty tensor's dim
-                concrete.append(dim.dim_value)
-            elif axis == 0:
-                concrete.append(1)
-                notes.append(f"input '{value.name}': dynamic batch dim '{dim.dim_param or '?'}' set to 1")
-            else:
-                example = ",".join(
-                    str(d.dim_value) if d.HasField("dim_value") and d.dim_value >= 0 else ("1" if index == 0 else "?")
-                    for index, d in enumerate(dims)
-                )
-                raise InputSpecError(
-                    f"input '{value.name}' has a dynamic dim {axis} ('{dim.dim_param or '?'}'): "
-                    f"give its size with --verify-shape {value.name}:{example}"
-                )
-        resolved[value.name] = concrete
-    return resolved, notes
-
-
-def synthesize_inputs(
-    model: onnx.ModelProto, shapes: dict[str, list[int]], samples: int = DEFAULT_SAMPLES, seed: int = DEFAULT_SEED
-) -> list[dict[str, np.ndarray]]:
-    """Seeded random inputs of each input's dtype: normal floats, small non-negative integers.
-
-    Every value is an array, a 0-d one for a scalar input (onnxruntime takes no numpy scalar).
-    Raises InputSpecError for an input that cannot be synthesized (strings, sequences) and, before
-    allocating anything, for shapes whose arrays would need more than MAX_INPUT_BYTES.
-    """
-    values = model_inputs(model)
-    types = {}
-    for value in values:
-        element_type = value.type.tensor_type.elem_type
-        if not value.type.HasField("tensor_type") or element_type == onnx.TensorProto.STRING:
-            raise InputSpecError(f"input '{value.name}' is not a numeric tensor; give real inputs with --inputs")
-        try:
-            types[value.name] = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(element_type))
-        except (KeyError, TypeError, ValueError):
-            name = onnx.TensorProto.DataType.Name(element_type) if element_type in onnx.TensorProto.DataType.values() else element_type
-            raise InputSpecError(f"input '{value.name}' has element type {name}, which cannot be synthesized; "
-                                 "give real inputs with --inputs") from None
-    check_input_bytes(shapes, types, samples)
-    generator = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(samples):
-        feed = {}
-        for value in values:
-            dtype, shape = types[value.name], tuple(shapes[value.name])
-            if dtype == np.bool_:
-                feed[value.name] = np.asarray(generator.random(shape) < 0.5)
-            elif np.issubdtype(dtype, np.integer):
-                # 0 and 1 only: integer inputs are often indices into tiny tables (BERT's
-                # token types have 2 rows) or masks; any larger value may be out of range.
-                feed[value.name] = np.asarray(generator.integers(0, 2, size=shape)).astype(dtype)
-            else:
-                feed[value.name] = np.asarray(generator.standard_normal(shape)).astype(dtype)
-        feeds.append(feed)
-    return feeds
-
-
-# One sample's synthesized inputs may take at most this much memory (the model's own tensors
-# come on top): a dim of 2**62 or a mistyped --verify-shape is refused before it is allocated.
-MAX_INPUT_BYTES = 4 << 30
-
-
-# What a sample costs besides its arrays' bytes: the arrays, the feed and the outputs kept for it as
-# Python objects (an empty input's samples take memory too).
-SAMPLE_OVERHEAD = 1 << 10
-
-
-def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype], samples: int = 1) -> None:
-    """Raise InputSpecError, saying how many bytes they would need, when `samples` samples of inputs
-    of the given shapes would not fit in MAX_INPUT_BYTES (or in half of this machine's memory, if
-    that is less): every sample is held until the comparison."""
-    needed = {name: math.prod(int(dim) for dim in shapes[name]) * types[name].itemsize for name in types}
-    total = sum(needed.values())
-    limit = min(MAX_INPUT_BYTES, physical_memory() // 2 or MAX_INPUT_BYTES)
-    if total > limit:
-        name = max(needed, key=needed.get)
-        raise InputSpecError(
-            f"input '{name}' of shape {list(shapes[name])} would need {needed[name]:,} bytes "
-            f"({_human_bytes(needed[name])}{'' if len(needed) == 1 else f'; {_human_bytes(total)} for all inputs'}), "
-            f"more than the {_human_bytes(limit)} verification allows; give smaller dims with --verify-shape"
-        )
-    each = total + SAMPLE_OVERHEAD
-    if each * samples > limit:  # --samples 1000000000 of a small input took 16 GB before it was stopped
-        raise InputSpecError(
-            f"{samples:,} samples of inputs would need {each * samples:,} bytes ({_human_bytes(each * samples)}, "
-            f"{_human_bytes(each)} each), more than the {_human_bytes(limit)} verification allows; give fewer --samples"
-        )
-
-
-def _human_bytes(count: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
-        if count < 1024 or unit == "EiB":
-            return f"{count:.3g} {unit}" if unit != "bytes" else f"{count:.0f} bytes"
-        count /= 1024
-    return ""
-
-
-# ----------------------------------------------------------------------------- dynamic dims at two sizes
-
-
-@dataclass
-class DynamicDim:
-    """A dynamic input dim, or all the dims that carry one symbolic name (one size, as ONNX reads them)."""
-
-    label: str
-    members: list[tuple[str, int]]  # (input name, axis)
-
-
-def dynamic_dims(model: onnx.ModelProto, shapes: dict[str, list[int]], static: frozenset[str] = frozenset()) -> list[DynamicDim]:
-    """The inputs' dims not fixed by the model, grouped by symbol; inputs named in `static` are left out
-    (--input-shape made them static in the optimized model)."""
-    groups: dict[str, DynamicDim] = {}
-    for value in model_inputs(model):
-        if value.name in static or value.name not in shapes:
-            continue
-        declared = value.type.tensor_type.shape.dim if value.type.tensor_type.HasField("shape") else None
-        for axis in range(len(shapes[value.name])):
-            dim = declared[axis] if declared is not None and axis < len(declared) else None
-            if dim is not None and dim.HasField("dim_value") and dim.dim_value >= 0:
-                continue
-            symbol = trusted_symbol(dim.dim_param) if dim is not None else None
-            label = f"'{symbol}'" if symbol else f"{value.name} dim {axis}"
-            groups.setdefault(label, DynamicDim(label, [])).members.append((value.name, axis))
-    return list(groups.values())
-
-
-def other_size(size: int) -> int:
-    """A second size for a dynamic dim that keeps its power-of-two factor (a detector that needs
-    sizes divisible by 32 runs at both), smaller where that is possible: 640 -> 512, 224 -> 192,
-    48 -> 32, 3 -> 2; a power of two grows by half (1 -> 2, 2 -> 3, 256 -> 384); 0 -> 1."""
-    size = int(size)
-    if size <= 0:
-        return 1
-    low = size & -size
-    if low != size:
-        return size - low
-    return 2 if size == 1 else size + size // 2
-
-
-def fallback_size(size: int) -> int | None:
-    """Where the original does not run at other_size: a size on the other side of `size` that
-    keeps the same power-of-two factor (a model that needs at least 3 rows runs at 4, one that
-    needs an even size at 2 more): 3 -> 4, 640 -> 768, 256 -> 128, 2 -> 1, 1 -> 3; None for 0."""
-    size = int(size)
-    if size <= 0:
-        return None
-    low = size & -size
-    if low != size:
-        return size + low
-    return 3 if size == 1 else size // 2
-
-
-def with_other_sizes(shapes: dict[str, list[int]], dims: list[DynamicDim], fallback: frozenset[str] = frozenset()) -> dict[str, list[int]]:
-    """`shapes` with each of `dims` at its other_size, or at its fallback_size where `fallback` names its label."""
-    changed = {name: list(shape) for name, shape in shapes.items()}
-    for dim in dims:
-        for name, axis in dim.members:
-            size = shapes[name][axis]
-            changed[name][axis] = (fallback_size(size) if dim.label in fallback else None) or other_size(size)
-    return changed
-
-
-def describe_sizes(shapes: dict[str, list[int]], dims: list[DynamicDim]) -> str:
-    return ", ".join(f"{dim.label} {shapes[dim.members[0][0]][dim.members[0][1]]}" for dim in dims)
-
-
-def load_inputs(path: str | Path) -> list[dict[str, np.ndarray]]:
-    """Inputs from an .npz file (one array per input name; a leading 'sample' axis is not implied)."""
-    path = Path(path)
-    try:
-        status = path.stat()
-    except FileNotFoundError:
-        raise InputSpecError(f"inputs file not found: {path}") from None
-    except OSError as error:
-        raise InputSpecError(f"cannot read the inputs file {path}: {error.strerror or error}") from error
-    if not stat.S_ISREG(status.st_mode):  # a FIFO would block, /dev/zero never ends
-        kind = "a directory" if stat.S_ISDIR(status.st_mode) else "not a regular file"
-        raise InputSpecError(f"the inputs file {path} is {kind}; give an .npz file")
-    # A truncated or corrupt archive raises from zipfile and zlib; pickled objects are refused.
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            raise InputSpecError(f"{path} holds one array (an .npy file): give an .npz file with one array "
-                                 "per input name")
-        with loaded as archive:
-            return [{name: archive[name] for name in archive.files}]
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
-        raise InputSpecError(f"{path} is not a readable .npz file: {_first_line(error)}") from error
-
-
-def overridable_inputs(model: onnx.ModelProto) -> set[str]:
-    """Inputs with a default (an initializer of the same name, IR >= 4): a feed may give them or not."""
-    if model.ir_version < 4:
-        return set()
-    listed = {value.name for value in model.graph.input}
-    return {tensor.name for tensor in model.graph.initializer if tensor.name in listed}
-
-
-def check_feed(model: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
-    expected = {value.name for value in model_inputs(model)}
-    missing, extra = expected - set(feed), set(feed) - expected - overridable_inputs(model)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"missing {', '.join(sorted(missing))}")
-        if extra:
-            parts.append(f"not inputs of the model: {', '.join(sorted(extra))}")
-        raise InputSpecError("the given inputs do not match the model: " + "; ".join(parts))
-
-
-# ----------------------------------------------------------------------------- running
-
-
-class Runner:
-    """An onnxruntime CPU session (in the worker process, see onnxslim.runtime), with graph
-    optimizations disabled unless `optimized` (then onnxruntime fuses as it would in deployment,
-    e.g. QDQ groups into integer kernels)."""
-
-    def __init__(self, model: onnx.ModelProto, *, label: str = "model", threads: int = 0, optimized: bool = False):
-        self.session = Session(model, label=label, threads=threads, optimized=optimized)
-        self.label = label
-        self.output_names = self.session.output_names
-
-    def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(None, feed)))
-
-    def seconds(self, feed: dict[str, np.ndarray], runs: int = 1) -> list[float]:
-        """The time of each of `runs` runs, measured where onnxruntime runs (no transfer counted)."""
-        return self.session.seconds(feed, runs)
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:400]
+        return json_safe(data)
 
 
 # ----------------------------------------------------------------------------- comparing
@@ -620,7 +328,7 @@ class Verifier:
                 feeds = synthesize_inputs(self.reference, with_other_sizes(shapes, trial, trial_fallbacks), count, seed + 1)
                 outputs = [runner.run(feed) for feed in feeds]
             except (VerificationUnavailable, InputSpecError) as error:
-                problem = problem or _first_line(error)
+                problem = problem or first_line(error)
                 continue
             varied, fallbacks, found = trial, trial_fallbacks, (feeds, outputs)
             if not alone:
@@ -706,7 +414,7 @@ class Verifier:
                     evaluators[key] = ReferenceEvaluator(model)
             values = {key: dict(zip(evaluator.output_names, evaluator.run(None, feed))) for key, evaluator in evaluators.items()}
         except Exception as error:  # the reference evaluator raises whatever its numpy kernels raise
-            notes.append(f"output '{name}': onnx's reference evaluator could not run the models ({_first_line(error)}); "
+            notes.append(f"output '{name}': onnx's reference evaluator could not run the models ({first_line(error)}); "
                          "onnxruntime's figures stand")
             return failed
         if name not in values["original"] or name not in values["candidate"]:

@@ -11,6 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxslim
+import onnxslim.exporter
+import onnxslim.importer
 import onnxslim.model
 from onnxslim.model import load, save, to_graph, to_model
 
@@ -353,8 +355,8 @@ def test_import_builds_the_graph_onnx_graphsurgeon_builds():
     and the types numpy lacks (bfloat16 here), which are ml_dtypes' types, not onnx-graphsurgeon's ONNX enum."""
     model = conversion_model()
     reference = onnxslim.model.gs.import_onnx(model)
-    onnxslim.model._keep_input_shapes_only(reference, model.graph)
-    onnxslim.model._settle_constants(reference)
+    onnxslim.importer._keep_input_shapes_only(reference, model.graph)
+    onnxslim.importer._settle_constants(reference)
     assert described(to_graph(model)) == described(reference)
 
 
@@ -370,8 +372,8 @@ def test_a_proto_writer_reuses_a_tensor_type_only_for_the_same_dims():
         gs.Variable("f", np.float32, None),
         gs.Variable("g", np.float32, [1, "n", None]),
     ]
-    writer = onnxslim.model.ProtoWriter()
+    writer = onnxslim.exporter.ProtoWriter()
     for tensor in tensors:
-        alone = onnxslim.model.ProtoWriter().value_info(onnx.ValueInfoProto(), tensor)
+        alone = onnxslim.exporter.ProtoWriter().value_info(onnx.ValueInfoProto(), tensor)
         assert writer.value_info(onnx.ValueInfoProto(), tensor) == alone
     assert not writer.value_info(onnx.ValueInfoProto(), tensors[1]).type.tensor_type.shape.dim[0].HasField("dim_value")
