@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import platform
 import re
 import time
@@ -35,10 +34,11 @@ import numpy as np
 import onnx
 
 from .calibration import CalibrationData, calibrate_range_sets, capture_activations, check_finite_outputs, fidelity_split
-from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
+from .errors import UsageError, VerificationError, VerificationUnavailable
 from .graph import constant_value, is_empty
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
+from .options import FidelityTarget, QuantizeOptions
 from .passes.quantize_qdq import (
     INPUT_MEANS,
     REDUCED_WEIGHT_LIMIT,
@@ -55,8 +55,6 @@ from .verify import FidelityPool, Runner, sqnr_db
 
 logger = logging.getLogger("onnxslim")
 
-MODES = ("auto", "full", "weights")
-METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 # method=auto tries these and keeps the one whose model is most faithful on calibration samples.
 AUTO_METHODS = ("minmax", "percentile", "mse")
 SELECTION_SAMPLES = 8
@@ -128,81 +126,10 @@ def _cpuinfo_field(text: str, keys: Sequence[str]) -> str | None:
     return None
 
 
-# ----------------------------------------------------------------------------- options and report
-
-
-@dataclass(frozen=True)
-class FidelityTarget:
-    """The fidelity the quantized model must keep on every output: SQNR in dB or cosine."""
-
-    metric: str  # "sqnr_db" or "cosine"
-    value: float
-
-    def __post_init__(self):
-        # A NaN target is met by nothing and fails no comparison: refused like an unknown metric.
-        if self.metric not in ("sqnr_db", "cosine"):
-            raise InputSpecError(f"a fidelity target's metric is sqnr_db or cosine, not '{self.metric}'")
-        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) or not math.isfinite(self.value):
-            raise InputSpecError(f"a fidelity target is a finite number, not {self.value}")
-        if self.metric == "cosine" and not -1 <= self.value <= 1:
-            raise InputSpecError(f"a cosine target lies in [-1, 1], not {self.value}")
-
-    @classmethod
-    def parse(cls, text: str) -> FidelityTarget:
-        """'30dB', 'sqnr=30', 'cosine=0.999' (or a bare number: below 1 a cosine, else dB)."""
-        cleaned = text.strip().lower().replace(" ", "")
-        metric, _, number = cleaned.rpartition("=")
-        if not metric and cleaned.endswith("db"):
-            metric, number = "sqnr", cleaned[:-2]
-        try:
-            value = float(number)
-        except ValueError:
-            raise InputSpecError(f"--fidelity-target '{text}': expected e.g. 30dB, sqnr=30 or cosine=0.999") from None
-        if not math.isfinite(value):
-            raise InputSpecError(f"--fidelity-target '{text}': the target must be a finite number")
-        if not metric:
-            metric = "cosine" if value < 1 else "sqnr"
-        if metric not in ("sqnr", "cosine"):
-            raise InputSpecError(f"--fidelity-target '{text}': the metric is sqnr or cosine, not '{metric}'")
-        if metric == "cosine" and not -1 <= value <= 1:
-            raise InputSpecError(f"--fidelity-target '{text}': a cosine lies in [-1, 1]")
-        return cls("sqnr_db" if metric == "sqnr" else "cosine", value)
-
-    def met(self, fidelity: dict) -> bool:
-        return fidelity[self.metric] >= self.value  # False for NaN
-
-    def __str__(self) -> str:
-        return f"SQNR >= {self.value:g} dB" if self.metric == "sqnr_db" else f"cosine >= {self.value:g}"
+# ----------------------------------------------------------------------------- report
 
 
 DEFAULT_AUTO_TARGET = FidelityTarget.parse(DEFAULT_AUTO_TARGET_TEXT)
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """How to quantize; `mode=auto` picks full or weights from the CPU (see cpu_int8_support)."""
-
-    mode: str = "auto"
-    method: str = "auto"
-    per_channel: bool = True
-    activation_type: str = "uint8"
-    symmetric_activations: bool = False
-    weight_form: str = ""
-    exclude: tuple[str, ...] = ()
-    fidelity_target: FidelityTarget | None = None
-    bias_correction: bool = True
-    reduce_range: bool | None = None  # 7-bit weights in full mode; None: when the CPU is x86 without VNNI
-    # Samples kept apart to measure fidelity on. Default 0: every sample calibrates (a sample left
-    # out is a range left unseen: on ResNet-50 holding out 3 of 16 cost 6 dB), and fidelity is
-    # measured on the last calibration.EVALUATION_SAMPLES of them, which the report says.
-    held_out: int = 0
-    keep_names: bool = False  # else internal tensors get short names (see the shorten-names pass)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise UsageError(f"quantization mode must be one of {', '.join(MODES)}, not '{self.mode}'")
-        if self.method not in METHODS:
-            raise UsageError(f"calibration method must be one of {', '.join(METHODS)}, not '{self.method}'")
 
 
 @dataclass
