@@ -152,7 +152,8 @@ def test_without_removes_passes_and_empty_fixpoints():
 
 def test_skip_removes_a_pass_from_the_run():
     model = small_model()
-    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(skip=["eliminate-noops"]), return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(skip=["eliminate-noops"]),
+                                          return_report=True)
     assert "eliminate-noops" not in report.pipeline
     default = set(Pipeline.preset("default").pass_names())
     assert "eliminate-noops" in default
@@ -277,8 +278,8 @@ def test_verify_each_names_the_pass_that_broke_the_model(break_add, tmp_path):
     model = add_model()
     with pytest.raises(onnxslim.VerificationError, match=f"pass '{break_add}'") as error:
         onnxslim.optimize(
-            model, simplify=onnxslim.SimplifyOptions(passes=f"eliminate-noops,{break_add},eliminate-dead-nodes", verify_each=True,
-                                        dump_dir=tmp_path)
+            model, simplify=onnxslim.SimplifyOptions(passes=f"eliminate-noops,{break_add},eliminate-dead-nodes",
+                                                     verify_each=True, dump_dir=tmp_path)
         )
 
     before, after = tmp_path / f"002-{break_add}-before.onnx", tmp_path / f"002-{break_add}-after.onnx"

@@ -99,7 +99,8 @@ def test_default_pipeline_fuses_and_is_a_fixed_point():
     model = rms_norm_model().build()
     optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds()))
     assert ops(optimized)["RMSNormalization"] == 1 and sum(ops(optimized).values()) == 2
-    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds())).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds())).SerializeToString() \
+        == optimized.SerializeToString()
 
 
 def test_layer_norm_at_opset_23_is_still_layer_normalization():

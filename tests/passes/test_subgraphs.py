@@ -151,4 +151,5 @@ def test_a_body_writes_no_type_for_the_outer_values_it_reads_and_a_second_run_ch
         assert "outer" in {name for node in body.node for name in node.input}
         assert not {value.name for value in body.value_info} & outer_names
         assert [dim.dim_param for dim in body.output[0].type.tensor_type.shape.dim][:1] == ["batch"]
-    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds)).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds)).SerializeToString() \
+        == optimized.SerializeToString()
