@@ -16,7 +16,7 @@ from . import runtime as _runtime  # noqa: E402 (after the setting above)
 
 _runtime.start_early()  # before the imports below, which its own import of onnxruntime overlaps
 
-from .api import optimize, optimize_file, resolve_pipeline, verify  # noqa: E402
+from .api import optimize, optimize_file, verify  # noqa: E402
 from .errors import (
     InputSpecError,
     ModelLoadError,
@@ -30,6 +30,8 @@ from .errors import (
 )
 from .manager import PassContext, PassResult, Pipeline, get_pass, register_pass, registered_passes
 from .model import load, save
+from .options import CalibrationOptions, QuantizeOptions, SimplifyOptions, VerifyOptions, resolve_pipeline
+from .prune import PruneOptions
 from .verify import FidelityBudget, VerificationReport
 
 from . import passes as _builtin_passes  # registers onnxslim's own passes at import, like any library's setup
@@ -37,6 +39,7 @@ from . import passes as _builtin_passes  # registers onnxslim's own passes at im
 __version__ = "0.1.0"
 
 __all__ = [
+    "CalibrationOptions",
     "FidelityBudget",
     "InputSpecError",
     "ModelLoadError",
@@ -47,10 +50,14 @@ __all__ = [
     "PassResult",
     "Pipeline",
     "PipelineError",
+    "PruneOptions",
+    "QuantizeOptions",
+    "SimplifyOptions",
     "UsageError",
     "VerificationError",
     "VerificationReport",
     "VerificationUnavailable",
+    "VerifyOptions",
     "get_pass",
     "load",
     "optimize",

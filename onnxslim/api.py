@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import numbers
 import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,13 +16,14 @@ import onnx
 import onnx.shape_inference
 
 from . import runtime
-from .calibration import CalibrationData, Preprocess, fidelity_split
+from .calibration import CalibrationData, fidelity_split
 from .errors import InputSpecError, ModelLoadError, RuntimeFailure, UsageError, VerificationError, VerificationUnavailable
 from .instruments import DumpEach, VerifyEach
-from .manager import PassContext, PassManager, Pipeline, get_pass, logger as default_logger, preset_names
+from .manager import PassContext, PassManager, Pipeline, get_pass, logger as default_logger
 from .model import check_output_path, check_structure, files_read, load, same_file, save, to_graph, to_model
+from .options import CalibrationOptions, QuantizeOptions, SimplifyOptions, VerifyOptions
 from .prune import PruneOptions, prune as prune_channels
-from .quantize import QuantizeOptions, evaluation_samples, quantize_model
+from .quantize import evaluation_samples, quantize_model
 from .repair import interface_repaired, recompute_contradicted_outputs, structure_repaired
 from .report import OptimizeReport, summarize
 from .shapes import set_input_shapes
@@ -33,7 +32,6 @@ from .verify import FidelityBudget, Runner, VerificationReport, Verifier, _first
 # What onnx.checker and its full check (strict shape inference) raise on an invalid model
 INVALID_MODEL = (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError)
 
-DEFAULT_PIPELINE = "default"
 VERIFY_EACH_FOLDER = "onnxslim-verify-each"
 # The names DumpEach and VerifyEach give their files: NNN-<pass>.onnx, NNN-<pass>-before/after.onnx
 # and the external data files beside them.
@@ -42,170 +40,242 @@ DUMP_NAME = re.compile(r"\d{3,}-.+\.onnx(\.data)?")
 DEFAULT_MIN_COSINE = 0.95
 
 
-def resolve_pipeline(
-    pipeline: str | Pipeline | None = None, passes: str | None = None, skip: Sequence[str] = ()
-) -> Pipeline:
-    """The pipeline to run: a preset name or pipeline text, replaced by `passes` if given, minus `skip`."""
-    if passes is not None and pipeline is not None:
-        raise UsageError("give either a pipeline or a list of passes, not both")
-    if passes is not None:  # '' too: an empty list is an error, not the default pipeline
-        chosen = Pipeline.parse(passes)
-    elif isinstance(pipeline, Pipeline):
-        chosen = pipeline
-    elif pipeline is None or pipeline in preset_names():
-        chosen = Pipeline.preset(pipeline or DEFAULT_PIPELINE)
-    else:
-        chosen = Pipeline.parse(pipeline)
-    if skip:
-        chosen = chosen.without(list(skip))
-    chosen.validate()
-    return chosen
-
-
 def optimize(
     model: str | os.PathLike | onnx.ModelProto,
     *,
-    pipeline: str | Pipeline | None = None,
-    passes: str | None = None,
-    skip: Sequence[str] = (),
-    verify: bool = True,
-    inputs: str | os.PathLike | list[dict[str, np.ndarray]] | None = None,
-    verify_shapes: dict[str, list[int]] | None = None,
-    input_shapes: dict[str, list[int]] | None = None,
-    samples: int = 2,
-    seed: int = 0,
-    tolerance: float | None = None,
-    budget: FidelityBudget | None = None,
-    verify_each: bool = False,
-    dump_dir: str | os.PathLike | None = None,
-    pass_limit: int | None = None,
-    force: bool = False,
-    options: dict | None = None,
-    logger: logging.Logger | None = None,
+    simplify: SimplifyOptions | str | Pipeline | None = None,
+    verify: VerifyOptions | bool | None = None,
+    quantize: QuantizeOptions | str | None = None,
+    prune: PruneOptions | float | None = None,
+    calibration: CalibrationOptions | str | os.PathLike | CalibrationData | None = None,
     return_report: bool = False,
-    quantize: str | None = None,
-    calibration: str | os.PathLike | CalibrationData | None = None,
-    preprocess: str | Preprocess | None = None,
-    calibration_limit: int | None = None,
-    quantize_options: QuantizeOptions | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
-    prune: float | None = None,
-    prune_options: PruneOptions | None = None,
 ):
     """Optimize `model` (a path or a ModelProto) and return the optimized ModelProto.
 
-    The pipeline is the `default` preset unless `pipeline` (a preset name or a pipeline text) or
-    `passes` says otherwise. The result is checked with onnx.checker and, unless verify=False,
-    against the original with onnxruntime; a result that fails raises VerificationError (with the
-    report attached) unless force=True. With return_report=True returns (model, OptimizeReport).
-    The input is never modified.
+    `simplify` says which passes run (SimplifyOptions, or a preset name or pipeline text; default:
+    the `default` preset). The result is checked with onnx.checker and, unless verify=False,
+    against the original with onnxruntime (VerifyOptions say how); a result that fails raises
+    VerificationError (with the report attached) unless VerifyOptions(force=True). With
+    return_report=True returns (model, OptimizeReport). The input is never modified.
 
-    quantize="int8" then quantizes the simplified model (onnxslim.quantize): `calibration` is a
-    folder or file of samples (.npz, .npy, images with `preprocess`), a CalibrationData, or
-    "random" (smoke tests only); `quantize_options` says how. The simplified model is verified
-    losslessly first, then the quantized one in lossy mode on the evaluation samples, against
-    `budget` (default: cosine >= 0.95 on every output, which catches a broken model) and the
-    fidelity target. `progress(stage, done, total)` follows calibration and sensitivity runs.
+    quantize="int8" (or QuantizeOptions(...)) then quantizes the simplified model
+    (onnxslim.quantize) on `calibration`: a folder or file of samples (.npz, .npy, images with a
+    preprocess spec), a CalibrationData, "random" (smoke tests only), or CalibrationOptions. The
+    simplified model is verified losslessly first, then the quantized one in lossy mode on the
+    evaluation samples, against the budget (default: cosine >= 0.95 on every output, which
+    catches a broken model) and the fidelity target. `progress(stage, done, total)` follows
+    calibration and sensitivity runs.
 
-    prune=RATIO (or prune_options=PruneOptions(...)) removes that share of each prunable channel
-    group from the simplified model (onnxslim.prune), refits the layers that lost input channels
-    on `calibration` when given, and reruns the pipeline; quantization, if asked, comes after.
+    prune=RATIO (or PruneOptions(...)) removes that share of each prunable channel group from
+    the simplified model (onnxslim.prune), refits the layers that lost input channels on
+    `calibration` when given, and reruns the pipeline; quantization, if asked, comes after.
     """
-    started = time.perf_counter()
-    runtime.start()  # its onnxruntime import overlaps loading the model and the passes
-    if quantize is not None and quantize != "int8":
-        raise UsageError(f"quantize='{quantize}': only int8 is supported")
-    check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
-    if not isinstance(model, onnx.ModelProto):
-        _check_dump_folders(model, dump_dir, VERIFY_EACH_FOLDER if verify_each and dump_dir is None else None)
-    source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
-    # A ModelProto from the caller is checked only if the result fails the checker (see
-    # _check_valid): the check costs as much as a small model's whole optimization.
-    repairs: list[str] = []
-    original = load(model, check=not isinstance(model, onnx.ModelProto), notes=repairs)
-    # Repaired before any pass, so the written model can pass onnx.checker (see onnxslim.repair);
-    # a ModelProto given is copied first.
-    if isinstance(model, onnx.ModelProto):
-        original, repairs = structure_repaired(original)
-    original, found = interface_repaired(original, _given_ranks(verify_shapes, input_shapes),
-                                         own=original is not model)
-    chosen = resolve_pipeline(pipeline, passes, skip)
-    report = OptimizeReport(source=source, pipeline=str(chosen), before=summarize(original))
-    report.notes.extend(repairs + found)
-    loaded = time.perf_counter()
+    run = _Optimization(_simplify_options(simplify), _verify_options(verify), _quantize_options(quantize),
+                        _prune_options(prune), _calibration_options(calibration), progress)
+    run.load(model)
+    run.prepare_reference()
+    run.simplify()
+    run.check_simplified()
+    if run.prune is not None and run.verified_so_far():
+        run.prune_channels()
+    if run.quantize is not None and run.verified_so_far():
+        run.quantize_weights()
+    report = run.finish()
+    return (run.optimized, report) if return_report else run.optimized
 
-    graph = to_graph(original)
-    if input_shapes:
-        set_input_shapes(graph, input_shapes)
-        report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
-    if input_shapes:
-        verify_shapes = {**(verify_shapes or {}), **input_shapes}
-    if prune is not None or prune_options is not None:
-        prune_options = replace(prune_options or PruneOptions(), **({"ratio": prune} if prune is not None else {}))
-    data = None
-    if quantize is not None or prune_options is not None:
-        data = _calibration_data(original, calibration, preprocess, verify_shapes, calibration_limit)
-        if inputs is None and data is not None and not data.synthetic:
-            # Real samples check the simplification too, and a dynamic model needs no --verify-shape.
-            inputs = list(evaluation_samples(data, (quantize_options or QuantizeOptions()).held_out).limit(samples))
-    verifier = None
-    if verify or verify_each:
-        with _no_verify_hint():
-            verifier = Verifier(
-                original, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance,
-                budget=budget, static_inputs=list(input_shapes or ()),
-            )
-    instruments = []
-    if verify_each:
-        instruments.append(VerifyEach(verifier, original, Path(dump_dir or VERIFY_EACH_FOLDER)))
-    if dump_dir is not None:
-        instruments.append(DumpEach(original, dump_dir))
 
-    reference_ready = time.perf_counter()
-    context = PassContext(options=dict(options or {}), logger=logger or default_logger)
-    simplifying = chosen
-    if prune_options is not None:
-        # Pruning plans on the layers as exported; passes that join layers run in the rerun after it.
-        simplifying = chosen.without([name for name in chosen.pass_names() if get_pass(name).joins_layers])
-    manager = PassManager(simplifying, context=context, instruments=instruments, pass_limit=pass_limit)
-    report.run = manager.run(graph)
-    optimized = to_model(graph, original)
-    optimized_at = time.perf_counter()
-    report.after = summarize(optimized)
-    if report.run.stopped_at_limit:
-        report.notes.append(f"stopped after {pass_limit} pass executions (--pass-limit)")
+def _simplify_options(given) -> SimplifyOptions:
+    return given if isinstance(given, SimplifyOptions) else SimplifyOptions(pipeline=given)
 
-    recomputed = _check_valid(optimized, original, report.notes)
-    _check_interface(optimized, original, input_shapes or {}, recomputed)
-    if verify:
-        with _no_verify_hint():
-            report.verification = verifier.check(optimized)
-    else:
-        report.verification_skipped = "verification turned off"
-    reference = original
-    if prune_options is not None and (report.verification is None or report.verification.passed):
-        optimized = _prune(optimized, original, report, prune_options, data, progress, chosen,
-                           verify=verify, budget=budget, verify_shapes=verify_shapes, samples=samples, seed=seed)
-        reference = optimized  # quantization's own budget is measured against the model it was given
-    if quantize is not None and (report.verification is None or report.verification.passed):
-        optimized = _quantize(optimized, reference, report, quantize, data, quantize_options, progress,
-                              verify=verify, budget=budget, verify_shapes=verify_shapes, samples=samples, seed=seed)
-    report.seconds = {
-        "load": loaded - started,
-        "reference": reference_ready - loaded,
-        "passes": report.run.seconds,
-        "export": optimized_at - reference_ready - report.run.seconds,
-        "verify": time.perf_counter() - optimized_at,
-        "total": time.perf_counter() - started,
-    }
-    if report.quantization is not None:  # quantizing ran between export and the final check
-        report.seconds["quantize"] = report.quantization.seconds.get("total", 0.0)
-        report.seconds["verify"] -= report.seconds["quantize"]
-    if report.verification is not None and not report.verification.passed:
-        if not force:
-            raise VerificationError(report.verification.message, report)
-        report.notes.append("verification failed; result kept because force was set")
-    return (optimized, report) if return_report else optimized
+
+def _verify_options(given) -> VerifyOptions:
+    if isinstance(given, VerifyOptions):
+        return given
+    return VerifyOptions(enabled=given is None or bool(given))
+
+
+def _quantize_options(given) -> QuantizeOptions | None:
+    if given is None or isinstance(given, QuantizeOptions):
+        return given
+    if given != "int8":
+        raise UsageError(f"quantize='{given}': only int8 is supported")
+    return QuantizeOptions()
+
+
+def _prune_options(given) -> PruneOptions | None:
+    if given is None or isinstance(given, PruneOptions):
+        return given
+    return PruneOptions(ratio=given)
+
+
+def _calibration_options(given) -> CalibrationOptions:
+    return given if isinstance(given, CalibrationOptions) else CalibrationOptions(source=given)
+
+
+class _Optimization:
+    """One run of optimize(): its stages share the options, the models and the report."""
+
+    def __init__(self, simplify: SimplifyOptions, verify: VerifyOptions, quantize: QuantizeOptions | None,
+                 prune: PruneOptions | None, calibration: CalibrationOptions, progress):
+        self.started = time.perf_counter()
+        runtime.start()  # its onnxruntime import overlaps loading the model and the passes
+        self.options, self.verify, self.quantize, self.prune = simplify, verify, quantize, prune
+        self.calibration, self.progress = calibration, progress
+        self.marks: dict[str, float] = {}
+
+    def load(self, model) -> None:
+        """Load and repair the model, resolve the pipeline, start the report."""
+        options = self.options
+        if not isinstance(model, onnx.ModelProto):
+            _check_dump_folders(model, options.dump_dir,
+                                VERIFY_EACH_FOLDER if options.verify_each and options.dump_dir is None else None)
+        source = str(model) if not isinstance(model, onnx.ModelProto) else "<ModelProto>"
+        # A ModelProto from the caller is checked only if the result fails the checker (see
+        # _check_valid): the check costs as much as a small model's whole optimization.
+        repairs: list[str] = []
+        original = load(model, check=not isinstance(model, onnx.ModelProto), notes=repairs)
+        # Repaired before any pass, so the written model can pass onnx.checker (see onnxslim.repair);
+        # a ModelProto given is copied first.
+        if isinstance(model, onnx.ModelProto):
+            original, repairs = structure_repaired(original)
+        self.original, found = interface_repaired(original, _given_ranks(self.verify.verify_shapes, options.input_shapes),
+                                                  own=original is not model)
+        self.pipeline = options.pipeline_to_run()
+        self.report = OptimizeReport(source=source, pipeline=str(self.pipeline), before=summarize(self.original))
+        self.report.notes.extend(repairs + found)
+        self.marks["loaded"] = time.perf_counter()
+
+    def prepare_reference(self) -> None:
+        """The graph to rewrite, the calibration data, and the original's outputs to compare with."""
+        input_shapes, verify = self.options.input_shapes, self.verify
+        self.graph = to_graph(self.original)
+        if input_shapes:
+            set_input_shapes(self.graph, input_shapes)
+            self.report.notes.append("inputs made static: " + ", ".join(f"{name}:{dims}" for name, dims in input_shapes.items()))
+        self.verify_shapes = {**(verify.verify_shapes or {}), **input_shapes} if input_shapes else verify.verify_shapes
+        self.data, inputs = None, verify.inputs
+        if self.quantize is not None or self.prune is not None:
+            self.data = _calibration_data(self.original, self.calibration, self.verify_shapes)
+            if inputs is None and self.data is not None and not self.data.synthetic:
+                # Real samples check the simplification too, and a dynamic model needs no --verify-shape.
+                held_out = self.quantize.held_out if self.quantize is not None else 0
+                inputs = list(evaluation_samples(self.data, held_out).limit(verify.samples))
+        self.verifier = None
+        if verify.enabled or self.options.verify_each:
+            with _no_verify_hint():
+                self.verifier = Verifier(
+                    self.original, inputs=inputs, shapes=self.verify_shapes, samples=verify.samples, seed=verify.seed,
+                    tolerance=verify.tolerance, budget=verify.budget, static_inputs=list(input_shapes or ()),
+                )
+        self.marks["reference"] = time.perf_counter()
+
+    def simplify(self) -> None:
+        """Run the pipeline (without the passes that join layers when pruning comes next)."""
+        options = self.options
+        instruments = []
+        if options.verify_each:
+            instruments.append(VerifyEach(self.verifier, self.original, Path(options.dump_dir or VERIFY_EACH_FOLDER)))
+        if options.dump_dir is not None:
+            instruments.append(DumpEach(self.original, options.dump_dir))
+        context = PassContext(options=dict(options.context or {}), logger=options.logger or default_logger)
+        simplifying = self.pipeline
+        if self.prune is not None:
+            # Pruning plans on the layers as exported; passes that join layers run in the rerun after it.
+            simplifying = self.pipeline.without([name for name in self.pipeline.pass_names()
+                                                 if get_pass(name).joins_layers])
+        manager = PassManager(simplifying, context=context, instruments=instruments, pass_limit=options.pass_limit)
+        self.report.run = manager.run(self.graph)
+        self.optimized = to_model(self.graph, self.original)
+        self.marks["optimized"] = time.perf_counter()
+        self.report.after = summarize(self.optimized)
+        if self.report.run.stopped_at_limit:
+            self.report.notes.append(f"stopped after {options.pass_limit} pass executions (--pass-limit)")
+
+    def check_simplified(self) -> None:
+        """onnx.checker, the interface, and (unless turned off) onnxruntime against the original."""
+        recomputed = _check_valid(self.optimized, self.original, self.report.notes)
+        _check_interface(self.optimized, self.original, self.options.input_shapes or {}, recomputed)
+        if self.verify.enabled:
+            with _no_verify_hint():
+                self.report.verification = self.verifier.check(self.optimized)
+        else:
+            self.report.verification_skipped = "verification turned off"
+        self.reference = self.original
+
+    def verified_so_far(self) -> bool:
+        return self.report.verification is None or self.report.verification.passed
+
+    def prune_channels(self) -> None:
+        """Prune the verified simplified model, rerun the pipeline on it, and verify it in lossy mode
+        when a budget is given (pruning's cost is the user's to bound; the surgery check is exact)."""
+        simplified, original, report, verify = self.optimized, self.original, self.report, self.verify
+        report.lossless_verification = report.verification
+        pruned, report.pruning = prune_channels(simplified, self.data, self.prune, progress=self.progress,
+                                                shapes=self.verify_shapes, original=original)
+        if report.pruning.surgery_exact is False:
+            raise VerificationError(f"pruning surgery check failed: {report.pruning.surgery_check}", report)
+        graph = to_graph(pruned)
+        PassManager(self.pipeline, context=PassContext(logger=default_logger)).run(graph)
+        pruned = to_model(graph, pruned)
+        _check_pruned_structure(pruned, simplified, original, report.pruning.notes)
+        _check_runs(pruned, original, self.data, self.verify_shapes, report.pruning.notes)
+        report.after = summarize(pruned)
+        report.notes.append(report.pruning.summary())
+        # quantization's own budget is measured against the model it was given
+        self.optimized = self.reference = pruned
+        if not verify.enabled or verify.budget is None or not verify.budget.is_set():
+            report.verification = None
+            report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
+            return
+        data = self.data
+        feeds = list(fidelity_split(data, self.prune.held_out)[1]) if data is not None and not data.synthetic else None
+        lossy = Verifier(original, inputs=feeds, shapes=self.verify_shapes, samples=verify.samples, seed=verify.seed,
+                         budget=verify.budget, static_inputs=_made_static(simplified, original))
+        report.verification = lossy.check(pruned, label="pruned model")
+
+    def quantize_weights(self) -> None:
+        """Quantize the verified simplified (or pruned) model; verify the result in lossy mode on
+        the evaluation samples."""
+        simplified, original, report, options = self.optimized, self.reference, self.report, self.quantize
+        report.lossless_verification = report.verification
+        quantized, report.quantization = quantize_model(simplified, self.data, options, progress=self.progress)
+        _check_valid(quantized, original, report.notes)
+        report.after = summarize(quantized)
+        report.notes.append(report.quantization.summary())
+        self.optimized = quantized
+        if not self.verify.enabled:
+            return
+        budget = self.verify.budget
+        budget = budget if budget is not None and budget.is_set() else FidelityBudget(min_cosine=DEFAULT_MIN_COSINE)
+        target = options.fidelity_target
+        if target is not None:
+            field = "min_sqnr_db" if target.metric == "sqnr_db" else "min_cosine"
+            budget = replace(budget, **{field: max(getattr(budget, field) or -math.inf, target.value)})
+        feeds = list(evaluation_samples(self.data, options.held_out)) if self.data is not None else None
+        lossy = Verifier(original, inputs=feeds, shapes=self.verify_shapes, samples=self.verify.samples,
+                         seed=self.verify.seed, budget=budget, static_inputs=_made_static(simplified, original))
+        report.verification = lossy.check(quantized, label="quantized model")
+
+    def finish(self) -> OptimizeReport:
+        """The time each stage took; a failed verification raises unless forced."""
+        report, marks = self.report, self.marks
+        report.seconds = {
+            "load": marks["loaded"] - self.started,
+            "reference": marks["reference"] - marks["loaded"],
+            "passes": report.run.seconds,
+            "export": marks["optimized"] - marks["reference"] - report.run.seconds,
+            "verify": time.perf_counter() - marks["optimized"],
+            "total": time.perf_counter() - self.started,
+        }
+        if report.quantization is not None:  # quantizing ran between export and the final check
+            report.seconds["quantize"] = report.quantization.seconds.get("total", 0.0)
+            report.seconds["verify"] -= report.seconds["quantize"]
+        if report.verification is not None and not report.verification.passed:
+            if not self.verify.force:
+                raise VerificationError(report.verification.message, report)
+            report.notes.append("verification failed; result kept because force was set")
+        return report
 
 
 def _given_ranks(*shapes: dict[str, list[int]] | None) -> dict[str, int]:
@@ -232,52 +302,15 @@ def _check_dump_folders(source, *folders) -> None:
                                  "of this run could overwrite; choose another folder")
 
 
-def check_verification_options(*, samples: int = 2, seed: int = 0, tolerance: float | None = None) -> None:
-    """Raise UsageError for options verification cannot use: a NaN tolerance would pass anything."""
-    if tolerance is not None and not (isinstance(tolerance, numbers.Real) and math.isfinite(tolerance)
-                                      and tolerance >= 0):
-        raise UsageError(f"the tolerance must be a finite number >= 0, not {tolerance}")
-    if not isinstance(samples, numbers.Integral) or samples < 1:
-        raise UsageError(f"samples must be a positive number, not {samples}")
-    if not isinstance(seed, numbers.Integral) or seed < 0:
-        raise UsageError(f"the seed must be a non-negative integer, not {seed}")
-
-
-def _calibration_data(model, calibration, preprocess, shapes, limit) -> CalibrationData | None:
-    if calibration is None:
+def _calibration_data(model, options: CalibrationOptions, shapes) -> CalibrationData | None:
+    source, limit = options.source, options.limit
+    if source is None:
         return None
-    if isinstance(calibration, CalibrationData):
-        return calibration.limit(limit) if limit else calibration
-    if str(calibration) == "random":
+    if isinstance(source, CalibrationData):
+        return source.limit(limit) if limit else source
+    if str(source) == "random":
         return CalibrationData.random(model, shapes, **({"count": limit} if limit else {}))
-    return CalibrationData.from_path(model, calibration, preprocess=preprocess, limit=limit)
-
-
-def _prune(simplified, original, report, options, data, progress, pipeline, *, verify, budget,
-           verify_shapes, samples, seed) -> onnx.ModelProto:
-    """Prune the verified simplified model, rerun the pipeline on it, and verify it in lossy mode
-    when a budget is given (pruning's cost is the user's to bound; the surgery check is exact)."""
-    report.lossless_verification = report.verification
-    pruned, report.pruning = prune_channels(simplified, data, options, progress=progress, shapes=verify_shapes,
-                                            original=original)
-    if report.pruning.surgery_exact is False:
-        raise VerificationError(f"pruning surgery check failed: {report.pruning.surgery_check}", report)
-    graph = to_graph(pruned)
-    PassManager(pipeline, context=PassContext(logger=default_logger)).run(graph)
-    pruned = to_model(graph, pruned)
-    _check_pruned_structure(pruned, simplified, original, report.pruning.notes)
-    _check_runs(pruned, original, data, verify_shapes, report.pruning.notes)
-    report.after = summarize(pruned)
-    report.notes.append(report.pruning.summary())
-    if not verify or budget is None or not budget.is_set():
-        report.verification = None
-        report.verification_skipped = "pruning is lossy and no budget was set (--min-cosine, --min-sqnr, --min-top1)"
-        return pruned
-    feeds = list(fidelity_split(data, options.held_out)[1]) if data is not None and not data.synthetic else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
-                     static_inputs=_made_static(simplified, original))
-    report.verification = lossy.check(pruned, label="pruned model")
-    return pruned
+    return CalibrationData.from_path(model, source, preprocess=options.preprocess, limit=limit)
 
 
 def _check_pruned_structure(pruned: onnx.ModelProto, simplified: onnx.ModelProto, original: onnx.ModelProto,
@@ -339,29 +372,6 @@ def _check_runs(pruned: onnx.ModelProto, original: onnx.ModelProto, data, shapes
         if shape is None or len(shape) != value.ndim or any(shape[axis] != value.shape[axis] for axis in fixed):
             raise VerificationError(f"pruning broke the model: output '{name}' has shape "
                                     f"{list(shape) if shape is not None else 'none'}, the original's {list(value.shape)}")
-
-
-def _quantize(simplified, original, report, kind, data, options, progress, *, verify, budget,
-              verify_shapes, samples, seed) -> onnx.ModelProto:
-    """Quantize the verified simplified model; verify the result in lossy mode on the evaluation samples."""
-    options = options or QuantizeOptions()
-    report.lossless_verification = report.verification
-    quantized, report.quantization = quantize_model(simplified, data, options, progress=progress)
-    _check_valid(quantized, original, report.notes)
-    report.after = summarize(quantized)
-    report.notes.append(report.quantization.summary())
-    if not verify:
-        return quantized
-    budget = budget if budget is not None and budget.is_set() else FidelityBudget(min_cosine=DEFAULT_MIN_COSINE)
-    target = options.fidelity_target
-    if target is not None:
-        field = "min_sqnr_db" if target.metric == "sqnr_db" else "min_cosine"
-        budget = replace(budget, **{field: max(getattr(budget, field) or -math.inf, target.value)})
-    feeds = list(evaluation_samples(data, options.held_out)) if data is not None else None
-    lossy = Verifier(original, inputs=feeds, shapes=verify_shapes, samples=samples, seed=seed, budget=budget,
-                     static_inputs=_made_static(simplified, original))
-    report.verification = lossy.check(quantized, label="quantized model")
-    return quantized
 
 
 def _check_interface(model: onnx.ModelProto, original: onnx.ModelProto, made_static: dict,
@@ -489,12 +499,17 @@ def verify(
     Both models get the same load-time checks (ModelLoadError names the one that fails them): a
     candidate that is not valid ONNX is bad input, not a model that computes something else.
     """
-    check_verification_options(samples=samples, seed=seed, tolerance=tolerance)
+    return compare(reference, candidate, VerifyOptions(inputs=inputs, verify_shapes=verify_shapes, samples=samples,
+                                                       seed=seed, tolerance=tolerance, budget=budget))
+
+
+def compare(reference: str | os.PathLike | onnx.ModelProto, candidate: str | os.PathLike | onnx.ModelProto,
+            options: VerifyOptions) -> VerificationReport:
+    """verify(), with the options as one object (the command line's)."""
     runtime.start()
     reference, candidate = _load_named(reference, "reference"), _load_named(candidate, "candidate")
-    verifier = Verifier(
-        reference, inputs=inputs, shapes=verify_shapes, samples=samples, seed=seed, tolerance=tolerance, budget=budget
-    )
+    verifier = Verifier(reference, inputs=options.inputs, shapes=options.verify_shapes, samples=options.samples,
+                        seed=options.seed, tolerance=options.tolerance, budget=options.budget)
     return verifier.check(candidate, label="candidate model")
 
 

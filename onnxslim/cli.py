@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import importlib.util
 import io
 import json
-import math
 import os
 import re
 import signal
@@ -30,10 +28,25 @@ from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import check_output_path, files_read, load
-from .prune import PruneOptions, analyze, bn_gammas, plot_report
-from .quantize import FidelityTarget, QuantizeOptions
+from .cli_options import (
+    INSTRUMENT_OPTIONS,
+    OUTPUT_OPTIONS,
+    PRUNING_OPTIONS,
+    QUANTIZATION_OPTIONS,
+    SIMPLIFY_OPTIONS,
+    VERIFICATION_OPTIONS,
+    FiniteFloat,
+    option_group,
+    prune_options,
+    pruning_asked,
+    quantize_options,
+    simplify_options,
+    verify_options,
+)
+from .options import CalibrationOptions
+from .prune import analyze, bn_gammas, plot_report
 from .report import OptimizeReport, summarize
-from .verify import FidelityBudget, VerificationReport, parse_shape_specs
+from .verify import VerificationReport, parse_shape_specs
 
 INTERNAL_ERROR = 3
 INTERRUPTED = 130
@@ -190,206 +203,6 @@ debug_option = click.option(
 )
 
 
-class FiniteFloat(click.FloatRange):
-    """A number option that refuses NaN and the infinities: every comparison with NaN is false, so a
-    NaN threshold or tolerance passes anything, and an infinite one means nothing."""
-
-    name = "finite float"
-
-    def __init__(self, min=None, max=None, min_open=False, max_open=False):
-        super().__init__(min, max, min_open, max_open)
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if number is not None and not math.isfinite(number):
-            self.fail(f"{value} is not a finite number.", param, ctx)
-        return number
-
-
-def verification_options(function):
-    """Options shared by every command that runs models in onnxruntime."""
-
-    @click.option("--inputs", "inputs", type=click.Path(dir_okay=False), help="An .npz file with one array per input name.")
-    @click.option(
-        "--verify-shape", "verify_shapes", multiple=True, metavar="NAME:DIMS",
-        help="Shape of a dynamic input for verification only, e.g. x:1,3,640,640 (the model stays dynamic).",
-    )
-    @click.option("--samples", default=2, show_default=True, type=click.IntRange(1), help="Random input samples to compare on.")
-    @click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random inputs.")
-    @click.option(
-        "--tolerance", type=FiniteFloat(min=0), default=None,
-        help="Relative tolerance for float outputs (default by dtype: float32 1e-3, float16 1e-2).",
-    )
-    @click.option("--min-cosine", type=FiniteFloat(-1, 1), default=None,
-                  help="Lossy mode: smallest cosine similarity accepted per output.")
-    @click.option("--min-sqnr", type=FiniteFloat(), default=None, help="Lossy mode: smallest SQNR (dB) accepted per output.")
-    @click.option("--min-top1", type=FiniteFloat(0, 1), default=None,
-                  help="Lossy mode: smallest top-1 agreement accepted (class scores).")
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*args, **kwargs)
-
-    return wrapper
-
-
-def _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1) -> dict:
-    budget = FidelityBudget(min_cosine=min_cosine, min_sqnr_db=min_sqnr, min_top1=min_top1)
-    return {
-        "inputs": inputs,
-        "verify_shapes": parse_shape_specs(verify_shapes),
-        "samples": samples,
-        "seed": seed,
-        "tolerance": tolerance,
-        "budget": budget if budget.is_set() else None,
-    }
-
-
-def quantization_options(function):
-    """The options of `optimize --quantize int8`."""
-
-    @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Quantize the simplified model (QDQ int8).")
-    @click.option(
-        "--calibration", metavar="PATH",
-        help="Calibration samples: a folder or file of .npz (one array per input name), .npy or images; 'random' for smoke tests only.",
-    )
-    @click.option("--preprocess", metavar="SPEC", help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225.")
-    @click.option(
-        "--calibration-method", type=click.Choice(["auto", "minmax", "percentile", "entropy", "mse"]), default="auto",
-        show_default=True, help="How activation ranges are chosen (auto: minmax, percentile and mse are tried, the most faithful kept).",
-    )
-    @click.option("--calibration-limit", type=click.IntRange(1), default=None, help="Use at most this many calibration samples.")
-    @click.option("--held-out", type=click.IntRange(0), default=0, show_default=True, metavar="N",
-                  help="Keep the last N calibration samples apart: quantization and pruning do not fit on them, and "
-                       "fidelity (and --fidelity-target) is measured on them. 0: all samples serve, and fidelity is "
-                       "measured on the last 8 of them.")
-    @click.option(
-        "--quantize-mode", type=click.Choice(["auto", "full", "weights"]), default="auto", show_default=True,
-        help="full: weights and activations (integer kernels); weights: weights only (float speed, 4x smaller); "
-        "auto: full if measured faster here and within the fidelity floor, else weights.",
-    )
-    @click.option("--activation-type", type=click.Choice(["uint8", "int8"]), default="uint8", show_default=True)
-    @click.option("--symmetric-activations", is_flag=True, help="Symmetric activation ranges (zero point fixed).")
-    @click.option("--per-tensor", is_flag=True, help="One weight scale per tensor instead of per output channel.")
-    @click.option(
-        "--weight-form", type=click.Choice(["cast-mul", "dequantize"]), default=None,
-        help="Weights-only mode: Cast*scale (folded to float at load) or DequantizeLinear (the QDQ form other runtimes read).",
-    )
-    @click.option("--exclude", multiple=True, metavar="NAME|OP", help="Keep this node (by name) or op type in float (repeatable).")
-    @click.option(
-        "--fidelity-target", metavar="TARGET",
-        help="Keep the most sensitive layers in float until every output meets this, e.g. 30dB or cosine=0.999.",
-    )
-    @click.option("--no-bias-correction", is_flag=True, help="Do not correct the biases for the weights' rounding.")
-    @click.option(
-        "--reduce-range/--full-range", default=None,
-        help="7-bit weights in full mode (default: on x86 CPUs without VNNI, whose u8 x s8 kernels saturate).",
-    )
-    @click.option(
-        "--keep-names", is_flag=True,
-        help="Keep the internal tensors' names (by default the quantized model shortens them: smaller file).",
-    )
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*args, **kwargs)
-
-    return wrapper
-
-
-def pruning_options(function):
-    """The options of `optimize --prune RATIO`."""
-
-    @click.option("--prune", type=FiniteFloat(0, 1, max_open=True), default=None, metavar="RATIO",
-                  help="Remove this share of every prunable channel group (0.25: a quarter), then refit on --calibration.")
-    @click.option("--prune-criterion", type=click.Choice(["auto", "l2", "l1", "bn", "activation", "reconstruction"]),
-                  default="auto", show_default=True,
-                  help="Which channels go: the weakest by weight magnitude summed over the group's layers (l2, l1), "
-                       "by the |γ| of the BatchNormalization that followed the layer (bn, l2 where there was none), "
-                       "by the energy they carry into their consumers on the calibration data (activation), or by "
-                       "the part of that energy the other channels cannot predict, which the refit cannot win back "
-                       "(reconstruction); auto: activation with --calibration, else l2.")
-    @click.option("--prune-allocation", type=click.Choice(["sensitivity", "uniform"]), default="sensitivity",
-                  show_default=True,
-                  help="How the ratio is shared among groups: by each group's measured cost to the outputs "
-                       "(with --calibration), or the same share everywhere.")
-    @click.option("--prune-macs", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="SHARE",
-                  help="Instead of a channel ratio: remove this share of the multiply-adds, where it costs least "
-                       "(needs --calibration; --prune still enables pruning and caps nothing).")
-    @click.option("--prune-params", type=FiniteFloat(0, 1, min_open=True, max_open=True), default=None, metavar="SHARE",
-                  help="Instead of a channel ratio: remove this share of the parameters, where it costs least "
-                       "(needs --calibration).")
-    @click.option("--prune-round", type=click.IntRange(1), default=1, show_default=True,
-                  help="Round each group's kept channels to a multiple of this (8, 16: fast kernels).")
-    @click.option("--no-reconstruct", is_flag=True, help="Do not refit the layers that lost input channels.")
-    @click.option("--plot", "prune_plot", type=click.Path(dir_okay=False, path_type=Path), default=None,
-                  help="Write a PNG of the channels kept per layer and each refit layer's error (needs matplotlib).")
-    @click.option("--check-surgery", is_flag=True,
-                  help="Check that the pruned model equals the original with the removed channels' weights zeroed.")
-    @functools.wraps(function)
-    def wrapper(*args, **kwargs):
-        return function(*args, **kwargs)
-
-    return wrapper
-
-
-def _pruning_kwargs(prune, criterion, round_to, no_reconstruct, check_surgery, allocation, fidelity_target, macs,
-                    parameters, held_out=0) -> dict:
-    if prune is None and macs is None and parameters is None:
-        return {}
-    return {"prune_options": PruneOptions(ratio=prune if prune is not None else 0.0, criterion=criterion, macs=macs,
-                                          parameters=parameters,
-                                          round_to=round_to,
-                                          reconstruct=not no_reconstruct, check_surgery=check_surgery,
-                                          allocation=allocation, held_out=held_out,
-                                          fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None)}
-
-
-def _quantization_kwargs(
-    quantize, calibration, preprocess, method, limit, mode, activation_type, symmetric, per_tensor, weight_form, exclude,
-    fidelity_target, no_bias_correction, reduce_range, keep_names, held_out=0, pruning=False,
-) -> dict:
-    quantize_only = {
-        "--calibration": calibration, "--preprocess": preprocess, "--calibration-limit": limit, "--held-out": held_out,
-        "--fidelity-target": fidelity_target, "--weight-form": weight_form,
-        "--exclude": exclude, "--symmetric-activations": symmetric, "--per-tensor": per_tensor,
-        "--keep-names": keep_names,
-    }
-    if quantize is None:
-        data = {"calibration": calibration, "preprocess": preprocess, "calibration_limit": limit}
-        if pruning:  # calibration data serves pruning's refit too
-            quantize_only = {flag: value for flag, value in quantize_only.items()
-                             if flag not in ("--calibration", "--preprocess", "--calibration-limit", "--held-out")}
-        given = [flag for flag, value in quantize_only.items() if value]
-        if given == ["--held-out"]:
-            raise UsageError("--held-out applies to quantization and pruning: add --quantize int8 or --prune RATIO")
-        if given:
-            raise UsageError(f"{given[0]} applies to quantization: add --quantize int8")
-        return {**data, "progress": _progress_bar()} if pruning else {}
-    if weight_form and mode != "weights":
-        raise UsageError("--weight-form applies to --quantize-mode weights")
-    options = QuantizeOptions(
-        mode=mode,
-        method=method,
-        per_channel=not per_tensor,
-        activation_type=activation_type,
-        symmetric_activations=symmetric,
-        weight_form=weight_form or "",
-        exclude=tuple(name.strip() for entry in exclude for name in entry.split(",") if name.strip()),
-        fidelity_target=FidelityTarget.parse(fidelity_target) if fidelity_target else None,
-        bias_correction=not no_bias_correction,
-        reduce_range=reduce_range,
-        keep_names=keep_names,
-        held_out=held_out,
-    )
-    return {
-        "quantize": quantize,
-        "calibration": calibration,
-        "preprocess": preprocess,
-        "calibration_limit": limit,
-        "quantize_options": options,
-        "progress": _progress_bar(),
-    }
-
-
 def _progress_bar():
     """A progress(stage, done, total) callback drawing one rich progress bar per stage (stderr)."""
     from rich.progress import Progress
@@ -420,105 +233,71 @@ def cli():
 @cli.command()
 @click.argument("source", type=click.Path(dir_okay=True, path_type=Path))
 @click.argument("destination", type=click.Path(path_type=Path))
-@click.option("--pipeline", default=None, help=f"A preset ({', '.join(preset_names())}) or a pipeline text.")
-@click.option("--passes", default=None, help="Run exactly these passes, e.g. 'fold-constants,eliminate-dead-nodes'.")
-@click.option("--skip", multiple=True, help="Leave this pass out of the pipeline (repeatable, or comma-separated).")
-@click.option(
-    "--fold-size-cap", type=click.IntRange(-1), default=None, metavar="BYTES",
-    help="Let constant folding store results up to this size even if the model grows (-1: no cap).",
-)
-@click.option(
-    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-    help="Make an input static, e.g. x:1,3,640,640 (changes the model's interface; more folds).",
-)
-@click.option("--no-verify", is_flag=True, help="Do not check the result with onnxruntime.")
-@verification_options
-@click.option("--verify-each", is_flag=True, help="Verify after every pass that changed something; name the first that breaks.")
-@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path), help="Save the model after every pass that changed it.")
-@click.option("--pass-limit", type=click.IntRange(0), default=None, help="Run only the first N pass executions (for bisection).")
-@click.option("--force", is_flag=True, help="Write the result even if it fails verification (the exit code is still 1).")
-@click.option("--overwrite", is_flag=True, help="Allow DESTINATION to be the input file.")
-@click.option("--external-data/--no-external-data", default=None, help="Store tensors in DESTINATION.data (default: only past 2 GB).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON (for CI).")
-@click.option("-q", "--quiet", is_flag=True, help="Print only the verdict line.")
-@quantization_options
-@pruning_options
+@option_group("simplification", *SIMPLIFY_OPTIONS)
+@option_group("verification", click.option("--no-verify", is_flag=True, help="Do not check the result with onnxruntime."),
+              *VERIFICATION_OPTIONS)
+@option_group("simplification", *INSTRUMENT_OPTIONS)
+@option_group("verification", click.option(
+    "--force", is_flag=True, help="Write the result even if it fails verification (the exit code is still 1)."))
+@option_group("output", *OUTPUT_OPTIONS)
+@option_group("quantization", *QUANTIZATION_OPTIONS)
+@option_group("pruning", *PRUNING_OPTIONS)
 @debug_option
-def optimize(
-    source, destination, pipeline, passes, skip, fold_size_cap, input_shapes, no_verify, inputs, verify_shapes, samples, seed,
-    tolerance, min_cosine, min_sqnr, min_top1, verify_each, dump_dir, pass_limit, force, overwrite, external_data,
-    json_path, quiet, quantize, calibration, preprocess, calibration_method, calibration_limit, held_out, quantize_mode,
-    activation_type, symmetric_activations, per_tensor, weight_form, exclude, fidelity_target, no_bias_correction,
-    reduce_range, keep_names, prune, prune_criterion, prune_allocation, prune_macs, prune_params, prune_round,
-    no_reconstruct, prune_plot, check_surgery,
-):
+def optimize(source, destination, simplification, verification, output, quantization, pruning):
     """Optimize SOURCE and write the result to DESTINATION (verified with onnxruntime first).
 
     With --quantize int8 the simplified model is then quantized, calibrated on --calibration.
     """
-    # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
-    pruning_asked = prune is not None or prune_macs is not None or prune_params is not None
-    if prune_plot is not None and not pruning_asked:
+    pruning_wanted = pruning_asked(pruning)
+    if pruning.prune_plot is not None and not pruning_wanted:
         raise UsageError("--plot draws a pruning report: add --prune RATIO")
-    if prune_plot is not None:
-        _check_plot_path(prune_plot)
+    if pruning.prune_plot is not None:
+        _check_plot_path(pruning.prune_plot)
     # Every output is checked before any work: the model is written before the report and the plot.
     outputs = [(destination, "output model")]
-    if external_data is not False:  # where the model's tensors go when they do not fit in it
+    if output.external_data is not False:  # where the model's tensors go when they do not fit in it
         outputs.append((Path(f"{destination}.data"), "output model's external data"))
-    _check_outputs([source], [*outputs, (json_path, "--json report"), (prune_plot, "--plot image")],
+    _check_outputs([source], [*outputs, (output.json_path, "--json report"), (pruning.prune_plot, "--plot image")],
                    checked=len(outputs))
-    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
-    prune_target = fidelity_target if pruning_asked and quantize is None else None
-    quantization = _quantization_kwargs(
-        quantize, calibration, preprocess, calibration_method, calibration_limit, quantize_mode, activation_type,
-        symmetric_activations, per_tensor, weight_form, exclude, None if prune_target else fidelity_target,
-        no_bias_correction, reduce_range, keep_names, held_out, pruning=pruning_asked,
-    )
-    pruning = _pruning_kwargs(prune, prune_criterion, prune_round, no_reconstruct, check_surgery, prune_allocation,
-                              prune_target, prune_macs, prune_params, held_out)
-    skipped = [name.strip() for entry in skip for name in entry.split(",") if name.strip()]
-    chosen = api.resolve_pipeline(pipeline, passes, skipped)
-    if fold_size_cap is not None:
-        chosen = chosen.with_options("fold-constants", size_cap=fold_size_cap)
+    verify = verify_options(verification)
+    # --fidelity-target bounds quantization when there is one, else it searches the prune ratio.
+    prune_target = quantization.fidelity_target if pruning_wanted and quantization.quantize is None else None
+    quantize = quantize_options(quantization, None if prune_target else quantization.fidelity_target, pruning_wanted)
+    calibration = CalibrationOptions(quantization.calibration, quantization.preprocess, quantization.calibration_limit)
+    progress = _progress_bar() if quantize is not None or pruning_wanted else None
+    prune = prune_options(pruning, prune_target, quantization.held_out)
+    simplify = simplify_options(simplification)
     try:
         report = api.optimize_file(
-            source,
-            destination,
-            pipeline=chosen,
-            verify=not no_verify,
-            input_shapes=parse_shape_specs(input_shapes),
-            verify_each=verify_each,
-            dump_dir=dump_dir,
-            pass_limit=pass_limit,
-            force=force,
-            overwrite_input=overwrite,
-            external_data=external_data,
-            **verification,
-            **quantization,
-            **pruning,
+            source, destination, overwrite_input=output.overwrite, external_data=output.external_data,
+            simplify=simplify, verify=verify, quantize=quantize, prune=prune, calibration=calibration, progress=progress,
         )
     except VerificationError as error:
-        _write_failure_json(json_path, error)
-        if isinstance(error.report, OptimizeReport) and not quiet:
+        _write_failure_json(output.json_path, error)
+        if isinstance(error.report, OptimizeReport) and not output.quiet:
             _print_optimize_report(error.report)
         raise
-    try:
-        if json_path:
-            _write_text(json_path, report.to_json())
-        if prune_plot is not None:
-            try:
-                with _staged(prune_plot) as staged:
-                    plot_report(report.pruning, staged)
-            except OSError as error:
-                raise UsageError(f"cannot write the --plot image {prune_plot}: {error.strerror or error}") from error
-    except UsageError as error:  # e.g. the disk filled up after the model was written
-        raise UsageError(f"{error} (the model was written to {destination})") from error
-    if not quiet:
+    _write_report_files(report, output.json_path, pruning.prune_plot, destination)
+    if not output.quiet:
         _print_optimize_report(report)
     console.print(_verdict_line(report))
     if report.verification is not None and not report.verification.passed:
         sys.exit(VerificationError.exit_code)
+
+
+def _write_report_files(report: OptimizeReport, json_path: Path | None, plot: Path | None, destination: Path) -> None:
+    """The --json report and the --plot image, once the model is written."""
+    try:
+        if json_path:
+            _write_text(json_path, report.to_json())
+        if plot is not None:
+            try:
+                with _staged(plot) as staged:
+                    plot_report(report.pruning, staged)
+            except OSError as error:
+                raise UsageError(f"cannot write the --plot image {plot}: {error.strerror or error}") from error
+    except UsageError as error:  # e.g. the disk filled up after the model was written
+        raise UsageError(f"{error} (the model was written to {destination})") from error
 
 
 def _verdict_line(report: OptimizeReport) -> str:
@@ -586,14 +365,13 @@ def _staged(path: Path):
 @cli.command()
 @click.argument("reference", type=click.Path(path_type=Path))
 @click.argument("candidate", type=click.Path(path_type=Path))
-@verification_options
+@option_group("verification", *VERIFICATION_OPTIONS)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Write the report as JSON.")
 @debug_option
-def verify(reference, candidate, inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1, json_path):
+def verify(reference, candidate, verification, json_path):
     """Check that CANDIDATE computes what REFERENCE computes (exit 1 if it does not)."""
     _check_outputs([reference, candidate], [(json_path, "--json report")])
-    verification = _verification_kwargs(inputs, verify_shapes, samples, seed, tolerance, min_cosine, min_sqnr, min_top1)
-    report = api.verify(reference, candidate, **verification)
+    report = api.compare(reference, candidate, verify_options(verification))
     if json_path:
         _write_text(json_path, json.dumps(report.to_dict(), indent=2))
     _print_verification(report)
@@ -671,35 +449,44 @@ def _names(names: list[str], shown: int = 3) -> str:
 
 @cli.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--runs", default=DEFAULT_RUNS, show_default=True, type=click.IntRange(1), help="Timed runs per model and thread count.")
-@click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0), help="Untimed runs before timing.")
-@click.option("--inputs", metavar="PATH", help="Samples to feed: a folder or file of .npz (one array per input name), .npy or images.")
-@click.option("--calibration", metavar="PATH", help="Same as --inputs (the calibration set of `optimize --quantize`).")
-@click.option("--preprocess", metavar="SPEC", help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225.")
-@click.option("--samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(1), help="Samples fidelity is measured on.")
-@click.option(
-    "--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
-    help="Shape of a dynamic input for the random inputs, e.g. x:1,3,640,640 (without --inputs).",
-)
-@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random inputs.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the figures as JSON.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), help="Also write the table as markdown.")
+@option_group("timing",
+              click.option("--runs", default=DEFAULT_RUNS, show_default=True, type=click.IntRange(1),
+                           help="Timed runs per model and thread count."),
+              click.option("--warmup", default=DEFAULT_WARMUP, show_default=True, type=click.IntRange(0),
+                           help="Untimed runs before timing."))
+@option_group("feeds",
+              click.option("--inputs", metavar="PATH",
+                           help="Samples to feed: a folder or file of .npz (one array per input name), .npy or images."),
+              click.option("--calibration", metavar="PATH", help="Same as --inputs (the calibration set of `optimize --quantize`)."),
+              click.option("--preprocess", metavar="SPEC",
+                           help="How images become inputs, e.g. size=224x224,mean=0.485:0.456:0.406,std=0.229:0.224:0.225."),
+              click.option("--samples", default=DEFAULT_SAMPLES, show_default=True, type=click.IntRange(1),
+                           help="Samples fidelity is measured on."),
+              click.option("--input-shape", "input_shapes", multiple=True, metavar="NAME:DIMS",
+                           help="Shape of a dynamic input for the random inputs, e.g. x:1,3,640,640 (without --inputs)."),
+              click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed of the random inputs."))
+@option_group("output",
+              click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Also write the figures as JSON."),
+              click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path),
+                           help="Also write the table as markdown."))
 @debug_option
-def bench(models, runs, warmup, inputs, calibration, preprocess, samples, input_shapes, seed, json_path, markdown_path):
+def bench(models, timing, feeds, output):
     """Compare MODELS on this CPU: size, parameters, MACs, latency, peak memory, energy, and
     fidelity against the first model (e.g. original vs pruned vs int8). The files are only read."""
-    if inputs and calibration:
+    if feeds.inputs and feeds.calibration:
         raise UsageError("--inputs and --calibration mean the same: give one of them")
-    data = inputs or calibration
-    _check_outputs(list(models), [(json_path, "--json file"), (markdown_path, "--markdown file")])
+    data = feeds.inputs or feeds.calibration
+    _check_outputs(list(models), [(output.json_path, "--json file"), (output.markdown_path, "--markdown file")])
     report = benchmark(
-        models, runs=runs, warmup=warmup, data=None if data == "random" else data, preprocess=preprocess,
-        samples=samples, input_shapes=parse_shape_specs(input_shapes), seed=seed, progress=_progress_bar(),
+        models, runs=timing.runs, warmup=timing.warmup, data=None if data == "random" else data,
+        preprocess=feeds.preprocess, samples=feeds.samples, input_shapes=parse_shape_specs(feeds.input_shapes),
+        seed=feeds.seed, progress=_progress_bar(),
     )
-    if json_path:
-        _write_text(json_path, report.to_json())
-    if markdown_path:
-        _write_text(markdown_path, report.to_markdown())
+    if output.json_path:
+        _write_text(output.json_path, report.to_json())
+    if output.markdown_path:
+        _write_text(output.markdown_path, report.to_markdown())
     header, rows = report.table()
     table = Table(*header, box=None)
     for column in table.columns[1:]:

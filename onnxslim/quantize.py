@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .calibration import CalibrationData, calibrate_range_sets, capture_activations, check_finite_outputs, fidelity_split
 from .cpu import CpuInt8Support, cpu_int8_support  # noqa: F401 (cpu_int8_support: callers import it from here)
-from .errors import InputSpecError, UsageError, VerificationError, VerificationUnavailable
+from .errors import UsageError, VerificationError, VerificationUnavailable
 from .graph import constant_value, is_empty
 from .manager import PassContext, get_pass
 from .model import to_graph, to_model
+from .options import FidelityTarget, QuantizeOptions
 from .passes.quantize_qdq import (
     INPUT_MEANS,
     REDUCED_WEIGHT_LIMIT,
@@ -54,8 +53,6 @@ from .verify import FidelityPool, Runner, sqnr_db
 
 logger = logging.getLogger("onnxslim")
 
-MODES = ("auto", "full", "weights")
-METHODS = ("auto", "minmax", "percentile", "entropy", "mse")
 # method=auto tries these and keeps the one whose model is most faithful on calibration samples.
 AUTO_METHODS = ("minmax", "percentile", "mse")
 SELECTION_SAMPLES = 8
@@ -76,81 +73,10 @@ LATENCY_RUNS = 7
 SENSITIVITY_SAMPLES = 4
 
 
-# ----------------------------------------------------------------------------- options and report
-
-
-@dataclass(frozen=True)
-class FidelityTarget:
-    """The fidelity the quantized model must keep on every output: SQNR in dB or cosine."""
-
-    metric: str  # "sqnr_db" or "cosine"
-    value: float
-
-    def __post_init__(self):
-        # A NaN target is met by nothing and fails no comparison: refused like an unknown metric.
-        if self.metric not in ("sqnr_db", "cosine"):
-            raise InputSpecError(f"a fidelity target's metric is sqnr_db or cosine, not '{self.metric}'")
-        if isinstance(self.value, bool) or not isinstance(self.value, numbers.Real) or not math.isfinite(self.value):
-            raise InputSpecError(f"a fidelity target is a finite number, not {self.value}")
-        if self.metric == "cosine" and not -1 <= self.value <= 1:
-            raise InputSpecError(f"a cosine target lies in [-1, 1], not {self.value}")
-
-    @classmethod
-    def parse(cls, text: str) -> FidelityTarget:
-        """'30dB', 'sqnr=30', 'cosine=0.999' (or a bare number: below 1 a cosine, else dB)."""
-        cleaned = text.strip().lower().replace(" ", "")
-        metric, _, number = cleaned.rpartition("=")
-        if not metric and cleaned.endswith("db"):
-            metric, number = "sqnr", cleaned[:-2]
-        try:
-            value = float(number)
-        except ValueError:
-            raise InputSpecError(f"--fidelity-target '{text}': expected e.g. 30dB, sqnr=30 or cosine=0.999") from None
-        if not math.isfinite(value):
-            raise InputSpecError(f"--fidelity-target '{text}': the target must be a finite number")
-        if not metric:
-            metric = "cosine" if value < 1 else "sqnr"
-        if metric not in ("sqnr", "cosine"):
-            raise InputSpecError(f"--fidelity-target '{text}': the metric is sqnr or cosine, not '{metric}'")
-        if metric == "cosine" and not -1 <= value <= 1:
-            raise InputSpecError(f"--fidelity-target '{text}': a cosine lies in [-1, 1]")
-        return cls("sqnr_db" if metric == "sqnr" else "cosine", value)
-
-    def met(self, fidelity: dict) -> bool:
-        return fidelity[self.metric] >= self.value  # False for NaN
-
-    def __str__(self) -> str:
-        return f"SQNR >= {self.value:g} dB" if self.metric == "sqnr_db" else f"cosine >= {self.value:g}"
+# ----------------------------------------------------------------------------- report
 
 
 DEFAULT_AUTO_TARGET = FidelityTarget.parse(DEFAULT_AUTO_TARGET_TEXT)
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    """How to quantize; `mode=auto` picks full or weights from the CPU (see cpu_int8_support)."""
-
-    mode: str = "auto"
-    method: str = "auto"
-    per_channel: bool = True
-    activation_type: str = "uint8"
-    symmetric_activations: bool = False
-    weight_form: str = ""
-    exclude: tuple[str, ...] = ()
-    fidelity_target: FidelityTarget | None = None
-    bias_correction: bool = True
-    reduce_range: bool | None = None  # 7-bit weights in full mode; None: when the CPU is x86 without VNNI
-    # Samples kept apart to measure fidelity on. Default 0: every sample calibrates (a sample left
-    # out is a range left unseen: on ResNet-50 holding out 3 of 16 cost 6 dB), and fidelity is
-    # measured on the last calibration.EVALUATION_SAMPLES of them, which the report says.
-    held_out: int = 0
-    keep_names: bool = False  # else internal tensors get short names (see the shorten-names pass)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise UsageError(f"quantization mode must be one of {', '.join(MODES)}, not '{self.mode}'")
-        if self.method not in METHODS:
-            raise UsageError(f"calibration method must be one of {', '.join(METHODS)}, not '{self.method}'")
 
 
 @dataclass
@@ -232,159 +158,195 @@ def quantize_model(
     cpu: CpuInt8Support | None = None,
 ) -> tuple[onnx.ModelProto, QuantizationReport]:
     """Quantize a (simplified) model to int8; see the module docstring for the steps."""
-    started = time.perf_counter()
-    cpu = cpu or cpu_int8_support()
-    if options.reduce_range is None:
-        options = replace(options, reduce_range=cpu.saturates)
-    if options.mode == "full" and data is None:
-        raise UsageError("full int8 quantization needs calibration data (--calibration DIR)")
-    if options.held_out and data is None:
-        raise UsageError("--held-out needs calibration data (--calibration DIR)")
-    calibration, evaluation = fidelity_split(data, options.held_out)
-    report = QuantizationReport(
-        mode=options.mode,
-        reason="",
-        cpu=cpu.reason,
-        cpu_flags=list(cpu.flags),
-        method=None,
-        calibration=calibration.description if calibration is not None else "none",
-        calibration_samples=len(calibration) if calibration is not None else 0,
-        evaluation=evaluation.description if evaluation is not None else "none",
-        evaluation_samples=len(evaluation) if evaluation is not None else 0,
-        target=str(options.fidelity_target) if options.fidelity_target else None,
-    )
-    if calibration is not None and calibration.synthetic:
-        report.notes.append("calibrated on random data: the ranges say nothing about real inputs")
-    if evaluation is not None and not options.held_out:
-        report.notes.append(
-            f"fidelity measured on {len(evaluation)} of the calibration samples, which calibration used too "
-            "(held_out=N keeps samples apart)"
+    return _Quantization(model, data, options, progress, cpu or cpu_int8_support()).run()
+
+
+class _Quantization:
+    """One quantize_model call: the form it chooses, the layers it keeps in float and why, and
+    the report it fills on the way."""
+
+    def __init__(self, model: onnx.ModelProto, data: CalibrationData | None, options: QuantizeOptions, progress,
+                 cpu: CpuInt8Support):
+        self.started = time.perf_counter()
+        if options.reduce_range is None:
+            options = replace(options, reduce_range=cpu.saturates)
+        if options.mode == "full" and data is None:
+            raise UsageError("full int8 quantization needs calibration data (--calibration DIR)")
+        if options.held_out and data is None:
+            raise UsageError("--held-out needs calibration data (--calibration DIR)")
+        self.model, self.data, self.options, self.progress, self.cpu = model, data, options, progress, cpu
+        self.calibration, self.evaluation = fidelity_split(data, options.held_out)
+        self.report = self._new_report()
+        self.input_means = None
+        if options.bias_correction and self.calibration is not None:
+            self.input_means = _layer_input_means(model, self.calibration, options.exclude, progress)
+        self.reference = _Outputs(model, self.evaluation) if self.evaluation is not None else None
+        self.target = options.fidelity_target
+        self.excluded: dict[str, str] = {}  # layer name -> why it stays float
+        self.kept_float_names: set[str] = set()  # layers computing in float from int8-stored weights
+        self.sensitivity: dict[str, dict] = {}
+
+    def _new_report(self) -> QuantizationReport:
+        options, calibration, evaluation = self.options, self.calibration, self.evaluation
+        report = QuantizationReport(
+            mode=options.mode,
+            reason="",
+            cpu=self.cpu.reason,
+            cpu_flags=list(self.cpu.flags),
+            method=None,
+            calibration=calibration.description if calibration is not None else "none",
+            calibration_samples=len(calibration) if calibration is not None else 0,
+            evaluation=evaluation.description if evaluation is not None else "none",
+            evaluation_samples=len(evaluation) if evaluation is not None else 0,
+            target=str(options.fidelity_target) if options.fidelity_target else None,
         )
+        if calibration is not None and calibration.synthetic:
+            report.notes.append("calibrated on random data: the ranges say nothing about real inputs")
+        if evaluation is not None and not options.held_out:
+            report.notes.append(
+                f"fidelity measured on {len(evaluation)} of the calibration samples, which calibration used too "
+                "(held_out=N keeps samples apart)"
+            )
+        if options.reduce_range and options.mode != "weights":
+            report.notes.append("7-bit weights in full mode: this x86 CPU has no VNNI, and its u8 x s8 kernel would saturate 8-bit ones")
+        return report
 
-    if options.reduce_range and options.mode != "weights":
-        report.notes.append("7-bit weights in full mode: this x86 CPU has no VNNI, and its u8 x s8 kernel would saturate 8-bit ones")
-    input_means = None
-    if options.bias_correction and calibration is not None:
-        input_means = _layer_input_means(model, calibration, options.exclude, progress)
-    reference = _Outputs(model, evaluation) if evaluation is not None else None
-    excluded: dict[str, str] = {}
-    kept_float_names: set[str] = set()
-    sensitivity: dict[str, dict] = {}
+    def run(self) -> tuple[onnx.ModelProto, QuantizationReport]:
+        report = self.report
+        quantized, build = self._quantize_in_chosen_form()
+        if any(math.isnan(value) for value in report.fidelity.values()):
+            problems = "; ".join(
+                f"{name}: {', '.join(f'{key} {value}' for key, value in figures.items())}" for name, figures in report.per_output.items()
+            )
+            raise VerificationError(
+                f"the int8 model gives NaN or infinity where the float model does not, on the evaluation samples ({problems})"
+            )
+        if self.target is not None and report.fidelity:
+            report.target_met = self.target.met(report.fidelity)
+        elif self.target is not None:
+            report.notes.append("no calibration data to measure fidelity with: the target was not checked")
+        self._record_layers(build)
+        report.seconds["total"] = time.perf_counter() - self.started
+        return quantized, report
 
-    def quantize_fully() -> tuple[onnx.ModelProto, _Builder]:
+    def _quantize_in_chosen_form(self) -> tuple[onnx.ModelProto, _Builder]:
+        report = self.report
+        if self.options.mode == "weights":
+            report.mode, report.reason = "weights", "asked for (--quantize-mode weights)"
+            return self._quantize_weights()
+        if self.options.mode == "full":
+            report.mode, report.reason = "full", "asked for (--quantize-mode full)"
+            return self._quantize_fully()
+        if self.data is None:
+            report.mode, report.reason = "weights", "no calibration data: only the weights are int8 (activations need calibrating)"
+            return self._quantize_weights()
+        return self._quantize_automatically()
+
+    def _quantize_automatically(self) -> tuple[onnx.ModelProto, _Builder]:
+        """Full int8 when it is faster here and keeps the fidelity floor, else weights only."""
+        report = self.report
+        self.target = self.target or DEFAULT_AUTO_TARGET
+        report.target = str(self.target)
+        quantized, build = self._quantize_fully()
+        feed = next(iter(self.evaluation))
+        report.latency_ms = _latencies_ms({"float": self.model, "full int8": quantized}, feed)
+        float_ms, int8_ms = report.latency_ms["float"], report.latency_ms["full int8"]
+        speed = f"{int8_ms:.1f} ms vs {float_ms:.1f} ms float (1 thread, measured on {self.cpu.model})"
+        faster = int8_ms < FASTER_ENOUGH * float_ms
+        if faster and (self.reference is None or self.target.met(report.fidelity)):
+            report.mode = "full"
+            report.reason = f"int8 kernels are faster on this CPU: {speed}"
+            return quantized, build
+        why = f"int8 kernels are not faster on this CPU ({speed})" if not faster else (
+            f"full int8 misses {self.target} even with sensitive layers in float"
+        )
+        report.mode, report.method = "weights", None
+        report.reason = f"{why}: only the weights are int8, turned back into float when onnxruntime loads the model"
+        report.notes.append(f"full int8 was tried: {report.summary_of(report.fidelity)}")
+        self.sensitivity = {}
+        quantized, build = self._quantize_weights()
+        report.latency_ms["weights int8"] = _latencies_ms({"weights int8": quantized}, feed)["weights int8"]
+        return quantized, build
+
+    def _quantize_fully(self) -> tuple[onnx.ModelProto, _Builder]:
         """Full int8 (calibrated activations), with the most sensitive layers kept in float
         when a fidelity target asks for it."""
-        nonlocal sensitivity
+        model, options, report = self.model, self.options, self.report
         full_model, per_channel = model, options.per_channel
         if per_channel and _opset(model) < PER_CHANNEL_OPSET:
-            full_model, per_channel = _upgrade_for_per_channel(model, calibration, report)
+            full_model, per_channel = _upgrade_for_per_channel(model, self.calibration, report)
         tensors = _activation_tensors(full_model, options.exclude)
+        progress = self.progress
         calibrating = (lambda done, total: progress("calibrating", done, total)) if progress else None
         methods = AUTO_METHODS if options.method == "auto" else (options.method,)
         range_sets = calibrate_range_sets(
-            full_model, calibration, tensors, methods, symmetric=options.symmetric_activations, progress=calibrating
+            full_model, self.calibration, tensors, methods, symmetric=options.symmetric_activations, progress=calibrating
         )
-        ranges, report.method = _best_ranges(full_model, options, per_channel, range_sets, calibration, input_means, report)
-        report.seconds["calibrate"] = time.perf_counter() - started
-        build = _Builder(full_model, "full", options, per_channel, ranges, input_means)
-        excluded.update(_user_excluded(build, options))
-        candidate, counters = build(set(excluded))
+        ranges, report.method = _best_ranges(full_model, options, per_channel, range_sets, self.calibration,
+                                             self.input_means, report)
+        report.seconds["calibrate"] = time.perf_counter() - self.started
+        build = _Builder(full_model, "full", options, per_channel, ranges, self.input_means)
+        self.excluded.update(_user_excluded(build, options))
+        candidate, counters = build(set(self.excluded))
         report.activations, report.unranged = counters.get("activations", 0), counters.get("unranged", 0)
-        if reference is not None:
-            report.fidelity, report.per_output = reference.fidelity(candidate)
+        if self.reference is not None:
+            report.fidelity, report.per_output = self.reference.fidelity(candidate)
             hopeless = options.mode == "auto" and not report.fidelity["cosine"] >= HOPELESS_COSINE
             if hopeless:
                 report.notes.append(
                     f"full int8 is far from the floor (cosine {report.fidelity['cosine']:.3f}): "
                     "no layer-by-layer search, weights only instead"
                 )
-            if target is not None and not target.met(report.fidelity) and not hopeless:
-                sensitivity = _sensitivity(build, reference, set(excluded), progress)
-                ranked = sorted(sensitivity, key=lambda name: _rank(sensitivity[name][target.metric]))
-                candidate, kept_float, report.fidelity, report.per_output, int8_storage = _keep_float_until_met(
-                    build, reference, excluded, ranked, target
+            if self.target is not None and not self.target.met(report.fidelity) and not hopeless:
+                candidate = self._keep_sensitive_layers_float(build)
+        return candidate, build
+
+    def _keep_sensitive_layers_float(self, build: _Builder) -> onnx.ModelProto:
+        """Rank the layers by their sensitivity and keep the worst in float until the target is met."""
+        report, target = self.report, self.target
+        self.sensitivity = _sensitivity(build, self.reference, set(self.excluded), self.progress)
+        ranked = sorted(self.sensitivity, key=lambda name: _rank(self.sensitivity[name][target.metric]))
+        candidate, kept_float, report.fidelity, report.per_output, int8_storage = _keep_float_until_met(
+            build, self.reference, self.excluded, ranked, target
+        )
+        for name in kept_float:
+            self.excluded[name] = (
+                "kept in float compute (int8-stored weights) for the fidelity target"
+                if int8_storage
+                else "kept in float (weights too) for the fidelity target"
+            )
+        if int8_storage:
+            self.kept_float_names.update(kept_float)
+        return candidate
+
+    def _quantize_weights(self) -> tuple[onnx.ModelProto, _Builder]:
+        build = _Builder(self.model, "weights", self.options, self.options.per_channel, None, self.input_means)
+        self.excluded.clear()
+        self.excluded.update(_user_excluded(build, self.options))
+        candidate, _ = build(set(self.excluded))
+        self.report.activations = self.report.unranged = 0
+        if self.reference is not None:
+            self.report.fidelity, self.report.per_output = self.reference.fidelity(candidate)
+        return candidate, build
+
+    def _record_layers(self, build: _Builder) -> None:
+        weight_errors = build.weight_errors()
+        for name in build.layer_names:
+            status = "int8"
+            if name in self.excluded:
+                status = "float compute" if name in self.kept_float_names else "float"
+            self.report.layers.append(
+                LayerRecord(
+                    name=name,
+                    op=build.layer_ops[name],
+                    status=status,
+                    reason=self.excluded.get(name, ""),
+                    weight_sqnr_db=weight_errors.get(name),
+                    sensitivity_sqnr_db=self.sensitivity.get(name, {}).get("sqnr_db"),
                 )
-                for name in kept_float:
-                    excluded[name] = (
-                        "kept in float compute (int8-stored weights) for the fidelity target"
-                        if int8_storage
-                        else "kept in float (weights too) for the fidelity target"
-                    )
-                if int8_storage:
-                    kept_float_names.update(kept_float)
-        return candidate, build
-
-    def quantize_weights() -> tuple[onnx.ModelProto, _Builder]:
-        build = _Builder(model, "weights", options, options.per_channel, None, input_means)
-        excluded.clear()
-        excluded.update(_user_excluded(build, options))
-        candidate, _ = build(set(excluded))
-        report.activations = report.unranged = 0
-        if reference is not None:
-            report.fidelity, report.per_output = reference.fidelity(candidate)
-        return candidate, build
-
-    target = options.fidelity_target
-    if options.mode == "weights":
-        report.mode, report.reason = "weights", "asked for (--quantize-mode weights)"
-        quantized, build = quantize_weights()
-    elif options.mode == "full":
-        report.mode, report.reason = "full", "asked for (--quantize-mode full)"
-        quantized, build = quantize_fully()
-    elif data is None:
-        report.mode, report.reason = "weights", "no calibration data: only the weights are int8 (activations need calibrating)"
-        quantized, build = quantize_weights()
-    else:
-        # auto: full int8 when it is faster here and keeps the fidelity floor, else weights only.
-        target = target or DEFAULT_AUTO_TARGET
-        report.target = str(target)
-        quantized, build = quantize_fully()
-        feed = next(iter(evaluation))
-        report.latency_ms = _latencies_ms({"float": model, "full int8": quantized}, feed)
-        float_ms, int8_ms = report.latency_ms["float"], report.latency_ms["full int8"]
-        speed = f"{int8_ms:.1f} ms vs {float_ms:.1f} ms float (1 thread, measured on {cpu.model})"
-        faster = int8_ms < FASTER_ENOUGH * float_ms
-        if faster and (reference is None or target.met(report.fidelity)):
-            report.mode = "full"
-            report.reason = f"int8 kernels are faster on this CPU: {speed}"
-        else:
-            why = f"int8 kernels are not faster on this CPU ({speed})" if not faster else (
-                f"full int8 misses {target} even with sensitive layers in float"
             )
-            report.mode, report.method = "weights", None
-            report.reason = f"{why}: only the weights are int8, turned back into float when onnxruntime loads the model"
-            report.notes.append(f"full int8 was tried: {report.summary_of(report.fidelity)}")
-            sensitivity = {}
-            quantized, build = quantize_weights()
-            report.latency_ms["weights int8"] = _latencies_ms({"weights int8": quantized}, feed)["weights int8"]
-    if any(math.isnan(value) for value in report.fidelity.values()):
-        problems = "; ".join(
-            f"{name}: {', '.join(f'{key} {value}' for key, value in figures.items())}" for name, figures in report.per_output.items()
-        )
-        raise VerificationError(
-            f"the int8 model gives NaN or infinity where the float model does not, on the evaluation samples ({problems})"
-        )
-    if target is not None and report.fidelity:
-        report.target_met = target.met(report.fidelity)
-    elif target is not None:
-        report.notes.append("no calibration data to measure fidelity with: the target was not checked")
-
-    weight_errors = build.weight_errors()
-    for name in build.layer_names:
-        report.layers.append(
-            LayerRecord(
-                name=name,
-                op=build.layer_ops[name],
-                status=("float compute" if name in kept_float_names else "float") if name in excluded else "int8",
-                reason=excluded.get(name, ""),
-                weight_sqnr_db=weight_errors.get(name),
-                sensitivity_sqnr_db=sensitivity.get(name, {}).get("sqnr_db"),
-            )
-        )
-    if build.corrected:
-        report.notes.append(f"bias correction on {build.corrected} layers")
-    report.seconds["total"] = time.perf_counter() - started
-    return quantized, report
+        if build.corrected:
+            self.report.notes.append(f"bias correction on {build.corrected} layers")
 
 
 def _best_ranges(model, options, per_channel, range_sets: dict, calibration, input_means, report) -> tuple[dict, str]:

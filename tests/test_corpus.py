@@ -33,7 +33,8 @@ def optimized(tmp_path_factory):
         if name not in cache:
             source = fetch_models.fetch(name)
             destination = folder / f"{name}.onnx"
-            report = onnxslim.optimize_file(source, destination, verify_shapes=MANIFEST[name]["verify_shapes"][0])
+            report = onnxslim.optimize_file(source, destination,
+                                             verify=onnxslim.VerifyOptions(verify_shapes=MANIFEST[name]["verify_shapes"][0]))
             cache[name] = (source, onnx.load(str(destination)), report)
         return cache[name]
 

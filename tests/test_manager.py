@@ -128,7 +128,7 @@ def test_unknown_pass_is_a_pipeline_error():
         Pipeline.parse("eliminate-noops,fixpoint(no-such-pass)").validate()
     assert "eliminate-noops" in str(error.value)  # the message lists the known passes
     with pytest.raises(onnxslim.PipelineError, match="no-such-pass"):
-        onnxslim.optimize(small_model(), passes="no-such-pass")
+        onnxslim.optimize(small_model(), simplify=onnxslim.SimplifyOptions(passes="no-such-pass"))
 
 
 def test_bad_option_is_a_pipeline_error():
@@ -152,7 +152,8 @@ def test_without_removes_passes_and_empty_fixpoints():
 
 def test_skip_removes_a_pass_from_the_run():
     model = small_model()
-    optimized, report = onnxslim.optimize(model, skip=["eliminate-noops"], return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(skip=["eliminate-noops"]),
+                                          return_report=True)
     assert "eliminate-noops" not in report.pipeline
     default = set(Pipeline.preset("default").pass_names())
     assert "eliminate-noops" in default
@@ -215,7 +216,7 @@ def test_executions_measure_nodes_and_bytes():
 
 def test_pass_limit_stops_after_n_executions():
     model = small_model()
-    optimized, report = onnxslim.optimize(model, pass_limit=2, return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(pass_limit=2), return_report=True)
 
     assert [execution.name for execution in report.run.executions] == ["lift-constants", "infer-shapes"]
     assert report.run.stopped_at_limit
@@ -225,19 +226,19 @@ def test_pass_limit_stops_after_n_executions():
 
 def test_pass_limit_zero_runs_nothing():
     model = small_model()
-    optimized, report = onnxslim.optimize(model, pass_limit=0, return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(pass_limit=0), return_report=True)
     assert report.run.executions == [] and report.run.stopped_at_limit
     assert ops(optimized) == ops(model)
 
 
 def test_pass_limit_above_the_run_changes_nothing():
-    _, report = onnxslim.optimize(small_model(), pass_limit=100, return_report=True)
+    _, report = onnxslim.optimize(small_model(), simplify=onnxslim.SimplifyOptions(pass_limit=100), return_report=True)
     assert not report.run.stopped_at_limit
 
 
 def test_a_pass_that_raises_is_a_pass_failure_naming_it(crash):
     with pytest.raises(onnxslim.PassFailure, match=f"pass '{crash}'.*KeyError.*no such tensor"):
-        onnxslim.optimize(small_model(), passes=f"eliminate-noops,{crash}")
+        onnxslim.optimize(small_model(), simplify=onnxslim.SimplifyOptions(passes=f"eliminate-noops,{crash}"))
 
 
 def test_a_pass_that_returns_no_result_is_a_pass_failure(registry):
@@ -246,7 +247,7 @@ def test_a_pass_that_returns_no_result_is_a_pass_failure(registry):
         """Forgets to return a PassResult."""
 
     with pytest.raises(onnxslim.PassFailure, match="test-no-result.*NoneType"):
-        onnxslim.optimize(small_model(), passes="test-no-result")
+        onnxslim.optimize(small_model(), simplify=onnxslim.SimplifyOptions(passes="test-no-result"))
 
 
 def test_the_input_model_is_never_modified():
@@ -277,7 +278,8 @@ def test_verify_each_names_the_pass_that_broke_the_model(break_add, tmp_path):
     model = add_model()
     with pytest.raises(onnxslim.VerificationError, match=f"pass '{break_add}'") as error:
         onnxslim.optimize(
-            model, passes=f"eliminate-noops,{break_add},eliminate-dead-nodes", verify_each=True, dump_dir=tmp_path
+            model, simplify=onnxslim.SimplifyOptions(passes=f"eliminate-noops,{break_add},eliminate-dead-nodes",
+                                                     verify_each=True, dump_dir=tmp_path)
         )
 
     before, after = tmp_path / f"002-{break_add}-before.onnx", tmp_path / f"002-{break_add}-after.onnx"
@@ -292,14 +294,15 @@ def test_verify_each_names_the_pass_that_broke_the_model(break_add, tmp_path):
 
 def test_without_verify_each_the_final_check_still_fails(break_add):
     with pytest.raises(onnxslim.VerificationError) as error:
-        onnxslim.optimize(add_model(), passes=f"eliminate-noops,{break_add}")
+        onnxslim.optimize(add_model(), simplify=onnxslim.SimplifyOptions(passes=f"eliminate-noops,{break_add}"))
     assert break_add not in str(error.value)  # only verify-each can say which pass it was
 
 
 def test_verify_each_passes_the_default_pipeline(tmp_path):
     """Every intermediate model of the default pipeline is valid and equivalent (lifted Constants included)."""
     model = small_model()
-    optimized, report = onnxslim.optimize(model, verify_each=True, dump_dir=tmp_path, return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(verify_each=True, dump_dir=tmp_path),
+                                          return_report=True)
 
     assert report.verification.passed
     dumped = sorted(path.name for path in tmp_path.glob("*.onnx"))
@@ -388,7 +391,7 @@ def test_every_pass_is_idempotent_across_export(pass_name, model_name):
 def test_default_pipeline_is_idempotent(model_name):
     model = IDEMPOTENCE_MODELS[model_name]
     feeds = None if model_name != "branch" else [{"x": random([2, 3]), "c": np.array(flag)} for flag in (True, False)]
-    once = onnxslim.optimize(model, inputs=feeds)
-    twice, report = onnxslim.optimize(once, inputs=feeds, return_report=True)
+    once = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds))
+    twice, report = onnxslim.optimize(once, verify=onnxslim.VerifyOptions(inputs=feeds), return_report=True)
     assert not any(execution.changed for execution in report.run.executions)
     assert twice.SerializeToString() == once.SerializeToString()

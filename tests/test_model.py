@@ -179,7 +179,8 @@ def test_external_data_model_round_trips_through_optimize_file(tmp_path):
     (folded,) = initializers(optimized).values()
     np.testing.assert_array_equal(folded, WEIGHT + WEIGHT)
 
-    onnxslim.optimize_file(source, tmp_path / "kept.onnx", passes="eliminate-noops", external_data=True)
+    onnxslim.optimize_file(source, tmp_path / "kept.onnx", simplify=onnxslim.SimplifyOptions(passes="eliminate-noops"),
+                           external_data=True)
     assert (tmp_path / "kept.onnx.data").is_file()
     np.testing.assert_array_equal(initializers(load(tmp_path / "kept.onnx"))["w"], WEIGHT)
 

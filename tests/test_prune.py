@@ -184,7 +184,7 @@ def test_grouped_conv_block_with_a_residual_pruned_end_to_end():
     model = b.build()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=600 + i)} for i in range(32)])
     options = PruneOptions(ratio=0.5, check_surgery=True, allocation="uniform")
-    pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    pruned, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False, return_report=True)
     assert report.pruning.surgery_exact is True
     grouped_row = next(row for row in report.pruning.groups if "g" in row["producers"])
     assert grouped_row["channels"] == 4 and grouped_row["kept"] < 4
@@ -289,7 +289,7 @@ def test_attention_heads_pruned_and_refit_end_to_end():
     # merge-parallel-matmuls joins the q, k and v layers (not in the default pipeline: added here).
     merging = onnxslim.Pipeline.parse(str(onnxslim.Pipeline.preset("default")).replace(
         "fuse-matmul-add,", "fuse-matmul-add,merge-parallel-matmuls,"))
-    pruned, report = onnxslim.optimize(model, pipeline=merging, prune_options=options,
+    pruned, report = onnxslim.optimize(model, simplify=merging, prune=options,
                                        calibration=CalibrationData.from_feeds(model, feeds), return_report=True)
     onnx.checker.check_model(pruned, full_check=True)
     assert report.pruning.surgery_exact
@@ -398,7 +398,7 @@ def test_bn_criterion_keeps_the_channels_of_largest_gamma():
     b.output(conv(b, b.node("Relu", [bn]), 8, 4, "c2", k=1))
     model = b.build()
     options = PruneOptions(ratio=0.5, criterion="bn", reconstruct=False, check_surgery=True)
-    pruned, report = onnxslim.optimize(model, prune_options=options, return_report=True)
+    pruned, report = onnxslim.optimize(model, prune=options, return_report=True)
     assert report.pruning.surgery_exact
     assert any("1 of 2 layers scored by their BatchNormalization" in note for note in report.pruning.notes)
     kept = next(g["kept"] for g in report.pruning.groups if "c1" in g["producers"])
@@ -712,7 +712,7 @@ def test_optimize_prunes_checks_the_surgery_and_refits():
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=100 + i)} for i in range(48)])
     options = PruneOptions(ratio=0.5, check_surgery=True, allocation="uniform")
-    pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    pruned, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False, return_report=True)
     pruning = report.pruning
     assert pruning.surgery_exact is True and pruning.removed_channels == 16
     assert pruning.parameters_after < 0.6 * pruning.parameters_before
@@ -727,7 +727,7 @@ def test_held_out_samples_are_not_fitted_and_measure_the_fidelity():
     feeds = [{"x": random([1, 3, 8, 8], seed=400 + i)} for i in range(24)]
     data = CalibrationData.from_feeds(model, feeds)
     options = PruneOptions(ratio=0.5, allocation="uniform", held_out=4)
-    pruned, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    pruned, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False, return_report=True)
     assert any("measured on 4 samples held out from pruning" in note for note in report.pruning.notes)
     pool = FidelityPool()
     reference, candidate = Runner(model), Runner(pruned)
@@ -735,20 +735,20 @@ def test_held_out_samples_are_not_fitted_and_measure_the_fidelity():
         pool.add(reference.run(feed)["y"], candidate.run(feed)["y"])
     assert report.pruning.fidelity["pruned + refit"]["sqnr_db"] == pytest.approx(pool.sqnr_db(), abs=1e-3)
     # the refit saw 20 samples, not the 4 held out: fitting on all 24 gives other weights
-    everything = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.5, allocation="uniform"), calibration=data,
+    everything = onnxslim.optimize(model, prune=PruneOptions(ratio=0.5, allocation="uniform"), calibration=data,
                                    verify=False)
     assert not all(np.array_equal(onnx.numpy_helper.to_array(a), onnx.numpy_helper.to_array(b))
                    for a, b in zip(pruned.graph.initializer, everything.graph.initializer))
     with pytest.raises(onnxslim.OnnxSlimError, match="cannot hold out 24 of 24"):
-        onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.5, held_out=24), calibration=data, verify=False)
+        onnxslim.optimize(model, prune=PruneOptions(ratio=0.5, held_out=24), calibration=data, verify=False)
 
 
 def test_prune_then_int8_in_one_optimize_call():
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=200 + i)} for i in range(24)])
     options = PruneOptions(ratio=0.5, check_surgery=True, allocation="uniform")
-    out, report = onnxslim.optimize(model, prune_options=options, quantize="int8", calibration=data,
-                                    quantize_options=QuantizeOptions(mode="full"), return_report=True)
+    out, report = onnxslim.optimize(model, prune=options, quantize=QuantizeOptions(mode="full"), calibration=data,
+                                    return_report=True)
     assert report.pruning.surgery_exact is True and report.pruning.removed_channels == 16
     assert report.quantization is not None and report.verification.passed
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in out.graph.node}
@@ -774,7 +774,7 @@ def test_a_surgery_bug_fails_the_check_and_writes_nothing(tmp_path, monkeypatch)
     monkeypatch.setattr(prune_module, "_apply", broken)
     data = CalibrationData.from_feeds(small_net(), [{"x": random([1, 3, 8, 8], seed=300 + i)} for i in range(8)])
     with pytest.raises(onnxslim.VerificationError, match="surgery check failed: NOT exact"):
-        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, check_surgery=True), calibration=data)
+        onnxslim.optimize(small_net(), prune=PruneOptions(ratio=0.5, check_surgery=True), calibration=data)
     path, out = tmp_path / "net.onnx", tmp_path / "out.onnx"
     onnx.save(small_net(), path)
     before = path.read_bytes()
@@ -804,7 +804,7 @@ def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, e
 
     monkeypatch.setattr(prune_module, "_apply", misfit)
     with pytest.raises(onnxslim.VerificationError, match=error):
-        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, allocation="uniform"), verify=False)
+        onnxslim.optimize(small_net(), prune=PruneOptions(ratio=0.5, allocation="uniform"), verify=False)
 
 
 def test_outputs_whose_length_follows_the_data_may_change_it():
@@ -817,7 +817,7 @@ def test_outputs_whose_length_follows_the_data_may_change_it():
     graph.initializer.append(onnx.numpy_helper.from_array(np.zeros((), np.float32), "zero"))
     graph.output.append(onnx.helper.make_tensor_value_info("where", onnx.TensorProto.INT64, [2, "count"]))
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=500 + i)} for i in range(8)])
-    pruned, report = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.75, allocation="uniform"),
+    pruned, report = onnxslim.optimize(model, prune=PruneOptions(ratio=0.75, allocation="uniform"),
                                        calibration=data, verify=False, return_report=True)
     assert report.pruning.removed_channels == 24
 
@@ -846,9 +846,9 @@ def test_a_model_with_free_input_dims_and_no_data_is_pruned_and_said_not_run():
 
 def test_held_out_needs_calibration_data():
     with pytest.raises(UsageError, match="--held-out needs calibration data"):
-        onnxslim.optimize(small_net(), prune_options=PruneOptions(ratio=0.5, held_out=2), verify=False)
+        onnxslim.optimize(small_net(), prune=PruneOptions(ratio=0.5, held_out=2), verify=False)
     with pytest.raises(UsageError, match="--held-out needs calibration data"):
-        onnxslim.optimize(small_net(), quantize="int8", quantize_options=QuantizeOptions(mode="weights", held_out=2),
+        onnxslim.optimize(small_net(), quantize=QuantizeOptions(mode="weights", held_out=2),
                           verify=False)
 
 
@@ -890,7 +890,7 @@ def test_cli_pruning_alone_reports_progress_and_the_groups_cut(tmp_path, monkeyp
     result = CliRunner().invoke(cli, ["optimize", str(path), str(tmp_path / "out.onnx"), "--prune", "0.5",
                                       "--calibration", "random", "--held-out", "2"])
     assert result.exit_code == 0, result.output
-    assert seen["prune_options"].held_out == 2 and "measured on 2 samples held out" in result.output
+    assert seen["prune"].held_out == 2 and "measured on 2 samples held out" in result.output
     assert callable(seen["progress"])  # the refit's and the sensitivity runs' progress bar
     assert "groups cut" in result.output and "16 -> " in result.output
 
@@ -938,7 +938,7 @@ def test_fidelity_target_finds_the_largest_ratio_that_meets_it():
     from onnxslim.quantize import FidelityTarget
 
     options = PruneOptions(ratio=0.9, fidelity_target=FidelityTarget.parse("60dB"), reconstruct=False)
-    _, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+    _, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False, return_report=True)
     assert report.pruning.removed_channels == 3 and report.pruning.target_met
     assert any("largest found" in note for note in report.pruning.notes)
 
@@ -948,7 +948,7 @@ def test_macs_budget_removes_that_share_of_multiply_adds():
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=400 + i)} for i in range(8)])
     plan = analyze(model)
     assert plan.total_macs == 8 * 8 * (16 * 3 * 9 + 16 * 16 * 9) + 16 * 10  # two 3x3 convs on 8x8, the fc
-    _, report = onnxslim.optimize(model, prune_options=PruneOptions(macs=0.3, reconstruct=False), calibration=data,
+    _, report = onnxslim.optimize(model, prune=PruneOptions(macs=0.3, reconstruct=False), calibration=data,
                                   verify=False, return_report=True)
     removed = 1 - report.pruning.macs_after / report.pruning.macs_before
     # Met, not just priced: the first-order allocation alone undershoots (in and out channels of
@@ -959,7 +959,7 @@ def test_macs_budget_removes_that_share_of_multiply_adds():
 def test_parameters_budget_removes_that_share_of_parameters():
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=500 + i)} for i in range(8)])
-    _, report = onnxslim.optimize(model, prune_options=PruneOptions(ratio=0.0, parameters=0.3, reconstruct=False),
+    _, report = onnxslim.optimize(model, prune=PruneOptions(ratio=0.0, parameters=0.3, reconstruct=False),
                                   calibration=data, verify=False, return_report=True)
     removed = 1 - report.pruning.parameters_after / report.pruning.parameters_before
     assert 0.3 <= removed < 0.4, removed  # met, as for MACs
@@ -1028,7 +1028,7 @@ def test_mean_compensation_moves_removed_means_into_the_bias(network):
     for compensate in (True, False):
         options = PruneOptions(ratio=0.5, reconstruct=False, allocation="uniform", compensate=compensate,
                                check_surgery=True)
-        _, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False,
+        _, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False,
                                       return_report=True)
         assert report.pruning.surgery_exact
         sqnr[compensate] = report.pruning.fidelity["pruned"]["sqnr_db"]
@@ -1100,7 +1100,7 @@ def test_the_refit_wins_back_a_channel_the_reconstruction_criterion_removed():
     sqnr = {}
     for criterion in ("activation", "reconstruction"):
         options = PruneOptions(ratio=1 / 6, criterion=criterion, allocation="uniform")
-        _, report = onnxslim.optimize(model, prune_options=options, calibration=data, verify=False, return_report=True)
+        _, report = onnxslim.optimize(model, prune=options, calibration=data, verify=False, return_report=True)
         assert report.pruning.removed_channels == 1
         sqnr[criterion] = report.pruning.fidelity["pruned + refit"]["sqnr_db"]
     # The removed copy's work moves onto its twin: the output comes back all but exactly.

@@ -193,7 +193,7 @@ def test_bias_correction_removes_the_mean_shift_of_rounding():
 def test_optimize_api_verifies_the_quantized_model_in_lossy_mode():
     model = conv_net()
     quantized, report = onnxslim.optimize(
-        model, quantize="int8", calibration=samples(model), quantize_options=QuantizeOptions(mode="weights"),
+        model, quantize=QuantizeOptions(mode="weights"), calibration=samples(model),
         return_report=True,
     )
     assert report.lossless_verification.passed and report.lossless_verification.mode == "lossless"

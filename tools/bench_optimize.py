@@ -57,7 +57,11 @@ def worker_cpu():  # onnxruntime's worker, where this checkout has one (Linux: /
 
 cpu = time.process_time() + worker_cpu()
 begin = time.perf_counter()
-onnxslim.optimize(sys.argv[1], verify=sys.argv[3] == "1", verify_shapes=json.loads(sys.argv[2]))
+if hasattr(onnxslim, "VerifyOptions"):  # a checkout with option objects (--baseline may be older)
+    verify = onnxslim.VerifyOptions(enabled=sys.argv[3] == "1", verify_shapes=json.loads(sys.argv[2]))
+    onnxslim.optimize(sys.argv[1], verify=verify)
+else:
+    onnxslim.optimize(sys.argv[1], verify=sys.argv[3] == "1", verify_shapes=json.loads(sys.argv[2]))
 print(json.dumps({"import": imported - started, "optimize": time.perf_counter() - begin,
                   "optimize_cpu": time.process_time() + worker_cpu() - cpu}))
 """

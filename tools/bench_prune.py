@@ -12,9 +12,9 @@ The OCR models get text instead (--ocr-data text, the default): windows of real 
 ppocr-det (16 and 13), the text lines in them for ppocr-rec and ppocr-cls (128 and 128).
 
 Configurations, at every ratio of --ratios (the share of each prunable group's channels removed):
-  ours l2 + refit       onnxslim.optimize(FP32, prune=R, calibration=CALIBRATION_DIR,
-                        prune_options=PruneOptions(ratio=R, criterion="l2", reconstruct=True,
-                        check_surgery=True), verify=False, return_report=True), then saved
+  ours l2 + refit       onnxslim.optimize(FP32, prune=PruneOptions(ratio=R, criterion="l2",
+                        reconstruct=True, check_surgery=True), calibration=CALIBRATION_DIR,
+                        verify=False, return_report=True), then saved
   ours l2, no refit     the same with reconstruct=False (and l1 likewise with --criteria l2,l1)
   ours l2 + refit, onnxsim's parameter cut   the first criterion with refit and, instead of the
                         ratio, PruneOptions(parameters=P): P is the most parameters an onnxsim variant
@@ -332,9 +332,9 @@ def child_main(argv: list[str]) -> int:
     version = getattr(onnxslim, "__version__", "dev")
     started = time.perf_counter()
     try:
-        optimized, report = onnxslim.optimize(str(arguments.model), prune=arguments.ratio,
-                                              calibration=str(arguments.calibration), prune_options=options,
-                                              verify=False, return_report=True)
+        optimized, report = onnxslim.optimize(str(arguments.model), prune=options,
+                                              calibration=str(arguments.calibration), verify=False,
+                                              return_report=True)
     except VerificationError as error:
         pruning = getattr(error.report, "pruning", None)
         if pruning is None or pruning.surgery_exact is not False:
@@ -446,9 +446,8 @@ def bench(models: list[quant.QuantModel], ratios: list[float], configs: list[Con
         "configs": {config.key: config.as_dict() for config in configs},
         "main_config": main_config(configs),
         "versions": {"ours": None, "onnxsim": None},
-        "ours_call": "onnxslim.optimize(FP32, prune=R, calibration=CALIBRATION_DIR, prune_options=PruneOptions("
-                     "ratio=R, criterion=C, reconstruct=True|False, check_surgery=True), verify=False, "
-                     "return_report=True)",
+        "ours_call": "onnxslim.optimize(FP32, prune=PruneOptions(ratio=R, criterion=C, reconstruct=True|False, "
+                     "check_surgery=True), calibration=CALIBRATION_DIR, verify=False, return_report=True)",
         "peer_call": "onnxsim.apply_structured_pruning(model, sparsity=R, importance_norm='l2') [after "
                      "onnxsim.simplify(model)]; then onnxsim.apply_pruning_finetune(model, pruned, "
                      "calibration_data=CALIBRATION_SAMPLES)",

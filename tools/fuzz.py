@@ -189,18 +189,18 @@ def _optimize(model: onnx.ModelProto, mode: Mode, samples: list[dict], lossy: di
         from onnxslim.prune import PruneOptions
         from onnxslim.quantize import QuantizeOptions
 
-        kwargs = dict(calibration=CalibrationData.from_feeds(model, samples), quantize=mode.quantize)
+        kwargs = dict(calibration=CalibrationData.from_feeds(model, samples))
         if mode.quantize:
-            kwargs["quantize_options"] = QuantizeOptions(mode=lossy.get("quantize_mode", "auto"),
+            kwargs["quantize"] = QuantizeOptions(mode=lossy.get("quantize_mode", "auto"),
                                                          method=lossy.get("method", "auto"))
         if mode.prune:
             # check_surgery: the pruned model must equal the original with the removed channels'
             # weights zeroed, exactly; a surgery bug is a wrong model, which no fidelity figure shows.
-            kwargs["prune_options"] = PruneOptions(ratio=mode.prune, check_surgery=True,
-                                                   criterion=lossy.get("criterion", "auto"),
-                                                   allocation=lossy.get("allocation", "sensitivity"))
-    optimized, report = onnxslim.optimize(model, verify=True, force=True, return_report=True, verify_shapes=shapes,
-                                          **kwargs)
+            kwargs["prune"] = PruneOptions(ratio=mode.prune, check_surgery=True,
+                                           criterion=lossy.get("criterion", "auto"),
+                                           allocation=lossy.get("allocation", "sensitivity"))
+    verify = onnxslim.VerifyOptions(verify_shapes=shapes, force=True)
+    optimized, report = onnxslim.optimize(model, verify=verify, return_report=True, **kwargs)
     fired = {execution.name for execution in report.run.executions if execution.changed}
     # The lossy steps are no passes: say whether they did anything (the generator must reach them).
     if getattr(report, "pruning", None) is not None and report.pruning.removed_channels:

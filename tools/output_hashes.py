@@ -64,16 +64,14 @@ def child(path: str, mode: str, calibration: str, shapes: str) -> None:
     """Optimize one model in one mode and print the written file's SHA-256 (or the refusal)."""
     import onnxslim
 
-    options: dict = {"verify": False}
-    verify_shapes = json.loads(shapes)
-    if verify_shapes:
-        options["verify_shapes"] = verify_shapes
+    verify = onnxslim.VerifyOptions(enabled=False, verify_shapes=json.loads(shapes) or None)
+    options: dict = {}
     if "int8" in mode:
         options.update(quantize="int8", calibration=calibration)
     if "prune" in mode:
         options.update(prune=PRUNE_RATIO, calibration=calibration)
     try:
-        model = onnxslim.optimize(path, **options)
+        model = onnxslim.optimize(path, verify=verify, **options)
     except onnxslim.OnnxSlimError as error:
         print(json.dumps({"result": f"{type(error).__name__}: {str(error).splitlines()[0]}"}))
         return

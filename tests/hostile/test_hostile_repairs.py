@@ -209,5 +209,6 @@ def test_a_model_onnxruntime_runs_is_repaired_or_refused_in_one_line(tmp_path, c
         np.testing.assert_array_equal(actual, wanted)
     given = model.SerializeToString()  # the Python API repairs a copy of the caller's proto
     shapes = {"x": [2, 4]} if "--verify-shape" in options else None
-    onnx.checker.check_model(onnxslim.optimize(model, verify_shapes=shapes), full_check=True)
+    onnx.checker.check_model(onnxslim.optimize(model, verify=onnxslim.VerifyOptions(verify_shapes=shapes)),
+                             full_check=True)
     assert model.SerializeToString() == given

@@ -108,7 +108,7 @@ def test_the_python_api_refuses_non_finite_tolerances_targets_and_negative_seeds
         with pytest.raises(onnxslim.UsageError):
             onnxslim.verify(model, model, **options)
         with pytest.raises(onnxslim.UsageError):
-            onnxslim.optimize(model, **options)
+            onnxslim.optimize(model, verify=onnxslim.VerifyOptions(**options))
     for metric, value in (("cosine", math.nan), ("sqnr_db", math.nan), ("sqnr_db", math.inf), ("cosine", 2.0)):
         with pytest.raises(onnxslim.InputSpecError):
             FidelityTarget(metric, value)
@@ -125,7 +125,7 @@ def test_pass_options_are_checked_against_their_declared_types_before_any_pass_r
         with pytest.raises(onnxslim.PipelineError, match="takes"):
             onnxslim.Pipeline.parse(text).validate()
         with pytest.raises(onnxslim.PipelineError):
-            onnxslim.optimize(_usage_model(), passes=text, verify=False)
+            onnxslim.optimize(_usage_model(), simplify=onnxslim.SimplifyOptions(passes=text), verify=False)
     assert onnxslim.Pipeline.parse("fold-constants{size_cap=1e3}").steps[0].options == (("size_cap", 1000.0),)
     onnxslim.Pipeline.parse("fold-constants{size_cap=1e3}").validate()  # a whole number written as a float
 

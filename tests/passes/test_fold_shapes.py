@@ -31,7 +31,9 @@ def test_static_dims_fold_the_whole_chain_to_the_reshape_target():
     model = reshape_by_own_dims([2, 3, 4, 5], pick=[0, 1])
     optimized, result = fold(model)
     assert result.counters["folded"] >= 1
-    folded = onnxslim.optimize(model, passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)")
+    folded = onnxslim.optimize(
+        model, simplify=onnxslim.SimplifyOptions(passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)")
+    )
     assert ops(folded) == {"Reshape": 1, "Relu": 1}
     target = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}["target"]
     assert target.tolist() == [2, 3, -1]
@@ -42,8 +44,8 @@ def test_dynamic_dim_is_never_baked_in():
     model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0, 1])
     folded = onnxslim.optimize(
         model,
-        passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)",
-        verify_shapes={"x": [2, 3, 4, 5]},
+        simplify=onnxslim.SimplifyOptions(passes="infer-shapes,fixpoint(fold-shapes,fold-constants,eliminate-dead-nodes)"),
+        verify=onnxslim.VerifyOptions(verify_shapes={"x": [2, 3, 4, 5]}),
     )
     # The batch element is the input's own dim 0: Reshape copies it (0) instead of baking in 2.
     assert ops(folded) == {"Reshape": 1, "Relu": 1}
@@ -102,7 +104,8 @@ def test_dynamic_shape_does_not_fire():
 
 def test_input_shape_makes_the_model_static_and_folds_more(tmp_path):
     model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0, 1])
-    static, report = onnxslim.optimize(model, input_shapes={"x": [2, 3, 4, 5]}, return_report=True)
+    static, report = onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(input_shapes={"x": [2, 3, 4, 5]}),
+                                       return_report=True)
     assert report.verification.passed
     assert "Shape" not in ops(static)
     dims = [d.dim_value for d in static.graph.input[0].type.tensor_type.shape.dim]
@@ -112,7 +115,7 @@ def test_input_shape_makes_the_model_static_and_folds_more(tmp_path):
 def test_input_shape_rejects_a_conflicting_static_dim():
     model = reshape_by_own_dims(["batch", 3, 4, 5], pick=[0])
     with pytest.raises(onnxslim.InputSpecError, match="dim 1 is fixed at 3"):
-        onnxslim.optimize(model, input_shapes={"x": [2, 4, 4, 5]})
+        onnxslim.optimize(model, simplify=onnxslim.SimplifyOptions(input_shapes={"x": [2, 4, 4, 5]}))
 
 
 def attention_style_reshape(allowzero=0):
@@ -129,7 +132,7 @@ def attention_style_reshape(allowzero=0):
 
 def test_reshape_target_with_one_dynamic_element_becomes_minus_one():
     model = attention_style_reshape()
-    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 6, 4]})
+    folded = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(verify_shapes={"x": [2, 6, 4]}))
     assert ops(folded) == {"Reshape": 1, "Relu": 1}  # the shape arithmetic is gone
     target = [onnx.numpy_helper.to_array(t) for t in folded.graph.initializer][0]
     assert target.tolist() == [-1, 3, 4]
@@ -141,7 +144,7 @@ def test_reshape_target_with_one_dynamic_element_becomes_minus_one():
 
 def test_reshape_target_rule_does_not_fire_with_allowzero():
     model = attention_style_reshape(allowzero=1)
-    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 6, 4]})
+    folded = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(verify_shapes={"x": [2, 6, 4]}))
     assert ops(folded)["Shape"] == 1 and ops(folded)["Concat"] == 1
 
 
@@ -155,7 +158,7 @@ def test_reshape_target_elements_equal_to_the_input_dims_become_zero():
     target = b.node("Concat", [first, rest], ["target"], axis=0)
     b.output(b.node("Relu", [b.node("Reshape", [x, target])], ["y"]))
     model = b.build()
-    folded = onnxslim.optimize(model, verify_shapes={"x": [2, 3, 8]})
+    folded = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(verify_shapes={"x": [2, 3, 8]}))
     assert ops(folded) == {"Reshape": 1, "Relu": 1}
     assert [onnx.numpy_helper.to_array(t) for t in folded.graph.initializer][0].tolist() == [0, -1, 2, 4]
     for shape in ([1, 5, 8], [3, 2, 8]):
@@ -209,7 +212,7 @@ def test_minus_one_beside_a_copy_when_an_upstream_reshape_already_rejects_empty_
     target = b.node("Concat", [batch, b.initializer("mid", np.array([4, 16], np.int64)), anchors], ["target"], axis=0)
     b.output(b.node("Relu", [b.node("Reshape", [flat, target])], ["y"]))
     model = b.build()
-    folded = onnxslim.optimize(model, verify_shapes={"image": [2, 64, 2, 3]})
+    folded = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(verify_shapes={"image": [2, 64, 2, 3]}))
     assert set(ops(folded)) == {"Reshape", "Relu"}  # the shape arithmetic is gone (fuse-reshapes may merge the two)
     for batch_size in (1, 3):
         report = onnxslim.verify(model, folded, verify_shapes={"image": [batch_size, 64, 2, 3]})

@@ -154,9 +154,10 @@ def test_gelu_producing_a_graph_output_keeps_the_output_name():
 def test_default_pipeline_fuses_and_is_a_fixed_point():
     g = Gelu()
     model = g.build(gpt2_tanh(g))
-    optimized = onnxslim.optimize(model, inputs=feeds())
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds()))
     assert ops(optimized)["Gelu"] == 1 and sum(ops(optimized).values()) == 2
-    assert onnxslim.optimize(optimized, inputs=feeds()).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds())).SerializeToString() \
+        == optimized.SerializeToString()
 
 
 # ----------------------------------------------------------------------------- kept

@@ -167,7 +167,9 @@ def test_layer_norm_inside_an_if_branch_is_fused():
     else_branch.output(else_branch.node("Neg", ["x"]), np.float32, SHAPE)
     b.output(b.if_node("flag", then_branch, else_branch), np.float32, SHAPE)
     model = b.build()
-    optimized = onnxslim.optimize(model, passes="infer-shapes,fuse-layer-norm,eliminate-dead-nodes", verify=False)
+    optimized = onnxslim.optimize(
+        model, simplify=onnxslim.SimplifyOptions(passes="infer-shapes,fuse-layer-norm,eliminate-dead-nodes"), verify=False
+    )
     assert ops(optimized)["LayerNormalization"] == 1 and ops(optimized)["ReduceMean"] == 0
     for flag in (True, False):
         assert_equivalent(model, optimized, [{**feed, "flag": np.array(flag)} for feed in feeds()])
@@ -175,9 +177,10 @@ def test_layer_norm_inside_an_if_branch_is_fused():
 
 def test_default_pipeline_fuses_and_is_a_fixed_point():
     model = layer_norm_model().build()
-    optimized = onnxslim.optimize(model, inputs=feeds())
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds()))
     assert ops(optimized)["LayerNormalization"] == 1 and sum(ops(optimized).values()) == 2  # the Identity goes too
-    assert onnxslim.optimize(optimized, inputs=feeds()).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds())).SerializeToString() \
+        == optimized.SerializeToString()
 
 
 # ----------------------------------------------------------------------------- kept

@@ -97,9 +97,10 @@ def test_a_bias_stays_an_add_after_the_fused_node():
 
 def test_default_pipeline_fuses_and_is_a_fixed_point():
     model = rms_norm_model().build()
-    optimized = onnxslim.optimize(model, inputs=feeds())
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds()))
     assert ops(optimized)["RMSNormalization"] == 1 and sum(ops(optimized).values()) == 2
-    assert onnxslim.optimize(optimized, inputs=feeds()).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds())).SerializeToString() \
+        == optimized.SerializeToString()
 
 
 def test_layer_norm_at_opset_23_is_still_layer_normalization():
@@ -112,7 +113,7 @@ def test_layer_norm_at_opset_23_is_still_layer_normalization():
     std = b.node("Sqrt", [b.node("Add", [variance, b.initializer("eps", np.array(1e-5, np.float32))])])
     b.output(b.node("Div", [centered, std], ["y"]))
     model = b.build()
-    optimized = onnxslim.optimize(model, inputs=feeds())
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds()))
     assert top_ops(optimized.graph) == ["LayerNormalization"]
 
 

@@ -71,12 +71,13 @@ def test_convnext_blocks_keep_the_residual_stream_in_nhwc():
 def test_the_default_pipeline_folds_the_layer_scales_into_the_linears():
     """Run on NHWC values the layer scale is a per-column constant after a MatMul + bias."""
     model = convnext_like()
-    optimized = onnxslim.optimize(model, inputs=feeds(model))
-    without = onnxslim.optimize(model, inputs=feeds(model), skip=["sink-transposes"])
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds(model)))
+    without = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds(model)),
+                                simplify=onnxslim.SimplifyOptions(skip=["sink-transposes"]))
     assert transposes(optimized) == transposes(without) - 2
     assert ops(optimized)["Mul"] == 0 < ops(without)["Mul"]
     assert_equivalent(model, optimized, feeds(model))
-    again, report = onnxslim.optimize(optimized, inputs=feeds(model), return_report=True)
+    again, report = onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds(model)), return_report=True)
     assert not any(execution.changed for execution in report.run.executions)
     assert again.SerializeToString() == optimized.SerializeToString()
 
@@ -104,7 +105,7 @@ def test_a_layer_scale_behind_a_transpose_reaches_its_linear():
     assert result.counters == {"sunk": 1, "transposes_removed": 0, "to_fold": 1}
     assert [node.op_type for node in optimized.graph.node][-3:] == ["Mul", "Transpose", "Add"]
     assert_equivalent(model, optimized, feeds(model))
-    pipeline = onnxslim.optimize(model, inputs=feeds(model))
+    pipeline = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds(model)))
     assert ops(pipeline)["Mul"] == 0 and ops(pipeline)["Transpose"] == 2
     assert_equivalent(model, pipeline, feeds(model))
 

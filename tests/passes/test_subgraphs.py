@@ -36,7 +36,7 @@ def test_default_pipeline_cleans_both_branches():
     then_before, else_before = branches(model)
     assert len(then_before.node) == 7 and len(else_before.node) == 6
 
-    optimized, report = onnxslim.optimize(model, inputs=FEEDS, return_report=True)
+    optimized, report = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=FEEDS), return_report=True)
 
     assert report.verification.passed
     then_body, else_body = branches(optimized)
@@ -49,7 +49,7 @@ def test_default_pipeline_cleans_both_branches():
 
 def test_optimized_if_model_verifies_for_both_conditions():
     model = if_model()
-    optimized = onnxslim.optimize(model, inputs=FEEDS)
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=FEEDS))
     for feed in FEEDS:  # each condition on its own, so one branch cannot hide behind the other
         assert_equivalent(model, optimized, [feed])
         assert onnxslim.verify(model, optimized, inputs=[feed]).passed
@@ -72,7 +72,7 @@ def test_nested_if_is_cleaned_at_every_depth():
     b.output(b.if_node(condition, outer_then, outer_else))
     model = b.build()
 
-    optimized = onnxslim.optimize(model, inputs=FEEDS)
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=FEEDS))
 
     then_body, _ = branches(optimized)
     assert top_ops(then_body) == ["If"]
@@ -143,7 +143,7 @@ def test_a_body_writes_no_type_for_the_outer_values_it_reads_and_a_second_run_ch
     model = branches_reading_outer_values()
     feeds = [{"x": random([batch, samples], seed=batch)} for batch, samples in ((1, 8), (3, 11))]
 
-    optimized = onnxslim.optimize(model, inputs=feeds)
+    optimized = onnxslim.optimize(model, verify=onnxslim.VerifyOptions(inputs=feeds))
 
     then_body, else_body = branches(optimized)
     outer_names = {value.name for value in optimized.graph.value_info} | {node.output[0] for node in optimized.graph.node}
@@ -151,4 +151,5 @@ def test_a_body_writes_no_type_for_the_outer_values_it_reads_and_a_second_run_ch
         assert "outer" in {name for node in body.node for name in node.input}
         assert not {value.name for value in body.value_info} & outer_names
         assert [dim.dim_param for dim in body.output[0].type.tensor_type.shape.dim][:1] == ["batch"]
-    assert onnxslim.optimize(optimized, inputs=feeds).SerializeToString() == optimized.SerializeToString()
+    assert onnxslim.optimize(optimized, verify=onnxslim.VerifyOptions(inputs=feeds)).SerializeToString() \
+        == optimized.SerializeToString()

@@ -61,7 +61,7 @@ def _ours(model: onnx.ModelProto, pipeline: str | None) -> tuple[onnx.ModelProto
     onnxslim = _import_ours()
     version = getattr(onnxslim, "__version__", "dev")
     started = time.perf_counter()
-    optimized, report = onnxslim.optimize(model, pipeline=pipeline, verify=False, return_report=True)
+    optimized, report = onnxslim.optimize(model, simplify=pipeline, verify=False, return_report=True)
     seconds = time.perf_counter() - started
     return optimized, version, {"seconds": seconds, "pass_seconds": report.run.seconds,
                                 "phases": dict(report.seconds), "pipeline": report.pipeline}
