@@ -637,13 +637,37 @@ def test_a_conv_reading_channels_off_its_channel_axis_freezes_them(depthwise):
     assert report.pruning.removed_channels == 0
 
 
+def test_a_plan_applies_to_another_import_whose_nodes_come_in_another_order():
+    """The plan names nodes by their first output, not their place in the node list: made on one
+    import of a model, it cuts the same tensors of a copy whose (equally valid) order differs."""
+    b = ModelBuilder()
+    x = b.input("x", [1, 3, 8, 8])
+    b.output(conv(b, b.node("Relu", [conv(b, x, 3, 8, "a1")]), 8, 4, "a2", k=1))
+    b.output(conv(b, b.node("Relu", [conv(b, x, 3, 6, "b1")]), 6, 4, "b2", k=1))
+    model = b.build()
+    reordered = onnx.ModelProto()
+    reordered.CopyFrom(model)
+    nodes = list(reordered.graph.node)
+    del reordered.graph.node[:]
+    reordered.graph.node.extend(nodes[3:] + nodes[:3])  # branch b first
+    plan = analyze(model).choose(0.5)
+    expected, _ = prune_model(model, plan)
+    pruned, zeroed = prune_model(reordered, plan)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert_equivalent(zeroed, pruned)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    assert pruned_dims(pruned)["a1_w"] == (4, 3, 3, 3) and pruned_dims(pruned)["b1_w"] == (3, 3, 3, 3)
+    for tensor in expected.graph.initializer:
+        np.testing.assert_array_equal(arrays[tensor.name], onnx.numpy_helper.to_array(tensor))
+
+
 def test_a_cut_that_does_not_add_up_freezes_its_groups(monkeypatch):
     """The last line of defence: a rule that follows channels where they are not (here the Conv
     check switched off) leaves a tensor or weight whose extent is not its groups' channel count,
     and the group is frozen rather than cut into an invalid model."""
-    from onnxslim.prune import _Analysis
+    from onnxslim.prune import layer_handlers
 
-    monkeypatch.setattr(_Analysis, "on_channel_axis", lambda self, node, source, weight: True)
+    monkeypatch.setattr(layer_handlers, "on_channel_axis", lambda analysis, node, source, weight: True)
     assert "does not hold the group's channels" in frozen_reason(matmul_then_conv(), "mm")
 
 
@@ -758,9 +782,9 @@ def test_prune_then_int8_in_one_optimize_call():
 
 
 def test_a_surgery_bug_fails_the_check_and_writes_nothing(tmp_path, monkeypatch):
-    import onnxslim.prune as prune_module
+    from onnxslim.prune import driver as prune_module
 
-    apply = prune_module._apply
+    apply = prune_module.apply_plan
 
     def broken(model, plan, remove):
         result = apply(model, plan, remove)
@@ -771,7 +795,7 @@ def test_a_surgery_bug_fails_the_check_and_writes_nothing(tmp_path, monkeypatch)
             tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
         return result
 
-    monkeypatch.setattr(prune_module, "_apply", broken)
+    monkeypatch.setattr(prune_module, "apply_plan", broken)
     data = CalibrationData.from_feeds(small_net(), [{"x": random([1, 3, 8, 8], seed=300 + i)} for i in range(8)])
     with pytest.raises(onnxslim.VerificationError, match="surgery check failed: NOT exact"):
         onnxslim.optimize(small_net(), prune=PruneOptions(ratio=0.5, check_surgery=True), calibration=data)
@@ -788,9 +812,9 @@ def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, e
     """A consumer weight that reads one channel too many: onnx.checker's full check (strict shape
     inference) refuses the Gemm; onnx's Conv inference does not check input channels, so running
     the pruned model in onnxruntime, which every pruning does, catches the Conv."""
-    import onnxslim.prune as prune_module
+    from onnxslim.prune import driver as prune_module
 
-    apply = prune_module._apply
+    apply = prune_module.apply_plan
 
     def misfit(model, plan, remove):
         result = apply(model, plan, remove)
@@ -802,7 +826,7 @@ def test_a_pruned_model_whose_shapes_do_not_fit_is_refused(monkeypatch, layer, e
             tensor.CopyFrom(onnx.numpy_helper.from_array(wider, tensor.name))
         return result
 
-    monkeypatch.setattr(prune_module, "_apply", misfit)
+    monkeypatch.setattr(prune_module, "apply_plan", misfit)
     with pytest.raises(onnxslim.VerificationError, match=error):
         onnxslim.optimize(small_net(), prune=PruneOptions(ratio=0.5, allocation="uniform"), verify=False)
 
@@ -968,7 +992,7 @@ def test_parameters_budget_removes_that_share_of_parameters():
 
 
 def test_sensitivity_uses_as_many_samples_as_its_work_budget_allows(monkeypatch):
-    from onnxslim import prune as pruning
+    from onnxslim.prune import allocation as pruning
 
     model = small_net()
     data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=600 + i)} for i in range(12)])
