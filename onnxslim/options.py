@@ -20,9 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .errors import UsageError
+from .errors import InputSpecError, UsageError
 from .manager import Pipeline, preset_names
-from .errors import InputSpecError
 from .verify import FidelityBudget
 
 if TYPE_CHECKING:  # for the annotations only: calibration data is read by the API

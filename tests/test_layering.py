@@ -43,7 +43,7 @@ LAYER_OF = {
     "verify": "runtime",
     "instruments": "runtime",  # verify-each and dump-each: the manager's instruments that verify
     "cpu": "runtime",
-    "options": "runtime",  # option objects: algorithms, the API and the CLI read them; they validate with verify's helpers
+    "options": "algorithms",  # option objects of the algorithms (calibration data among them), read by the API and the CLI
     "calibration": "algorithms",
     "preprocess": "algorithms",
     "ranges": "algorithms",
