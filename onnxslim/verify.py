@@ -366,7 +366,7 @@ class Verifier:
                 if name not in outputs:
                     continue
                 current = compare(name, reference[name], outputs[name], tolerance=self.tolerance)
-                if not current.passed and self.budget is None and reference[name].shape == outputs[name].shape:
+                if not current.passed and self.budget is None and _same_shape(reference[name], outputs[name]):
                     floor = self._precision_floor(name)
                     if floor is not None and self.tolerance is None and tolerance_for(reference[name].dtype) is not None:
                         current = compare(name, reference[name], outputs[name], tolerance=_FLOOR_TOLERANCE[floor])
@@ -376,7 +376,7 @@ class Verifier:
                             notes.append(note)
                     if not current.passed and (floor is not None or _low_precision(reference[name])):
                         current = self._reference_decides(candidate, index, current, evaluators, notes)
-                if self.budget is not None and reference[name].shape == outputs[name].shape:
+                if self.budget is not None:  # the pool leaves out what it cannot measure (shapes that differ)
                     pools.setdefault(name, FidelityPool()).add(reference[name], outputs[name])
                 comparisons[name] = _merge(comparisons.get(name), current)
         if self.budget is not None:
@@ -548,6 +548,29 @@ def _interleave(firsts: list, seconds: list) -> list:
     return merged
 
 
+def _same_shape(reference, candidate) -> bool:
+    """Two tensors of one shape (a sequence or a map output is not a tensor: False)."""
+    return isinstance(reference, np.ndarray) and isinstance(candidate, np.ndarray) and reference.shape == candidate.shape
+
+
+def numeric_view(value) -> np.ndarray | None:
+    """An output as one numeric array, for fidelity figures: a tensor as it is; a sequence of
+    maps (a classifier's ZipMap: one {label: probability} per sample) as rows of its values in key
+    order; a map as its values in key order; a sequence of equal-shaped tensors stacked. None for
+    what holds no numbers to compare (strings, ragged sequences)."""
+    if isinstance(value, np.ndarray):
+        return value if value.dtype.kind in "fiub" else None
+    if isinstance(value, dict):
+        keys = sorted(value)
+        return numeric_view(np.asarray([value[key] for key in keys])) if keys else None
+    if isinstance(value, (list, tuple)) and value:
+        rows = [numeric_view(item) for item in value]
+        if any(row is None for row in rows) or len({row.shape for row in rows}) != 1:
+            return None
+        return np.stack(rows)
+    return None
+
+
 class FidelityPool:
     """Cosine, SQNR and top-1 agreement of one output over all samples taken together.
 
@@ -568,8 +591,9 @@ class FidelityPool:
         self.agreeing = self.rows = self.skipped = self.mismatched = 0
         self.top1_meaningful = True
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        if reference.shape != candidate.shape:
+    def add(self, reference, candidate) -> None:
+        reference, candidate = numeric_view(reference), numeric_view(candidate)
+        if reference is None or candidate is None or reference.shape != candidate.shape:
             self.skipped += 1
             return
         ref, cand = reference.astype(np.float64).ravel(), candidate.astype(np.float64).ravel()

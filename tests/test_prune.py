@@ -1129,3 +1129,30 @@ def test_the_refit_wins_back_a_channel_the_reconstruction_criterion_removed():
         sqnr[criterion] = report.pruning.fidelity["pruned + refit"]["sqnr_db"]
     # The removed copy's work moves onto its twin: the output comes back all but exactly.
     assert sqnr["reconstruction"] > 40 and sqnr["reconstruction"] > sqnr["activation"] + 10
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("extra", ["sequence", "labels"])
+def test_model_with_sequence_or_integer_outputs_is_pruned_end_to_end(extra, quantize):
+    """Outputs that are not float tensors (a classifier's labels, a sequence of tensors as a
+    ZipMap-like output) beside the scores: sensitivity, fidelity and the run check measure the
+    numbers they hold. A sequence output once ended pruning in an internal error (isfinite of a list)."""
+    b = ModelBuilder(opset=17)
+    x = b.input("x", [1, 3, 8, 8])
+    features = b.node("Relu", [conv(b, b.node("Relu", [conv(b, x, 3, 8, "c1")]), 8, 8, "c2")])
+    scores = b.node("GlobalAveragePool", [features], ["scores"])
+    b.output(scores)
+    if extra == "sequence":
+        b.node("SequenceConstruct", [scores, b.node("Neg", [scores])], ["pair"])
+        b.outputs.append(onnx.helper.make_tensor_sequence_value_info("pair", onnx.TensorProto.FLOAT, None))
+    else:
+        b.output(b.node("ArgMax", [scores], ["label"], axis=1))
+    model = b.build()
+    data = CalibrationData.from_feeds(model, [{"x": random([1, 3, 8, 8], seed=700 + i)} for i in range(8)])
+
+    pruned, report = onnxslim.optimize(model, prune=PruneOptions(ratio=0.25), quantize=quantize, calibration=data,
+                                       return_report=True)
+
+    onnx.checker.check_model(pruned, full_check=True)
+    assert report.pruning.fidelity["pruned"]["sqnr_db"] > 0
+    assert [output.name for output in pruned.graph.output] == [output.name for output in model.graph.output]

@@ -11,6 +11,7 @@ import onnx
 
 from ..graph import constant_value
 from ..model import to_graph
+from ..verify import numeric_view
 from .records import PrunePlan, nodes_by_key
 from .surgery import compensate, zero_removed
 
@@ -67,7 +68,7 @@ class _NoiseProbe:
         # The original weights stay in the worker: a trial sends only the weights it changed.
         self.session = Session(probe, label="model to probe", optimized=True, defaults=self.originals)
         self.feeds = list(samples)
-        self.reference = [self.session.run(None, feed) for feed in self.feeds]
+        self.reference = [_measurable(self.session.run(None, feed)) for feed in self.feeds]
         # Pooled over the samples, like the SQNR fidelity reports: a sample whose outputs are all
         # but zero (a detector's map of an image without text) would make any per-sample ratio explode.
         # Outputs the model itself overflows (NaN, infinity) measure nothing and are left out.
@@ -90,10 +91,17 @@ class _NoiseProbe:
         changed = {name: value for name, value in weights.items() if value is not self.originals[name]}
         total = 0.0
         for feed, expected in zip(self.feeds, self.reference):
-            actual = self.session.run(None, {**feed, **changed})
+            actual = _measurable(self.session.run(None, {**feed, **changed}))
             total += sum(_noise(a, e) for a, e in zip(actual, expected)
                          if a.shape == e.shape)  # a count that follows the data (NonZero) may differ
         return total / self.signal
+
+
+def _measurable(outputs: list) -> list[np.ndarray]:
+    """The outputs as float arrays noise can be measured on (a classifier's ZipMap as rows of
+    probabilities, see numeric_view); labels, strings and the like carry no noise energy."""
+    views = [numeric_view(output) for output in outputs]
+    return [view for view in views if view is not None and view.dtype.kind == "f"]
 
 
 def _noise(actual: np.ndarray, expected: np.ndarray) -> float:
