@@ -58,7 +58,7 @@ AUTO_METHODS = ("minmax", "percentile", "mse")
 SELECTION_SAMPLES = 8
 # A clipping method must beat minmax by this much on the selection samples to be chosen: minmax
 # clips nothing it saw, while the others' gains on typical samples can turn into clipping on
-# unusual ones (ResNet-50: percentile +1.2 dB on calibration images, -3.2 dB on held-out ones).
+# unusual ones.
 CLIPPING_MARGIN_DB = 2.0
 PER_CHANNEL_OPSET = 13
 # auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
@@ -66,7 +66,7 @@ PER_CHANNEL_OPSET = 13
 DEFAULT_AUTO_TARGET_TEXT = "cosine=0.97"
 FASTER_ENOUGH = 0.85
 # auto mode does not search layer by layer to rescue a full int8 model this far from the floor
-# (PP-OCRv4 det: cosine 0.00); it goes to weights only. --quantize-mode full still searches.
+# (a model broken by int8 activations); it goes to weights only. --quantize-mode full still searches.
 HOPELESS_COSINE = 0.5
 LATENCY_RUNS = 7
 # Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).

@@ -15,7 +15,7 @@ With `compact` (the default) scales and the quantized layers' biases are stored 
 behind a Cast (when float16 holds them: `half_fits`) and weight zero points are left out (they
 default to 0). onnxruntime folds those Casts when it loads the model, before it fuses QDQ
 groups; their rounding (about 5e-4 relative) is far below the int8 weights' own, and in a small
-model they would otherwise weigh a tenth of the file.
+model they would otherwise weigh a visible share of the file.
 
 Two modes:
 
