@@ -208,8 +208,8 @@ def replace_all_uses(old: gs.Tensor, new: gs.Tensor) -> int:
 
 # onnx-graphsurgeon keeps node.inputs and tensor.outputs in step through list.remove, which
 # compares with Node.__eq__: a structural comparison that also formats a log line. Unlinking a
-# reader of a tensor with many readers compared it against all of them, and that was a third of
-# common-subexpression elimination's time on DenseNet. These helpers unlink by identity.
+# reader of a tensor with many readers compared it against all of them, and that was a large
+# share of common-subexpression elimination's time. These helpers unlink by identity.
 
 
 def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:

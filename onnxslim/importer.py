@@ -123,8 +123,8 @@ def _keep_input_shapes_only(graph: gs.Graph, source: onnx.GraphProto) -> None:
 def _import(model: onnx.ModelProto, overridable: set[str] = frozenset()) -> gs.Graph:
     """gs.import_onnx for a model without functions: the same Graph, with the common cases (tensors,
     nodes, tensor value infos, plain and tensor attributes) built directly. onnx-graphsurgeon's
-    importer logs and converts through generic helpers for every tensor and node, a quarter of a
-    small model's optimize time. Bodies and unusual attributes go through onnx-graphsurgeon's own code."""
+    importer logs and converts through generic helpers for every tensor and node, a large share of
+    a small model's optimize time. Bodies and unusual attributes go through onnx-graphsurgeon's own code."""
     source = model.graph
     opset = OnnxImporter.get_opset(model)
     tensors: dict[str, gs.Tensor] = {}
@@ -320,7 +320,7 @@ def _import_constant(proto: onnx.TensorProto) -> gs.Constant:
 
 # onnx-graphsurgeon's constructors set every field through __setattr__ overrides and fill the
 # edge lists through SynchronizedList's Python methods; import builds thousands of objects, and
-# that was over half of its time. These fill in the same fields, in the same order, directly.
+# that was most of its time. These fill in the same fields, in the same order, directly.
 
 
 def _synchronized(owner, field_name: str) -> SynchronizedList:

@@ -325,7 +325,7 @@ def check_input_bytes(shapes: dict[str, list[int]], types: dict[str, np.dtype], 
             f"more than the {human_bytes(limit)} verification allows; give smaller dims with --verify-shape"
         )
     each = total + SAMPLE_OVERHEAD
-    if each * samples > limit:  # --samples 1000000000 of a small input took 16 GB before it was stopped
+    if each * samples > limit:  # a huge --samples of a small input fills memory before anything runs
         raise InputSpecError(
             f"{samples:,} samples of inputs would need {each * samples:,} bytes ({human_bytes(each * samples)}, "
             f"{human_bytes(each)} each), more than the {human_bytes(limit)} verification allows; give fewer --samples"

@@ -212,7 +212,7 @@ _TENSOR_FIELDS_READ = 64
 def raw_data_lengths(data: bytes, initializers: int) -> dict[int, int]:
     """The length of each top-level initializer's raw_data, by index, read from the serialized
     ModelProto `data` without copying the bytes: protobuf's Python API copies a bytes field to
-    give its length (half a second per 400 MB of weights), the wire format states it.
+    give its length, the wire format states it.
 
     `initializers` is how many the parsed model has; where the wire does not agree, or a tensor
     is not written as this reader expects, its index is left out (the caller measures it)."""
@@ -301,13 +301,13 @@ CHECKED_TENSOR_BYTES = 1 << 16
 def check_structure(model: onnx.ModelProto, *, full: bool = False, shapeless_interface: bool = False) -> None:
     """onnx.checker on the model with its large top-level weights replaced by typed inputs.
 
-    The checker serializes the whole model; for a 350 MB transformer that is over a second,
-    spent copying weights whose only checkable property, dims against data size, numpy and
-    protobuf already guarantee. Graph structure, ops, attributes, types, small tensors and
-    bodies are checked in full. `full`: the checker's full check, which adds strict shape
-    inference (the weights' dims take part in it as the inputs' dims). `shapeless_interface`:
-    the main graph's inputs and outputs may lack a shape or type (onnxruntime takes that). Raises
-    onnx.checker.ValidationError (or onnx.shape_inference.InferenceError with `full`).
+    The checker serializes the whole model: on a large transformer, time spent copying weights
+    whose only checkable property, dims against data size, numpy and protobuf already guarantee.
+    Graph structure, ops, attributes, types, small tensors and bodies are checked in full. `full`:
+    the checker's full check, which adds strict shape inference (the weights' dims take part in
+    it as the inputs' dims). `shapeless_interface`: the main graph's inputs and outputs may lack
+    a shape or type (onnxruntime takes that). Raises onnx.checker.ValidationError (or
+    onnx.shape_inference.InferenceError with `full`).
     """
     def large(tensor: onnx.TensorProto) -> bool:
         itemsize = _itemsize(tensor.data_type)
@@ -608,6 +608,6 @@ def fits_protobuf(model: onnx.ModelProto) -> bool:
 def model_bytes(model: onnx.ModelProto) -> int:
     """The size the model has as one .onnx file (tensor bytes past protobuf's 2 GiB limit)."""
     if fits_protobuf(model):
-        # Serializing is several times faster than ByteSize() in protobuf's upb backend.
+        # Serializing is faster than ByteSize() in protobuf's upb backend.
         return len(model.SerializeToString())
     return tensor_bytes(model)

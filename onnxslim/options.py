@@ -210,8 +210,8 @@ class QuantizeOptions:
     bias_correction: bool = True
     reduce_range: bool | None = None  # 7-bit weights in full mode; None: when the CPU is x86 without VNNI
     # Samples kept apart to measure fidelity on. Default 0: every sample calibrates (a sample left
-    # out is a range left unseen: on ResNet-50 holding out 3 of 16 cost 6 dB), and fidelity is
-    # measured on the last calibration.EVALUATION_SAMPLES of them, which the report says.
+    # out is a range left unseen), and fidelity is measured on the last
+    # calibration.EVALUATION_SAMPLES of them, which the report says.
     held_out: int = 0
     keep_names: bool = False  # else internal tensors get short names (see the shorten-names pass)
 

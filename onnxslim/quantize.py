@@ -38,14 +38,12 @@ from .manager import PassContext, get_pass
 from .model import to_graph, to_model
 from .options import FidelityTarget, QuantizeOptions
 from .passes.quantize_qdq import (
-    INPUT_MEANS,
-    REDUCED_WEIGHT_LIMIT,
-    WEIGHT_CACHE,
-    WEIGHT_LIMIT,
+    Int8Settings,
     activation_tensors,
     along,
     float_weight,
     quantizable_layers,
+    quantize_graph,
     weight_axis,
     weight_int8,
 )
@@ -58,7 +56,7 @@ AUTO_METHODS = ("minmax", "percentile", "mse")
 SELECTION_SAMPLES = 8
 # A clipping method must beat minmax by this much on the selection samples to be chosen: minmax
 # clips nothing it saw, while the others' gains on typical samples can turn into clipping on
-# unusual ones (ResNet-50: percentile +1.2 dB on calibration images, -3.2 dB on held-out ones).
+# unusual ones.
 CLIPPING_MARGIN_DB = 2.0
 PER_CHANNEL_OPSET = 13
 # auto mode: the fidelity full int8 must keep (unless --fidelity-target says otherwise), and how
@@ -66,7 +64,7 @@ PER_CHANNEL_OPSET = 13
 DEFAULT_AUTO_TARGET_TEXT = "cosine=0.97"
 FASTER_ENOUGH = 0.85
 # auto mode does not search layer by layer to rescue a full int8 model this far from the floor
-# (PP-OCRv4 det: cosine 0.00); it goes to weights only. --quantize-mode full still searches.
+# (a model broken by int8 activations); it goes to weights only. --quantize-mode full still searches.
 HOPELESS_COSINE = 0.5
 LATENCY_RUNS = 7
 # Samples evaluated per candidate while ranking layer sensitivity (it runs once per layer).
@@ -423,7 +421,7 @@ def _matches(name: str, op: str, patterns: Sequence[str]) -> bool:
 
 
 def _activation_tensors(model: onnx.ModelProto, exclude: Sequence[str]) -> list[str]:
-    return activation_tensors(_annotated_graph(model), ",".join(exclude))
+    return activation_tensors(_annotated_graph(model), frozenset(exclude))
 
 
 def _annotated_graph(model: onnx.ModelProto):
@@ -437,14 +435,22 @@ class _Builder:
     """Builds the quantized model for a set of layers kept in float (or only one layer quantized)."""
 
     def __init__(self, model, mode, options: QuantizeOptions, per_channel, ranges, input_means):
-        self.model, self.mode, self.options = model, mode, options
-        self.per_channel, self.ranges, self.input_means = per_channel, ranges, input_means
+        self.model, self.options = model, options
         form = options.weight_form or ("cast-mul" if mode == "weights" else "dequantize")
         # The pass falls back to one scale per tensor for DequantizeLinear before opset 13.
         self.scales_per_channel = per_channel and (form == "cast-mul" or _opset(model) >= PER_CHANNEL_OPSET)
-        self.reduce_range = mode == "full" and bool(options.reduce_range)
         self.weights: dict = {}  # quantized weights, shared by every build (see weight_int8)
-        self.weight_limit = REDUCED_WEIGHT_LIMIT if self.reduce_range else WEIGHT_LIMIT
+        self.settings = Int8Settings(
+            mode=mode,
+            per_channel=per_channel,
+            activation_type=options.activation_type,
+            symmetric_activations=options.symmetric_activations,
+            weight_form=options.weight_form,
+            reduce_range=mode == "full" and bool(options.reduce_range),
+            ranges=ranges,
+            weight_cache=self.weights,
+            input_means=input_means or {},
+        )
         layers = quantizable_layers(to_graph(model))
         self.layer_names = [node.name for node in layers if node.name]
         self.layer_ops = {node.name: node.op for node in layers if node.name}
@@ -454,20 +460,10 @@ class _Builder:
         """The model with `float_layers` left float, `float_compute` layers computing in float
         from int8-stored weights (full mode), or with only the layer `only` quantized."""
         graph = _annotated_graph(self.model)
-        shared = {WEIGHT_CACHE: self.weights, INPUT_MEANS: self.input_means}
-        context = PassContext(options=shared, calibration=self.ranges, logger=logger)
-        options = dict(
-            mode=self.mode,
-            per_channel=self.per_channel,
-            activation_type=self.options.activation_type,
-            symmetric_activations=self.options.symmetric_activations,
-            weight_form=self.options.weight_form,
-            exclude=",".join(sorted(float_layers)),
-            include=only,
-            float_compute=",".join(sorted(float_compute)),
-            reduce_range=self.reduce_range,
-        )
-        result = get_pass("quantize-int8")(graph, context, **options)
+        settings = replace(self.settings, exclude=frozenset(float_layers), include=frozenset([only] if only else []),
+                           float_compute=frozenset(float_compute))
+        result = quantize_graph(graph, settings, logger)
+        context = PassContext(logger=logger)
         self.corrected = result.counters.get("corrected_biases", 0)
         # A quarter of the weight bytes makes the rest of the file count: defaults and long names go.
         for name in ("eliminate-dead-nodes", "drop-default-attributes") + (() if self.options.keep_names else ("shorten-names",)):
@@ -486,7 +482,7 @@ class _Builder:
             if value is None or not node.name:
                 continue
             axis = weight_axis(node, value.ndim) if self.scales_per_channel else None
-            quantized, scale = weight_int8(self.weights, node.inputs[1].name, value, axis, self.weight_limit, True)
+            quantized, scale = weight_int8(self.weights, node.inputs[1].name, value, axis, self.settings.weight_limit, True)
             restored = quantized * along(scale.astype(np.float64), axis, value.ndim)
             errors[node.name] = sqnr_db(value.astype(np.float64), restored.astype(np.float64))
         return errors
@@ -578,7 +574,7 @@ def _layer_input_means(model, calibration, exclude, progress) -> dict[str, np.nd
     Conv, the last axis for Gemm), keyed by layer name."""
     graph = to_graph(model)
     wanted: dict[str, str] = {}
-    for node in quantizable_layers(graph, ",".join(exclude)):
+    for node in quantizable_layers(graph, frozenset(exclude)):
         if node.op in ("Conv", "Gemm") and node.name and not is_empty(node.inputs[0]) and constant_value(node.inputs[0]) is None:
             if node.op == "Gemm" and node.attrs.get("transA", 0):
                 continue

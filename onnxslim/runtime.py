@@ -15,7 +15,7 @@ The next call starts a new worker; sessions of the old one reload themselves fro
 Ctrl-C while waiting kills the worker and raises KeyboardInterrupt at once.
 
 `import onnxslim` starts the worker (start_early): a fresh process would otherwise wait for it
-at its first fold or verification, a third of a second that is most of a small model's optimize().
+at its first fold or verification, which would be most of a small model's optimize().
 So this module imports only the standard library at the top.
 """
 

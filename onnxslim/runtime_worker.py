@@ -2,8 +2,8 @@
 both sides speak.
 
 Run as a script, not imported as part of the package: the worker needs only the standard library,
-numpy and onnxruntime, and importing `onnxslim` would cost it a second of onnx and graphsurgeon
-imports. So this file imports nothing from onnxslim.
+numpy and onnxruntime, and importing `onnxslim` would cost it the imports of onnx and
+onnx-graphsurgeon. So this file imports nothing from onnxslim.
 
 Wire format, both ways, on a Unix stream socket: a header of four little-endian uint64 (pickle
 length, number of buffers, bytes of shared memory, its region number), the buffer lengths (uint64 each), the pickle
@@ -303,9 +303,9 @@ class Worker:
                 os._exit(OUT_OF_MEMORY_STATUS)
 
     def warm_up(self) -> None:
-        """onnxruntime's first sessions set up its environment and kernel registry (some 50 ms
-        each on a small machine): done here, while the parent is still importing, not at its
-        first fold or verification."""
+        """onnxruntime's first sessions set up its environment and kernel registry, which takes
+        time: done here, while the parent is still importing, not at its first fold or
+        verification."""
         for _ in range(2):
             session = self.ort.InferenceSession(WARM_UP_MODEL, self._options(False, 1), providers=["CPUExecutionProvider"])
             session.run(None, {"x": self.np.ones(1, self.np.float32)})

@@ -21,8 +21,8 @@ NON_TENSOR_PREFIXES = ("Sequence", "Optional", "SplitToSequence", "ConcatFromSeq
 # Serialized size of a node beyond its tensors: op_type, names, attributes (a conservative floor).
 NODE_PROTO_BYTES = 24
 # What removing a node is worth in file bytes: it runs on every inference, its result once. A
-# detector's anchor generator (45 nodes of Range/Expand/Concat arithmetic on the image size)
-# folds into 37 KB of anchors; a weight written as one ConstantOfShape does not pay for itself.
+# detector's anchor generator (dozens of nodes of Range/Expand/Concat arithmetic on the image
+# size) folds into a table of anchors; a weight written as one ConstantOfShape does not pay for itself.
 NODE_WORTH = 512
 # An IR version every supported onnxruntime reads; the evaluation model is throwaway.
 EVALUATION_IR_VERSION = 8

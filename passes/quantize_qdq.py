@@ -15,7 +15,7 @@ With `compact` (the default) scales and the quantized layers' biases are stored 
 behind a Cast (when float16 holds them: `half_fits`) and weight zero points are left out (they
 default to 0). onnxruntime folds those Casts when it loads the model, before it fuses QDQ
 groups; their rounding (about 5e-4 relative) is far below the int8 weights' own, and in a small
-model they would otherwise weigh a tenth of the file.
+model they would otherwise weigh a visible share of the file.
 
 Two modes:
 
@@ -26,7 +26,7 @@ Two modes:
   instead (the QDQ form other runtimes read), which onnxruntime runs on every inference.
 - `full`: weights behind DequantizeLinear (per channel needs opset 13 for its `axis`; below that
   one scale per tensor), and activation tensors through QuantizeLinear -> DequantizeLinear, from
-  the calibrated ranges in `ctx.calibration` (tensor name -> (low, high)). Placement follows
+  the calibrated ranges (`ctx.calibration`: tensor name -> (low, high)). Placement follows
   onnxruntime's QDQ fusion rules (see `plan`):
   * every float input and the output of each quantized layer, so DQ -> Conv -> Q becomes
     QLinearConv (and MatMul, Gemm likewise);
@@ -60,6 +60,8 @@ other, unquantized nodes read too stays in the model beside its int8 copy.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,14 +108,36 @@ RANGE_LIMIT = float(np.finfo(np.float32).max) / 2
 # small all quantize to the zero point anyway, so such a range gets the scale 1.
 SCALE_FLOOR = float(np.finfo(np.float32).tiny)
 MODES = ("full", "weights")
-# PassContext.options key of an optional dict in which quantized weights are remembered.
-WEIGHT_CACHE = "quantize-int8.weights"
-# PassContext.options key of an optional dict: layer name -> per-channel mean of its input over
-# calibration data, for bias correction (see _correct_bias).
-INPUT_MEANS = "quantize-int8.input-means"
 # Gather tables from this many elements up are stored as int8 rows (token embeddings).
 TABLE_ELEMENTS = 4096
 WEIGHT_FORMS = ("cast-mul", "dequantize")
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    """What quantize-int8 does, with the types a caller means: the pass's options (name lists as
+    sets, not comma-separated text) and what a pipeline text cannot carry (ranges, the weight
+    cache, input means). onnxslim.quantize builds one per model it tries."""
+
+    mode: str = "full"  # or "weights"
+    per_channel: bool = True
+    activation_type: str = "uint8"  # or "int8"
+    symmetric_activations: bool = False
+    weight_form: str = ""  # "cast-mul" or "dequantize"; "" the mode's own
+    exclude: frozenset[str] = frozenset()  # layer names or op types left float
+    include: frozenset[str] = frozenset()  # when given, only the layers it names
+    float_compute: frozenset[str] = frozenset()  # full mode: layers computing in float from int8 weights
+    reduce_range: bool = False  # 7-bit weights (see REDUCED_WEIGHT_LIMIT)
+    compact: bool = True
+    ranges: Mapping[str, tuple] | None = None  # calibrated activation ranges, tensor name -> (low, high)
+    # Quantized weights are remembered here across runs over the same weights (see weight_int8).
+    weight_cache: dict | None = None
+    # Layer name -> per-channel mean of its input over calibration data, for bias correction (see _correct_bias).
+    input_means: Mapping[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def weight_limit(self) -> int:
+        return REDUCED_WEIGHT_LIMIT if self.reduce_range else WEIGHT_LIMIT
 
 
 @register_pass("quantize-int8", lossless=False)
@@ -133,16 +157,26 @@ def quantize_int8(
     float_compute: str = "",
 ) -> PassResult:
     """Quantize Conv/Gemm/MatMul weights to int8 and, in full mode, activations to 8 bits (QDQ) from calibrated ranges."""
+    settings = Int8Settings(
+        mode=mode, per_channel=per_channel, activation_type=activation_type, symmetric_activations=symmetric_activations,
+        weight_form=weight_form, exclude=name_set(exclude), include=name_set(include), float_compute=name_set(float_compute),
+        reduce_range=reduce_range, compact=compact, ranges=ctx.calibration,
+    )
+    return quantize_graph(graph, settings, ctx.logger)
+
+
+def quantize_graph(graph: gs.Graph, settings: Int8Settings, logger: logging.Logger) -> PassResult:
+    """The quantize-int8 pass on `graph`, in place, as `settings` say."""
+    mode, ranges = settings.mode, settings.ranges
     if mode not in MODES:
         raise UsageError(f"quantize-int8: mode must be {' or '.join(MODES)}, not '{mode}'")
-    if activation_type not in ACTIVATION_TYPES:
-        raise UsageError(f"quantize-int8: activation_type must be uint8 or int8, not '{activation_type}'")
-    weight_form = weight_form or ("cast-mul" if mode == "weights" else "dequantize")
+    if settings.activation_type not in ACTIVATION_TYPES:
+        raise UsageError(f"quantize-int8: activation_type must be uint8 or int8, not '{settings.activation_type}'")
+    weight_form = settings.weight_form or ("cast-mul" if mode == "weights" else "dequantize")
     if weight_form not in WEIGHT_FORMS:
         raise UsageError(f"quantize-int8: weight_form must be {' or '.join(WEIGHT_FORMS)}, not '{weight_form}'")
     if mode == "full" and weight_form != "dequantize":
         raise UsageError("quantize-int8: full mode needs weight_form=dequantize (the QDQ form the runtimes fuse)")
-    ranges = ctx.calibration
     if mode == "full" and not isinstance(ranges, dict):
         raise UsageError(
             "quantize-int8 in full mode needs activation ranges from calibration data "
@@ -151,39 +185,40 @@ def quantize_int8(
     opset = graph.opset or 0
     if weight_form == "dequantize" and opset < QDQ_OPSET:
         raise UsageError(f"quantize-int8 needs opset {QDQ_OPSET} or later (DequantizeLinear); the model has opset {opset}")
+    per_channel = settings.per_channel
     if weight_form == "dequantize" and per_channel and opset < PER_CHANNEL_OPSET:
-        ctx.logger.info("quantize-int8: opset %d < %d, weights get one scale per tensor", opset, PER_CHANNEL_OPSET)
+        logger.info("quantize-int8: opset %d < %d, weights get one scale per tensor", opset, PER_CHANNEL_OPSET)
         per_channel = False
 
-    layers = quantizable_layers(graph, exclude, include)
+    layers = quantizable_layers(graph, settings.exclude, settings.include)
     names = unique_names(graph)
-    limit = REDUCED_WEIGHT_LIMIT if reduce_range else WEIGHT_LIMIT
-    cache = ctx.options.get(WEIGHT_CACHE)
-    means = ctx.options.get(INPUT_MEANS) or {}
+    compact, cache, means = settings.compact, settings.weight_cache, settings.input_means
     corrected = [0]
     activations = unranged = 0
     if mode == "full":
         # A layer whose activations cannot all be quantized (a graph output, no range) is not fused
         # into an integer kernel; its weight takes the form folded to float at load instead of a
         # DequantizeLinear that would run on every inference.
-        float_names = _names(float_compute)
-        placement = plan(graph, [node for node in layers if node.name not in float_names])
+        placement = plan(graph, [node for node in layers if node.name not in settings.float_compute])
         ranged = placement.ranged(ranges)
         fused = [
             node for node in layers
             if id(node) in placement.groups and all(id(tensor) in ranged for tensor in placement.groups[id(node)])
         ]
         fused_ids = {id(node) for node in fused}
-        weights = _quantize_weights(graph, fused, per_channel, "dequantize", names, limit, compact, cache, means, corrected)
+        weights = _quantize_weights(graph, fused, per_channel, "dequantize", names, settings.weight_limit, compact, cache,
+                                    means, corrected)
         weights += _quantize_weights(graph, [node for node in layers if id(node) not in fused_ids], True, "cast-mul", names,
                                      WEIGHT_LIMIT, compact, cache, means, corrected)
-        activations, unranged = _quantize_activations(graph, placement, ranges, activation_type, symmetric_activations, names)
+        activations, unranged = _quantize_activations(graph, placement, ranges, settings.activation_type,
+                                                      settings.symmetric_activations, names)
     else:
-        weights = _quantize_weights(graph, layers, per_channel, weight_form, names, limit, compact, cache, means, corrected)
+        weights = _quantize_weights(graph, layers, per_channel, weight_form, names, settings.weight_limit, compact, cache,
+                                    means, corrected)
     if compact:
         _compact_biases(graph, layers, names)
-    if not include:
-        weights += _quantize_tables(graph, names, _names(exclude), compact, cache)
+    if not settings.include:
+        weights += _quantize_tables(graph, names, settings.exclude, compact, cache)
     return PassResult(
         changed=bool(weights or activations),
         weights=weights,
@@ -193,14 +228,22 @@ def quantize_int8(
     )
 
 
-def _names(text: str) -> set[str]:
-    return {item.strip() for item in text.split(",") if item.strip()}
+def name_set(text: str) -> frozenset[str]:
+    """The names in a comma-separated list (a pipeline text's form of a list)."""
+    return frozenset(item.strip() for item in text.split(",") if item.strip())
 
 
-def quantizable_layers(graph: gs.Graph, exclude: str = "", include: str = "") -> list[gs.Node]:
+def _name_collection(names: Collection[str]) -> Collection[str]:
+    if isinstance(names, str):  # "fc" would be the names "f" and "c"
+        raise TypeError("layer names go as a collection, not as text (name_set reads a comma-separated list)")
+    return names
+
+
+def quantizable_layers(graph: gs.Graph, exclude: Collection[str] = frozenset(),
+                       include: Collection[str] = frozenset()) -> list[gs.Node]:
     """The main graph's standard Conv/ConvTranspose/Gemm/MatMul nodes, less those `exclude` names
-    (node names or op types, comma-separated); when `include` is given, only the nodes it names."""
-    excluded, included = _names(exclude), _names(include)
+    (node names or op types); when `include` is given, only the nodes it names."""
+    excluded, included = _name_collection(exclude), _name_collection(include)
     return [
         node
         for node in graph.nodes
@@ -671,7 +714,8 @@ def _is_dequantized(tensor: gs.Tensor) -> bool:
     return node is not None and node.op == "DequantizeLinear"
 
 
-def activation_tensors(graph: gs.Graph, exclude: str = "", include: str = "") -> list[str]:
+def activation_tensors(graph: gs.Graph, exclude: Collection[str] = frozenset(),
+                       include: Collection[str] = frozenset()) -> list[str]:
     """Names of the tensors quantize-int8 (full mode) wants a calibrated range for, in graph order."""
     return plan(graph, quantizable_layers(graph, exclude, include)).tensor_names()
 

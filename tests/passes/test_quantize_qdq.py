@@ -9,6 +9,8 @@ mode must become QLinearConv/QLinearAdd. Activation Q/DQ pairs are found by the 
 QuantizeLinear reads, not by the names the pass gives them.
 """
 
+import logging
+
 import numpy as np
 import onnx
 import onnx.numpy_helper
@@ -19,7 +21,7 @@ from builder import ModelBuilder, ops, output_names, random
 import onnxslim
 from onnxslim.calibration import calibrate_ranges
 from onnxslim.model import to_graph, to_model
-from onnxslim.passes.quantize_qdq import INPUT_MEANS, activation_tensors
+from onnxslim.passes.quantize_qdq import Int8Settings, activation_tensors, name_set, quantize_graph
 
 # ----------------------------------------------------------------------------- models
 
@@ -103,10 +105,13 @@ def annotated(model):
     return graph
 
 
-def quantize(model, ranges=None, context_options=None, **options):
+def quantize(model, ranges=None, input_means=None, **options):
     graph = annotated(model)
-    context = onnxslim.PassContext(options=context_options or {}, calibration=ranges)
-    result = onnxslim.get_pass("quantize-int8")(graph, context, **options)
+    if input_means is None:
+        result = onnxslim.get_pass("quantize-int8")(graph, onnxslim.PassContext(calibration=ranges), **options)
+    else:  # what a pipeline text cannot carry goes through the pass's typed interface, as onnxslim.quantize does
+        settings = Int8Settings(ranges=ranges, input_means=input_means, **options)
+        result = quantize_graph(graph, settings, logging.getLogger("onnxslim"))
     quantized = to_model(graph, model)
     onnx.checker.check_model(quantized, full_check=True)
     return quantized, result
@@ -119,7 +124,7 @@ def samples(model, count=8, seed=5):
 
 
 def ranges_for(model, exclude="", include=""):
-    return calibrate_ranges(model, samples(model), activation_tensors(annotated(model), exclude, include))
+    return calibrate_ranges(model, samples(model), activation_tensors(annotated(model), name_set(exclude), name_set(include)))
 
 
 def cosine_passes(model, quantized, cosine):
@@ -368,7 +373,7 @@ def test_bias_correction_cancels_the_rounding_shift_at_the_input_mean(trans_b):
     mean = np.random.default_rng(7).uniform(0.5, 2.0, 64).astype(np.float32)
     feed = {"x": mean[None]}
     plain, _ = quantize(model, mode="weights", compact=False)
-    corrected, result = quantize(model, None, {INPUT_MEANS: {"fc": mean}}, mode="weights", compact=False)
+    corrected, result = quantize(model, None, {"fc": mean}, mode="weights", compact=False)
     assert result.counters["corrected_biases"] == 1
     error = np.abs(output_for(corrected, feed) - output_for(model, feed)).max()
     assert error < 1e-4 < np.abs(output_for(plain, feed) - output_for(model, feed)).max()
@@ -377,7 +382,7 @@ def test_bias_correction_cancels_the_rounding_shift_at_the_input_mean(trans_b):
 @pytest.mark.parametrize(("bias", "width"), [(False, 64), (True, 10)])
 def test_bias_correction_needs_a_gemm_or_conv_and_a_mean_of_its_input_width(bias, width):
     means = {"fc": np.ones(width, np.float32)}
-    _, result = quantize(dense(bias=bias), None, {INPUT_MEANS: means}, mode="weights")
+    _, result = quantize(dense(bias=bias), None, means, mode="weights")
     assert result.changed and result.counters["corrected_biases"] == 0
 
 
@@ -694,7 +699,7 @@ def test_bad_option_is_a_usage_error(options, message):
 @pytest.mark.parametrize("exclude", ["Gemm", "fc", " fc , Relu"])
 def test_exclude_by_op_type_or_name_leaves_the_layer_float(exclude):
     model = classifier()
-    assert activation_tensors(annotated(model), exclude) == ["x", "relu"]
+    assert activation_tensors(annotated(model), name_set(exclude)) == ["x", "relu"]
     quantized, result = quantize(model, ranges_for(model, exclude), exclude=exclude)
     assert counts(result) == {"weights": 1, "activations": 2, "unranged": 0}
     assert list(node(quantized, "Gemm").input) == ["flat", "fc", "fc_bias"]
@@ -704,8 +709,8 @@ def test_exclude_by_op_type_or_name_leaves_the_layer_float(exclude):
 
 def test_include_quantizes_only_the_named_layer():
     model = classifier()
-    assert activation_tensors(annotated(model), include="conv") == ["x", "relu"]
-    assert activation_tensors(annotated(model), include="fc") == ["flat", "y"]
+    assert activation_tensors(annotated(model), include={"conv"}) == ["x", "relu"]
+    assert activation_tensors(annotated(model), include={"fc"}) == ["flat", "y"]
     quantized, result = quantize(model, mode="weights", include="fc")
     assert result.counters["weights"] == 1
     assert initializer(quantized, "w").dtype == np.float32 and initializer(quantized, "fc").dtype == np.int8
