@@ -3,8 +3,9 @@ a weight. Which axis of the weight holds the output and the input channels, wher
 how many multiply-adds a layer does, and how many parameters a model holds.
 
 The passes (fusions over `passes/_linear.py`, quantize-int8), pruning, quantization,
-reconstruction and the benchmark all read it from here. A node is a graph-surgeon node or a
-NodeProto alike.
+reconstruction and the benchmark all read it from here. The axes and channel counts take a
+graph-surgeon node or a NodeProto alike; the lookups in a graph (bias, constant weight, MACs of
+a node) take graph-surgeon nodes.
 """
 
 from __future__ import annotations
