@@ -36,6 +36,7 @@ from .cpu import cpu_int8_support
 from .errors import InputSpecError, RuntimeFailure, UsageError, VerificationUnavailable
 from .graph import proto_graphs
 from .inputs import input_specs, model_inputs, random_shapes, synthesize_inputs
+from .layers import attributes, count_parameters, multiply_adds, weight_input
 from .model import external_data_files, load, weightless_copy
 from .runtime import peak_memory
 from .sessions import Runner
@@ -47,8 +48,6 @@ DEFAULT_WARMUP = 5
 DEFAULT_SAMPLES = 8
 DEFAULT_SEED = 0
 
-# Where the weight of a convolution among MAC_OPS sits.
-_CONV_WEIGHT = {"Conv": 1, "ConvInteger": 1, "QLinearConv": 3}
 
 # Initializers above this many elements reach shape inference as typed inputs: only their dims
 # matter, and data propagation reads only small (shape-like) tensors.
@@ -177,29 +176,6 @@ def file_bytes(path: str | os.PathLike) -> int:
     return path.stat().st_size + sum(file.stat().st_size for file in data_files if file.is_file())
 
 
-def count_parameters(model: onnx.ModelProto) -> int:
-    """Elements of every initializer and Constant-node value, If/Loop/Scan bodies included."""
-    return sum(_graph_parameters(graph) for graph in proto_graphs(model.graph))
-
-
-def _graph_parameters(graph: onnx.GraphProto) -> int:
-    total = sum(math.prod(tensor.dims) for tensor in graph.initializer)
-    total += sum(math.prod(sparse.dims) for sparse in graph.sparse_initializer)
-    for node in graph.node:
-        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx"):
-            continue
-        for attribute in node.attribute:
-            if attribute.name == "value":
-                total += math.prod(attribute.t.dims)
-            elif attribute.name == "sparse_value":
-                total += math.prod(attribute.sparse_tensor.dims)
-            elif attribute.name in ("value_float", "value_int", "value_string"):
-                total += 1
-            elif attribute.name in ("value_floats", "value_ints", "value_strings"):
-                total += len(attribute.floats or attribute.ints or attribute.strings)
-    return total
-
-
 def count_macs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> MacCount:
     """Multiply-accumulates of the MAC_OPS layers (bodies included) with the inputs at `shapes`,
     from onnx shape inference; a layer with a shape inference cannot tell counts as unknown."""
@@ -220,32 +196,8 @@ def count_macs(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> MacCount
 
 def _layer_macs(node: onnx.NodeProto, shapes: dict[str, tuple[int, ...]]) -> int | None:
     inputs = [shapes.get(name) for name in node.input]
-    output = shapes.get(node.output[0])
-    if node.op_type in _CONV_WEIGHT:
-        weight = inputs[_CONV_WEIGHT[node.op_type]]
-        if output is None or weight is None:
-            return None
-        # each output element sums C/group x kernel products: weight dims [M, C/group, k...]
-        return math.prod(output) * math.prod(weight[1:])
-    if node.op_type == "ConvTranspose":
-        data, weight = inputs[0], inputs[1]
-        if data is None or weight is None:
-            return None
-        # each input element is scattered to M/group x kernel outputs: weight dims [C, M/group, k...]
-        return math.prod(data) * math.prod(weight[1:])
-    if node.op_type == "Gemm":
-        a, b = inputs[0], inputs[1]
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
-            return None
-        attributes = {attribute.name: attribute.i for attribute in node.attribute}
-        rows, inner = (a[1], a[0]) if attributes.get("transA") else a
-        columns = b[0] if attributes.get("transB") else b[1]
-        return rows * inner * columns
-    a = inputs[0]  # MatMul, MatMulInteger, QLinearMatMul
-    if output is None or not a:
-        return None
-    # output [..., M, N], each element a dot product over A's last axis K
-    return math.prod(output) * a[-1]
+    weight = inputs[weight_input(node.op_type)] if weight_input(node.op_type) < len(inputs) else None
+    return multiply_adds(node.op_type, attributes(node), inputs[0] if inputs else None, weight, shapes.get(node.output[0]))
 
 
 def _inferred_shapes(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> dict[str, tuple[int, ...]]:

@@ -36,6 +36,7 @@ import onnx.numpy_helper
 
 from .calibration import CalibrationData
 from .errors import UsageError
+from .layers import BIAS_INPUT, output_axis
 from .sessions import Runner, open_runner, with_outputs, with_weights_as_inputs
 
 SUPPORTED_OPS = ("Conv", "Gemm", "MatMul")
@@ -291,7 +292,7 @@ def _describe(teacher: _ModelIndex, student: _ModelIndex, name: str, kept: np.nd
         bias=None,
         weight_shape=tuple(weight.dims),
         kept=np.zeros(0, np.int64),
-        output_major=True,
+        output_major=output_axis(node, len(weight.dims)) == 0,
     )
     if node.op_type == "Conv":
         _describe_conv(layer, settings)
@@ -299,10 +300,11 @@ def _describe(teacher: _ModelIndex, student: _ModelIndex, name: str, kept: np.nd
         _describe_gemm(layer, settings)
     else:
         _describe_matmul(layer, student, teacher, teacher_node)
-    if layer.op != "MatMul" and len(node.input) > 2 and node.input[2] and layer.beta != 0:
+    axis = output_axis(node, len(weight.dims))
+    if layer.op != "MatMul" and len(node.input) > BIAS_INPUT and node.input[BIAS_INPUT] and layer.beta != 0:
         # A Gemm with beta = 0 adds nothing of C: it has no bias to refit.
-        layer.bias = student.constant(node.input[2], "bias", "pruned").name
-        outputs = layer.weight_shape[0] if layer.output_major else layer.weight_shape[1]
+        layer.bias = student.constant(node.input[BIAS_INPUT], "bias", "pruned").name
+        outputs = layer.weight_shape[axis]
         if list(student.initializers[layer.bias].dims) != [outputs]:
             shape = list(student.initializers[layer.bias].dims)
             raise _Unsupported(f"its bias has shape {shape}; only a 1-D bias of {outputs} values is supported")
@@ -315,9 +317,7 @@ def _describe(teacher: _ModelIndex, student: _ModelIndex, name: str, kept: np.nd
     if not student.read_only_by(layer.weight, position):
         raise _Unsupported(f"its weight '{layer.weight}' is shared with other nodes or is a graph output")
 
-    outputs = weight.dims[0] if layer.output_major else weight.dims[1]
-    original_outputs = original_weight.dims[0] if layer.output_major else original_weight.dims[1]
-    layer.kept = _kept_channels(name, kept, outputs, original_outputs)
+    layer.kept = _kept_channels(name, kept, weight.dims[axis], original_weight.dims[axis])
     return layer
 
 
@@ -339,13 +339,11 @@ def _describe_gemm(layer: _Layer, settings: dict) -> None:
     layer.alpha, layer.beta = float(settings["alpha"]), float(settings["beta"])
     if layer.alpha == 0:
         raise _Unsupported("Gemm with alpha=0 ignores its weight")
-    layer.output_major = bool(settings["transB"])
 
 
 def _describe_matmul(layer: _Layer, student: _ModelIndex, teacher: _ModelIndex, teacher_node: onnx.NodeProto) -> None:
     if len(layer.weight_shape) != 2:
         raise _Unsupported(f"its weight has shape {list(layer.weight_shape)}, not 2-D")
-    layer.output_major = False
     add = _bias_add(student, student.graph.node[layer.position], layer.weight_shape[1])
     if add is not None:
         layer.bias = _other_input(add, student.graph.node[layer.position].output[0])

@@ -7,7 +7,8 @@ or MatMul (with its bias Add) whose weights are constants is linear in its input
     layer(x·c)     = layer''(x)    c per input channel: weights scaled (zero padding stays zero)
     layer(x + t)   = layer'''(x)   t per input channel, only without padding: a constant bias term
 
-Everything is computed in float64 and stored in the weight's dtype.
+Everything is computed in float64 and stored in the weight's dtype. Which axes of a weight hold
+the channels, and where the bias sits, is onnxslim.layers' knowledge; this module rewrites.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import constant_value, is_empty, is_standard, known_dim, known_rank, single_reader
+from onnxslim.graph import constant_value, is_empty, is_standard, known_dim, known_rank
+from onnxslim.layers import BIAS_INPUT, LAYER_OPS, bias_add, channels, weight_axes
 
-LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+LINEAR_OPS = LAYER_OPS
 
 
 @dataclass
@@ -79,33 +81,27 @@ def linear_layer(node: gs.Node, interface: set[int]) -> Linear | None:
         return None
     dtype, shape = metadata
     bias = None
-    if len(node.inputs) > 2 and not is_empty(node.inputs[2]):
-        bias = constant_value(node.inputs[2])
+    if len(node.inputs) > BIAS_INPUT and not is_empty(node.inputs[BIAS_INPUT]):
+        bias = constant_value(node.inputs[BIAS_INPUT])
         if bias is None or bias.dtype != dtype:
             return None
-    group = int(node.attrs.get("group", 1))
-    if node.op == "Conv":
-        if len(shape) < 3 or shape[0] % group:
+    if node.op in ("Conv", "ConvTranspose"):
+        if len(shape) < 3 or shape[0] % int(node.attrs.get("group", 1)):
             return None
-        return Linear(node, dtype, shape, bias, shape[1] * group, shape[0], len(shape))
-    if node.op == "ConvTranspose":
-        if len(shape) < 3 or shape[0] % group:
-            return None
-        return Linear(node, dtype, shape, bias, shape[0], shape[1] * group, len(shape))
+        return Linear(node, dtype, shape, bias, *channels(node, shape), len(shape))
     if len(shape) != 2:
         return None
     if node.op == "Gemm":
-        transposed = node.attrs.get("transB", 0)
         if bias is not None:
             bias = bias.astype(np.float64) * node.attrs.get("beta", 1.0)
-        inner, outer = shape[::-1] if transposed else shape
-        return Linear(node, dtype, shape, bias, inner, outer, 2)
+        return Linear(node, dtype, shape, bias, *channels(node, shape), 2)
     # MatMul: an output rank is known only from the input's; a bias lives in the Add that reads it.
     # With a rank-2 B, MatMul's output has the rank of its input A.
-    layer = Linear(node, dtype, shape, None, shape[0], shape[1], known_rank(node.inputs[0]))
-    reader = single_reader(node.outputs[0], interface)
-    if reader is not None and reader.op == "Add" and is_standard(reader) and len(reader.inputs) == 2:
-        other = reader.inputs[1] if reader.inputs[0] is node.outputs[0] else reader.inputs[0]
+    layer = Linear(node, dtype, shape, None, *channels(node, shape), known_rank(node.inputs[0]))
+    found = bias_add(node) if id(node.outputs[0]) not in interface else None
+    if found is not None:
+        reader, index = found
+        other = reader.inputs[index]
         value = constant_value(other)
         if value is not None and other is not node.outputs[0] and output_vector(layer, value) is not None:
             layer.bias_node, layer.bias = reader, value
@@ -185,30 +181,25 @@ def input_vector(layer: Linear, value: np.ndarray | None, operand: gs.Tensor) ->
 def scaled_output_weight(layer: Linear, scale: np.ndarray) -> np.ndarray:
     """W' with layer'(x) = layer(x)·scale, scale one number per output channel."""
     weight = layer.weight.astype(np.float64)
-    op = layer.node.op
-    if op == "Conv":
-        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    if op == "ConvTranspose":
+    if layer.node.op == "ConvTranspose":
         # W is [Cin, Cout/group, k...]: input channel ci of group g feeds outputs g·Cout/group + j.
         group = int(layer.node.attrs.get("group", 1))
         per_input = np.repeat(scale.reshape(group, weight.shape[1]), weight.shape[0] // group, axis=0)
         return weight * per_input.reshape(per_input.shape + (1,) * (weight.ndim - 2))
-    if op == "Gemm" and layer.node.attrs.get("transB", 0):
-        return weight * scale[:, None]
-    return weight * scale[None, :]
+    return weight * _along(scale, weight_axes(layer.node, weight.ndim).output, weight.ndim)
 
 
 def scaled_input_weight(layer: Linear, scale: np.ndarray) -> np.ndarray:
     """W' with layer'(x) = layer(x·scale), scale one number per input channel."""
     weight = layer.weight.astype(np.float64)
-    op = layer.node.op
-    if op == "Conv":
+    if layer.node.op == "Conv":  # a grouped Conv's input axis counts one group's channels
         return weight * _per_input_of_conv(layer, scale).reshape(weight.shape[:2] + (1,) * (weight.ndim - 2))
-    if op == "ConvTranspose":
-        return weight * scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-    if op == "Gemm" and layer.node.attrs.get("transB", 0):
-        return weight * scale[None, :]
-    return weight * scale[:, None]
+    return weight * _along(scale, weight_axes(layer.node, weight.ndim).input, weight.ndim)
+
+
+def _along(vector: np.ndarray, axis: int, rank: int) -> np.ndarray:
+    """`vector` shaped to broadcast along `axis` of a rank-`rank` weight."""
+    return vector.reshape(tuple(-1 if position == axis else 1 for position in range(rank)))
 
 
 def input_shift_bias(layer: Linear, shift: np.ndarray) -> np.ndarray:

@@ -78,9 +78,10 @@ from onnxslim.graph import (
     set_output,
     unique_names,
 )
+from onnxslim.layers import LAYER_OPS, bias_slot
+from onnxslim.layers import output_axis as weight_axis  # quantize imports it from here
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-QUANTIZED_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # Ops onnxruntime runs on 8-bit data with their own scales (QLinearAdd, QLinearConcat, ...).
 INT8_OPS = frozenset({"Add", "Mul", "Concat", "AveragePool", "GlobalAveragePool", "Sigmoid", "LeakyRelu", "Softmax"})
 # Ops that only move or select values: onnxruntime drops their Q/DQ when input and output share
@@ -247,7 +248,7 @@ def quantizable_layers(graph: gs.Graph, exclude: Collection[str] = frozenset(),
     return [
         node
         for node in graph.nodes
-        if node.op in QUANTIZED_OPS
+        if node.op in LAYER_OPS
         and is_standard(node)
         and node.name not in excluded
         and node.op not in excluded
@@ -256,17 +257,6 @@ def quantizable_layers(graph: gs.Graph, exclude: Collection[str] = frozenset(),
 
 
 # ----------------------------------------------------------------------------- weights
-
-
-def weight_axis(node: gs.Node, rank: int) -> int:
-    """The output-channel axis of a layer's weight."""
-    if node.op == "Conv":
-        return 0
-    if node.op == "ConvTranspose":
-        return 1  # [Cin, Cout/group, k...]
-    if node.op == "Gemm":
-        return 0 if node.attrs.get("transB", 0) else 1
-    return rank - 1  # MatMul: [..., K, N]
 
 
 def float_weight(node: gs.Node) -> np.ndarray | None:
@@ -550,17 +540,15 @@ def _compact_biases(graph: gs.Graph, layers: list[gs.Node], names) -> int:
 
 
 def _bias_slots(layers: list[gs.Node]) -> list[tuple[gs.Node, int]]:
+    """The layers' biases that are initializers (a MatMul's: a vector)."""
     slots = []
     for node in layers:
-        if node.op in ("Conv", "ConvTranspose", "Gemm"):
-            if len(node.inputs) > 2 and isinstance(node.inputs[2], gs.Constant):
-                slots.append((node, 2))
-        elif node.op == "MatMul" and len(node.outputs[0].outputs) == 1:
-            reader = node.outputs[0].outputs[0]
-            if reader.op == "Add" and is_standard(reader) and len(reader.inputs) == 2:
-                other = 1 if reader.inputs[0] is node.outputs[0] else 0
-                if isinstance(reader.inputs[other], gs.Constant) and reader.inputs[other].shape and len(reader.inputs[other].shape) == 1:
-                    slots.append((reader, other))
+        slot = bias_slot(node)
+        if slot is None or not isinstance(slot[0].inputs[slot[1]], gs.Constant):
+            continue
+        shape = slot[0].inputs[slot[1]].shape
+        if node.op != "MatMul" or (shape and len(shape) == 1):
+            slots.append(slot)
     return slots
 
 

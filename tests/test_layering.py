@@ -2,7 +2,7 @@
 lower ones. The modules are parsed, not imported, and an import inside a function counts as
 much as one at the top (a lazy import is still a dependency).
 
-    core         errors, graph, model and the conversion to and from the graph, text, the
+    core         errors, graph, model and the conversion to and from the graph, text, layers, the
                  onnxruntime worker (passes fold constants through it), load-time repair
     passes       the pass manager and every pass
     runtime      sessions, inputs, verification, instruments, the CPU
@@ -32,6 +32,7 @@ LAYER_OF = {
     "importer": "core",
     "exporter": "core",
     "shapes": "core",  # shape inference over the graph; the infer-shapes pass runs it
+    "layers": "core",  # what each layer's weight holds, its bias, MACs and parameters: passes read it too
     "repair": "core",  # model.load repairs a model's structure as it reads it
     "runtime": "core",  # the onnxruntime worker process: fold-constants (a pass) runs nodes in it
     "runtime_worker": "core",
@@ -60,11 +61,7 @@ LAYER_OF = {
     "__main__": "cli",
 }
 # Imports that go the wrong way today, each with why it is allowed and when it goes.
-ALLOWED = {
-    # prune counts parameters with the benchmark's count_parameters; it goes when the module
-    # that knows layers (channel axes, bias slots, MACs, parameters) sits below both.
-    ("prune", "benchmark"),
-}
+ALLOWED: set[tuple[str, str]] = set()
 
 
 def module_name(path: Path) -> str:
@@ -168,7 +165,7 @@ def test_allowed_exceptions_are_still_needed():
     ("from . import calibration\n", "sessions", ["onnxslim.calibration of the higher layer algorithms"]),
     ("from . import repair\n", "model", []),
     ("import onnxslim\n", "graph", ["imports the package root"]),
-    ("from .benchmark import count_parameters\n", "prune", []),  # allowed, see ALLOWED
+    ("from .benchmark import count_parameters\n", "prune", ["onnxslim.benchmark of the higher layer bench"]),
 ])
 def test_a_wrong_way_import_is_flagged(source, module, expected):
     problems = wrong_way(source, "synthetic.py", module)

@@ -31,6 +31,7 @@
    (report.py) and a picture of it (plot.py).
 """
 
+from ..layers import LAYER_OPS
 from .allocation import (ALLOCATIONS, SENSITIVITY_LEVELS, SENSITIVITY_SAMPLES, SENSITIVITY_WORK, allocate,
                          allocate_from_costs, sensitivity_costs, sensitivity_samples)
 from .analysis import analyze, bn_gammas
@@ -38,7 +39,7 @@ from .channel_handlers import ELEMENTWISE_OPS, PER_CHANNEL_OPS, SPATIAL_OPS
 from .criteria import (CRITERIA, DATA_CRITERIA, GRAM_RIDGE, IDLE_FLOOR, MOMENT_SAMPLES, ChannelMoments,
                        activation_scores, input_moments)
 from .driver import BUDGET_STEPS, SEARCH_STEPS, plan_shapes, prune
-from .layers import LAYER_OPS, bias_slots
+from .layers import bias_slots
 from .options import PruneOptions
 from .plot import plot_report
 from .records import Channels, Cut, Group, PrunePlan

@@ -11,6 +11,7 @@ import onnx
 
 from ..graph import constant_value
 from ..model import to_graph
+from ..sessions import with_weights_as_inputs
 from ..verify import numeric_view
 from .records import PrunePlan, nodes_by_key
 from .surgery import compensate, zero_removed
@@ -64,7 +65,7 @@ class _NoiseProbe:
             names[slot.slot] = nodes[slot.node].inputs[slot.index].name
         self.names = names
         self.originals = {name: constant_value(nodes[key].inputs[index]) for (key, index), name in names.items()}
-        probe = weights_as_inputs(model, set(self.originals))
+        probe = with_weights_as_inputs(model, set(self.originals))
         # The original weights stay in the worker: a trial sends only the weights it changed.
         self.session = Session(probe, label="model to probe", optimized=True, defaults=self.originals)
         self.feeds = list(samples)
@@ -162,17 +163,3 @@ def allocate_from_costs(plan: PrunePlan, costs: dict[int, list[float]], ratio: f
         step[best] += 1
         removed += take
     return {gid: levels[step[gid]] for gid in groups}
-
-
-def weights_as_inputs(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy of `model` in which the named initializers are graph inputs instead."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    kept = [tensor for tensor in probe.graph.initializer if tensor.name not in names]
-    moved = [tensor for tensor in probe.graph.initializer if tensor.name in names]
-    del probe.graph.initializer[:]
-    probe.graph.initializer.extend(kept)
-    listed = {value.name for value in probe.graph.input}
-    probe.graph.input.extend(onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims))
-                             for tensor in moved if tensor.name not in listed)
-    return probe

@@ -11,11 +11,12 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UsageError
 from ..graph import constant_value, constants, node_subgraphs, walk
+from ..layers import LAYER_OPS, layer_macs
 from ..manager import PassContext, get_pass
 from ..model import to_graph
 from ..shapes import set_input_shapes
 from . import channel_handlers, layer_handlers, shape_handlers  # noqa: F401 — they fill HANDLERS
-from .layers import LAYER_OPS, bias_slots, layer_macs
+from .layers import bias_slots
 from .records import Group, PrunePlan, node_key, nodes_by_key
 from .registry import HANDLERS
 from .tracker import Analysis, dim, label

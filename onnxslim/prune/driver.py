@@ -8,15 +8,15 @@ from dataclasses import dataclass, replace
 
 import onnx
 
-from ..benchmark import count_parameters
 from ..calibration import check_finite_outputs, fidelity_split
 from ..errors import UsageError, VerificationError
 from ..graph import constant_value
+from ..layers import LAYER_OPS, count_parameters
 from ..model import to_graph
 from .allocation import allocate_from_costs, sensitivity_costs, sensitivity_samples
 from .analysis import analyze, bn_gammas
 from .criteria import DATA_CRITERIA, activation_scores, input_moments
-from .layers import LAYER_OPS, model_macs
+from .layers import model_macs
 from .options import PruneOptions
 from .records import PrunePlan, nodes_by_key
 from .report import (NO_DATA, REFIT_NOT_FINITE, PruneReport, allocation_note, fidelity_note, gamma_note, surgery_note,
@@ -83,7 +83,7 @@ def _plan(model: onnx.ModelProto, data, options: PruneOptions, original: onnx.Mo
 
 def _expected_outputs(model: onnx.ModelProto, evaluation) -> list[dict] | None:
     """The model's outputs on the evaluation samples, which must be finite to measure fidelity on."""
-    from ..verify import Runner
+    from ..sessions import Runner
 
     if evaluation is None:
         return None
@@ -197,7 +197,8 @@ class _Run:
     def _measure(self, pruned: onnx.ModelProto, refit: onnx.ModelProto, report: PruneReport) -> onnx.ModelProto:
         """The fidelity of the pruned model (and of the refit one) on the evaluation samples; a
         refit that brings NaN or infinity is dropped. Returns the model to deliver."""
-        from ..verify import FidelityPool, Runner
+        from ..sessions import Runner
+        from ..verify import FidelityPool
 
         evaluation, reference_outputs = self.measured
         candidates = {"pruned": Runner(pruned, label="pruned model")}

@@ -8,7 +8,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..graph import constant_value
-from .layers import layer_weight
+from ..layers import constant_weight, weight_axes
 from .records import Channels, Cut, Depthwise, node_key
 from .registry import handles
 from .tracker import Analysis, label, rank
@@ -16,7 +16,7 @@ from .tracker import Analysis, label, rank
 
 @handles("Conv")
 def visit_conv(analysis: Analysis, node: gs.Node, tracked) -> None:
-    weight = layer_weight(node)
+    weight = constant_weight(node)
     source = tracked[0] if tracked else None
     if weight is None or node.attrs.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
         analysis.freeze_inputs(node, f"read by {label(node)} (weight not constant or auto_pad)")
@@ -30,18 +30,18 @@ def visit_conv(analysis: Analysis, node: gs.Node, tracked) -> None:
     if group > 1:
         visit_grouped_conv(analysis, node, weight, group, source)
         return
-    own_channels(analysis, node, weight, source, in_axis=1, out_axis=0)
+    own_channels(analysis, node, weight, source)
 
 
-def own_channels(analysis: Analysis, node: gs.Node, weight: np.ndarray, source: Channels | None, *,
-                 in_axis: int, out_axis: int) -> None:
-    """A Conv or ConvTranspose reads the channels of `source` (its weight's `in_axis`) and makes
-    a group of its own (its weight's `out_axis`)."""
+def own_channels(analysis: Analysis, node: gs.Node, weight: np.ndarray, source: Channels | None) -> None:
+    """A Conv or ConvTranspose reads the channels of `source` (its weight's input axis) and makes
+    a group of its own (its weight's output axis)."""
     if source is not None and not on_channel_axis(analysis, node, source, weight):
         return
+    axes = weight_axes(node, weight.ndim)
     if source is not None:
-        analysis.consume(node, source, weight_axis=in_axis)
-    gid = analysis.produce(node, weight, axis=out_axis)
+        analysis.consume(node, source, weight_axis=axes.input)
+    gid = analysis.produce(node, weight, axis=axes.output)
     analysis.cut_bias(node, (gid,))
     analysis.pass_on(node, Channels((gid,), 1, weight.ndim))
 
@@ -87,7 +87,7 @@ def visit_grouped_conv(analysis: Analysis, node: gs.Node, weight: np.ndarray, gr
         analysis.ownerless.append((node.name, "grouped Conv on channels no group holds" if source is None else
                                    "grouped Conv whose input is not one group of whole channels"))
         return
-    gid = analysis.produce(node, weight, axis=0)
+    gid = analysis.produce(node, weight, axis=weight_axes(node, weight.ndim).output)
     analysis.cut_bias(node, (gid,))
     blocks = analysis.coarsen([gid], out_per_group)  # a fresh group: only a size it does not divide refuses
     if blocks and analysis.coarsen(source.groups, weight.shape[1]):
@@ -101,24 +101,24 @@ def visit_grouped_conv(analysis: Analysis, node: gs.Node, weight: np.ndarray, gr
 
 @handles("ConvTranspose")
 def visit_conv_transpose(analysis: Analysis, node: gs.Node, tracked) -> None:
-    weight = layer_weight(node)
+    weight = constant_weight(node)
     source = tracked[0] if tracked else None
     if weight is None or int(node.attrs.get("group", 1)) != 1 or "output_shape" in node.attrs:
         analysis.freeze_inputs(node, f"read by {label(node)} (grouped, output_shape or weight not constant)")
         analysis.ownerless.append((node.name, "grouped ConvTranspose, output_shape, or weight not constant"))
         return
-    own_channels(analysis, node, weight, source, in_axis=0, out_axis=1)
+    own_channels(analysis, node, weight, source)
 
 
 @handles("Gemm")
 def visit_gemm(analysis: Analysis, node: gs.Node, tracked) -> None:
-    weight = layer_weight(node)
+    weight = constant_weight(node)
     source = tracked[0] if tracked else None
     if weight is None or node.attrs.get("transA", 0) or (len(tracked) > 1 and tracked[1] is not None):
         analysis.freeze_inputs(node, f"read by {label(node)} (transA or weight not constant)")
         analysis.ownerless.append((node.name, "Gemm with transA, or weight not constant"))
         return
-    out_axis, in_axis = (0, 1) if node.attrs.get("transB", 0) else (1, 0)
+    out_axis, in_axis = weight_axes(node, weight.ndim)
     if source is not None:
         if source.axis != 1 or source.rank != 2:
             analysis.freeze_inputs(node, f"read by {label(node)} on axis {source.axis}")
@@ -139,7 +139,7 @@ def visit_matmul(analysis: Analysis, node: gs.Node, tracked) -> None:
     if len(tracked) == 2 and tracked[0] is not None and tracked[1] is not None:
         visit_batched_matmul(analysis, node, tracked)
         return
-    weight = layer_weight(node)
+    weight = constant_weight(node)
     source = tracked[0] if tracked else None
     if weight is None or weight.ndim != 2 or (len(tracked) > 1 and tracked[1] is not None):
         analysis.freeze_inputs(node, f"read by {label(node)} (weight not a constant matrix)")
@@ -151,11 +151,11 @@ def visit_matmul(analysis: Analysis, node: gs.Node, tracked) -> None:
             analysis.freeze_inputs(node, f"read by {label(node)} on axis {source.axis} of {source.rank}")
             analysis.ownerless.append((node.name, "MatMul reading channels off its last axis"))
             return
-        analysis.consume(node, source, weight_axis=0)
+        analysis.consume(node, source, weight_axis=weight_axes(node, weight.ndim).input)
     if input_rank is None or input_rank < 2:
         analysis.ownerless.append((node.name, "MatMul input of unknown rank or a vector"))
         return
-    gid = analysis.produce(node, weight, axis=1)
+    gid = analysis.produce(node, weight, axis=weight_axes(node, weight.ndim).output)
     analysis.pass_on(node, Channels((gid,), input_rank - 1, input_rank))
 
 
