@@ -191,25 +191,19 @@ class CalibrationData:
         """Samples of a single-input model from .npy files: an array of the input's rank is one
         sample; one more leading axis stacks several (read one at a time, memory-mapped)."""
         model = load(model, check=False)
-        specs = input_specs(model)
-        if len(specs) != 1:
-            raise InputSpecError(
-                f".npy files feed single-input models; this one has inputs {', '.join(spec.name for spec in specs)}: "
-                "save one .npz per sample, one array per input name"
-            )
-        spec = specs[0]
+        spec = _single_input(model, ".npy files")
         files = sorted((Path(file) for file in files), key=lambda file: file.name)
         samples: list[Sample] = []
         for file in files:
             shape, dtype = _npy_header(file)
             stacked = spec.dims is not None and len(shape) == len(spec.dims) + 1
             if stacked:
-                check_arrays(f"{file} (a stack of {shape[0]} samples)", {spec.name: (shape[1:], dtype)}, specs)
+                check_arrays(f"{file} (a stack of {shape[0]} samples)", {spec.name: (shape[1:], dtype)}, [spec])
                 samples += [
                     Sample(f"{file}[{index}]", partial(_load_npy, file, spec.name, index)) for index in range(shape[0])
                 ]
             else:
-                check_arrays(str(file), {spec.name: (shape, dtype)}, specs)
+                check_arrays(str(file), {spec.name: (shape, dtype)}, [spec])
                 samples.append(Sample(str(file), partial(_load_npy, file, spec.name, None)))
         return cls._built(samples, f".npy files in {source_name or _common_folder(files)}", limit, screen=True)
 
@@ -227,13 +221,7 @@ class CalibrationData:
         static batch of N > 1 takes N consecutive images per sample."""
         Image, _ = pillow()
         model = load(model, check=False)
-        specs = input_specs(model)
-        if len(specs) != 1:
-            raise InputSpecError(
-                f"images feed single-input models; this one has inputs {', '.join(spec.name for spec in specs)}: "
-                "save one .npz per sample, one array per input name"
-            )
-        spec = specs[0]
+        spec = _single_input(model, "images")
         if isinstance(preprocess, str):
             preprocess = Preprocess.parse(preprocess)
         resolved = (preprocess or Preprocess()).resolve(spec)
@@ -573,3 +561,14 @@ __all__ = [
     "percentile_range",
     "range_method",
 ]
+
+
+def _single_input(model: onnx.ModelProto, what: str) -> InputSpec:
+    """The model's one input, which `what` (.npy files, images) can feed; else a usage error."""
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise InputSpecError(
+            f"{what} feed single-input models; this one has inputs {', '.join(spec.name for spec in specs)}: "
+            "save one .npz per sample, one array per input name"
+        )
+    return specs[0]

@@ -47,6 +47,7 @@ from .passes.quantize_qdq import (
     weight_axis,
     weight_int8,
 )
+from .text import json_safe
 from .verify import FidelityPool, Runner, sqnr_db
 
 logger = logging.getLogger("onnxslim")
@@ -113,7 +114,7 @@ class QuantizationReport:
 
     def to_dict(self) -> dict:
         data = asdict(self)
-        return _json_safe(data)
+        return json_safe(data)
 
     def summary(self) -> str:
         quantized = sum(layer.status == "int8" for layer in self.layers)
@@ -132,16 +133,6 @@ class QuantizationReport:
 def _rank(value: float) -> float:
     """A figure as a sort key: NaN ranks below everything (the least faithful)."""
     return -math.inf if math.isnan(value) else value
-
-
-def _json_safe(value):
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
 
 
 # ----------------------------------------------------------------------------- quantizing

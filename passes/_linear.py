@@ -355,3 +355,17 @@ def batch_norm_affine(parameters: list[np.ndarray], epsilon: float) -> tuple[np.
     scale = gamma / np.sqrt(var + epsilon)
     return scale, beta - mean * scale
 
+
+def as_affine(op: str, index: int, vector: np.ndarray) -> tuple[int, np.ndarray | None, np.ndarray | None] | None:
+    """(index, scale, shift) with op(v, c) = v·scale + shift per channel, v being input `index` of
+    the Add/Sub/Mul/Div and `vector` the other, constant, operand; None for c / v."""
+    if op == "Add":
+        return index, None, vector
+    if op == "Sub":
+        return (index, None, -vector) if index == 0 else (index, np.full_like(vector, -1.0), vector)
+    if op == "Mul":
+        return index, vector, None
+    # v / c = v · (1/c): not bit-exact, but within one rounding of float32.
+    if index == 1 or not np.all(vector != 0):
+        return None
+    return index, 1.0 / vector, None

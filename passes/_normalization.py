@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import axes_of, constant_value, is_empty, is_standard, known_rank, single_reader
+from onnxslim.graph import axes_of, constant_value, disconnect, insert_before, is_empty, is_standard, known_rank, single_reader
 
 FUSED_TYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # Pow's exponent and the 1 of 1/√v are exact literals in every float type.
@@ -39,6 +39,18 @@ class Normalization:
     @property
     def axis(self) -> int:
         return self.axes[0]
+
+
+def replace_with(subgraph: gs.Graph, match: Normalization, op: str, data: gs.Tensor, names) -> None:
+    """Put `op`(data, γ[, β]; axis, epsilon) in place of the matched chain, writing its output."""
+    output = match.last.outputs[0]
+    inputs = [data, gs.Constant(names(f"{output.name}_scale"), match.scale)]
+    if match.bias is not None:
+        inputs.append(gs.Constant(names(f"{output.name}_bias"), match.bias))
+    node = gs.Node(op, names(op), {"axis": match.axis, "epsilon": match.epsilon}, inputs=inputs)
+    disconnect(match.last)
+    node.outputs.append(output)
+    insert_before(subgraph, match.last, node)
 
 
 def root_mean_square(square: gs.Node, like: gs.Tensor, interface: set[int], *, with_bias: bool) -> Normalization | None:

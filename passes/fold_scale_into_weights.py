@@ -21,7 +21,7 @@ from onnxslim.graph import (
 )
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-from ._linear import LINEAR_OPS, Linear, changes_shared, input_affine, input_vector, linear_layer, set_weights
+from ._linear import LINEAR_OPS, Linear, as_affine, changes_shared, input_affine, input_vector, linear_layer, set_weights
 from .fuse_gelu import is_gelu
 
 
@@ -74,16 +74,7 @@ def _affine(node: gs.Node, layer: Linear) -> tuple[int, np.ndarray | None, np.nd
     vector = input_vector(layer, values[1 - index], node.inputs[index])
     if vector is None:
         return None
-    if node.op == "Add":
-        return index, None, vector
-    if node.op == "Sub":
-        return (index, None, -vector) if index == 0 else (index, np.full_like(vector, -1.0), vector)
-    if node.op == "Mul":
-        return index, vector, None
-    # x / c = x · (1/c): not bit-exact, but within one rounding of float32.
-    if index == 1 or not np.all(vector != 0):
-        return None
-    return index, 1.0 / vector, None
+    return as_affine(node.op, index, vector)
 
 
 def _scale_through_shift(add: gs.Node, layer: Linear, interface: set[int], names) -> bool:

@@ -13,6 +13,7 @@ from onnxslim.manager import PassContext, PassResult, register_pass
 from ._linear import (
     LINEAR_OPS,
     Linear,
+    as_affine,
     batch_norm_parameters,
     changes_shared,
     channel_vector,
@@ -83,16 +84,7 @@ def _affine(reader: gs.Node, source: gs.Tensor, vector_of) -> tuple[int, np.ndar
     vector = vector_of(constant_value(reader.inputs[1 - index]))
     if vector is None:
         return None
-    if reader.op == "Add":
-        return index, None, vector
-    if reader.op == "Sub":
-        return (index, None, -vector) if index == 0 else (index, np.full_like(vector, -1.0), vector)
-    if reader.op == "Mul":
-        return index, vector, None
-    # y / c = y · (1/c): not bit-exact, but within one rounding of float32.
-    if index == 1 or not np.all(vector != 0):
-        return None
-    return index, 1.0 / vector, None
+    return as_affine(reader.op, index, vector)
 
 
 def _to_gemm(layer: Linear, graph: gs.Graph, interface: set[int]) -> bool:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import disconnect, find, insert_before, interface_tensors, single_reader, unique_names, walk
+from onnxslim.graph import find, interface_tensors, single_reader, unique_names, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-from ._normalization import Normalization, binary, is_square, root_mean_square, trailing_axes
+from ._normalization import Normalization, binary, is_square, replace_with, root_mean_square, trailing_axes
 
 LAYER_NORMALIZATION_OPSET = 17
 
@@ -38,15 +38,7 @@ def fuse_layer_norm(graph: gs.Graph, ctx: PassContext) -> PassResult:
             match = _match(mean, interface) if mean.outputs else None
             if match is None:
                 continue
-            output = match.last.outputs[0]
-            inputs = [mean.inputs[0], gs.Constant(names(f"{output.name}_scale"), match.scale)]
-            if match.bias is not None:
-                inputs.append(gs.Constant(names(f"{output.name}_bias"), match.bias))
-            attrs = {"axis": match.axis, "epsilon": match.epsilon}
-            node = gs.Node("LayerNormalization", names("LayerNormalization"), attrs, inputs=inputs)
-            disconnect(match.last)
-            node.outputs.append(output)
-            insert_before(subgraph, match.last, node)
+            replace_with(subgraph, match, "LayerNormalization", mean.inputs[0], names)
             fused += 1
     return PassResult(fused=fused)
 

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import disconnect, find, insert_before, interface_tensors, unique_names, walk
+from onnxslim.graph import find, interface_tensors, unique_names, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-from ._normalization import root_mean_square
+from ._normalization import replace_with, root_mean_square
 
 RMS_NORMALIZATION_OPSET = 23
 
@@ -36,12 +36,6 @@ def fuse_rms_norm(graph: gs.Graph, ctx: PassContext) -> PassResult:
             match = root_mean_square(square, square.inputs[0], interface, with_bias=False)
             if match is None:
                 continue
-            output = match.last.outputs[0]
-            inputs = [match.data, gs.Constant(names(f"{output.name}_scale"), match.scale)]
-            attrs = {"axis": match.axis, "epsilon": match.epsilon}
-            node = gs.Node("RMSNormalization", names("RMSNormalization"), attrs, inputs=inputs)
-            disconnect(match.last)
-            node.outputs.append(output)
-            insert_before(subgraph, match.last, node)
+            replace_with(subgraph, match, "RMSNormalization", match.data, names)
             fused += 1
     return PassResult(fused=fused)
