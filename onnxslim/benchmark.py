@@ -1,6 +1,6 @@
 """Measuring models side by side: size, parameters, MACs, CPU latency, peak memory, energy, fidelity.
 
-    report = benchmark(["model.onnx", "model.int8.onnx"], runs=50, warmup=5)
+    report = benchmark(["model.onnx", "model.int8.onnx"], BenchOptions(runs=50, warmup=5))
     print(report.to_markdown())
 
 The first model is the reference: ratios and fidelity are against it. Everything here measures
@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -65,34 +66,41 @@ HWMON = Path("/sys/class/hwmon")
 # ----------------------------------------------------------------------------- the benchmark
 
 
-def benchmark(
-    paths: Sequence[str | os.PathLike],
-    *,
-    runs: int = DEFAULT_RUNS,
-    warmup: int = DEFAULT_WARMUP,
-    data: str | os.PathLike | None = None,
-    preprocess: str | None = None,
-    samples: int = DEFAULT_SAMPLES,
-    input_shapes: dict[str, list[int]] | None = None,
-    seed: int = DEFAULT_SEED,
-    measure_memory: bool = True,
-    progress: Progress | None = None,
-) -> BenchmarkReport:
-    """Measure the models at `paths` (the first is the reference) on the same inputs.
+@dataclass(frozen=True)
+class BenchOptions:
+    """How `benchmark` measures. `runs` timed runs follow `warmup` untimed ones, per model and
+    thread count. The inputs are up to `samples` samples from `data` (a folder or file of .npz,
+    .npy or images read with `preprocess`, as for calibration), else `samples` random ones seeded
+    by `seed`, of the static shapes or of `input_shapes` ({name: dims}) for dynamic dims.
+    `measure_memory`: measure each model's peak memory (in a child process)."""
 
-    `data` is a folder or file of samples (.npz, .npy, images with `preprocess`, as for
-    calibration); without it the inputs are seeded random ones, of the static shapes or of
-    `input_shapes` ({name: dims}) for dynamic dims. The model files are only read.
+    runs: int = DEFAULT_RUNS
+    warmup: int = DEFAULT_WARMUP
+    data: str | os.PathLike | None = None
+    preprocess: str | None = None
+    samples: int = DEFAULT_SAMPLES
+    input_shapes: Mapping[str, list[int]] | None = None
+    seed: int = DEFAULT_SEED
+    measure_memory: bool = True
+
+    def __post_init__(self):
+        if self.runs < 1 or self.warmup < 0 or self.samples < 1:
+            raise UsageError("runs and samples must be at least 1, warm-up runs at least 0")
+
+
+def benchmark(
+    paths: Sequence[str | os.PathLike], options: BenchOptions = BenchOptions(), *, progress: Progress | None = None
+) -> BenchmarkReport:
+    """Measure the models at `paths` (the first is the reference) on the same inputs, as `options`
+    say. The model files are only read.
     """
     if not paths:
         raise UsageError("give at least one model to benchmark")
-    if runs < 1 or warmup < 0 or samples < 1:
-        raise UsageError("runs and samples must be at least 1, warm-up runs at least 0")
     progress = progress or (lambda stage, done, total: None)
     paths = [Path(path) for path in paths]
     models = [load(path) for path in paths]
     _check_same_inputs(paths, models)
-    feeds, source, notes = _feeds(models[0], data, preprocess, samples, input_shapes, seed)
+    feeds, source, notes = _feeds(models[0], options)
     for path, model in zip(paths[1:], models[1:]):
         problems = [
             problem
@@ -106,7 +114,7 @@ def benchmark(
         ModelBenchmark(str(path), file_bytes(path), count_parameters(model), count_macs(model, shapes))
         for path, model in zip(paths, models)
     ]
-    if measure_memory:
+    if options.measure_memory:
         progress("peak memory", 0, len(paths))
         for result, (peak, problem) in zip(results, measure_peak_memory(paths, feeds[0])):
             result.peak_memory_bytes, result.peak_memory_problem = peak, problem
@@ -118,7 +126,7 @@ def benchmark(
     meter, energy_problem = find_energy_meter()
     all_threads = os.cpu_count() or 1
     try:
-        one_thread, energy = _interleaved_latency(paths, models, feeds[0], runs, warmup, meter, progress)
+        one_thread, energy = _interleaved_latency(paths, models, feeds[0], options.runs, options.warmup, meter, progress)
     finally:
         if meter is not None:
             meter.close()
@@ -126,17 +134,17 @@ def benchmark(
         result.latency_one_thread, result.energy_joules_per_run = latency, joules
     for index, (path, model, result) in enumerate(zip(paths, models, results)):
         progress(f"latency ({all_threads} threads)", index, len(paths))
-        result.latency_all_threads = _latency(path, model, feeds[0], runs, warmup, all_threads)
+        result.latency_all_threads = _latency(path, model, feeds[0], options.runs, options.warmup, all_threads)
     progress(f"latency ({all_threads} threads)", len(paths), len(paths))
     return BenchmarkReport(
         models=results,
         machine=machine(),
         input_shapes=shapes,
         input_source=source,
-        random_inputs=data is None,
+        random_inputs=options.data is None,
         samples=len(feeds),
-        runs=runs,
-        warmup=warmup,
+        runs=options.runs,
+        warmup=options.warmup,
         all_threads=all_threads,
         energy_problem=energy_problem,
         notes=notes,
@@ -153,16 +161,17 @@ def _check_same_inputs(paths: list[Path], models: list[onnx.ModelProto]) -> None
             )
 
 
-def _feeds(model, data, preprocess, samples, shapes, seed) -> tuple[list[dict], str, list[str]]:
-    """(feeds, where they come from, notes): samples from `data`, else seeded random inputs."""
-    if data is not None:
-        if shapes:
+def _feeds(model, options: BenchOptions) -> tuple[list[dict], str, list[str]]:
+    """(feeds, where they come from, notes): samples from `options.data`, else seeded random inputs."""
+    samples, seed = options.samples, options.seed
+    if options.data is not None:
+        if options.input_shapes:
             raise UsageError("--input-shape applies to random inputs; with --inputs the shapes come from the data")
-        loaded = CalibrationData.from_path(model, data, preprocess=preprocess, limit=samples)
+        loaded = CalibrationData.from_path(model, options.data, preprocess=options.preprocess, limit=samples)
         return list(loaded), loaded.source, []
-    if preprocess:
+    if options.preprocess:
         raise UsageError("--preprocess applies to images given with --inputs")
-    resolved, notes = random_shapes(input_specs(model), dict(shapes or {}), option="--input-shape")
+    resolved, notes = random_shapes(input_specs(model), dict(options.input_shapes or {}), option="--input-shape")
     return synthesize_inputs(model, resolved, samples, seed), f"RANDOM data (seed {seed}), not real inputs", notes
 
 

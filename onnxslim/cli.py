@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import api
-from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, benchmark
+from .benchmark import DEFAULT_RUNS, DEFAULT_SAMPLES, DEFAULT_WARMUP, BenchOptions, benchmark
 from .errors import OnnxSlimError, UsageError, VerificationError
 from .manager import load_preset, preset_names, registered_passes
 from .model import check_output_path, files_read, load
@@ -478,11 +478,12 @@ def bench(models, timing, feeds, output):
         raise UsageError("--inputs and --calibration mean the same: give one of them")
     data = feeds.inputs or feeds.calibration
     _check_outputs(list(models), [(output.json_path, "--json file"), (output.markdown_path, "--markdown file")])
-    report = benchmark(
-        models, runs=timing.runs, warmup=timing.warmup, data=None if data == "random" else data,
+    options = BenchOptions(
+        runs=timing.runs, warmup=timing.warmup, data=None if data == "random" else data,
         preprocess=feeds.preprocess, samples=feeds.samples, input_shapes=parse_shape_specs(feeds.input_shapes),
-        seed=feeds.seed, progress=_progress_bar(),
+        seed=feeds.seed,
     )
+    report = benchmark(models, options, progress=_progress_bar())
     if output.json_path:
         _write_text(output.json_path, report.to_json())
     if output.markdown_path:

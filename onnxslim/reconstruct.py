@@ -78,6 +78,30 @@ class LayerFit:
     ridge: float | None = None
 
 
+@dataclass(frozen=True)
+class RefitOptions:
+    """How `reconstruct` fits. The ridge weight is λ = ridge · trace(XᵀX) / (columns of X), with
+    `ridge` the value cross-validation picks from the given ones (one value: that one); it pulls W
+    towards the pruned weights, the bias is free. A Conv contributes im2col rows at
+    `positions_per_sample` random output positions per sample, drawn with `seed`."""
+
+    ridge: float | Sequence[float] = RIDGES
+    positions_per_sample: int = 2048
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.ridges or any(not (value > 0 and math.isfinite(value)) for value in self.ridges):
+            raise UsageError(f"ridge={self.ridge}: give positive numbers (1e-3 is the usual choice)")
+        if self.positions_per_sample < 1:
+            raise UsageError(
+                f"positions_per_sample={self.positions_per_sample}: give a positive number of rows per sample"
+            )
+
+    @property
+    def ridges(self) -> tuple[float, ...]:
+        return (self.ridge,) if isinstance(self.ridge, (int, float)) else tuple(self.ridge)
+
+
 def reconstruct(
     original: onnx.ModelProto,
     pruned: onnx.ModelProto,
@@ -85,29 +109,21 @@ def reconstruct(
     data: CalibrationData,
     *,
     kept_outputs: dict[str, np.ndarray] | None = None,
-    ridge: float | Sequence[float] = RIDGES,
-    positions_per_sample: int = 2048,
-    seed: int = 0,
+    options: RefitOptions = RefitOptions(),
     progress: Progress | None = None,
 ) -> tuple[onnx.ModelProto, dict[str, LayerFit]]:
-    """Refit the weights (and bias) of the named layers of `pruned` to reproduce `original`.
+    """Refit the weights (and bias) of the named layers of `pruned` to reproduce `original`, as
+    `options` say.
 
     `layers` names nodes present in both models with the same op: Conv (group 1), Gemm (transA 0)
     or MatMul with a constant 2-D weight, whose weight and bias are initializers read by that node
     alone (a MatMul's bias is the constant 1-D operand of an Add that is its only reader). Other
     layers are skipped with a reason. `kept_outputs` maps a layer whose own output channels were
     pruned to the original's output channels it still produces (an entry that does not fit the
-    layer raises UsageError; layers without one keep all their outputs). The ridge weight is
-    λ = ridge · trace(XᵀX) / (columns of X), with `ridge` the value cross-validation picks from
-    the given ones (one value: that one); it pulls W towards the pruned weights, the bias is
-    free. Returns a new model (the inputs are left as they were) and each layer's LayerFit, in
-    the order of `layers`.
+    layer raises UsageError; layers without one keep all their outputs). Returns a new model (the
+    inputs are left as they were) and each layer's LayerFit, in the order of `layers`.
     """
-    ridges = (ridge,) if isinstance(ridge, (int, float)) else tuple(ridge)
-    if not ridges or any(not (value > 0 and math.isfinite(value)) for value in ridges):
-        raise UsageError(f"ridge={ridge}: give positive numbers (1e-3 is the usual choice)")
-    if positions_per_sample < 1:
-        raise UsageError(f"positions_per_sample={positions_per_sample}: give a positive number of rows per sample")
+    ridges = options.ridges
     names = list(dict.fromkeys(layers))
     kept_outputs = kept_outputs or {}  # it may name other pruned layers too
 
@@ -134,9 +150,9 @@ def reconstruct(
         activations = [layer.activation for layer in found]
         student = open_runner(with_weights_as_inputs(pruned, weights, activations), "pruned model", PURPOSE)
         teacher = open_runner(with_outputs(original, [layer.target for layer in found]), "original model", PURPOSE)
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(options.seed)
         for batch in _batches(pruned.graph, found):
-            statistics = _gather(batch, data, student, teacher, weights, rng, positions_per_sample)
+            statistics = _gather(batch, data, student, teacher, weights, rng, options.positions_per_sample)
             for layer in batch:
                 fits[layer.name] = _refit(layer, statistics[layer.name], weights, ridges)
                 done += 1

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from builder import ModelBuilder, random
 from onnxslim.benchmark import (
     SQNR_CAP_DB,
+    BenchOptions,
     benchmark,
     count_macs,
     count_parameters,
@@ -109,7 +110,7 @@ def test_parameters_count_initializers_constants_and_bodies():
 
 def test_the_same_model_twice_is_identical(tmp_path):
     path = save(classifier(random([8, 5])), tmp_path / "model.onnx")
-    report = benchmark([path, path], **FAST)
+    report = benchmark([path, path], BenchOptions(**FAST))
     (output,) = report.models[1].fidelity
     assert output.cosine == pytest.approx(1.0)
     assert output.sqnr_db == SQNR_CAP_DB
@@ -121,7 +122,7 @@ def test_a_perturbed_copy_loses_fidelity_and_top1_is_measured(tmp_path):
     weight = random([8, 5])
     original = save(classifier(weight), tmp_path / "original.onnx")
     perturbed = save(classifier(weight + 0.3 * random([8, 5], seed=1)), tmp_path / "perturbed.onnx")
-    report = benchmark([original, perturbed], samples=4, **FAST)
+    report = benchmark([original, perturbed], BenchOptions(samples=4, **FAST))
     worst = report.models[1].worst_fidelity()
     assert worst.cosine < 1.0
     assert worst.sqnr_db < 40
@@ -135,7 +136,7 @@ def test_inputs_come_from_a_folder_of_npz_samples(tmp_path):
     (tmp_path / "data").mkdir()
     for index in range(3):
         np.savez(tmp_path / "data" / f"{index}.npz", x=random([4, 8], seed=index))
-    report = benchmark([path, path], data=tmp_path / "data", samples=2, **FAST)
+    report = benchmark([path, path], BenchOptions(data=tmp_path / "data", samples=2, **FAST))
     assert not report.random_inputs
     assert report.samples == 2 and ".npz files" in report.input_source
 
@@ -153,8 +154,8 @@ def test_a_dynamic_dim_without_a_shape_is_one_clear_error(tmp_path):
     b.output(b.node("Relu", [b.input("x", [1, "n"])]))
     path = save(b.build(), tmp_path / "dynamic.onnx")
     with pytest.raises(InputSpecError, match="--input-shape x:1,N"):
-        benchmark([path], **FAST)
-    report = benchmark([path], input_shapes={"x": [1, 7]}, **FAST)
+        benchmark([path], BenchOptions(**FAST))
+    report = benchmark([path], BenchOptions(input_shapes={"x": [1, 7]}, **FAST))
     assert report.input_shapes == {"x": [1, 7]}
 
 

@@ -10,7 +10,7 @@ from builder import ModelBuilder, random
 
 from onnxslim.calibration import CalibrationData
 from onnxslim.errors import UsageError
-from onnxslim.reconstruct import RIDGES, im2col_rows, reconstruct
+from onnxslim.reconstruct import RIDGES, RefitOptions, im2col_rows, reconstruct
 from onnxslim.verify import Runner, model_inputs
 
 KEPT_HIDDEN = np.array([0, 2, 3, 5, 6])  # conv1 / the first layer keeps 5 of its 8 outputs
@@ -125,7 +125,7 @@ def test_conv_after_pruned_conv_is_refit_and_the_output_gets_closer():
 def test_conv_samples_positions_per_sample_rows():
     original = conv_model(*conv_weights())
     pruned = pruned_conv(*conv_weights())
-    _, fits = reconstruct(original, pruned, ["conv2"], calibration(original), positions_per_sample=40)
+    _, fits = reconstruct(original, pruned, ["conv2"], calibration(original), options=RefitOptions(positions_per_sample=40))
     assert fits["conv2"].rows == 8 * 40 and fits["conv2"].status == "refit"
 
 
@@ -369,7 +369,7 @@ def test_a_layer_with_few_rows_per_unknown_is_not_refit(monkeypatch):
     # Fitted and judged on those 12 rows, the layer matches them and misses other inputs.
     monkeypatch.setattr("onnxslim.reconstruct.ROWS_PER_UNKNOWN", 0)
     monkeypatch.setattr("onnxslim.reconstruct.FOLDS", 1)
-    fitted_to_samples, in_sample = reconstruct(original, pruned, ["gemm2"], data, ridge=1e-4)
+    fitted_to_samples, in_sample = reconstruct(original, pruned, ["gemm2"], data, options=RefitOptions(ridge=1e-4))
     assert in_sample["gemm2"].status == "refit" and in_sample["gemm2"].error_after < 0.1 * in_sample["gemm2"].error_before
     assert output_error(original, fitted_to_samples) > output_error(original, pruned)
 
@@ -380,7 +380,7 @@ def test_the_ridge_is_chosen_on_held_out_samples():
 
     chosen, fits = reconstruct(original, pruned, ["gemm2"], data)
 
-    singles = {ridge: reconstruct(original, pruned, ["gemm2"], data, ridge=ridge) for ridge in RIDGES}
+    singles = {ridge: reconstruct(original, pruned, ["gemm2"], data, options=RefitOptions(ridge=ridge)) for ridge in RIDGES}
     # The least cross-validated error of the grid is the one chosen and fitted on every sample...
     assert fits["gemm2"].status == "refit"
     assert fits["gemm2"].error_after == min(fit["gemm2"].error_after for _, fit in singles.values())
@@ -389,13 +389,13 @@ def test_the_ridge_is_chosen_on_held_out_samples():
     best = min(output_error(original, model) for model, _ in singles.values())
     assert output_error(original, chosen) <= 1.01 * best
     with pytest.raises(UsageError, match="positive"):
-        reconstruct(original, pruned, ["gemm2"], data, ridge=[1e-3, 0.0])
+        reconstruct(original, pruned, ["gemm2"], data, options=RefitOptions(ridge=[1e-3, 0.0]))
 
 
 def test_a_large_ridge_keeps_the_pruned_weights_and_refits_the_bias():
     original, pruned = conv_model(*conv_weights()), pruned_conv(*conv_weights())
 
-    rebuilt, fits = reconstruct(original, pruned, ["conv2"], calibration(original), ridge=1e9)
+    rebuilt, fits = reconstruct(original, pruned, ["conv2"], calibration(original), options=RefitOptions(ridge=1e9))
 
     # Pulled to the pruned weights (not to zero); the bias is free and takes up the lost mean.
     np.testing.assert_allclose(initializer(rebuilt, "w2"), initializer(pruned, "w2"), atol=1e-6)

@@ -316,7 +316,7 @@ def int8_initializers(model):
 
 @pytest.mark.xfail(
     strict=True,
-    reason="_quantize_weights and _quantize_tables each quantize a weight they do not read alone: a tied "
+    reason="quantize_layers and quantize_tables (passes/_qdq_weights.py) each quantize a weight they do not read alone: a tied "
     "embedding (Gather table = Gemm transB=1 weight) is stored twice, as identical int8 'E' and 'E_q'",
 )
 def test_tied_embedding_is_stored_once():
@@ -331,7 +331,7 @@ def test_tied_embedding_is_stored_once():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="full mode quantizes fused and unfused layers in two _quantize_weights calls: a weight both read "
+    reason="full mode quantizes fused and unfused layers in two quantize_layers calls: a weight both read "
     "is stored twice, as identical int8 'W_q' (DequantizeLinear) and 'W' (Cast * scale)",
 )
 def test_weight_shared_by_a_fused_and_an_unfused_layer_is_stored_once():
