@@ -4,7 +4,8 @@ that a restructure changed no output.
     python tools/output_hashes.py --out before.json                  # on the old tree
     python tools/output_hashes.py --out after.json --compare before.json
 
-Modes: lossless (the default pipeline), int8 (`quantize="int8"` with calibration), prune
+Modes: lossless (the default pipeline), int8 (full int8 QDQ with calibration: the mode is pinned,
+since `mode=auto` decides between full and weights-only on the machine at hand), prune
 (`prune=0.25` with calibration) and prune+int8. The calibration data is seeded and made here: a
 few samples per model at its first verification shape (tools/peers/measure.py's inputs, float
 inputs perturbed per sample), written once to <cache>/output-hashes/data/<model>/. Values only
@@ -67,7 +68,7 @@ def child(path: str, mode: str, calibration: str, shapes: str) -> None:
     verify = onnxslim.VerifyOptions(enabled=False, verify_shapes=json.loads(shapes) or None)
     options: dict = {}
     if "int8" in mode:
-        options.update(quantize="int8", calibration=calibration)
+        options.update(quantize=onnxslim.QuantizeOptions(mode="full"), calibration=calibration)
     if "prune" in mode:
         options.update(prune=PRUNE_RATIO, calibration=calibration)
     try:
