@@ -251,3 +251,13 @@ def feeds_at_two_sizes(model: onnx.ModelProto, sizes: tuple[int, int] = (2, 5), 
                 feed[value.name] = rng.standard_normal(shape).astype(dtype)
         feeds.append(feed)
     return feeds
+
+
+def dead_node_model() -> onnx.ModelProto:
+    """x -> Identity -> Add(bias) -> Relu -> y, with a dead Exp and the bias a Constant node."""
+    b = ModelBuilder()
+    x = b.input("x", [2, 3])
+    b.node("Exp", [x])
+    total = b.node("Add", [b.node("Identity", [x]), b.constant(random([3], seed=1))])
+    b.output(b.node("Relu", [total], ["y"]))
+    return b.build()

@@ -5,6 +5,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from builder import ModelBuilder, ops, random, run_pass
+from builder import dead_node_model as small_model  # noqa: I001 — the name its tests use
 
 import onnxslim
 from onnxslim import manager
@@ -55,16 +56,6 @@ def crash(registry):
         raise KeyError("no such tensor")
 
     return "test-crash"
-
-
-def small_model():
-    """x -> Identity -> Add(bias) -> Relu -> y, with a dead node and a Constant."""
-    b = ModelBuilder()
-    x = b.input("x", [2, 3])
-    b.node("Exp", [x])
-    total = b.node("Add", [b.node("Identity", [x]), b.constant(random([3], seed=1))])
-    b.output(b.node("Relu", [total], ["y"]))
-    return b.build()
 
 
 # ----------------------------------------------------------------------------- pipeline texts

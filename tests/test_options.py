@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import click
 import pytest
-from builder import ModelBuilder, random
+from builder import ModelBuilder, dead_node_model, random
 from click.testing import CliRunner
 
 import onnxslim
@@ -13,16 +13,6 @@ from onnxslim import api
 from onnxslim.cli import cli
 from onnxslim.cli_options import option_group
 from onnxslim.options import CalibrationOptions, SimplifyOptions, VerifyOptions
-
-
-def dead_node_model():
-    """x -> Identity -> Add(bias) -> Relu -> y, with a dead Exp."""
-    b = ModelBuilder()
-    x = b.input("x", [2, 3])
-    b.node("Exp", [x])
-    total = b.node("Add", [b.node("Identity", [x]), b.constant(random([3], seed=1))])
-    b.output(b.node("Relu", [total], ["y"]))
-    return b.build()
 
 
 def conv_net():
