@@ -5,7 +5,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from builder import ModelBuilder, ops, random, run_pass
-from builder import dead_node_model as small_model  # noqa: I001 — the name its tests use
+from builder import dead_node_model as small_model
 
 import onnxslim
 from onnxslim import manager
