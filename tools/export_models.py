@@ -495,20 +495,26 @@ def _convnext_mini(entry: dict[str, Any]) -> ExportSpec:
                       {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch"}})
 
 
-def _ssdlite(entry: dict[str, Any]) -> ExportSpec:
+def _detections(detector: Any, keys: list[str]) -> Any:
+    """A torchvision detector as one image in, its detections' `keys` out as tensors (the model
+    takes and returns lists of dicts)."""
     import torch
-    import torchvision
 
     class Detections(torch.nn.Module):
-        """One image in, its detections out as three tensors (the model takes and returns lists)."""
-
-        def __init__(self, detector: Any) -> None:
+        def __init__(self) -> None:
             super().__init__()
             self.detector = detector
 
         def forward(self, image):
             detections = self.detector([image])[0]
-            return detections["boxes"], detections["scores"], detections["labels"]
+            return tuple(detections[key] for key in keys)
+
+    return Detections()
+
+
+def _ssdlite(entry: dict[str, Any]) -> ExportSpec:
+    import torch
+    import torchvision
 
     # 91 COCO classes; the transform resizes any image to 320x320, then the heads, box decoding,
     # score threshold, per-class top-k and batched NMS.
@@ -516,7 +522,8 @@ def _ssdlite(entry: dict[str, Any]) -> ExportSpec:
     _randomize_parameters(model)
     _set_batch_norm_statistics(model, lambda: model.backbone(torch.randn(8, 3, 320, 320)))
     image = torch.rand(entry["verify_shapes"][0]["image"])  # in [0, 1], as the transform expects
-    return ExportSpec(Detections(model), (image,), ["image"], ["boxes", "scores", "labels"],
+    outputs = ["boxes", "scores", "labels"]
+    return ExportSpec(_detections(model, outputs), (image,), ["image"], outputs,
                       {"image": {1: "height", 2: "width"}, "boxes": {0: "detections"},
                        "scores": {0: "detections"}, "labels": {0: "detections"}})
 
@@ -528,15 +535,6 @@ def _mask_rcnn_mini(entry: dict[str, Any]) -> ExportSpec:
     from torchvision.models.detection.backbone_utils import mobilenet_backbone
     from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
     from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
-
-    class Detections(torch.nn.Module):
-        def __init__(self, detector: Any) -> None:
-            super().__init__()
-            self.detector = detector
-
-        def forward(self, image):
-            detections = self.detector([image])[0]
-            return detections["boxes"], detections["scores"], detections["labels"], detections["masks"]
 
     # Mask R-CNN's whole inference path (resize, RPN with its NMS, RoIAlign, box head, per-class
     # NMS, mask head, masks pasted into the image in a scripted loop) on a MobileNetV3-Small FPN
@@ -554,7 +552,8 @@ def _mask_rcnn_mini(entry: dict[str, Any]) -> ExportSpec:
     _set_batch_norm_statistics(model, lambda: model.backbone(torch.randn(8, 3, 256, 256)))
     image = torch.rand(entry["verify_shapes"][0]["image"])
     detections = {0: "detections"}
-    return ExportSpec(Detections(model), (image,), ["image"], ["boxes", "scores", "labels", "masks"],
+    outputs = ["boxes", "scores", "labels", "masks"]
+    return ExportSpec(_detections(model, outputs), (image,), ["image"], outputs,
                       {"image": {1: "height", 2: "width"}, "boxes": detections, "scores": detections,
                        "labels": detections, "masks": {0: "detections", 2: "height", 3: "width"}})
 
