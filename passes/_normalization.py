@@ -17,7 +17,21 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import axes_of, constant_value, disconnect, insert_before, is_empty, is_standard, known_rank, single_reader
+from onnxslim.graph import (
+    axes_of,
+    constant_value,
+    disconnect,
+    find,
+    insert_before,
+    interface_tensors,
+    is_empty,
+    is_standard,
+    known_rank,
+    single_reader,
+    unique_names,
+    walk,
+)
+from onnxslim.manager import PassResult
 
 FUSED_TYPES = (np.dtype(np.float16), np.dtype(np.float32))
 # Pow's exponent and the 1 of 1/√v are exact literals in every float type.
@@ -39,6 +53,23 @@ class Normalization:
     @property
     def axis(self) -> int:
         return self.axes[0]
+
+
+def fuse_all(graph: gs.Graph, *, opset: int, op: str, starts: tuple[str, ...], match) -> PassResult:
+    """Replace every chain that `match(node, interface)` -> (Normalization, data) | None finds from a
+    node of the `starts` op types by `op`(data, γ[, β]), where the model's opset has `op`."""
+    if (graph.opset or 0) < opset:
+        return PassResult(fused=0)
+    interface = interface_tensors(graph)
+    names = unique_names(graph)
+    fused = 0
+    for subgraph in walk(graph):
+        for node in find(subgraph, *starts):
+            found = match(node, interface)
+            if found is not None:
+                replace_with(subgraph, found[0], op, found[1], names)
+                fused += 1
+    return PassResult(fused=fused)
 
 
 def replace_with(subgraph: gs.Graph, match: Normalization, op: str, data: gs.Tensor, names) -> None:

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import find, interface_tensors, single_reader, unique_names, walk
+from onnxslim.graph import single_reader
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-from ._normalization import Normalization, binary, is_square, replace_with, root_mean_square, trailing_axes
+from ._normalization import Normalization, binary, fuse_all, is_square, root_mean_square, trailing_axes
 
 LAYER_NORMALIZATION_OPSET = 17
 
@@ -28,19 +28,13 @@ LAYER_NORMALIZATION_OPSET = 17
 @register_pass("fuse-layer-norm")
 def fuse_layer_norm(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace x − mean, / √(variance + ε), · γ + β over the last axes by LayerNormalization (opset 17+)."""
-    if (graph.opset or 0) < LAYER_NORMALIZATION_OPSET:
-        return PassResult(fused=0)
-    interface = interface_tensors(graph)
-    names = unique_names(graph)
-    fused = 0
-    for subgraph in walk(graph):
-        for mean in find(subgraph, "ReduceMean"):
-            match = _match(mean, interface) if mean.outputs else None
-            if match is None:
-                continue
-            replace_with(subgraph, match, "LayerNormalization", mean.inputs[0], names)
-            fused += 1
-    return PassResult(fused=fused)
+    return fuse_all(graph, opset=LAYER_NORMALIZATION_OPSET, op="LayerNormalization", starts=("ReduceMean",),
+                    match=_fusable)
+
+
+def _fusable(mean: gs.Node, interface: set[int]) -> tuple[Normalization, gs.Tensor] | None:
+    match = _match(mean, interface) if mean.outputs else None
+    return None if match is None else (match, mean.inputs[0])
 
 
 def _match(mean: gs.Node, interface: set[int]) -> Normalization | None:

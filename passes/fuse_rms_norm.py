@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import onnx_graphsurgeon as gs
 
-from onnxslim.graph import find, interface_tensors, unique_names, walk
 from onnxslim.manager import PassContext, PassResult, register_pass
 
-from ._normalization import replace_with, root_mean_square
+from ._normalization import Normalization, fuse_all, root_mean_square
 
 RMS_NORMALIZATION_OPSET = 23
 
@@ -24,18 +23,12 @@ RMS_NORMALIZATION_OPSET = 23
 @register_pass("fuse-rms-norm")
 def fuse_rms_norm(graph: gs.Graph, ctx: PassContext) -> PassResult:
     """Replace x / √(mean(x²) + ε) · γ over the last axes by RMSNormalization (opset 23+)."""
-    if (graph.opset or 0) < RMS_NORMALIZATION_OPSET:
-        return PassResult(fused=0)
-    interface = interface_tensors(graph)
-    names = unique_names(graph)
-    fused = 0
-    for subgraph in walk(graph):
-        for square in find(subgraph, "Pow", "Mul"):
-            if len(square.outputs) != 1 or not square.inputs:
-                continue
-            match = root_mean_square(square, square.inputs[0], interface, with_bias=False)
-            if match is None:
-                continue
-            replace_with(subgraph, match, "RMSNormalization", match.data, names)
-            fused += 1
-    return PassResult(fused=fused)
+    return fuse_all(graph, opset=RMS_NORMALIZATION_OPSET, op="RMSNormalization", starts=("Pow", "Mul"),
+                    match=_fusable)
+
+
+def _fusable(square: gs.Node, interface: set[int]) -> tuple[Normalization, gs.Tensor] | None:
+    if len(square.outputs) != 1 or not square.inputs:
+        return None
+    match = root_mean_square(square, square.inputs[0], interface, with_bias=False)
+    return None if match is None else (match, match.data)
